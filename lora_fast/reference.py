@@ -1,0 +1,69 @@
+"""The specification of a LoRA linear layer, in plain PyTorch.
+
+Letters (used everywhere in lora-fast):
+
+    M tokens (leading dims of x flattened), K in_features, N out_features, R rank, s = alpha / r
+    x (M, K)   W (N, K)   bias (N,)   A = lora_A (R, K)   B = lora_B (N, R)
+
+Forward, with ``drop(x) = x * mask`` and ``mask`` holding 0 or 1 / (1 - p):
+
+    h = drop(x) Aᵀ                      (M, R)
+    y = x Wᵀ + bias + s · h Bᵀ          (M, N)
+
+Backward, with ``g = dL/dy`` and W frozen (no dW):
+
+    u  = g B                            (M, R)
+    dB = s · gᵀ h                       (N, R)
+    dA = s · uᵀ drop(x)                 (R, K)
+    dx = g W + s · drop'(u A)           (M, K)   drop' multiplies by the same mask
+
+Every backend of :func:`lora_fast.lora_linear` is checked against these functions. They favour clarity over speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["dropout_mask", "lora_forward", "lora_backward"]
+
+
+def dropout_mask(shape: tuple[int, ...], p: float, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """A dropout multiplier of ``shape``: 0 with probability ``p``, else ``1 / (1 - p)`` (fp32)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p must be in [0, 1), got {p}")
+    keep = torch.rand(shape, generator=generator, device=device) >= p
+    return keep.to(torch.float32) / (1.0 - p)
+
+
+def _drop(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return x if mask is None else x * mask.to(x.dtype)
+
+
+def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                 lora_B: torch.Tensor, scaling: float, mask: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(y, h)`` for ``x (..., K)``: ``y = x Wᵀ + bias + s · h Bᵀ`` with ``h = drop(x) Aᵀ``.
+
+    ``mask`` (same shape as ``x``) is the dropout multiplier of :func:`dropout_mask`; ``None`` means no dropout.
+    """
+    h = _drop(x, mask) @ lora_A.t()
+    y = x @ weight.t() + scaling * (h @ lora_B.t())
+    if bias is not None:
+        y = y + bias
+    return y, h
+
+
+def lora_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                  lora_B: torch.Tensor, scaling: float, mask: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(dx, dA, dB)`` for upstream gradient ``g (..., N)``, by the explicit formulas above."""
+    x2 = x.reshape(-1, x.shape[-1])
+    g2 = g.reshape(-1, g.shape[-1])
+    m2 = None if mask is None else mask.reshape(x2.shape)
+    h = _drop(x2, m2) @ lora_A.t()
+    u = g2 @ lora_B
+    d_B = scaling * (g2.t() @ h)
+    d_A = scaling * (u.t() @ _drop(x2, m2))
+    d_x = g2 @ weight + scaling * _drop(u @ lora_A, m2)
+    return d_x.reshape(x.shape), d_A, d_B

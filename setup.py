@@ -1,0 +1,33 @@
+"""lora-fast: fused Triton kernels for LoRA training, with PEFT-compatible adapters.
+
+The Triton kernels live in the top-level ``kernels/`` folder of this repository and install as the subpackage
+``lora_fast.kernels``: PyPI has a popular package named ``kernels``, and ours must neither shadow nor break it, so
+nothing named ``kernels`` is installed at the top level (``tests/test_packaging.py`` checks the built wheel).
+"""
+
+from setuptools import setup
+
+# Wheels of Triton exist for Linux on x86_64 and aarch64 only; elsewhere the `torch` backend serves.
+TRITON = "triton>=3.6; platform_system == 'Linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')"
+
+setup(
+    name="lora-fast",
+    version="0.1.0",
+    description="Fused Triton kernels for LoRA training: GPT-2 and nn.Linear models, HF PEFT adapter files",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["lora_fast", "lora_fast.kernels"],
+    package_dir={"lora_fast": "lora_fast", "lora_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.11",
+        TRITON,
+        "transformers>=5.17",
+        "datasets>=3.0",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={"dev": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.17", "ruff>=0.6"]},
+)
