@@ -48,8 +48,12 @@ def _base_name(model: nn.Module) -> str | None:
     return name or None
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
-                 task_type: str | None = "auto") -> Path:
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = "auto",
+) -> Path:
     """Write ``model``'s LoRA weights and config to ``directory`` in HF PEFT's format, atomically: the folder is
     written whole beside the target and swapped in, so an old adapter there is replaced only by a complete new one."""
     from safetensors.torch import save_file
@@ -141,8 +145,9 @@ def _target_names(model: nn.Module, targets) -> list[str]:
     if isinstance(targets, str):
         names = modules_matching_regex(model, targets)
         if not names:
-            raise AdapterError(f"target_modules regex {targets!r} matches no Linear/Conv1D module of "
-                               f"{type(model).__name__}")
+            raise AdapterError(
+                f"target_modules regex {targets!r} matches no Linear/Conv1D module of {type(model).__name__}"
+            )
         return names
     try:
         return find_targets(model, targets)
@@ -150,14 +155,17 @@ def _target_names(model: nn.Module, targets) -> list[str]:
         raise AdapterError(f"the adapter's target_modules do not fit {type(model).__name__}: {exc}") from exc
 
 
-def _check_weights(state: dict[str, torch.Tensor], expected: dict[str, tuple[tuple[int, int], torch.dtype | None]],
-                   directory: Path) -> None:
+def _check_weights(
+    state: dict[str, torch.Tensor], expected: dict[str, tuple[tuple[int, int], torch.dtype | None]], directory: Path
+) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise AdapterError(f"{directory / WEIGHTS_NAME} does not fit the model: missing keys {missing[:6]}"
-                           f"{' …' if len(missing) > 6 else ''} ({len(missing)} in all), unexpected keys "
-                           f"{unexpected[:6]}{' …' if len(unexpected) > 6 else ''} ({len(unexpected)} in all)")
+        raise AdapterError(
+            f"{directory / WEIGHTS_NAME} does not fit the model: missing keys {missing[:6]}"
+            f"{' …' if len(missing) > 6 else ''} ({len(missing)} in all), unexpected keys "
+            f"{unexpected[:6]}{' …' if len(unexpected) > 6 else ''} ({len(unexpected)} in all)"
+        )
     for key, (shape, dtype) in expected.items():
         t = state[key]
         if tuple(t.shape) != shape:
@@ -165,8 +173,9 @@ def _check_weights(state: dict[str, torch.Tensor], expected: dict[str, tuple[tup
         if not t.is_floating_point():
             raise AdapterError(f"{key}: the file holds dtype {t.dtype}; LoRA weights must be floating point")
         if dtype is not None and t.dtype != dtype:
-            raise AdapterError(f"{key}: the file holds dtype {t.dtype}, the model's LoRA weight is {dtype}; "
-                               f"convert one of them first")
+            raise AdapterError(
+                f"{key}: the file holds dtype {t.dtype}, the model's LoRA weight is {dtype}; convert one of them first"
+            )
         if not torch.isfinite(t).all():
             raise AdapterError(f"{key}: the file holds NaN or inf values")
 
@@ -189,9 +198,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, backend: str = 
             raise AdapterError("the model's LoRA is merged into its weights; call unmerge_lora before load_adapter")
         lora_cfg = get_lora_config(model)
         if lora_cfg.r != r or lora_scaling(r, lora_cfg.alpha, lora_cfg.use_rslora) != lora_scaling(
-                r, config["lora_alpha"], bool(config.get("use_rslora"))):
-            raise AdapterError(f"the model has LoRA with r={lora_cfg.r}, alpha={lora_cfg.alpha}, but the adapter "
-                               f"has r={r}, lora_alpha={config['lora_alpha']}")
+            r, config["lora_alpha"], bool(config.get("use_rslora"))
+        ):
+            raise AdapterError(
+                f"the model has LoRA with r={lora_cfg.r}, alpha={lora_cfg.alpha}, but the adapter "
+                f"has r={r}, lora_alpha={config['lora_alpha']}"
+            )
         expected = {}
         for name, layer in existing.items():
             expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = ((r, layer.in_features), layer.lora_A.dtype)
@@ -211,10 +223,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, backend: str = 
         dtypes = {t.dtype for t in state.values()}
         if len(dtypes) != 1:
             raise AdapterError(f"{directory / WEIGHTS_NAME} mixes dtypes {sorted(map(str, dtypes))}")
-        apply_lora(model, names, r=r, alpha=config["lora_alpha"], dropout=float(config.get("lora_dropout") or 0.0),
-                   use_rslora=bool(config.get("use_rslora")), backend=backend)
-        model.lora_config.targets = (list(config["target_modules"]) if not isinstance(config["target_modules"], str)
-                                     else names)
+        apply_lora(
+            model,
+            names,
+            r=r,
+            alpha=config["lora_alpha"],
+            dropout=float(config.get("lora_dropout") or 0.0),
+            use_rslora=bool(config.get("use_rslora")),
+            backend=backend,
+        )
+        model.lora_config.targets = (
+            list(config["target_modules"]) if not isinstance(config["target_modules"], str) else names
+        )
         targets_layers = dict(lora_modules(model))
         file_dtype = dtypes.pop()
         for layer in targets_layers.values():  # new LoRA weights take the file's dtype (fp32 masters, usually)

@@ -22,12 +22,20 @@ BACKENDS = ("auto", "reference", "torch", "triton")
 
 # ---------------------------------------------------------------- input checks (shared by every backend)
 
+
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def check_lora_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                      lora_B: torch.Tensor, scaling: float, dropout_p: float) -> None:
+def check_lora_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+) -> None:
     """Raise a clear error naming the tensor and the expected/actual value when the inputs do not fit together.
 
     Expected: ``x (..., K)``, ``weight (N, K)``, ``bias (N,)`` or None, ``lora_A (R, K)`` with R ≥ 1,
@@ -50,7 +58,8 @@ def check_lora_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if x.shape[-1] != k:
         raise ValueError(
             f"x has {x.shape[-1]} features in its last dimension but weight (out_features, in_features) = {(n, k)} "
-            f"expects {k}; for a transformers Conv1D pass conv1d.weight.t() (got x {_describe(x)})")
+            f"expects {k}; for a transformers Conv1D pass conv1d.weight.t() (got x {_describe(x)})"
+        )
     if lora_A.dim() != 2 or lora_A.shape[1] != k:
         raise ValueError(f"lora_A must be (r, in_features) = (r, {k}), got {_describe(lora_A)}")
     r = lora_A.shape[0]
@@ -66,8 +75,9 @@ def check_lora_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     for name in ("weight", "bias"):
         t = tensors.get(name)
         if t is not None and t.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match "
-                            f"(or run under torch.autocast)")
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match (or run under torch.autocast)"
+            )
     if lora_A.dtype != lora_B.dtype:
         raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype")
     if not 0.0 <= float(dropout_p) < 1.0:
@@ -78,19 +88,21 @@ def check_lora_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 # ---------------------------------------------------------------- dropout from a seed
 
+
 def draw_seed() -> int:
     """A fresh dropout seed from torch's default (CPU) generator, so ``torch.manual_seed`` makes runs repeatable."""
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
 def seeded_dropout_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The ``torch`` backend's dropout multiplier (0 or 1/(1-p), fp32) for ``seed``: the same call gives the same mask."""
+    """The dropout multiplier (0 or 1/(1-p), fp32) of the ``torch`` and ``reference`` backends for ``seed``."""
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     return reference.dropout_mask(shape, p, generator=gen, device=device)
 
 
 # ---------------------------------------------------------------- the torch backend
+
 
 def _compute_dtypes(x: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
     """(base dtype, LoRA dtype). Under autocast both are the autocast dtype, as nn.Linear would do; otherwise the base
@@ -109,8 +121,9 @@ class _TorchLoRAFunction(torch.autograd.Function):
         base_dt, lora_dt = _compute_dtypes(x, lora_A)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
-            y = torch.nn.functional.linear(x2.to(base_dt), weight.to(base_dt),
-                                           None if bias is None else bias.to(base_dt))
+            y = torch.nn.functional.linear(
+                x2.to(base_dt), weight.to(base_dt), None if bias is None else bias.to(base_dt)
+            )
             xl = x2.to(lora_dt)
             if dropout_p > 0.0:
                 xl = xl * seeded_dropout_mask(x2.shape, dropout_p, seed, x.device).to(lora_dt)
@@ -158,6 +171,7 @@ class _TorchLoRAFunction(torch.autograd.Function):
 
 # ---------------------------------------------------------------- the functional op
 
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend ``backend`` means for tensors on ``device``."""
     if backend not in BACKENDS:
@@ -173,9 +187,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "torch"
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                lora_B: torch.Tensor, scaling: float, dropout_p: float = 0.0, training: bool = True,
-                seed: int | None = None, backend: str = "auto") -> torch.Tensor:
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """``y = x Wᵀ + bias + scaling · (drop(x) Aᵀ) Bᵀ`` for ``x (..., K)``, ``weight (N, K)``.
 
     For a transformers ``Conv1D`` (which stores ``(K, N)``) pass ``conv1d.weight.t()``: a view, never a copy.

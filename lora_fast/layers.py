@@ -39,8 +39,15 @@ class LoRALinear(nn.Module):
     ``unmerge()`` takes it out again. Merging is explicit, never a side effect of ``.eval()``.
     """
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        backend: str = "auto",
+    ):
         super().__init__()
         self.fan_in_fan_out = is_conv1d(base)
         if not (isinstance(base, nn.Linear) or self.fan_in_fan_out):
@@ -53,7 +60,8 @@ class LoRALinear(nn.Module):
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         self.base = base
         w = base.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        # Conv1D stores (in, out); nn.Linear stores (out, in).
+        self.in_features, self.out_features = w.shape if self.fan_in_fan_out else (w.shape[1], w.shape[0])
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = lora_scaling(r, alpha, use_rslora)
         self.dropout = float(dropout)
@@ -76,8 +84,17 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base(x)
-        return lora_linear(x, self.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling,
-                           dropout_p=self.dropout, training=self.training, backend=self.backend)
+        return lora_linear(
+            x,
+            self.weight,
+            self.base.bias,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            dropout_p=self.dropout,
+            training=self.training,
+            backend=self.backend,
+        )
 
     def delta_weight(self) -> torch.Tensor:
         """``s · B A`` in fp32, shaped like the stored base weight (``(K, N)`` for Conv1D)."""
@@ -104,6 +121,8 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         layout = "Conv1D" if self.fan_in_fan_out else "Linear"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}, "
-                f"scaling={self.scaling:g}{', rslora' if self.use_rslora else ''}, dropout={self.dropout}, "
-                f"layout={layout}, backend={self.backend}, merged={self.merged}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}, "
+            f"scaling={self.scaling:g}{', rslora' if self.use_rslora else ''}, dropout={self.dropout}, "
+            f"layout={layout}, backend={self.backend}, merged={self.merged}"
+        )

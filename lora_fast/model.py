@@ -79,18 +79,22 @@ def find_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     for target in targets:
         found = [n for n in names if _target_hits(n, target)]
         if not found:
-            suffixes = sorted({".".join(n.split(".")[-k:]) for n, m in names.items() if _is_wrappable(m)
-                               for k in (1, 2)})
+            suffixes = sorted(
+                {".".join(n.split(".")[-k:]) for n, m in names.items() if _is_wrappable(m) for k in (1, 2)}
+            )
             close = difflib.get_close_matches(target, suffixes, n=5, cutoff=0.4) or suffixes[:8]
-            raise ValueError(f"target {target!r} matches no module of {type(model).__name__}; "
-                             f"close candidates: {close}")
+            raise ValueError(
+                f"target {target!r} matches no module of {type(model).__name__}; close candidates: {close}"
+            )
         for n in found:
             m = names[n]
             if isinstance(m, LoRALinear):
                 raise ValueError(f"module {n!r} already has LoRA; call apply_lora once per model")
             if not _is_wrappable(m):
-                raise TypeError(f"target {target!r} hits {n!r} of type {type(m).__name__}; LoRA wraps nn.Linear "
-                                f"and transformers Conv1D only")
+                raise TypeError(
+                    f"target {target!r} hits {n!r} of type {type(m).__name__}; LoRA wraps nn.Linear "
+                    f"and transformers Conv1D only"
+                )
             if n not in hits:
                 hits.append(n)
     return hits
@@ -102,8 +106,15 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def apply_lora(model: nn.Module, targets: str | Sequence[str], r: int, alpha: float, dropout: float = 0.0,
-               use_rslora: bool = False, backend: str = "auto") -> nn.Module:
+def apply_lora(
+    model: nn.Module,
+    targets: str | Sequence[str],
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    backend: str = "auto",
+) -> nn.Module:
     """Wrap every module ``targets`` hits in a ``LoRALinear``, freeze everything else, and return ``model``.
 
     Raises before changing anything when a target matches nothing (listing close candidates), hits a module that is
@@ -118,9 +129,15 @@ def apply_lora(model: nn.Module, targets: str | Sequence[str], r: int, alpha: fl
         param.requires_grad_(False)
     for n, layer in wrapped.items():
         _set_child(model, n, layer)
-    model.lora_config = LoRAConfig(targets=[targets] if isinstance(targets, str) else list(targets), r=r,
-                                   alpha=alpha, dropout=dropout, use_rslora=use_rslora, backend=backend,
-                                   modules=names)
+    model.lora_config = LoRAConfig(
+        targets=[targets] if isinstance(targets, str) else list(targets),
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        use_rslora=use_rslora,
+        backend=backend,
+        modules=names,
+    )
     return model
 
 
@@ -177,7 +194,7 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for layer, was in zip(layers, previous):
+        for layer, was in zip(layers, previous, strict=True):
             layer.disabled = was
         for layer in merged:
             layer.merge()

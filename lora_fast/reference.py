@@ -27,8 +27,9 @@ import torch
 __all__ = ["dropout_mask", "lora_forward", "lora_backward"]
 
 
-def dropout_mask(shape: tuple[int, ...], p: float, generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
+def dropout_mask(
+    shape: tuple[int, ...], p: float, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """A dropout multiplier of ``shape``: 0 with probability ``p``, else ``1 / (1 - p)`` (fp32)."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout p must be in [0, 1), got {p}")
@@ -40,9 +41,15 @@ def _drop(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x if mask is None else x * mask.to(x.dtype)
 
 
-def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                 lora_B: torch.Tensor, scaling: float, mask: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(y, h)`` for ``x (..., K)``: ``y = x Wᵀ + bias + s · h Bᵀ`` with ``h = drop(x) Aᵀ``.
 
     ``mask`` (same shape as ``x``) is the dropout multiplier of :func:`dropout_mask`; ``None`` means no dropout.
@@ -54,9 +61,15 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y, h
 
 
-def lora_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
-                  lora_B: torch.Tensor, scaling: float, mask: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lora_backward(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(dx, dA, dB)`` for upstream gradient ``g (..., N)``, by the explicit formulas above."""
     x2 = x.reshape(-1, x.shape[-1])
     g2 = g.reshape(-1, g.shape[-1])
