@@ -1,3 +1,8 @@
 """Fused Triton kernels for LoRA (installed as ``lora_fast.kernels``); launchers only, no autograd."""
 
-__all__: list[str] = []
+from .dropout import lora_dropout_mask
+from .lora_backward import lora_backward
+from .lora_forward import lora_forward
+from .utils import INPUT_PRECISIONS, TL_DTYPES, interpreting
+
+__all__ = ["INPUT_PRECISIONS", "TL_DTYPES", "interpreting", "lora_backward", "lora_dropout_mask", "lora_forward"]
