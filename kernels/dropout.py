@@ -31,11 +31,15 @@ def _lora_dropout_mask_kernel(
     # pointers
     mask_ptr,
     # sizes
-    M, K,
+    M,
+    K,
     # scalars
-    seed, p, inv_keep,
+    seed,
+    p,
+    inv_keep,
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Writes the (BLOCK_M, BLOCK_K) tile of the contiguous fp32 mask (M, K) that program (pid_m, pid_k) owns."""
     pid_m = tl.program_id(0)

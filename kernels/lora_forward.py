@@ -33,10 +33,20 @@ def _gemm_configs() -> list[triton.Config]:
     """≤ 8 tile shapes for an H100-class GPU; one small tile under the interpreter (each trial there costs seconds)."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4),
-              (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (64, 256, 32, 8, 3)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in shapes]
+    shapes = [
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 256, 32, 8, 3),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
 
 
 # ---------------------------------------------------------------- kernels
@@ -45,16 +55,32 @@ def _gemm_configs() -> list[triton.Config]:
 @triton.jit
 def _lora_h_kernel(
     # pointers
-    x_ptr, a_ptr, h_ptr,
+    x_ptr,
+    a_ptr,
+    h_ptr,
     # sizes
-    M, K, R,
+    M,
+    K,
+    R,
     # strides
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_hm, stride_hr,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    stride_hm,
+    stride_hr,
     # scalars
-    seed, p, inv_keep,
+    seed,
+    p,
+    inv_keep,
     # meta-parameters
-    LORA_DTYPE: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    LORA_DTYPE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """Split design, launch 1: ``h = drop(x) Aᵀ`` for the (BLOCK_M, R) row block that program pid_m owns."""
     pid_m = tl.program_id(0)
@@ -66,35 +92,73 @@ def _lora_h_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
         # Aᵀ tile (BLOCK_K, BLOCK_R); padded ranks load as 0 and give h columns of 0.
-        a = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+            mask=mask_k[:, None] & mask_r[None, :],
+            other=0.0,
+        )
         if HAS_DROPOUT:
             # Mask applied in fp32 (1/(1-p) stays fp32), then one cast to the LoRA compute dtype.
             x = x.to(tl.float32) * _dropout_scale(seed, offs_m, offs_k, K, p, inv_keep)
         acc = _dot(x.to(LORA_DTYPE), a.to(LORA_DTYPE), acc, INPUT_PRECISION, UPCAST_BF16)
-    tl.store(h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr, acc,
-             mask=mask_m[:, None] & mask_r[None, :])
+    tl.store(
+        h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr, acc, mask=mask_m[:, None] & mask_r[None, :]
+    )
 
 
 @triton.autotune(configs=_gemm_configs(), key=["N", "K", "R"])
 @triton.jit
 def _lora_forward_kernel(
     # pointers
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, y_ptr,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    a_ptr,
+    b_ptr,
+    h_ptr,
+    y_ptr,
     # sizes
-    M, N, K, R,
+    M,
+    N,
+    K,
+    R,
     # strides
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_hm, stride_hr, stride_ym, stride_yn,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
+    stride_hm,
+    stride_hr,
+    stride_ym,
+    stride_yn,
     # scalars
-    scaling, seed, p, inv_keep,
+    scaling,
+    seed,
+    p,
+    inv_keep,
     # meta-parameters
-    BASE_DTYPE: tl.constexpr, LORA_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    FUSE_H: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BASE_DTYPE: tl.constexpr,
+    LORA_DTYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    FUSE_H: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """Owns the (BLOCK_M, BLOCK_N) tile of y. Removes, against the eager path, the round trips of x·Wᵀ, h·Bᵀ and
     their sum through HBM; with FUSE_H also the second read of x (h comes out of the base GEMM's K loop)."""
@@ -122,15 +186,24 @@ def _lora_forward_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
         # Wᵀ tile (BLOCK_K, BLOCK_N) read through W's strides: nn.Linear and Conv1D's .t() view alike.
-        w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(
+            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
         acc = _dot(x.to(BASE_DTYPE), w.to(BASE_DTYPE), acc, INPUT_PRECISION, UPCAST_BF16)
         if FUSE_H:
-            a = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-                        mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            a = tl.load(
+                a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+                mask=mask_k[:, None] & mask_r[None, :],
+                other=0.0,
+            )
             xl = x
             if HAS_DROPOUT:
                 # Dropout on the LoRA branch only, multiplier in fp32, then one cast to the LoRA dtype.
@@ -145,28 +218,47 @@ def _lora_forward_kernel(
     else:
         h = tl.load(h_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     # Bᵀ tile (BLOCK_R, BLOCK_N).
-    b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    b = tl.load(
+        b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+        mask=mask_r[:, None] & mask_n[None, :],
+        other=0.0,
+    )
     # h is fp32; it enters the dot in the LoRA dtype (tensor cores under bf16/fp16 autocast).
-    lora = _dot(h.to(LORA_DTYPE), b.to(LORA_DTYPE), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                INPUT_PRECISION, UPCAST_BF16)
+    lora = _dot(
+        h.to(LORA_DTYPE), b.to(LORA_DTYPE), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, UPCAST_BF16
+    )
     acc += scaling * lora
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(BASE_DTYPE).to(tl.float32)[None, :]  # bias rounded to the base dtype, as nn.Linear's is
     # The single cast of the fp32 accumulator to y's element type.
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
 
 
 # ---------------------------------------------------------------- launcher
 
 
-def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                 lora_B: torch.Tensor, scaling: float, dropout_p: float = 0.0, seed: int = 0, *,
-                 base_dtype: torch.dtype | None = None, lora_dtype: torch.dtype | None = None, fused: bool = True,
-                 input_precision: str = "tf32", out: torch.Tensor | None = None, h_out: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    *,
+    base_dtype: torch.dtype | None = None,
+    lora_dtype: torch.dtype | None = None,
+    fused: bool = True,
+    input_precision: str = "tf32",
+    out: torch.Tensor | None = None,
+    h_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(y (M, N), h (M, R) fp32)`` for 2-D ``x (M, K)`` (any strides) and ``weight (N, K)`` (any strides).
 
     ``base_dtype``/``lora_dtype`` default to x's and lora_A's dtypes; ``y`` is in ``base_dtype``. ``out`` and
@@ -188,17 +280,65 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if not fused:
         BLOCK_M_H = 32 if interpreting() else 64
         _lora_h_kernel[(triton.cdiv(M, BLOCK_M_H),)](
-            x, lora_A, h, M, K, R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0),
-            h.stride(1), int(seed), float(dropout_p), inv_keep,
-            LORA_DTYPE=TL_DTYPES[lora_dtype], HAS_DROPOUT=has_dropout, INPUT_PRECISION=input_precision,
-            UPCAST_BF16=upcast, BLOCK_M=BLOCK_M_H, BLOCK_K=64 if BLOCK_R <= 64 else 32, BLOCK_R=BLOCK_R)
+            x,
+            lora_A,
+            h,
+            M,
+            K,
+            R,
+            x.stride(0),
+            x.stride(1),
+            lora_A.stride(0),
+            lora_A.stride(1),
+            h.stride(0),
+            h.stride(1),
+            int(seed),
+            float(dropout_p),
+            inv_keep,
+            LORA_DTYPE=TL_DTYPES[lora_dtype],
+            HAS_DROPOUT=has_dropout,
+            INPUT_PRECISION=input_precision,
+            UPCAST_BF16=upcast,
+            BLOCK_M=BLOCK_M_H,
+            BLOCK_K=64 if BLOCK_R <= 64 else 32,
+            BLOCK_R=BLOCK_R,
+        )
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _lora_forward_kernel[grid](
-        x, weight, bias if bias is not None else y, lora_A, lora_B, h, y,
-        M, N, K, R,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-        lora_B.stride(0), lora_B.stride(1), h.stride(0), h.stride(1), y.stride(0), y.stride(1),
-        float(scaling), int(seed), float(dropout_p), inv_keep,
-        BASE_DTYPE=TL_DTYPES[base_dtype], LORA_DTYPE=TL_DTYPES[lora_dtype], HAS_BIAS=bias is not None,
-        HAS_DROPOUT=has_dropout, FUSE_H=fused, INPUT_PRECISION=input_precision, UPCAST_BF16=upcast, BLOCK_R=BLOCK_R)
+        x,
+        weight,
+        bias if bias is not None else y,
+        lora_A,
+        lora_B,
+        h,
+        y,
+        M,
+        N,
+        K,
+        R,
+        x.stride(0),
+        x.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        lora_A.stride(0),
+        lora_A.stride(1),
+        lora_B.stride(0),
+        lora_B.stride(1),
+        h.stride(0),
+        h.stride(1),
+        y.stride(0),
+        y.stride(1),
+        float(scaling),
+        int(seed),
+        float(dropout_p),
+        inv_keep,
+        BASE_DTYPE=TL_DTYPES[base_dtype],
+        LORA_DTYPE=TL_DTYPES[lora_dtype],
+        HAS_BIAS=bias is not None,
+        HAS_DROPOUT=has_dropout,
+        FUSE_H=fused,
+        INPUT_PRECISION=input_precision,
+        UPCAST_BF16=upcast,
+        BLOCK_R=BLOCK_R,
+    )
     return y, h
