@@ -1,0 +1,281 @@
+"""The ``triton`` backend of :func:`lora_fast.lora_linear`: autograd and ``torch.library`` glue over
+:mod:`lora_fast.kernels`.
+
+Three layers, thinnest first (Triton 06's ``attention = _attention.apply``):
+
+- two custom ops, ``lora_fast::triton_lora_forward`` -> ``(y, h)`` and ``lora_fast::triton_lora_backward`` ->
+  ``(dx, dA, dB)``, each with a fake (meta) implementation, so ``torch.compile`` traces through them without a graph
+  break;
+- :class:`_TritonLoRAFunction`, the autograd Function calling them; it saves ``x``, ``W``, ``A``, ``B`` and the small
+  ``h (M, R)`` fp32, never a dropout mask (the kernels regenerate it from the seed);
+- :func:`triton_lora_linear`, which checks the inputs, fixes the compute dtypes and calls the Function.
+
+Compute dtypes mirror the ``torch`` backend (``_compute_dtypes``): under autocast both the base GEMM and the LoRA
+branch run in the autocast dtype; otherwise the base in x's dtype and the LoRA branch in A's. ``y`` comes back in the
+base dtype, ``dx`` in x's dtype, ``dA``/``dB`` in A's/B's dtype. Autocast is resolved here, before the ops, so the
+ops themselves take explicit dtypes and behave the same inside and outside an autocast region.
+
+Settings (:data:`config`): ``fp32_precision`` ("tf32" by default, "ieee" for exact fp32; env
+``LORA_FAST_FP32_PRECISION``) and ``fused`` (the fully fused kernels, default; ``False`` selects the split design;
+env ``LORA_FAST_FUSED=0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import torch
+
+from lora_fast.functional import _compute_dtypes, check_lora_inputs
+from lora_fast.kernels import INPUT_PRECISIONS, TL_DTYPES, interpreting, lora_backward, lora_forward
+
+__all__ = ["TritonConfig", "config", "triton_lora_linear", "check_triton_inputs"]
+
+
+@dataclasses.dataclass
+class TritonConfig:
+    """Process-wide settings of the triton backend (read at every call)."""
+
+    fp32_precision: str = os.environ.get("LORA_FAST_FP32_PRECISION", "tf32")
+    fused: bool = os.environ.get("LORA_FAST_FUSED", "1") != "0"
+
+
+config = TritonConfig()
+
+
+# ---------------------------------------------------------------- input checks beyond check_lora_inputs
+
+
+def check_triton_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    dropout_p: float,
+    seed: int | None,
+) -> None:
+    """What the kernels need on top of :func:`lora_fast.functional.check_lora_inputs`: a device they run on,
+    dtypes ``tl.dot`` takes, a seed for dropout. Raises before any launch, naming the tensor."""
+    dev = x.device
+    if dev.type == "cpu" and not interpreting():
+        raise RuntimeError(
+            "the triton backend got CPU tensors, but Triton runs on CPU only under its interpreter: "
+            "set TRITON_INTERPRET=1 before triton is imported, move the tensors to CUDA, or use "
+            "backend='torch'"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"the triton backend runs on CUDA (or CPU under TRITON_INTERPRET=1), got x on {dev}")
+    names = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        names["bias"] = bias
+    for name, t in names.items():
+        if t.dtype not in TL_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {t.dtype}; the triton backend takes {list(TL_DTYPES)} "
+                f"(use backend='torch' for others)"
+            )
+    if torch.is_autocast_enabled(dev.type) and torch.get_autocast_dtype(dev.type) not in TL_DTYPES:
+        raise TypeError(
+            f"autocast dtype {torch.get_autocast_dtype(dev.type)} is not one the triton backend takes "
+            f"({list(TL_DTYPES)})"
+        )
+    if dropout_p > 0.0 and (not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"dropout needs an integer seed in [0, 2**63), got {seed!r}")
+    if config.fp32_precision not in INPUT_PRECISIONS:
+        raise ValueError(
+            f"lora_fast.triton_backend.config.fp32_precision must be one of {INPUT_PRECISIONS}, "
+            f"got {config.fp32_precision!r}"
+        )
+
+
+# ---------------------------------------------------------------- custom ops (torch.compile sees these)
+
+
+@torch.library.custom_op("lora_fast::triton_lora_forward", mutates_args=())
+def _forward_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    base_dtype: torch.dtype,
+    lora_dtype: torch.dtype,
+    fused: bool,
+    input_precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y (..., N) in base_dtype, h (M, R) fp32)``."""
+    # The kernels read any 2-D strides; reshape copies only when the leading dims cannot be flattened into one
+    # stride (e.g. a permuted 3-D x), never for a plain non-contiguous 2-D view.
+    x2 = x.reshape(-1, x.shape[-1])
+    y, h = lora_forward(
+        x2,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        scaling,
+        dropout_p,
+        seed,
+        base_dtype=base_dtype,
+        lora_dtype=lora_dtype,
+        fused=fused,
+        input_precision=input_precision,
+    )
+    return y.reshape(*x.shape[:-1], weight.shape[0]), h
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_dtype, lora_dtype, fused, input_precision):
+    m = math.prod(x.shape[:-1])
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=base_dtype)
+    return y, x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("lora_fast::triton_lora_backward", mutates_args=())
+def _backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    h: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    base_dtype: torch.dtype,
+    lora_dtype: torch.dtype,
+    fused: bool,
+    input_precision: str,
+    need_dx: bool,
+    need_dA: bool,
+    need_dB: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx like x, dA like lora_A, dB like lora_B)``; a gradient not asked for comes back as an empty tensor."""
+    x2 = x.reshape(-1, x.shape[-1])
+    g2 = grad_y.reshape(-1, grad_y.shape[-1])
+    dx, dA, dB = lora_backward(
+        g2,
+        x2,
+        weight,
+        lora_A,
+        lora_B,
+        h,
+        scaling,
+        dropout_p,
+        seed,
+        need_dx=need_dx,
+        need_dA=need_dA,
+        need_dB=need_dB,
+        base_dtype=base_dtype,
+        lora_dtype=lora_dtype,
+        fused=fused,
+        input_precision=input_precision,
+    )
+    # fp32 partial sums -> the parameters' dtypes, one cast each (contiguous: dA comes out as a transposed view).
+    dx = dx.reshape(x.shape) if need_dx else x.new_empty(0)
+    dA = dA.to(lora_A.dtype).contiguous() if need_dA else lora_A.new_empty(0)
+    dB = dB.to(lora_B.dtype).contiguous() if need_dB else lora_B.new_empty(0)
+    return dx, dA, dB
+
+
+@_backward_op.register_fake
+def _(
+    grad_y,
+    x,
+    weight,
+    lora_A,
+    lora_B,
+    h,
+    scaling,
+    dropout_p,
+    seed,
+    base_dtype,
+    lora_dtype,
+    fused,
+    input_precision,
+    need_dx,
+    need_dA,
+    need_dB,
+):
+    return (
+        torch.empty_like(x) if need_dx else x.new_empty(0),
+        torch.empty_like(lora_A) if need_dA else lora_A.new_empty(0),
+        torch.empty_like(lora_B) if need_dB else lora_B.new_empty(0),
+    )
+
+
+# ---------------------------------------------------------------- autograd
+
+
+class _TritonLoRAFunction(torch.autograd.Function):
+    """Saved for backward: x, W, A, B and h (M, R) fp32; the dropout mask is regenerated from ``seed``."""
+
+    @staticmethod
+    def forward(
+        ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_dtype, lora_dtype, fused, input_precision
+    ):
+        y, h = torch.ops.lora_fast.triton_lora_forward(
+            x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_dtype, lora_dtype, fused, input_precision
+        )
+        ctx.save_for_backward(x, weight, lora_A, lora_B, h)
+        ctx.args = (scaling, dropout_p, seed, base_dtype, lora_dtype, fused, input_precision)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B, h = ctx.saved_tensors
+        need_dx, _, need_bias, need_dA, need_dB = ctx.needs_input_grad[:5]
+        dx = d_bias = dA = dB = None
+        if need_dx or need_dA or need_dB:
+            dx, dA, dB = torch.ops.lora_fast.triton_lora_backward(
+                grad_y, x, weight, lora_A, lora_B, h, *ctx.args, need_dx, need_dA, need_dB
+            )
+            dx, dA, dB = (dx if need_dx else None), (dA if need_dA else None), (dB if need_dB else None)
+        if need_bias and ctx.bias_dtype is not None:
+            # Summed over M in fp32 by torch (a plain reduction, deterministic), cast once to bias's dtype.
+            d_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return dx, None, d_bias, dA, dB, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def triton_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int | None,
+) -> torch.Tensor:
+    """``y = x Wᵀ + bias + scaling · (drop(x) Aᵀ) Bᵀ`` by the fused kernels; ``weight (N, K)`` with any strides.
+
+    ``seed`` must be an int when ``dropout_p > 0``. Raises a clear error before any launch on bad inputs.
+    """
+    check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    check_triton_inputs(x, weight, bias, lora_A, lora_B, float(dropout_p), seed)
+    base_dtype, lora_dtype = _compute_dtypes(x, lora_A)
+    p = float(dropout_p)
+    return _TritonLoRAFunction.apply(
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        float(scaling),
+        p,
+        int(seed) if p > 0 else 0,
+        base_dtype,
+        lora_dtype,
+        bool(config.fused),
+        config.fp32_precision,
+    )
