@@ -1,0 +1,375 @@
+"""Two parameter-efficient methods beside LoRA, with small strict checkpoint files: BitFit and bottleneck adapters.
+
+BitFit (Ben Zaken et al., 2022) trains only the bias terms. Here that means the bias of every linear layer (GPT-2's
+``Conv1D``: ``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``) and of every LayerNorm (``ln_1``,
+``ln_2``, ``ln_f``); the LayerNorm gains, the embeddings and the LM head stay frozen. For GPT-2 small that is
+``12 · (2304 + 768 + 3072 + 768 + 768 + 768) + 768 = 102,144`` of 124,439,808 parameters (0.082%).
+
+Bottleneck adapters (Houlsby et al., 2019): on the output ``y (M, N)`` of each block's attention output projection
+and MLP output projection, ``y + up(gelu(down(y)))`` with ``down: N -> D`` and ``up: D -> N`` (``D = dim``, biases on
+both). ``up`` starts at zero, so a fresh adapter computes exactly its base model. The adapter enters by explicit
+child replacement: ``block.attn.c_proj`` becomes a ``BottleneckAdapterLayer`` that holds the original projection, and
+the block's residual dropout then acts on the adapted output, as in Houlsby's code. Only the adapters train (Houlsby
+also trained the LayerNorms; we do not). For GPT-2 small with ``D = 4``: ``24 · ((768·4 + 4) + (4·768 + 768)) =
+165,984`` trainable parameters (0.133%).
+
+Both methods save to their own folder: one safetensors file plus a JSON config, written atomically, and loaded
+strictly (a missing or unexpected key, a wrong shape or dim, a corrupt file: an error naming the problem, and the
+model left exactly as it was).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lora_fast.io import atomic_directory
+from lora_fast.layers import is_conv1d
+
+__all__ = [
+    "MethodFileError",
+    "BottleneckAdapterLayer",
+    "prepare_bitfit",
+    "bitfit_parameter_names",
+    "save_bitfit",
+    "load_bitfit",
+    "apply_bottleneck_adapters",
+    "bottleneck_adapter_modules",
+    "save_bottleneck_adapters",
+    "load_bottleneck_adapters",
+]
+
+BITFIT_CONFIG = "bitfit_config.json"
+BITFIT_WEIGHTS = "bitfit_biases.safetensors"
+ADAPTER_CONFIG = "bottleneck_config.json"
+ADAPTER_WEIGHTS = "bottleneck_adapters.safetensors"
+
+# (attention output, MLP output) inside one block of ``model.transformer.h``, per architecture family.
+BLOCK_OUTPUTS = (
+    ("attn.c_proj", "mlp.c_proj"),  # GPT-2
+    ("attn.attention.out_proj", "mlp.c_proj"),  # GPT-Neo
+    ("attn.out_proj", "mlp.fc_out"),  # GPT-J
+)
+
+
+class MethodFileError(ValueError):
+    """A BitFit or bottleneck-adapter folder that cannot be loaded into this model; the message names the problem."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BitFit
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def bitfit_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters BitFit trains: every parameter called ``bias``, except the LM head's."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_params = {id(p) for p in head.parameters()} if head is not None else set()
+    names = [
+        name
+        for name, param in model.named_parameters()
+        if name.rpartition(".")[2] == "bias" and id(param) not in head_params
+    ]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no bias parameters: BitFit has nothing to train")
+    return names
+
+
+def prepare_bitfit(model: nn.Module) -> nn.Module:
+    """Freeze every parameter, then let only the bias terms train (see the module docstring for which)."""
+    names = set(bitfit_parameter_names(model))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in names)
+    model.peft_method = "bitfit"
+    return model
+
+
+def save_bitfit(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the bias terms (``bitfit_biases.safetensors``) and their names and shapes (``bitfit_config.json``) to
+    ``directory``, atomically. The biases are stored whole, so loading needs the same base model."""
+    from safetensors.torch import save_file
+
+    params = dict(model.named_parameters())
+    state = {name: params[name].detach().contiguous() for name in bitfit_parameter_names(model)}
+    config = {
+        "method": "bitfit",
+        "base_model_name_or_path": _base_name(model),
+        "shapes": {k: list(t.shape) for k, t in state.items()},
+        "num_parameters": sum(t.numel() for t in state.values()),
+    }
+    with atomic_directory(directory) as tmp:
+        save_file(state, str(tmp / BITFIT_WEIGHTS), metadata={"format": "pt"})
+        (tmp / BITFIT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return Path(directory)
+
+
+def load_bitfit(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load biases saved by ``save_bitfit`` into ``model`` and make it a BitFit model (``prepare_bitfit``).
+
+    Every check runs before the model is touched: the file must hold exactly this model's bias names, with its
+    shapes, finite floating-point values, and agree with its config."""
+    directory = Path(directory)
+    config = _read_config(directory, BITFIT_CONFIG, "bitfit")
+    state = _read_weights(directory / BITFIT_WEIGHTS)
+    params = dict(model.named_parameters())
+    expected = {name: tuple(params[name].shape) for name in bitfit_parameter_names(model)}
+    _check_state(state, expected, config, directory / BITFIT_WEIGHTS)
+    prepare_bitfit(model)
+    with torch.no_grad():
+        for name in expected:
+            params[name].copy_(state[name])
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bottleneck adapters
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class BottleneckAdapterLayer(nn.Module):
+    """``y = base(x); y + up(gelu(down(y)))`` around an output projection (``nn.Linear`` or ``Conv1D``).
+
+    ``down (D, N)`` and ``up (N, D)`` are ``nn.Linear`` in the base weight's dtype and device; ``up`` is zero at the
+    start, so the layer computes exactly ``base(x)`` until it trains."""
+
+    def __init__(self, base: nn.Module, dim: int):
+        super().__init__()
+        if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+            raise TypeError(f"bottleneck adapters wrap nn.Linear or transformers Conv1D, got {type(base).__name__}")
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f"adapter dim must be an integer >= 1, got {dim!r}")
+        self.base = base
+        w = base.weight
+        self.out_features = _out_features(base)
+        self.dim = dim
+        self.down = nn.Linear(self.out_features, dim, dtype=w.dtype, device=w.device)
+        self.up = nn.Linear(dim, self.out_features, dtype=w.dtype, device=w.device)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y + self.up(nn.functional.gelu(self.down(y)))
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.out_features}, dim={self.dim}"
+
+
+def _out_features(module: nn.Module) -> int:
+    # Conv1D stores its weight as (K, N); nn.Linear as (N, K).
+    return module.weight.shape[1] if is_conv1d(module) else module.weight.shape[0]
+
+
+def bottleneck_adapter_modules(model: nn.Module) -> dict[str, BottleneckAdapterLayer]:
+    """Every ``{name: BottleneckAdapterLayer}`` in ``model``, by module path."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, BottleneckAdapterLayer)}
+
+
+def _default_targets(model: nn.Module) -> list[str]:
+    """The attention and MLP output projections of every block of ``model.transformer.h``."""
+    blocks = getattr(getattr(model, "transformer", None), "h", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise ValueError(
+            f"{type(model).__name__} has no `transformer.h` list of blocks; bottleneck adapters know GPT-2-style "
+            f"models only (pass modules=[...] to name the output projections yourself)"
+        )
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    names = []
+    for i, block in enumerate(blocks):
+        present = {n for n, _ in block.named_modules()}
+        pair = next((p for p in BLOCK_OUTPUTS if p[0] in present and p[1] in present), None)
+        if pair is None:
+            raise ValueError(
+                f"block {prefix}.{i} ({type(block).__name__}) has none of the known (attention, MLP) output "
+                f"projections {list(BLOCK_OUTPUTS)}; pass modules=[...] to name them"
+            )
+        names += [f"{prefix}.{i}.{pair[0]}", f"{prefix}.{i}.{pair[1]}"]
+    return names
+
+
+def _check_targets(model: nn.Module, names: Sequence[str]) -> None:
+    modules = dict(model.named_modules())
+    for n in names:
+        if n not in modules:
+            raise ValueError(f"module {n!r} is not in {type(model).__name__}")
+        if not (isinstance(modules[n], nn.Linear) or is_conv1d(modules[n])):
+            raise TypeError(f"module {n!r} is a {type(modules[n]).__name__}; adapters wrap nn.Linear/Conv1D only")
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def apply_bottleneck_adapters(model: nn.Module, dim: int = 4, modules: Sequence[str] | None = None) -> nn.Module:
+    """Put a bottleneck adapter of width ``dim`` after the attention and MLP output projections of every block
+    (or after each module named in ``modules``), freeze everything else, and return ``model``.
+
+    Raises before changing anything when the model has adapters already, has no ``transformer.h`` blocks with
+    known output projections, or ``dim`` is not a positive integer."""
+    if bottleneck_adapter_modules(model):
+        raise ValueError(f"{type(model).__name__} already has bottleneck adapters; apply them once per model")
+    names = list(modules) if modules is not None else _default_targets(model)
+    _check_targets(model, names)
+    # Build every wrapper before replacing any child, so a bad argument leaves the model untouched.
+    wrapped = {n: BottleneckAdapterLayer(model.get_submodule(n), dim) for n in names}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for n, layer in wrapped.items():
+        _set_child(model, n, layer)
+        for param in (*layer.down.parameters(), *layer.up.parameters()):
+            param.requires_grad_(True)
+    model.peft_method = "bottleneck_adapter"
+    return model
+
+
+def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, layer in bottleneck_adapter_modules(model).items():
+        for part in ("down", "up"):
+            for kind in ("weight", "bias"):
+                state[f"{name}.{part}.{kind}"] = getattr(getattr(layer, part), kind).detach().contiguous()
+    return state
+
+
+def _adapter_shapes(out_features: int, dim: int) -> dict[str, tuple[int, ...]]:
+    return {"down.weight": (dim, out_features), "down.bias": (dim,), "up.weight": (out_features, dim),
+            "up.bias": (out_features,)}  # fmt: skip
+
+
+def save_bottleneck_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the adapter weights (``bottleneck_adapters.safetensors``) and their config (``bottleneck_config.json``:
+    dim, activation, wrapped module names, shapes) to ``directory``, atomically."""
+    from safetensors.torch import save_file
+
+    layers = bottleneck_adapter_modules(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no bottleneck adapters: call apply_bottleneck_adapters first")
+    dims = {layer.dim for layer in layers.values()}
+    if len(dims) != 1:
+        raise ValueError(f"the model's adapters have several dims {sorted(dims)}; one file holds a single dim")
+    state = _adapter_state(model)
+    config = {
+        "method": "bottleneck_adapter",
+        "base_model_name_or_path": _base_name(model),
+        "dim": dims.pop(),
+        "activation": "gelu",
+        "modules": list(layers),
+        "shapes": {k: list(t.shape) for k, t in state.items()},
+        "num_parameters": sum(t.numel() for t in state.values()),
+    }
+    with atomic_directory(directory) as tmp:
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return Path(directory)
+
+
+def load_bottleneck_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load adapters saved by ``save_bottleneck_adapters`` into ``model`` and return it.
+
+    A model without adapters gets them first (``apply_bottleneck_adapters`` on the file's modules with its dim); a
+    model with adapters must have the same modules and dim. Everything is checked before the model is touched."""
+    directory = Path(directory)
+    config = _read_config(directory, ADAPTER_CONFIG, "bottleneck_adapter")
+    dim, names = config.get("dim"), config.get("modules")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise MethodFileError(f"{directory / ADAPTER_CONFIG}: dim must be an integer >= 1, got {dim!r}")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise MethodFileError(f"{directory / ADAPTER_CONFIG}: modules must be a non-empty list of module names")
+    if config.get("activation", "gelu") != "gelu":
+        raise MethodFileError(f"{directory / ADAPTER_CONFIG}: activation {config['activation']!r} is not supported")
+    state = _read_weights(directory / ADAPTER_WEIGHTS)
+    existing = bottleneck_adapter_modules(model)
+    if existing:
+        if sorted(existing) != sorted(names):
+            raise MethodFileError(
+                f"the model's adapters sit on {len(existing)} modules that differ from the file's {len(names)} "
+                f"(first differences: {sorted(set(existing) ^ set(names))[:4]})"
+            )
+        bad = {n: layer.dim for n, layer in existing.items() if layer.dim != dim}
+        if bad:
+            raise MethodFileError(f"the file's adapters have dim {dim}, the model's have {sorted(set(bad.values()))}")
+        out_features = {n: layer.out_features for n, layer in existing.items()}
+    else:
+        try:
+            _check_targets(model, names)
+        except (ValueError, TypeError) as exc:
+            raise MethodFileError(f"the file's adapter modules do not fit {type(model).__name__}: {exc}") from exc
+        out_features = {n: _out_features(model.get_submodule(n)) for n in names}
+    expected = {f"{n}.{key}": shape for n in names for key, shape in _adapter_shapes(out_features[n], dim).items()}
+    _check_state(state, expected, config, directory / ADAPTER_WEIGHTS)
+    if not existing:
+        apply_bottleneck_adapters(model, dim, modules=names)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            for key in _adapter_shapes(0, dim):
+                params[f"{n}.{key}"].copy_(state[f"{n}.{key}"])
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared file checks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _base_name(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
+
+
+def _read_config(directory: Path, filename: str, method: str) -> dict:
+    if not directory.is_dir():
+        raise MethodFileError(f"folder {directory} does not exist")
+    path = directory / filename
+    if not path.is_file():
+        raise MethodFileError(f"no {filename} in {directory}: not a {method} folder")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MethodFileError(f"{path} is not valid JSON ({exc}); the file is corrupt or truncated") from exc
+    if not isinstance(config, dict) or config.get("method") != method:
+        found = config.get("method") if isinstance(config, dict) else type(config).__name__
+        raise MethodFileError(f"{path}: method is {found!r}, expected {method!r}")
+    if not isinstance(config.get("shapes"), dict):
+        raise MethodFileError(f"{path}: the required field 'shapes' is missing")
+    return config
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise MethodFileError(f"no {path.name} in {path.parent}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise MethodFileError(f"{path} cannot be read ({exc}); the file is corrupt or truncated") from exc
+
+
+def _check_state(
+    state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], config: dict, path: Path
+) -> None:
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise MethodFileError(
+            f"{path} does not fit the model: missing keys {missing[:6]} ({len(missing)} in all), "
+            f"unexpected keys {unexpected[:6]} ({len(unexpected)} in all)"
+        )
+    for key, shape in expected.items():
+        t = state[key]
+        if tuple(t.shape) != tuple(shape):
+            raise MethodFileError(f"{key}: the file holds shape {tuple(t.shape)}, the model expects {tuple(shape)}")
+        if tuple(config["shapes"].get(key, ())) != tuple(shape):
+            raise MethodFileError(f"{key}: the config says shape {config['shapes'].get(key)}, the weights {shape}")
+        if not t.is_floating_point():
+            raise MethodFileError(f"{key}: the file holds dtype {t.dtype}; weights must be floating point")
+        if not torch.isfinite(t).all():
+            raise MethodFileError(f"{key}: the file holds NaN or inf values")
