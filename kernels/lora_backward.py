@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .dropout import _dropout_scale
 from .lora_forward import _gemm_configs
-from .utils import TL_DTYPES, _dot, block_r, interpreting, num_sms
+from .utils import TL_DTYPES, _dot, _to, block_r, interpreting, num_sms
 
 # ---------------------------------------------------------------- kernels
 
@@ -50,7 +50,7 @@ def _lora_skinny_kernel(
     # meta-parameters
     LORA_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    UPCAST_BF16: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -75,7 +75,7 @@ def _lora_skinny_kernel(
             mask=mask_n[:, None] & mask_r[None, :],
             other=0.0,
         )
-        acc = _dot(g.to(LORA_DTYPE), b.to(LORA_DTYPE), acc, INPUT_PRECISION, UPCAST_BF16)
+        acc = _dot(g, b, acc, LORA_DTYPE, INPUT_PRECISION, INTERPRET)
     tl.store(
         u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur, acc, mask=mask_m[:, None] & mask_r[None, :]
     )
@@ -121,7 +121,7 @@ def _lora_dx_kernel(
     FUSE_U: tl.constexpr,
     STORE_U: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    UPCAST_BF16: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -165,14 +165,14 @@ def _lora_dx_kernel(
             mask=mask_n[:, None] & mask_k[None, :],
             other=0.0,
         )
-        acc = _dot(g.to(BASE_DTYPE), w.to(BASE_DTYPE), acc, INPUT_PRECISION, UPCAST_BF16)
+        acc = _dot(g, w, acc, BASE_DTYPE, INPUT_PRECISION, INTERPRET)
         if FUSE_U:
             b = tl.load(
                 b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                 mask=mask_n[:, None] & mask_r[None, :],
                 other=0.0,
             )
-            u = _dot(g.to(LORA_DTYPE), b.to(LORA_DTYPE), u, INPUT_PRECISION, UPCAST_BF16)
+            u = _dot(g, b, u, LORA_DTYPE, INPUT_PRECISION, INTERPRET)
 
     # ---- epilogue: + s · drop'(u A) (mask on the LoRA term only), one cast to dx's dtype
     u_ptrs = u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur
@@ -188,16 +188,14 @@ def _lora_dx_kernel(
         other=0.0,
     )
     # u is fp32; it enters the dot in the LoRA dtype.
-    lora = _dot(
-        u.to(LORA_DTYPE), a.to(LORA_DTYPE), tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INPUT_PRECISION, UPCAST_BF16
-    )
+    lora = _dot(u, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), LORA_DTYPE, INPUT_PRECISION, INTERPRET)
     if HAS_DROPOUT:
         lora = lora * _dropout_scale(seed, offs_m, offs_k, K, p, inv_keep)
     acc += scaling * lora
     # The single cast of the fp32 accumulator to dx's element type.
     tl.store(
         dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-        acc.to(dx_ptr.dtype.element_ty),
+        _to(acc, dx_ptr.dtype.element_ty, INTERPRET).to(dx_ptr.dtype.element_ty),
         mask=mask_m[:, None] & mask_k[None, :],
     )
 
@@ -230,7 +228,7 @@ def _lora_reduce_m_kernel(
     LORA_DTYPE: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    UPCAST_BF16: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -265,7 +263,7 @@ def _lora_reduce_m_kernel(
             mask=mask_m[:, None] & mask_r[None, :],
             other=0.0,
         )
-        acc = _dot(pt.to(LORA_DTYPE), q.to(LORA_DTYPE), acc, INPUT_PRECISION, UPCAST_BF16)
+        acc = _dot(pt, q, acc, LORA_DTYPE, INPUT_PRECISION, INTERPRET)
     tl.store(
         part_ptr + pid_s * stride_ps + offs_c[:, None] * stride_ptc + offs_r[None, :] * stride_ptr,
         scaling * acc,
@@ -320,7 +318,7 @@ def _reduce_m(
         LORA_DTYPE=TL_DTYPES[lora_dtype],
         HAS_DROPOUT=dropout_p > 0.0,
         INPUT_PRECISION=input_precision,
-        UPCAST_BF16=interpreting(),
+        INTERPRET=interpreting(),
         BLOCK_M=BLOCK_M,
         BLOCK_C=BLOCK_C,
         BLOCK_R=BLOCK_R,
@@ -358,7 +356,7 @@ def lora_backward(
     base_dtype = base_dtype or x.dtype
     lora_dtype = lora_dtype or lora_A.dtype
     dev = x.device
-    upcast = interpreting()
+    interp = interpreting()
     dx = dA = dB = None
     if need_dx:
         dx = dx_out if dx_out is not None else torch.empty((M, K), dtype=x.dtype, device=dev)
@@ -370,7 +368,7 @@ def lora_backward(
     u = torch.empty((M, R), dtype=torch.float32, device=dev) if (need_dx or need_dA) else None
     if u is not None and not (need_dx and fused):
         # u = g B by the skinny kernel: the split design, or dA alone with no dx GEMM to fuse it into.
-        BLOCK_M_U = 32 if upcast else 64
+        BLOCK_M_U = 32 if interp else 64
         _lora_skinny_kernel[(triton.cdiv(M, BLOCK_M_U),)](
             g,
             lora_B,
@@ -386,7 +384,7 @@ def lora_backward(
             u.stride(1),
             LORA_DTYPE=TL_DTYPES[lora_dtype],
             INPUT_PRECISION=input_precision,
-            UPCAST_BF16=upcast,
+            INTERPRET=interp,
             BLOCK_M=BLOCK_M_U,
             BLOCK_N=64 if BLOCK_R <= 64 else 32,
             BLOCK_R=BLOCK_R,
@@ -426,7 +424,7 @@ def lora_backward(
             FUSE_U=fused,
             STORE_U=need_dA,
             INPUT_PRECISION=input_precision,
-            UPCAST_BF16=upcast,
+            INTERPRET=interp,
             BLOCK_R=BLOCK_R,
         )
     if need_dB:

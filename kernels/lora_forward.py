@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .dropout import _dropout_scale
-from .utils import TL_DTYPES, _dot, block_r, interpreting
+from .utils import TL_DTYPES, _dot, _to, block_r, interpreting
 
 # ---------------------------------------------------------------- autotune configs
 
@@ -77,7 +77,7 @@ def _lora_h_kernel(
     LORA_DTYPE: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    UPCAST_BF16: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -106,7 +106,7 @@ def _lora_h_kernel(
         if HAS_DROPOUT:
             # Mask applied in fp32 (1/(1-p) stays fp32), then one cast to the LoRA compute dtype.
             x = x.to(tl.float32) * _dropout_scale(seed, offs_m, offs_k, K, p, inv_keep)
-        acc = _dot(x.to(LORA_DTYPE), a.to(LORA_DTYPE), acc, INPUT_PRECISION, UPCAST_BF16)
+        acc = _dot(x, a, acc, LORA_DTYPE, INPUT_PRECISION, INTERPRET)
     tl.store(
         h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr, acc, mask=mask_m[:, None] & mask_r[None, :]
     )
@@ -153,7 +153,7 @@ def _lora_forward_kernel(
     HAS_DROPOUT: tl.constexpr,
     FUSE_H: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    UPCAST_BF16: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -197,7 +197,7 @@ def _lora_forward_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc = _dot(x.to(BASE_DTYPE), w.to(BASE_DTYPE), acc, INPUT_PRECISION, UPCAST_BF16)
+        acc = _dot(x, w, acc, BASE_DTYPE, INPUT_PRECISION, INTERPRET)
         if FUSE_H:
             a = tl.load(
                 a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
@@ -208,7 +208,7 @@ def _lora_forward_kernel(
             if HAS_DROPOUT:
                 # Dropout on the LoRA branch only, multiplier in fp32, then one cast to the LoRA dtype.
                 xl = x.to(tl.float32) * _dropout_scale(seed, offs_m, offs_k, K, p, inv_keep)
-            h = _dot(xl.to(LORA_DTYPE), a.to(LORA_DTYPE), h, INPUT_PRECISION, UPCAST_BF16)
+            h = _dot(xl, a, h, LORA_DTYPE, INPUT_PRECISION, INTERPRET)
 
     # ---- epilogue: + s · h Bᵀ, + bias, one cast to y's dtype
     h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr
@@ -224,17 +224,17 @@ def _lora_forward_kernel(
         other=0.0,
     )
     # h is fp32; it enters the dot in the LoRA dtype (tensor cores under bf16/fp16 autocast).
-    lora = _dot(
-        h.to(LORA_DTYPE), b.to(LORA_DTYPE), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, UPCAST_BF16
-    )
+    lora = _dot(h, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_DTYPE, INPUT_PRECISION, INTERPRET)
     acc += scaling * lora
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
-        acc += bias.to(BASE_DTYPE).to(tl.float32)[None, :]  # bias rounded to the base dtype, as nn.Linear's is
+        acc += _to(bias, BASE_DTYPE, INTERPRET).to(tl.float32)[
+            None, :
+        ]  # bias rounded to the base dtype, as nn.Linear's is
     # The single cast of the fp32 accumulator to y's element type.
     tl.store(
         y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-        acc.to(y_ptr.dtype.element_ty),
+        _to(acc, y_ptr.dtype.element_ty, INTERPRET).to(y_ptr.dtype.element_ty),
         mask=mask_m[:, None] & mask_n[None, :],
     )
 
@@ -275,7 +275,7 @@ def lora_forward(
         return y, h
     has_dropout = dropout_p > 0.0
     inv_keep = 1.0 / (1.0 - dropout_p)
-    upcast = interpreting()
+    interp = interpreting()
     BLOCK_R = block_r(R)
     if not fused:
         BLOCK_M_H = 32 if interpreting() else 64
@@ -298,7 +298,7 @@ def lora_forward(
             LORA_DTYPE=TL_DTYPES[lora_dtype],
             HAS_DROPOUT=has_dropout,
             INPUT_PRECISION=input_precision,
-            UPCAST_BF16=upcast,
+            INTERPRET=interp,
             BLOCK_M=BLOCK_M_H,
             BLOCK_K=64 if BLOCK_R <= 64 else 32,
             BLOCK_R=BLOCK_R,
@@ -338,7 +338,7 @@ def lora_forward(
         HAS_DROPOUT=has_dropout,
         FUSE_H=fused,
         INPUT_PRECISION=input_precision,
-        UPCAST_BF16=upcast,
+        INTERPRET=interp,
         BLOCK_R=BLOCK_R,
     )
     return y, h

@@ -1,13 +1,18 @@
-"""Helpers shared by the LoRA kernels: the dot product every kernel uses, block sizes for the rank, launch settings.
+"""Helpers shared by the LoRA kernels: casts and the dot product every kernel uses, rank padding, launch settings.
 
-``_dot(a, b, acc)`` accumulates ``a @ b`` into the fp32 ``acc``. Two details hide in it:
+``_dot(a, b, acc, DTYPE)`` casts both tiles to the compute dtype ``DTYPE`` and accumulates ``a @ b`` into the fp32
+``acc``. fp32 operands go through ``tl.dot`` with ``INPUT_PRECISION`` ("tf32", the fast default on NVIDIA with about
+3e-4 relative error, or "ieee", exact fp32, which the exactness tests use); fp16/bf16 operands ignore it.
 
-- fp32 operands go through ``tl.dot`` with ``INPUT_PRECISION`` ("tf32" is the fast default on NVIDIA, about 3e-4
-  relative error; "ieee" is exact fp32 and is what the exactness tests use). fp16/bf16 operands ignore it.
-- Triton's interpreter multiplies the raw bit patterns of bfloat16 operands (triton #11584). With ``UPCAST_BF16``
-  (set by the launchers only when ``TRITON_INTERPRET=1``) bf16 tiles are widened to fp32 just before the dot. The
-  widening is exact, so the CPU tier still sees every bf16 rounding of the inputs; the product is then accumulated in
-  fp32, as the tensor cores do. Only the CUDA tier runs the real bf16 ``tl.dot``.
+Under Triton's interpreter (``INTERPRET``, set by the launchers when ``TRITON_INTERPRET=1``) two of its bf16 faults
+are worked around, so that the CPU tier checks the numerics the GPU has:
+
+- ``tl.dot`` on bf16 operands multiplies their raw bit patterns (triton #11584);
+- a cast fp32 -> bf16 truncates instead of rounding to nearest even.
+
+There :func:`_to` rounds to bf16 on the fp32 bits (round to nearest even) and keeps the rounded value in an fp32
+tensor, so the dot sees exactly the bf16 inputs the GPU would, accumulated in fp32 as the tensor cores do. Only the
+CUDA tier runs the real bf16 ``tl.dot`` and bf16 conversion instructions.
 """
 
 import os
@@ -45,13 +50,26 @@ def num_sms(device: torch.device) -> int:
 
 
 @triton.jit
-def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr):
-    """``acc + a @ b`` in fp32; ``a`` and ``b`` share one dtype (the launchers cast tiles at load)."""
-    if UPCAST_BF16:
-        if a.dtype == tl.bfloat16:
-            # Interpreter only (triton #11584): exact widening, the dot then accumulates in fp32 like the GPU.
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+def _to(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """``x`` cast to ``DTYPE``, rounding to nearest even (under the interpreter, bf16 values held in fp32)."""
+    if INTERPRET:
+        if DTYPE == tl.bfloat16:
+            # Round-to-nearest-even on the fp32 bits: add 0x7FFF plus the lowest kept bit, clear the 16 dropped bits.
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            out = bits.to(tl.float32, bitcast=True)
+        else:
+            out = x.to(DTYPE)
+    else:
+        out = x.to(DTYPE)
+    return out
+
+
+@triton.jit
+def _dot(a, b, acc, DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """``acc + a @ b`` in fp32, both tiles cast to the compute dtype ``DTYPE`` first (the one cast per load)."""
+    a = _to(a, DTYPE, INTERPRET)
+    b = _to(b, DTYPE, INTERPRET)
     if a.dtype == tl.float32:
         out = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:

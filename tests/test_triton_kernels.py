@@ -1,0 +1,393 @@
+"""The triton backend against the spec (:mod:`lora_fast.reference`, fp64 on upcast copies of the same inputs).
+
+Two tiers. The CPU tier runs the kernels under ``TRITON_INTERPRET=1`` (set by conftest) at small, odd shapes. What it
+cannot check, the CUDA tier (``-m cuda``, skipped visibly without a GPU) does at realistic sizes: the real bf16
+``tl.dot`` (the interpreter widens bf16 tiles to fp32 before its dot, triton #11584, so on CPU bf16 covers the
+roundings of loads and stores but not the tensor-core product), TF32 for fp32, the autotuned tile shapes, compiled
+(not interpreted) dropout, and int64 offsets past 2³¹ elements.
+"""
+
+import pytest
+import torch
+from lora_fast.kernels import interpreting, lora_backward, lora_dropout_mask, lora_forward
+
+from lora_fast import lora_linear, reference
+from lora_fast.triton_backend import config, triton_lora_linear
+from tests.conftest import requires_cuda
+
+# Relative error by norm, ‖got − ref‖ / ‖ref‖, per compute dtype. fp32 with "ieee" dots is exact up to summation
+# order; fp16/bf16 are a few units of their epsilon (2⁻¹¹, 2⁻⁸) after the roundings of y, h and the LoRA dot inputs.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+TOL_TF32 = 2e-3  # CUDA tier, fp32 with the default TF32 dots
+
+cpu_tier = pytest.mark.skipif(not interpreting(), reason="CPU tier: runs only under TRITON_INTERPRET=1")
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fused(monkeypatch):
+    """Exact fp32 dots and the fused design unless a test says otherwise."""
+    monkeypatch.setattr(config, "fp32_precision", "ieee")
+    monkeypatch.setattr(config, "fused", True)
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.double(), ref.double()
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _make(M, K, N, R, dtype, bias, layout, contiguous, device, lora_dtype=None, lead=()):
+    """Fresh random inputs (never zeros). Conv1D layout: the weight is stored (K, N) and passed as ``.t()``."""
+    gen = torch.Generator().manual_seed(M * 1000 + K * 10 + N + R)
+    rnd = lambda *s: torch.randn(*s, generator=gen)
+    lora_dtype = lora_dtype or dtype
+    if contiguous:
+        x = rnd(*lead, M, K)
+    else:  # every other column of a wider buffer: a strided 2-D view the kernels read as is
+        x = rnd(*lead, M, 2 * K)[..., ::2]
+    w_store = rnd(K, N) if layout == "conv1d" else rnd(N, K)
+    x = x.to(device=device, dtype=dtype).requires_grad_()
+    w_store = (w_store / K**0.5).to(device=device, dtype=dtype)
+    weight = w_store.t() if layout == "conv1d" else w_store
+    b = (rnd(N).to(device=device, dtype=dtype).requires_grad_()) if bias else None
+    A = (rnd(R, K) / K**0.5).to(device=device, dtype=lora_dtype).requires_grad_()
+    B = rnd(N, R).to(device=device, dtype=lora_dtype).requires_grad_()
+    return x, weight, b, A, B
+
+
+def _check_against_reference(
+    M, K, N, R, dtype, bias, layout, contiguous, p, fused, device, lora_dtype=None, tol=None, lead=()
+):
+    config.fused = fused
+    x, weight, b, A, B = _make(M, K, N, R, dtype, bias, layout, contiguous, device, lora_dtype, lead)
+    s, seed = 0.75, 1234
+    y = lora_linear(x, weight, b, A, B, s, dropout_p=p, seed=seed, backend="triton")
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(device=device, dtype=y.dtype)
+    y.backward(g)
+
+    d = lambda t: None if t is None else t.detach().double()
+    mask = lora_dropout_mask(x.numel() // K, K, p, seed, device).reshape(x.shape).double() if p > 0 else None
+    x64 = d(x).requires_grad_()
+    A64, B64 = d(A).requires_grad_(), d(B).requires_grad_()
+    b64 = d(b).requires_grad_() if bias else None
+    y_ref, _ = reference.lora_forward(x64, d(weight), b64, A64, B64, s, mask)
+    dx_ref, dA_ref, dB_ref = reference.lora_backward(
+        g.double(), x64.detach(), d(weight), A64.detach(), B64.detach(), s, mask
+    )
+    tol = tol or TOL[dtype]
+    assert y.dtype == dtype and y.shape == (*lead, M, N)
+    assert x.grad.dtype == x.dtype and A.grad.dtype == A.dtype and B.grad.dtype == B.dtype
+    assert _rel(y, y_ref) <= tol, f"y: {_rel(y, y_ref)}"
+    assert _rel(x.grad, dx_ref) <= tol, f"dx: {_rel(x.grad, dx_ref)}"
+    assert _rel(A.grad, dA_ref) <= tol, f"dA: {_rel(A.grad, dA_ref)}"
+    assert _rel(B.grad, dB_ref) <= tol, f"dB: {_rel(B.grad, dB_ref)}"
+    if bias:
+        db_ref = g.double().reshape(-1, N).sum(0)
+        assert _rel(b.grad, db_ref) <= tol, f"dbias: {_rel(b.grad, db_ref)}"
+
+
+# ---------------------------------------------------------------- CPU tier: forward and every gradient
+
+# A pruned cross-product: every value of every axis appears, odd sizes throughout.
+#        M   K    N    R    dtype           bias   layout     contig  p     fused
+CASES = [
+    (1, 48, 130, 1, torch.float32, True, "linear", True, 0.0, True),
+    (7, 130, 5, 8, torch.float32, False, "conv1d", False, 0.1, True),
+    (33, 5, 48, 16, torch.float32, True, "linear", False, 0.0, False),
+    (33, 130, 130, 33, torch.float32, True, "conv1d", True, 0.3, False),
+    (7, 48, 48, 128, torch.float32, False, "conv1d", True, 0.0, True),  # square: orientation must be right
+    (33, 48, 130, 16, torch.bfloat16, True, "linear", True, 0.1, True),
+    (7, 130, 48, 8, torch.bfloat16, False, "conv1d", False, 0.0, False),
+    (33, 130, 5, 33, torch.float16, True, "linear", False, 0.2, True),
+    (1, 5, 48, 128, torch.float16, False, "conv1d", True, 0.0, False),
+]
+
+
+@cpu_tier
+@pytest.mark.parametrize("M,K,N,R,dtype,bias,layout,contiguous,p,fused", CASES)
+def test_matches_reference(M, K, N, R, dtype, bias, layout, contiguous, p, fused):
+    _check_against_reference(M, K, N, R, dtype, bias, layout, contiguous, p, fused, "cpu")
+
+
+@cpu_tier
+def test_leading_dims_and_mixed_precision():
+    """x (2, 3, K) in bf16 with fp32 LoRA masters: LoRA branch in fp32, dA/dB back in fp32, dx in bf16."""
+    _check_against_reference(
+        3, 48, 40, 8, torch.bfloat16, True, "linear", True, 0.1, True, "cpu", lora_dtype=torch.float32, lead=(2,)
+    )
+
+
+@cpu_tier
+def test_autocast_dtypes_match_torch_backend():
+    """Under bf16 autocast with fp32 tensors: y in bf16 like nn.Linear, dx/dA/dB in the tensors' fp32."""
+    x, weight, b, A, B = _make(9, 48, 40, 8, torch.float32, True, "linear", True, "cpu")
+    outs = {}
+    for backend in ("torch", "triton"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lora_linear(x, weight, b, A, B, 0.5, backend=backend)
+        y.float().square().sum().backward()
+        outs[backend] = (y.detach(), x.grad, A.grad, B.grad)
+        x.grad = A.grad = B.grad = b.grad = None
+    for got, ref in zip(outs["triton"], outs["torch"], strict=True):
+        assert got.dtype == ref.dtype
+        assert _rel(got, ref) <= 1e-2
+
+
+@cpu_tier
+@pytest.mark.parametrize("fused", [True, False])
+def test_launchers_write_every_element(fused):
+    """Outputs poisoned with NaN before the launch: any element the kernels skip stays NaN."""
+    M, K, N, R, s = 33, 130, 48, 8, 0.5
+    x, weight, b, A, B = (
+        t.detach() if t is not None else t for t in _make(M, K, N, R, torch.float32, True, "linear", True, "cpu")
+    )
+    y = torch.full((M, N), float("nan"))
+    h = torch.full((M, R), float("nan"))
+    lora_forward(x, weight, b, A, B, s, 0.2, 99, fused=fused, input_precision="ieee", out=y, h_out=h)
+    mask = lora_dropout_mask(M, K, 0.2, 99, "cpu")
+    y_ref, h_ref = reference.lora_forward(
+        x.double(), weight.double(), b.double(), A.double(), B.double(), s, mask.double()
+    )
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn(M, N)
+    dx = torch.full((M, K), float("nan"))
+    _, dA, dB = lora_backward(g, x, weight, A, B, h, s, 0.2, 99, fused=fused, input_precision="ieee", dx_out=dx)
+    dx_ref, dA_ref, dB_ref = reference.lora_backward(
+        g.double(), x.double(), weight.double(), A.double(), B.double(), s, mask.double()
+    )
+    for got, ref in ((dx, dx_ref), (dA, dA_ref), (dB, dB_ref)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@cpu_tier
+def test_partial_gradients_skip_work_but_stay_right():
+    """Only dA asked for (x and B frozen): u must still come from the skinny kernel; dx/dB stay None."""
+    x, weight, _, A, B = _make(17, 48, 40, 8, torch.float32, False, "linear", True, "cpu")
+    x.requires_grad_(False)
+    B.requires_grad_(False)
+    y = lora_linear(x, weight, None, A, B, 0.5, backend="triton")
+    g = torch.randn(y.shape)
+    y.backward(g)
+    _, dA_ref, _ = reference.lora_backward(
+        g.double(), x.double(), weight.double(), A.detach().double(), B.double(), 0.5
+    )
+    assert x.grad is None and B.grad is None
+    assert _rel(A.grad, dA_ref) <= TOL[torch.float32]
+
+
+@cpu_tier
+def test_empty_batch_returns_without_launching():
+    x, weight, b, A, B = _make(1, 48, 40, 8, torch.float32, True, "linear", True, "cpu")
+    x0 = torch.randn(2, 0, 48, requires_grad=True)
+    y = lora_linear(x0, weight, b, A, B, 0.5, backend="triton")
+    assert y.shape == (2, 0, 40)
+    y.sum().backward()
+    assert x0.grad.shape == x0.shape
+    assert torch.equal(A.grad, torch.zeros_like(A)) and torch.equal(B.grad, torch.zeros_like(B))
+    assert torch.equal(b.grad, torch.zeros_like(b))
+
+
+# ---------------------------------------------------------------- CPU tier: dropout and determinism
+
+
+@cpu_tier
+def test_dropout_mask_statistics_and_values():
+    p = 0.3
+    mask = lora_dropout_mask(256, 257, p, 5, "cpu")
+    kept = (mask != 0).double().mean().item()
+    # Binomial(n, 1-p): 6 standard deviations of the kept fraction.
+    assert abs(kept - (1 - p)) <= 6 * ((p * (1 - p)) / mask.numel()) ** 0.5
+    values = set(mask.unique().tolist())
+    assert values == {0.0, torch.tensor(1 / (1 - p), dtype=torch.float32).item()}
+    assert torch.equal(mask, lora_dropout_mask(256, 257, p, 5, "cpu"))
+    other = lora_dropout_mask(256, 257, p, 6, "cpu")
+    assert (other != mask).double().mean().item() > 0.2
+
+
+@cpu_tier
+def test_dropout_same_seed_same_results_different_seed_differs():
+    x, weight, b, A, B = _make(9, 48, 40, 8, torch.float32, True, "linear", True, "cpu")
+
+    def run(seed):
+        y = lora_linear(x, weight, b, A, B, 0.5, dropout_p=0.5, seed=seed, backend="triton")
+        y.square().sum().backward()
+        out = (y.detach().clone(), x.grad.clone(), A.grad.clone(), B.grad.clone())
+        x.grad = A.grad = B.grad = b.grad = None
+        return out
+
+    first, again, other = run(11), run(11), run(12)
+    for a, b_ in zip(first, again, strict=True):
+        assert torch.equal(a, b_)
+    assert not torch.equal(first[0], other[0]) and not torch.equal(first[2], other[2])
+
+
+@cpu_tier
+@pytest.mark.parametrize("fused", [True, False])
+def test_backward_is_bitwise_deterministic(fused):
+    """dA/dB sum fp32 partials over two M splits (under the interpreter) in a fixed order: two runs agree bitwise."""
+    config.fused = fused
+    x, weight, b, A, B = _make(40, 48, 40, 16, torch.float32, True, "conv1d", True, "cpu")
+    g = torch.randn(40, 40)
+    grads = []
+    for _ in range(2):
+        lora_linear(x, weight, b, A, B, 0.5, dropout_p=0.1, seed=3, backend="triton").backward(g)
+        grads.append((x.grad.clone(), A.grad.clone(), B.grad.clone()))
+        x.grad = A.grad = B.grad = b.grad = None
+    for a, b_ in zip(*grads, strict=True):
+        assert torch.equal(a, b_)
+
+
+# ---------------------------------------------------------------- CPU tier: errors, torch.library, torch.compile
+
+
+@cpu_tier
+def test_clear_errors_before_launch(monkeypatch):
+    x, weight, b, A, B = _make(4, 48, 40, 8, torch.float32, True, "linear", True, "cpu")
+    with pytest.raises(ValueError, match="conv1d.weight.t"):
+        triton_lora_linear(x, weight.t(), b, A, B, 0.5, 0.0, None)  # Conv1D weight passed without .t()
+    with pytest.raises(ValueError, match="rank r must be >= 1"):
+        triton_lora_linear(x, weight, b, A[:0], B[:, :0], 0.5, 0.0, None)
+    with pytest.raises(ValueError, match="lora_B must be"):
+        triton_lora_linear(x, weight, b, A, B[:, :4], 0.5, 0.0, None)
+    with pytest.raises(TypeError, match="x has dtype torch.float64"):
+        triton_lora_linear(x.double(), weight.double(), b.double(), A, B, 0.5, 0.0, None)
+    with pytest.raises(ValueError, match="integer seed"):
+        triton_lora_linear(x, weight, b, A, B, 0.5, 0.1, None)
+    monkeypatch.setattr(config, "fp32_precision", "tf64")
+    with pytest.raises(ValueError, match="fp32_precision"):
+        triton_lora_linear(x, weight, b, A, B, 0.5, 0.0, None)
+    monkeypatch.setattr(config, "fp32_precision", "ieee")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        triton_lora_linear(x, weight, b, A, B, 0.5, 0.0, None)
+
+
+@cpu_tier
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) impls against the real kernels, and AOT dispatch, by torch.library.opcheck."""
+    x, weight, b, A, B = (t.detach() for t in _make(6, 48, 40, 8, torch.float32, True, "conv1d", True, "cpu"))
+    fwd_args = (x, weight, b, A, B, 0.5, 0.1, 3, torch.float32, torch.float32, True, "ieee")
+    torch.library.opcheck(torch.ops.lora_fast.triton_lora_forward.default, fwd_args)
+    _, h = torch.ops.lora_fast.triton_lora_forward(*fwd_args)
+    bwd_args = (
+        torch.randn(6, 40),
+        x,
+        weight,
+        A,
+        B,
+        h,
+        0.5,
+        0.1,
+        3,
+        torch.float32,
+        torch.float32,
+        True,
+        "ieee",
+        True,
+        True,
+        False,
+    )
+    torch.library.opcheck(torch.ops.lora_fast.triton_lora_backward.default, bwd_args)
+    dx, dA, dB = torch.ops.lora_fast.triton_lora_backward(*bwd_args)
+    assert dx.shape == x.shape and dA.shape == A.shape and dB.numel() == 0
+
+
+@cpu_tier
+def test_torch_compile_traces_without_graph_break():
+    """fullgraph=True raises on any graph break; the compiled result must equal eager bitwise (same kernels)."""
+    x, weight, b, A, B = _make(5, 48, 40, 8, torch.float32, True, "conv1d", True, "cpu")
+
+    def f(x, weight, b, A, B):
+        return lora_linear(x, weight, b, A, B, 0.5, dropout_p=0.1, seed=21, backend="triton").square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    eager_loss = f(x, weight, b, A, B)
+    eager_loss.backward()
+    eager = (eager_loss.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone())
+    x.grad = A.grad = B.grad = b.grad = None
+    loss = compiled(x, weight, b, A, B)
+    loss.backward()
+    for got, ref in zip((loss.detach(), x.grad, A.grad, B.grad), eager, strict=True):
+        assert torch.equal(got, ref)
+
+
+# ---------------------------------------------------------------- CUDA tier: the same checks at realistic sizes
+
+CUDA_CASES = [
+    (4096, 768, 2304, 16, torch.bfloat16, True, "conv1d", True, 0.1, True),
+    (4096, 768, 2304, 16, torch.bfloat16, True, "conv1d", True, 0.1, False),
+    (4096, 768, 768, 128, torch.bfloat16, True, "conv1d", True, 0.0, True),
+    (2048, 3072, 768, 8, torch.float16, True, "linear", False, 0.1, True),
+    (1000, 1000, 1000, 33, torch.bfloat16, False, "linear", True, 0.0, False),
+    (1, 768, 3072, 16, torch.bfloat16, True, "conv1d", True, 0.1, True),
+    (2048, 768, 768, 16, torch.float32, True, "conv1d", True, 0.1, True),
+]
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("M,K,N,R,dtype,bias,layout,contiguous,p,fused", CUDA_CASES)
+def test_matches_reference_cuda(M, K, N, R, dtype, bias, layout, contiguous, p, fused):
+    tol = TOL_TF32 if dtype == torch.float32 else TOL[dtype]
+    config.fp32_precision = "tf32" if dtype == torch.float32 else "ieee"
+    _check_against_reference(M, K, N, R, dtype, bias, layout, contiguous, p, fused, "cuda", tol=tol)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_ieee_fp32_exact_cuda():
+    _check_against_reference(512, 768, 768, 16, torch.float32, True, "conv1d", True, 0.1, True, "cuda")
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_mixed_precision_and_determinism_cuda():
+    _check_against_reference(
+        1024,
+        768,
+        2304,
+        16,
+        torch.bfloat16,
+        True,
+        "conv1d",
+        True,
+        0.1,
+        True,
+        "cuda",
+        lora_dtype=torch.float32,
+        lead=(4,),
+    )
+    x, weight, b, A, B = _make(8192, 768, 768, 16, torch.bfloat16, True, "conv1d", True, "cuda")
+    g = torch.randn(8192, 768, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for _ in range(2):
+        lora_linear(x, weight, b, A, B, 0.5, dropout_p=0.1, seed=3, backend="triton").backward(g)
+        grads.append((x.grad.clone(), A.grad.clone(), B.grad.clone()))
+        x.grad = A.grad = B.grad = b.grad = None
+    for a, b_ in zip(*grads, strict=True):
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_dropout_statistics_cuda():
+    p = 0.1
+    mask = lora_dropout_mask(8192, 4096, p, 17, "cuda")
+    kept = (mask != 0).double().mean().item()
+    assert abs(kept - (1 - p)) <= 6 * ((p * (1 - p)) / mask.numel()) ** 0.5
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_int64_offsets_cuda():
+    """M·K > 2³¹: the pointer and dropout offsets of the last rows overflow int32 unless they are int64."""
+    M, K, N, R = (2**31) // 1024 + 64, 1024, 16, 16
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / 32
+    A = torch.randn(R, K, device="cuda", dtype=torch.bfloat16) / 32
+    B = torch.randn(N, R, device="cuda", dtype=torch.bfloat16)
+    y, _ = lora_forward(x, weight, None, A, B, 0.5, 0.1, 9)
+    tail = slice(M - 128, M)
+    mask = lora_dropout_mask(M, K, 0.1, 9, "cuda")[tail].double()
+    y_ref, _ = reference.lora_forward(x[tail].double(), weight.double(), None, A.double(), B.double(), 0.5, mask)
+    assert _rel(y[tail], y_ref) <= TOL[torch.bfloat16]
