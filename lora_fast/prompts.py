@@ -1,0 +1,90 @@
+"""Prompts for the sentiment task and their tokenisation.
+
+The study's template is ``"Instruction: {instruction}\\nText: {text}\\nLabel: {label}"`` with the label words
+`` positive`` / `` negative`` (GPT-2 ids 3967 / 4633, one token each, leading space included). A prompt here ends at
+``"Label:"``; the target is exactly one token, the label word, right after it. The instruction wordings below are
+ours (the study's exact texts are not available); ``docs/TRAINING.md`` lists them.
+
+Few-shot prompts put the instruction once, then ``k`` solved examples, then the query, separated by blank lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "INSTRUCTIONS",
+    "LABEL_WORDS",
+    "IGNORE_INDEX",
+    "build_prompt",
+    "label_token_ids",
+    "encode_prompt",
+    "encode_example",
+    "resolve_instruction",
+]
+
+# Index = dataset label: 0 negative, 1 positive.
+LABEL_WORDS = (" negative", " positive")
+IGNORE_INDEX = -100
+
+INSTRUCTIONS = {
+    "default": "Determine the sentiment of the following movie review. Answer positive or negative.",
+    "simple1": "Is this review positive or negative?",
+    "simple2": "Classify the sentiment.",
+    "similar": "Decide whether the following film review expresses a positive or a negative opinion.",
+    "complex": (
+        "You are an expert film critic. Read the sentence taken from a movie review below, weigh the reviewer's "
+        "praise against any criticism, irony or sarcasm, and decide whether the overall opinion it expresses about "
+        "the film is positive or negative. Answer with exactly one word: positive or negative."
+    ),
+    # Zero-shot chain of thought: a model may write its reasoning and end with the label word.
+    "cot": (
+        "Determine the sentiment of the following movie review. Think step by step about what the reviewer says, "
+        "then give the final answer, positive or negative, after 'Label:'."
+    ),
+}
+
+
+def resolve_instruction(prompt: str | None = None, instruction: str | None = None) -> str:
+    """The instruction text: ``instruction`` verbatim when given, else ``INSTRUCTIONS[prompt]``."""
+    if instruction:
+        return instruction
+    if prompt not in INSTRUCTIONS:
+        raise ValueError(f"unknown prompt {prompt!r}; choose one of {sorted(INSTRUCTIONS)} or pass --instruction TEXT")
+    return INSTRUCTIONS[prompt]
+
+
+def _block(text: str, label: int | None = None) -> str:
+    answer = "" if label is None else LABEL_WORDS[int(label)]
+    return f"Text: {text}\nLabel:{answer}"
+
+
+def build_prompt(text: str, instruction: str, shots: Sequence[tuple[str, int]] = ()) -> str:
+    """``"Instruction: …\\nText: {text}\\nLabel:"``, with each ``(text, label)`` of ``shots`` solved before it."""
+    blocks = [_block(t, y) for t, y in shots] + [_block(text)]
+    return f"Instruction: {instruction}\n" + "\n\n".join(blocks)
+
+
+def label_token_ids(tokenizer) -> tuple[int, int]:
+    """``(negative_id, positive_id)``: the single token of each label word (3967 / 4633 with GPT-2's tokenizer)."""
+    ids = []
+    for word in LABEL_WORDS:
+        tok = tokenizer.encode(word, add_special_tokens=False)
+        if len(tok) != 1:
+            raise ValueError(f"label word {word!r} is {len(tok)} tokens with this tokenizer; it must be exactly one")
+        ids.append(tok[0])
+    return ids[0], ids[1]
+
+
+def encode_prompt(tokenizer, prompt: str, max_length: int) -> list[int]:
+    """Token ids of ``prompt``, cut from the left to ``max_length`` so that ``"Label:"`` always stays."""
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    return ids[-max_length:]
+
+
+def encode_example(tokenizer, prompt: str, label: int, max_length: int = 1024) -> dict[str, list[int]]:
+    """``input_ids`` = prompt + one label token; ``labels`` = IGNORE_INDEX everywhere but that token, for HF's
+    shifted LM loss. The efficient step never feeds the label token: it predicts it from the last prompt position."""
+    prompt_ids = encode_prompt(tokenizer, prompt, max_length - 1)
+    target = label_token_ids(tokenizer)[int(label)]
+    return {"input_ids": prompt_ids + [target], "labels": [IGNORE_INDEX] * len(prompt_ids) + [target]}
