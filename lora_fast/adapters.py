@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from lora_fast.model import (
     lora_modules,
     lora_state_dict,
     modules_matching_regex,
+    target_hits,
 )
 
 __all__ = ["AdapterError", "save_adapter", "load_adapter", "read_adapter_config", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -81,7 +83,6 @@ def save_adapter(
         "alpha_pattern": {},
         "inference_mode": True,
         "revision": None,
-        "library_name": "lora-fast",
     }
     state = lora_state_dict(model)
     with atomic_directory(directory) as tmp:
@@ -203,6 +204,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, backend: str = 
             raise AdapterError(
                 f"the model has LoRA with r={lora_cfg.r}, alpha={lora_cfg.alpha}, but the adapter "
                 f"has r={r}, lora_alpha={config['lora_alpha']}"
+            )
+        targets = config["target_modules"]
+        hit = sorted(
+            n
+            for n in existing
+            if (re.fullmatch(targets, n) if isinstance(targets, str) else any(target_hits(n, t) for t in targets))
+        )
+        if hit != sorted(existing):
+            raise AdapterError(
+                f"the adapter's target_modules {targets!r} hit {hit} but the model has LoRA on {sorted(existing)}"
             )
         expected = {}
         for name, layer in existing.items():

@@ -71,6 +71,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=w.dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.train(base.training)  # a model in eval mode gets LoRA layers in eval mode (no dropout)
 
     @property
     def weight(self) -> torch.Tensor:

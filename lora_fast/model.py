@@ -53,7 +53,7 @@ class LoRAConfig:
         return asdict(self)
 
 
-def _target_hits(name: str, target: str) -> bool:
+def target_hits(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
@@ -77,7 +77,7 @@ def find_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     names = {name: module for name, module in model.named_modules() if name}
     hits: list[str] = []
     for target in targets:
-        found = [n for n in names if _target_hits(n, target)]
+        found = [n for n in names if target_hits(n, target)]
         if not found:
             suffixes = sorted(
                 {".".join(n.split(".")[-k:]) for n, m in names.items() if _is_wrappable(m) for k in (1, 2)}

@@ -36,7 +36,15 @@ def tiny_gpt2_config(**overrides):
     """A small random GPT-2 config with the real vocabulary (50,257 tokens)."""
     from transformers import GPT2Config
 
-    kw = dict(vocab_size=50257, n_positions=128, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-              attn_pdrop=0.0)
+    kw = dict(
+        vocab_size=50257,
+        n_positions=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     kw.update(overrides)
     return GPT2Config(**kw)
