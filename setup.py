@@ -29,5 +29,6 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.17", "ruff>=0.6"]},
+    # `kernels` (PyPI's package of that name) is installed beside ours so the tests can show both coexist.
+    extras_require={"dev": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.17", "ruff>=0.6", "kernels"]},
 )
