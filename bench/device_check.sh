@@ -9,8 +9,7 @@ status=0
 
 echo "== CUDA test tier"
 python -m pytest tests -m cuda -q -rs 2>&1 | tee "$OUT/pytest_cuda.log" || status=1
-# The CPU-tier triton tests under the real compiler too (they skip themselves when not interpreting; the
-# model-level tests run on CUDA tensors only through the CUDA tier above).
+# (The CPU-tier tests skip themselves on a GPU machine: they run on CPU tensors under TRITON_INTERPRET=1.)
 
 echo "== bench/run.py --quick"
 if [ -f bench/run.py ]; then

@@ -17,7 +17,7 @@ from lora_fast.triton_backend import config
 from tests.conftest import tiny_gpt2_config
 
 pytestmark = pytest.mark.skipif(
-    not interpreting() and not torch.cuda.is_available(), reason="triton backend needs CUDA or TRITON_INTERPRET=1"
+    not interpreting(), reason="CPU tier: runs on CPU tensors under TRITON_INTERPRET=1 only"
 )
 
 TARGETS = ["c_attn", "attn.c_proj"]  # Conv1D, one of them square (768x768 in GPT-2 small)
