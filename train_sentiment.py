@@ -222,29 +222,21 @@ def prepare_model(cfg: Config, device: torch.device, log):
     if cfg.fused and device.type != "cuda" and cfg.backend is None:
         log("--fused: no CUDA device, so LoRA runs the torch backend (the Triton kernels need a GPU)")
     torch.manual_seed(cfg.seed)
-    if cfg.method == "lora":
-        if cfg.eval_only and cfg.adapter:
+    if cfg.eval_only:
+        if cfg.adapter and cfg.method == "lora":
             load_adapter(model, cfg.adapter, backend=backend)
-        elif not cfg.eval_only:
-            apply_lora(
-                model,
-                cfg.targets,
-                r=cfg.r,
-                alpha=cfg.alpha,
-                dropout=cfg.lora_dropout,
-                use_rslora=cfg.rslora,
-                backend=backend,
-            )
-    elif cfg.method == "bitfit" and not (cfg.eval_only and not cfg.adapter):
-        from lora_fast.methods import prepare_bitfit  # another module of this package; imported when used
+        elif cfg.adapter:
+            load_weights(model, cfg.method, cfg.adapter)
+    elif cfg.method == "lora":
+        apply_lora(model, cfg.targets, cfg.r, cfg.alpha, cfg.lora_dropout, cfg.rslora, backend)
+    elif cfg.method == "bitfit":
+        from lora_fast.methods import prepare_bitfit  # imported only where used
 
         model = prepare_bitfit(model)
-    elif cfg.method == "adapter" and not (cfg.eval_only and not cfg.adapter):
+    elif cfg.method == "adapter":
         from lora_fast.methods import apply_bottleneck_adapters
 
         model = apply_bottleneck_adapters(model, cfg.adapter_dim)
-    if cfg.eval_only and cfg.adapter and cfg.method != "lora":
-        load_weights(model, cfg.method, cfg.adapter)
     return model.to(device), tokenizer
 
 
@@ -252,7 +244,6 @@ def save_weights(model, tokenizer, method: str, directory: Path) -> None:
     """The method's own files: a PEFT adapter (lora), the whole model + tokenizer (full), the biases (bitfit), or
     the bottleneck adapters (adapter)."""
     from lora_fast import save_adapter
-    from lora_fast.checkpoint import save_trainable
     from lora_fast.io import atomic_directory
 
     if method == "lora":
@@ -262,7 +253,9 @@ def save_weights(model, tokenizer, method: str, directory: Path) -> None:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     elif method == "bitfit":
-        save_trainable(model, directory)
+        from lora_fast.methods import save_bitfit
+
+        save_bitfit(model, directory)
     else:
         from lora_fast.methods import save_bottleneck_adapters
 
@@ -270,10 +263,10 @@ def save_weights(model, tokenizer, method: str, directory: Path) -> None:
 
 
 def load_weights(model, method: str, directory: Path | str) -> None:
-    """Put ``save_weights``' files back into a model prepared for ``method``."""
+    """Put ``save_weights``' files back into ``model``: a model prepared for ``method``; for bitfit and adapter also
+    the plain model (their loaders add the trainable parts)."""
     from safetensors.torch import load_file
 
-    from lora_fast.checkpoint import load_trainable
     from lora_fast.model import PEFT_PREFIX
 
     if method == "lora":
@@ -285,7 +278,9 @@ def load_weights(model, method: str, directory: Path | str) -> None:
     elif method == "full":
         model.load_state_dict(load_file(str(Path(directory) / "model.safetensors")), strict=False)
     elif method == "bitfit":
-        load_trainable(model, directory)
+        from lora_fast.methods import load_bitfit
+
+        load_bitfit(model, directory)
     else:
         from lora_fast.methods import load_bottleneck_adapters
 

@@ -1,0 +1,236 @@
+"""End-to-end runs of train_sentiment.py on a tiny random GPT-2 (real tokenizer, real rotten_tomatoes data)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DATA_DIR, TOKENIZER_DIR
+
+import train_sentiment
+from lora_fast.tiny import make_tiny_gpt2
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny") / "gpt2", TOKENIZER_DIR, n_layer=2, n_embd=32)
+
+
+def base_args(tiny, out, steps):
+    return [
+        "--model",
+        str(tiny),
+        "--data-dir",
+        str(DATA_DIR),
+        "--out",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--train-subset",
+        "256",
+        "--max-val",
+        "32",
+        "--max-test",
+        "32",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "4",
+        "--lr",
+        "5e-3",
+        "--eval-batch-size",
+        "64",
+    ]
+
+
+def _env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _cli(args, timeout=300):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train_sentiment.py"), *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _adapter(out, which="adapter_last"):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / which / "adapter_model.safetensors"))
+
+
+def _assert_adapters_close(a, b, atol):
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
+
+
+def test_end_to_end_writes_every_output_and_peft_agrees(tiny, tmp_path):
+    out = tmp_path / "run"
+    proc = _cli(base_args(tiny, out, 24))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "val_loss.png",
+        "checkpoint.pt",
+        "adapter_best/adapter_model.safetensors",
+        "adapter_last/adapter_config.json",
+    ):
+        assert (out / name).is_file(), name
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    assert [r["step"] for r in rows if "val_loss" in r] == [4, 8, 12, 16, 20, 24]
+    first, last = [r["train_loss"] for r in rows[:4]], [r["train_loss"] for r in rows[-4:]]
+    assert sum(last) / 4 < sum(first) / 4 - 0.05, (first, last)
+    assert all(r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 for r in rows)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_test"] == 32 and summary["n_val"] == 32 and summary["n_train"] == 256 and summary["steps"] == 24
+    # LoRA r=16 on c_attn (32 -> 96) and c_proj (32 -> 32) in 2 blocks: 2 · 16 · ((32 + 96) + (32 + 32)).
+    assert summary["trainable_params"] == 2 * 16 * (128 + 64)
+    val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    assert summary["best_step"] == min(val, key=val.get) and summary["best_val_loss"] == pytest.approx(
+        min(val.values())
+    )
+    for which in ("zero_shot", "best", "last"):
+        s = summary["test"][which]
+        for key in ("label_acc", "gen_acc"):
+            assert 0.0 <= s[key] <= 1.0 and (s[key] * 32) == pytest.approx(round(s[key] * 32))
+    assert "label-logit acc" in proc.stdout
+
+    # The adapter loads in HF PEFT and gives the same label-logit accuracy on the same 32 test examples.
+    from peft import PeftModel
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from lora_fast.data import load_splits, subset
+    from lora_fast.evaluate import label_accuracy
+    from lora_fast.prompts import INSTRUCTIONS, build_prompt, encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(tiny))
+    test = subset(load_splits(DATA_DIR)["test"], 32, 42)
+    seqs = [encode_prompt(tok, build_prompt(r["text"], INSTRUCTIONS["default"]), 256) for r in test]
+    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(tiny)), str(out / "adapter_last"))
+    ours = train_sentiment.Config(model=str(tiny), eval_only=True, adapter=str(out / "adapter_last"))
+    model, _ = train_sentiment.prepare_model(ours, torch.device("cpu"), print)
+    from lora_fast.training import label_logits
+
+    batch = {"input_ids": torch.tensor([seqs[0], seqs[0]]), "attention_mask": torch.ones(2, len(seqs[0]))}
+    torch.testing.assert_close(
+        label_logits(model.eval(), **batch, label_ids=(4633, 3967)),
+        peft_model.eval()(**batch).logits[:, -1, [4633, 3967]],
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    acc = label_accuracy(peft_model.base_model.model, seqs, [r["label"] for r in test], (4633, 3967), tok.eos_token_id)
+    assert acc["acc"] == pytest.approx(summary["test"]["last"]["label_acc"])
+
+
+def test_fused_and_reference_backends_give_the_same_loss_curve(tiny, tmp_path):
+    curves = []
+    for flag in (["--fused"], ["--backend", "reference"]):
+        out = tmp_path / flag[-1]
+        assert train_sentiment.main(base_args(tiny, out, 8) + flag + ["--no-generation", "--no-zero-shot"]) == 0
+        curves.append([r["train_loss"] for r in _metrics(out)])
+    assert len(curves[0]) == 8
+    torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), atol=1e-5, rtol=1e-5)
+    assert curves[0][-1] < curves[0][0]
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tiny, tmp_path):
+    extra = ["--checkpoint-every", "3", "--lora-dropout", "0.1", "--no-generation", "--no-zero-shot"]
+    assert train_sentiment.main(base_args(tiny, tmp_path / "full", 9) + extra) == 0
+    cut = tmp_path / "cut"
+    assert train_sentiment.main(base_args(tiny, cut, 9) + extra + ["--stop-after-step", "6"]) == 0
+    assert not (cut / "adapter_last").exists() and [r["step"] for r in _metrics(cut)][-1] == 6
+    assert train_sentiment.main(base_args(tiny, cut, 9) + extra + ["--resume"]) == 0
+    _assert_adapters_close(_adapter(tmp_path / "full"), _adapter(cut), atol=1e-6)
+    _assert_adapters_close(_adapter(tmp_path / "full", "adapter_best"), _adapter(cut, "adapter_best"), atol=1e-6)
+    full, resumed = _metrics(tmp_path / "full"), _metrics(cut)
+    assert [r["step"] for r in resumed] == list(range(1, 10))
+    assert [r["train_loss"] for r in resumed] == pytest.approx([r["train_loss"] for r in full], abs=1e-6)
+
+
+def test_torchrun_two_processes_match_one_process(tiny, tmp_path):
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not on PATH")
+    args = ["--grad-accum", "2", "--batch-size", "4", "--lora-dropout", "0", "--no-generation", "--no-zero-shot"]
+    assert train_sentiment.main(base_args(tiny, tmp_path / "one", 6) + args) == 0
+    proc = subprocess.run(
+        [
+            "torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(ROOT / "train_sentiment.py"),
+            *base_args(tiny, tmp_path / "two", 6),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_adapters_close(_adapter(tmp_path / "one"), _adapter(tmp_path / "two"), atol=1e-5)
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [r["train_loss"] for r in two] == pytest.approx([r["train_loss"] for r in one], rel=1e-5)
+    assert [r.get("val_loss") for r in two] == pytest.approx([r.get("val_loss") for r in one], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/nonexistent/gpt2"], "--model /nonexistent/gpt2: no such folder"),
+        (["--prompt", "sarcastic"], "invalid choice: 'sarcastic'"),
+        (["--lr", "1e30", "--checkpoint-every", "1", "--max-steps", "6"], "loss is"),
+    ],
+    ids=["bad-model", "unknown-prompt", "non-finite-loss"],
+)
+def test_cli_errors_are_one_clear_line(tiny, tmp_path, args, message):
+    out = tmp_path / "run"
+    common = [
+        "--data-dir",
+        str(DATA_DIR),
+        "--out",
+        str(out),
+        "--max-val",
+        "8",
+        "--max-test",
+        "8",
+        "--no-generation",
+        "--no-zero-shot",
+        "--train-subset",
+        "64",
+        "--eval-every",
+        "1",
+        "--batch-size",
+        "4",
+    ]
+    model = [] if "--model" in args else ["--model", str(tiny)]
+    proc = _cli(common + model + args)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    if message == "loss is":  # the last good checkpoint is kept and named
+        assert "last good checkpoint" in proc.stderr and (out / "checkpoint.pt").is_file()
+        state = torch.load(out / "checkpoint.pt", weights_only=False)
+        assert all(torch.isfinite(t).all() for t in state["trainable"].values())
