@@ -1,0 +1,320 @@
+"""lora-fast benchmarks: the LoRA layer against its floor, and one GPT-2 training step four ways.
+
+    python bench/run.py --quick                      # < 5 min on a 2-core CPU, < 3 on an H100
+    python bench/run.py --json out.json --md out.md --plot plots/
+
+Layer table (bench/layer_bench.py): floor (frozen base layer alone), PEFT-style eager LoRA (lora-fast's
+``reference``), HF PEFT's ``lora.Linear``, lora-fast ``torch`` and ``triton`` (CUDA), phase by phase, with the
+FLOP count and memory beside the times. Model table (bench/model_step.py): ``full_ft``, ``peft``,
+``peft_label_logits`` and ``lora_fast``, each in a fresh process so its peak memory is its own.
+The last lines check the targets (lora_fast vs PEFT as commonly used, and vs PEFT with label-position logits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make `bench` and `lora_fast` importable from the checkout
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.common import environment, fmt_ratio, markdown_table  # noqa: E402
+from bench.layer_bench import layer_tables, run_layer_bench  # noqa: E402
+from bench.model_step import ROWS  # noqa: E402
+
+# (name, measured, limit, what): lora_fast's ratio must be at or below the limit.
+TARGETS = [
+    ("time vs peft", "s_per_step", "peft", 0.6),
+    ("peak memory vs peft", "peak_mem_mb", "peft", 0.75),
+    ("time vs peft_label_logits", "s_per_step", "peft_label_logits", 0.9),
+]
+
+
+# ---------------------------------------------------------------- model rows, one process each
+
+
+def run_model_rows(
+    device: str, rows: list[str], warmup: int, steps: int, rounds: int, batch: int | None, seq: int | None
+) -> list[dict]:
+    """Each row in its own process, ``rounds`` times with the order reversed every other round (so slow drift of a
+    shared machine's load hits the rows alike); step times are pooled, peak memory is the highest seen."""
+    results: dict[str, list[dict]] = {r: [] for r in rows}
+    for k in range(rounds):
+        for row in rows if k % 2 == 0 else rows[::-1]:
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.model_step",
+                "--row",
+                row,
+                "--device",
+                device,
+                "--warmup",
+                str(warmup),
+                "--steps",
+                str(steps),
+            ]
+            if batch:
+                cmd += ["--batch", str(batch)]
+            if seq:
+                cmd += ["--seq", str(seq)]
+            print(f"  model step: {row} (round {k + 1}/{rounds})", flush=True)
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+                raise RuntimeError(f"model step {row!r} failed with exit code {proc.returncode}")
+            results[row].append(json.loads(line[len("RESULT ") :]))
+    return [_pool(runs) for runs in results.values()]
+
+
+def _pool(runs: list[dict]) -> dict:
+    import statistics
+
+    out = dict(runs[0])
+    if len(runs) > 1:
+        medians = [r["s_per_step"] for r in runs]
+        out["s_per_step"] = statistics.median(medians)
+        out["s_p25"], out["s_p75"] = min(r["s_p25"] for r in runs), max(r["s_p75"] for r in runs)
+        out["round_medians"] = medians
+        out["steps_timed"] = sum(r["steps_timed"] for r in runs)
+        out["peak_mem_mb"] = max(r["peak_mem_mb"] for r in runs)
+    cfg = out["config"]
+    out["tokens_per_s"] = cfg["batch"] * cfg["seq"] / out["s_per_step"]
+    return out
+
+
+def add_model_ratios(rows: list[dict]) -> None:
+    by = {r["name"]: r for r in rows}
+    for r in rows:
+        for ref in ("peft", "full_ft"):
+            b = by.get(ref)
+            r[f"time_vs_{ref}"] = r["s_per_step"] / b["s_per_step"] if b else None
+            r[f"mem_vs_{ref}"] = r["peak_mem_mb"] / b["peak_mem_mb"] if b else None
+
+
+def model_table(rows: list[dict], device: str) -> str:
+    mem = "peak RSS MiB" if device == "cpu" else "peak allocated MiB"
+    table = [
+        [
+            r["name"],
+            f"{r['s_per_step']:.3f}",
+            f"{r['s_p25']:.3f}–{r['s_p75']:.3f}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['peak_mem_mb']:.0f}",
+            f"{r['trainable_params']:,}",
+            fmt_ratio(r["time_vs_peft"]),
+            fmt_ratio(r["mem_vs_peft"]),
+            fmt_ratio(r["time_vs_full_ft"]),
+            fmt_ratio(r["mem_vs_full_ft"]),
+        ]
+        for r in rows
+    ]
+    return markdown_table(
+        [
+            "row",
+            "s/step (median)",
+            "p25–p75 s",
+            "tokens/s",
+            mem,
+            "trainable params",
+            "time vs peft",
+            "mem vs peft",
+            "time vs full_ft",
+            "mem vs full_ft",
+        ],
+        table,
+    )
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    by = {r["name"]: r for r in rows}
+    verdicts = []
+    for name, key, ref, limit in TARGETS:
+        if "lora_fast" not in by or ref not in by:
+            continue
+        ratio = by["lora_fast"][key] / by[ref][key]
+        verdicts.append(
+            {"target": f"lora_fast {name} <= {limit}", "ratio": ratio, "limit": limit, "met": ratio <= limit}
+        )
+    return verdicts
+
+
+# ---------------------------------------------------------------- plots
+
+
+def write_plots(out_dir: pathlib.Path, layer: list[dict], model: list[dict], device: str) -> list[pathlib.Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if model:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        names = [r["name"] for r in model]
+        for ax, key, label in (
+            (axes[0], "s_per_step", "s / step (median)"),
+            (axes[1], "peak_mem_mb", "peak RSS MiB" if device == "cpu" else "peak alloc MiB"),
+        ):
+            ax.bar(names, [r[key] for r in model], color=["#999", "#d62728", "#ff7f0e", "#2ca02c"][: len(names)])
+            ax.set_ylabel(label)
+            ax.tick_params(axis="x", rotation=20)
+            ax.grid(axis="y", alpha=0.3)
+        cfg = model[0]["config"]
+        fig.suptitle(f"GPT-2 small training step, batch {cfg['batch']}×{cfg['seq']}, {device}")
+        fig.tight_layout()
+        written.append(out_dir / "model_step.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    fb = [r for r in layer if r["phase"] == "fwd+bwd" and r["variant"] != "floor"]
+    if fb:
+        keys = sorted({(r["dtype"], r["K"], r["N"], r["R"], r["dropout"]) for r in fb})
+        variants = [v for v in ("peft_eager", "hf_peft", "torch", "triton") if any(r["variant"] == v for r in fb)]
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(keys)), 4))
+        width = 0.8 / len(variants)
+        for i, v in enumerate(variants):
+            vals = [
+                next(
+                    (
+                        r["vs_floor"]
+                        for r in fb
+                        if r["variant"] == v and (r["dtype"], r["K"], r["N"], r["R"], r["dropout"]) == k
+                    ),
+                    0,
+                )
+                for k in keys
+            ]
+            ax.bar([j + i * width for j in range(len(keys))], vals, width, label=v)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
+        ax.set_xticklabels([f"{k[1]}→{k[2]}\nR={k[3]} p={k[4]}\n{k[0]}" for k in keys], fontsize=7)
+        ax.set_ylabel("forward+backward time / floor")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_title(f"LoRA layer vs the frozen base layer (floor = 1), M={fb[0]['M']}, {device}")
+        fig.tight_layout()
+        written.append(out_dir / "layer_vs_floor.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where to run (default: cuda when present)",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="few shapes (r=16, one dtype), short timing, 3 timed model steps per row (all four rows)",
+    )
+    ap.add_argument("--layer-only", action="store_true", help="only the layer table")
+    ap.add_argument("--model-only", action="store_true", help="only the model-step table")
+    ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="model-step rows to run")
+    ap.add_argument("--steps", type=int, help="timed model steps per process (default 3 quick / 6 on CPU, 20 CUDA)")
+    ap.add_argument("--warmup", type=int, help="untimed model steps first (default 1 on CPU, 3 on CUDA)")
+    ap.add_argument("--rounds", type=int, help="processes per model row, alternating order (default 1 quick, 2)")
+    ap.add_argument("--batch", type=int, help="model-step batch (default 8 on CPU, 16 on CUDA)")
+    ap.add_argument("--seq", type=int, help="model-step sequence length (default 128 on CPU, 512 on CUDA)")
+    ap.add_argument("--json", type=pathlib.Path, help="write every row, stamped with device/versions/date, here")
+    ap.add_argument("--md", type=pathlib.Path, help="also write the markdown tables to this file")
+    ap.add_argument("--plot", type=pathlib.Path, help="write PNG bar charts into this folder")
+    args = ap.parse_args(argv)
+    if args.layer_only and args.model_only:
+        ap.error("--layer-only and --model-only exclude each other")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    cpu = args.device == "cpu"
+    steps = args.steps or (3 if args.quick else (6 if cpu else 20))
+    warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
+    rounds = args.rounds or (1 if args.quick else 2)
+
+    env = environment(args.device)
+    command = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    header = (
+        f"device: {env['device']}; torch {env['versions']['torch']}, triton {env['versions']['triton']}, "
+        f"transformers {env['versions']['transformers']}, peft {env['versions']['peft']}; {env['date']}\n"
+        f"command: `{command}`" + (f"; load average at start {load[0]:.1f}" if load else "")
+    )
+    print(header, flush=True)
+    md = [header]
+
+    layer = [] if args.model_only else run_layer_bench(args.device, args.quick)
+    if layer:
+        md.append("## LoRA layer (forward, backward, forward+backward)\n\n" + layer_tables(layer, args.device))
+        print("\n" + md[-1], flush=True)
+
+    model: list[dict] = []
+    verdicts: list[dict] = []
+    if not args.layer_only:
+        model = run_model_rows(args.device, args.rows, warmup, steps, rounds, args.batch, args.seq)
+        add_model_ratios(model)
+        cfg = model[0]["config"]
+        md.append(
+            f"## GPT-2 small training step (batch {cfg['batch']} × {cfg['seq']} tokens)\n\n"
+            f"Same model in every row: GPT-2 small (124M, random weights), config dropout 0.1, gelu_new "
+            f"(lora_fast: the same formula as one fused tanh GELU), SDPA attention, "
+            f"{'fp32' if cpu else 'bf16 autocast'}; LoRA r="
+            f"{cfg['r']}, alpha={cfg['alpha']:g}, LoRA dropout {cfg['lora_dropout']} on attn.c_attn + attn.c_proj; "
+            f"AdamW, grad-norm clip {cfg['grad_clip']}. {warmup} warm-up + {steps} timed steps per process, "
+            f"{rounds} process(es) per row. Peak memory: "
+            + (
+                "process RSS high-water (ru_maxrss), each row in a fresh process."
+                if cpu
+                else "torch.cuda.max_memory_allocated, each row in a fresh process."
+            )
+            + "\n\n"
+            + model_table(model, args.device)
+        )
+        print("\n" + md[-1], flush=True)
+        verdicts = check_targets(model)
+        if verdicts:
+            lines = [f"- target {v['target']}: {'MET' if v['met'] else 'MISSED'} ({v['ratio']:.2f})" for v in verdicts]
+            md.append("## Targets (ratios from this run)\n\n" + "\n".join(lines))
+            print("\n" + md[-1], flush=True)
+
+    result = {
+        "device": env["device"],
+        "device_type": args.device,
+        "versions": env["versions"],
+        "date": env["date"],
+        "command": command,
+        "load_average_at_start": load,
+        "quick": args.quick,
+        "layer": layer,
+        "model_step": model,
+        "targets": verdicts,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\nwrote {args.json}")
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text("\n\n".join(md) + "\n")
+        print(f"wrote {args.md}")
+    if args.plot:
+        for path in write_plots(args.plot, layer, model, args.device):
+            print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
