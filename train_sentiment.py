@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -120,7 +119,7 @@ class Config:
     )
     sweep: str | None = opt(
         None,
-        "'study' (ranks, alphas, prompts) or 'methods': sub-runs under --out, "
+        "'study' (ranks, alphas, prompts) or 'methods': sub-runs under --out, each in its own process, "
         "resumable, with a markdown table and one val-loss plot",
         choices=("study", "methods"),
     )
@@ -226,6 +225,8 @@ def prepare_model(cfg: Config, device: torch.device, log):
         if cfg.adapter and cfg.method == "lora":
             load_adapter(model, cfg.adapter, backend=backend)
         elif cfg.adapter:
+            from lora_fast.weights import load_weights
+
             load_weights(model, cfg.method, cfg.adapter)
     elif cfg.method == "lora":
         apply_lora(model, cfg.targets, cfg.r, cfg.alpha, cfg.lora_dropout, cfg.rslora, backend)
@@ -240,83 +241,19 @@ def prepare_model(cfg: Config, device: torch.device, log):
     return model.to(device), tokenizer
 
 
-def save_weights(model, tokenizer, method: str, directory: Path) -> None:
-    """The method's own files: a PEFT adapter (lora), the whole model + tokenizer (full), the biases (bitfit), or
-    the bottleneck adapters (adapter)."""
-    from lora_fast import save_adapter
-    from lora_fast.io import atomic_directory
-
-    if method == "lora":
-        save_adapter(model, directory)
-    elif method == "full":
-        with atomic_directory(directory) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    elif method == "bitfit":
-        from lora_fast.methods import save_bitfit
-
-        save_bitfit(model, directory)
-    else:
-        from lora_fast.methods import save_bottleneck_adapters
-
-        save_bottleneck_adapters(model, directory)
-
-
-def load_weights(model, method: str, directory: Path | str) -> None:
-    """Put ``save_weights``' files back into ``model``: a model prepared for ``method``; for bitfit and adapter also
-    the plain model (their loaders add the trainable parts)."""
-    from safetensors.torch import load_file
-
-    from lora_fast.model import PEFT_PREFIX
-
-    if method == "lora":
-        state = load_file(str(Path(directory) / "adapter_model.safetensors"))
-        with torch.no_grad():
-            for key, tensor in state.items():
-                module, _, which = key[len(PEFT_PREFIX) :].removesuffix(".weight").rpartition(".")
-                getattr(model.get_submodule(module), which).copy_(tensor)
-    elif method == "full":
-        model.load_state_dict(load_file(str(Path(directory) / "model.safetensors")), strict=False)
-    elif method == "bitfit":
-        from lora_fast.methods import load_bitfit
-
-        load_bitfit(model, directory)
-    else:
-        from lora_fast.methods import load_bottleneck_adapters
-
-        load_bottleneck_adapters(model, directory)
-
-
 # ---------------------------------------------------------------- one run
 
 
-def score(cfg, model, tokenizer, test_seqs, test_prompts, test_labels, label_ids, device, amp_dtype) -> dict:
+def score(cfg, model, tokenizer, seqs, prompts, labels, label_ids, device, amp_dtype) -> dict:
+    """Test accuracy by the two label-token logits and, with --generation, by the study's generate-and-match."""
     from lora_fast.evaluate import generation_accuracy, label_accuracy
 
-    res = {
-        "label_acc": label_accuracy(
-            model,
-            test_seqs,
-            test_labels,
-            label_ids,
-            tokenizer.pad_token_id,
-            cfg.eval_batch_size,
-            device,
-            amp_dtype,
-            cfg.padding_side,
-        )["acc"]
-    }
+    pad, bs = tokenizer.pad_token_id, cfg.eval_batch_size
+    acc = label_accuracy(model, seqs, labels, label_ids, pad, bs, device, amp_dtype, cfg.padding_side)
+    res = {"label_acc": acc["acc"]}
     if cfg.generation:
         gen = generation_accuracy(
-            model,
-            tokenizer,
-            test_prompts,
-            test_labels,
-            cfg.eval_batch_size,
-            device,
-            cfg.gen_tokens,
-            amp_dtype,
-            cfg.max_length,
+            model, tokenizer, prompts, labels, bs, device, cfg.gen_tokens, amp_dtype, cfg.max_length
         )
         res.update(gen_acc=gen["acc"], gen_invalid=gen["invalid"])
     return res
@@ -331,8 +268,9 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     from lora_fast.checkpoint import load_checkpoint, save_checkpoint
     from lora_fast.data import load_splits, subset
     from lora_fast.evaluate import val_loss
-    from lora_fast.io import atomic_write_json, atomic_write_text
+    from lora_fast.io import atomic_write_json
     from lora_fast.prompts import build_prompt, encode_prompt, label_token_ids, resolve_instruction
+    from lora_fast.report import append_metrics, plot_val_loss, trim_metrics, versions
     from lora_fast.training import (
         LastTokenLM,
         NonFiniteLossError,
@@ -344,14 +282,14 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
         step_indices,
         train_step,
     )
+    from lora_fast.weights import load_weights, save_weights
 
     main = rank == 0
     log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
     barrier = dist.barrier if world > 1 else (lambda: None)
     out = Path(cfg.out)
-    if main and cfg.resume and (out / "summary.json").is_file():
-        log(f"{out}: finished already, skipped")
     if cfg.resume and (out / "summary.json").is_file():
+        log(f"{out}: finished already, skipped")
         return json.loads((out / "summary.json").read_text())
     if cfg.grad_accum % world:
         raise UsageError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes")
@@ -414,11 +352,8 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     head = LastTokenLM(model)
-    module = (
-        torch.nn.parallel.DistributedDataParallel(head, device_ids=[device] if device.type == "cuda" else None)
-        if world > 1
-        else head
-    )
+    ddp_ids = [device] if device.type == "cuda" else None
+    module = torch.nn.parallel.DistributedDataParallel(head, device_ids=ddp_ids) if world > 1 else head
     optimizer = make_optimizer(model, cfg.lr, tuple(cfg.betas), cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.warmup_steps)
     global_batch = cfg.batch_size * cfg.grad_accum
@@ -434,9 +369,8 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
             )
         step, best, zero_shot = state["step"], state["extra"]["best"], state["extra"]["zero_shot"]
         log(f"resumed from {ckpt_path} at step {step}")
-        if main and metrics_path.is_file():  # drop records the interrupted run wrote after its checkpoint
-            kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-            atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
+        if main:
+            trim_metrics(metrics_path, step)
     elif main and metrics_path.is_file():
         metrics_path.unlink()
     if zero_shot is None:
@@ -446,19 +380,14 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     # --- the loop
     lengths = [len(s) for s in seqs["train"]]
     targets = [label_ids[r["label"]] for r in train]
+    val_targets = [label_ids[r["label"]] for r in val]
     checkpoint_every = cfg.checkpoint_every or cfg.eval_every
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, dynamic_ncols=True)
     tokens_seen, train_time = 0, 0.0
     while step < cfg.max_steps:
         t0 = time.time()
-        chunks = micro_batches(
-            step_indices(len(train), global_batch, step, cfg.seed),
-            lengths,
-            cfg.batch_size,
-            cfg.group_by_length,
-            rank,
-            world,
-        )
+        indices = step_indices(len(train), global_batch, step, cfg.seed)
+        chunks = micro_batches(indices, lengths, cfg.batch_size, cfg.group_by_length, rank, world)
         batches = [collate([seqs["train"][i] for i in c], pad, cfg.padding_side, device) for c in chunks]
         labels = [torch.tensor([targets[i] for i in c], device=device) for c in chunks]
         try:
@@ -491,33 +420,18 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
         }
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             record["val_loss"] = val_loss(
-                model,
-                seqs["val"],
-                [label_ids[r["label"]] for r in val],
-                pad,
-                cfg.eval_batch_size,
-                device,
-                amp_dtype,
-                cfg.padding_side,
+                model, seqs["val"], val_targets, pad, cfg.eval_batch_size, device, amp_dtype, cfg.padding_side
             )
             if record["val_loss"] < best["val_loss"]:
                 best = {"val_loss": record["val_loss"], "step": step}
                 if main:
                     save_weights(model, tokenizer, cfg.method, out / "adapter_best")
         if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_metrics(metrics_path, record)
         if step % checkpoint_every == 0 or step == cfg.max_steps:
             if main:
-                save_checkpoint(
-                    ckpt_path,
-                    model,
-                    optimizer,
-                    scheduler,
-                    scaler,
-                    step,
-                    {"data_order": data_order, "best": best, "zero_shot": zero_shot},
-                )
+                extra = {"data_order": data_order, "best": best, "zero_shot": zero_shot}
+                save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, extra)
             barrier()
         bar.update(1)
         bar.set_postfix(loss=f"{res.loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -554,204 +468,30 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     return summary
 
 
-# ---------------------------------------------------------------- reporting
-
-
-def versions() -> dict:
-    import transformers
-
-    v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        import triton
-
-        v["triton"] = triton.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        v["gpu"] = torch.cuda.get_device_name()
-    return v
-
-
-def plot_val_loss(runs: dict[str, Path], path: Path) -> None:
-    """Validation (and, for a single run, training) loss against step, one line per run, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, metrics in runs.items():
-        if not Path(metrics).is_file():
-            continue
-        rows = [json.loads(ln) for ln in Path(metrics).read_text().splitlines() if ln]
-        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-        if len(runs) == 1:
-            ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], alpha=0.4, label="train")
-        if val:
-            ax.plot(*zip(*val, strict=False), marker="o", markersize=3, label=name or "validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (label token, nats)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def print_summary(summary: dict) -> None:
-    rows = [(name, s) for name, s in summary.get("test", {}).items() if s]
-    print(f"\n{'checkpoint':<12} {'label-logit acc':>16} {'generation acc':>15}")
-    for name, s in rows:
-        gen = f"{s['gen_acc']:.4f}" if "gen_acc" in s else "-"
-        print(f"{name:<12} {s['label_acc']:>16.4f} {gen:>15}")
-    extra = f"tokens/s {summary['tokens_per_s']:.0f}, " if summary.get("tokens_per_s") else ""
-    print(
-        f"trainable params {summary['trainable_params']:,} ({summary['trainable_pct']:.3f}%), {extra}"
-        f"peak memory {summary['peak_memory_mb']:.0f} MB ({summary['peak_memory_kind']}), "
-        f"wall {summary['wall_time_s']:.1f} s, device {summary['device']}"
-    )
-
-
-# ---------------------------------------------------------------- sweeps: tables of sub-run configs
-
-# Each table: (title, checkpoint scored, [(sub-run, study's accuracy or None)]); sub-runs: name -> overrides.
-# The study's numbers are its generation metric; the prompt study only reported the range 0.44-0.88.
-SWEEPS = {
-    "study": {
-        "runs": {
-            "lora-r16-a64": dict(r=16, alpha=64.0),
-            "lora-r128-a512": dict(r=128, alpha=512.0),
-            "lora-r196-a784": dict(r=196, alpha=784.0),
-            "full": dict(method="full"),
-            "lora-r16-a256": dict(r=16, alpha=256.0),
-            **{f"prompt-{p}": dict(prompt=p) for p in ("simple1", "simple2", "similar", "complex")},
-        },
-        "tables": [
-            (
-                "Rank (alpha = 4r), best-val checkpoint",
-                "best",
-                [("lora-r16-a64", 0.8424), ("lora-r128-a512", 0.8696), ("lora-r196-a784", 0.8574), ("full", 0.8405)],
-            ),
-            (
-                "Alpha at r = 16, last checkpoint",
-                "last",
-                [("lora-r16-a64", 0.8574), ("lora-r16-a256", 0.8771), ("full", None)],
-            ),
-            (
-                "Prompt wording (r = 128, alpha = 512), best-val checkpoint; study: 0.44-0.88 over its five prompts",
-                "best",
-                [("lora-r128-a512", None)]
-                + [(f"prompt-{p}", None) for p in ("simple1", "simple2", "similar", "complex")],
-            ),
-        ],
-        "file": "sweep.md",
-    },
-    "methods": {
-        "runs": {
-            "zero-shot": dict(eval_only=True, adapter=None),
-            "few-shot-k4": dict(eval_only=True, adapter=None, shots=4),
-            "bitfit": dict(method="bitfit"),
-            "adapter": dict(method="adapter"),
-            "lora-r16": dict(method="lora", r=16, alpha=64.0),
-            "lora-r128": dict(method="lora", r=128, alpha=512.0),
-            "full": dict(method="full"),
-        },
-        "tables": None,
-        "file": "methods.md",
-    },
-}
-
-
-def _acc(summary: dict, which: str) -> dict:
-    test = summary.get("test", {})
-    return test.get(which) or test.get("eval") or {}
-
-
-def _num(x, fmt=".4f") -> str:
-    return "-" if x is None else format(x, fmt)
-
-
-def sweep_markdown(name: str, summaries: dict[str, dict]) -> str:
-    spec = SWEEPS[name]
-    lines = [f"# Sweep `{name}`", ""]
-    if spec["tables"]:
-        for title, which, rows in spec["tables"]:
-            lines += [
-                f"## {title}",
-                "",
-                "| run | study (generation) | ours: generation | delta | ours: label logit | delta |",
-                "| --- | ---: | ---: | ---: | ---: | ---: |",
-            ]
-            for run_name, ref in rows:
-                acc = _acc(summaries[run_name], which)
-                gen, logit = acc.get("gen_acc"), acc.get("label_acc")
-                d_gen = None if ref is None or gen is None else gen - ref
-                d_log = None if ref is None or logit is None else logit - ref
-                lines.append(
-                    f"| {run_name} | {_num(ref)} | {_num(gen)} | {_num(d_gen, '+.4f')} | {_num(logit)} | "
-                    f"{_num(d_log, '+.4f')} |"
-                )
-            lines.append("")
-    else:
-        lines += [
-            "| method | label-logit acc (best) | generation acc (best) | label-logit acc (last) | trainable "
-            "params | trainable % | peak memory MB | tokens/s | wall s |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for run_name, s in summaries.items():
-            best, last = _acc(s, "best"), _acc(s, "last")
-            trainable = s["trainable_params"] if not s.get("test", {}).get("eval") else 0
-            pct = s["trainable_pct"] if trainable else 0.0
-            lines.append(
-                f"| {run_name} | {_num(best.get('label_acc'))} | {_num(best.get('gen_acc'))} | "
-                f"{_num(last.get('label_acc'))} | {trainable:,} | {pct:.3f} | "
-                f"{_num(s.get('peak_memory_mb'), '.0f')} | {_num(s.get('tokens_per_s'), '.0f')} | "
-                f"{_num(s.get('wall_time_s'), '.1f')} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
-
-
-def run_sweep(cfg: Config, rank: int, world: int, device: torch.device) -> None:
-    from lora_fast.io import atomic_write_text
-
-    spec, root = SWEEPS[cfg.sweep], Path(cfg.out)
-    summaries = {}
-    for name, overrides in spec["runs"].items():
-        sub = dataclasses.replace(cfg, **{**overrides, "out": str(root / name), "sweep": None, "resume": True})
-        if rank == 0:
-            print(f"\n=== {cfg.sweep} sweep: {name} ({overrides})", flush=True)
-        summaries[name] = run(sub, rank, world, device)
-        if "stopped_at" in summaries[name]:
-            return
-    if rank == 0:
-        atomic_write_text(root / spec["file"], sweep_markdown(cfg.sweep, summaries))
-        plot_val_loss({n: root / n / "metrics.jsonl" for n in summaries}, root / "val_loss.png")
-        print(f"\nwrote {root / spec['file']} and {root / 'val_loss.png'}")
-
-
 # ---------------------------------------------------------------- entry point
 
 
 def main(argv: list[str] | None = None) -> int:
     from lora_fast.data import DataError
+    from lora_fast.report import print_summary
+    from lora_fast.sweep import SweepError, run_sweep
     from lora_fast.training import ModelLoadError
 
     cfg = parse_config(argv)
     try:
+        if cfg.sweep:  # the parent only starts sub-runs (each in its own process) and gathers their summaries
+            run_sweep(cfg, Path(__file__).resolve())
+            return 0
         rank, world, device = setup_distributed(cfg)
         if cfg.out is None:
             stamp = [time.strftime("%Y%m%d-%H%M%S")]
             if world > 1:
                 torch.distributed.broadcast_object_list(stamp, src=0)
             cfg = dataclasses.replace(cfg, out=str(Path("runs") / stamp[0]))
-        if cfg.sweep:
-            run_sweep(cfg, rank, world, device)
-        else:
-            summary = run(cfg, rank, world, device)
-            if rank == 0 and "test" in summary:
-                print_summary(summary)
-    except (DataError, ModelLoadError, UsageError) as e:
+        summary = run(cfg, rank, world, device)
+        if rank == 0 and "test" in summary:
+            print_summary(summary)
+    except (DataError, ModelLoadError, UsageError, SweepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

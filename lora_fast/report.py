@@ -1,0 +1,94 @@
+"""What a training run reports besides its weights: ``metrics.jsonl`` (one JSON record per optimizer step), the
+software versions stamped into ``summary.json``, the loss plot, and the summary table printed at the end.
+
+A record is ``{"step", "train_loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb"}`` plus ``"val_loss"`` on
+evaluation steps. ``plot_val_loss`` draws one run (train and validation loss) or several (validation loss each, as a
+sweep's combined plot) from those files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+__all__ = ["versions", "read_metrics", "append_metrics", "trim_metrics", "plot_val_loss", "print_summary"]
+
+
+def versions() -> dict[str, str]:
+    """Python, torch, transformers and (when installed) triton versions, and the GPU's name when there is one."""
+    import torch
+    import transformers
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import triton
+
+        v["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        v["gpu"] = torch.cuda.get_device_name()
+    return v
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a ``metrics.jsonl``, in order; none when the file does not exist."""
+    path = Path(path)
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.is_file() else []
+
+
+def append_metrics(path: str | os.PathLike, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_metrics(path: str | os.PathLike, step: int) -> None:
+    """Keep the records up to ``step``: a resumed run drops what the interrupted one wrote after its checkpoint."""
+    from lora_fast.io import atomic_write_text
+
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def plot_val_loss(runs: dict[str, Path], path: str | os.PathLike) -> None:
+    """Validation (and, for a single run, training) loss against step, one line per run, as a PNG. ``runs`` maps a
+    legend label to a ``metrics.jsonl``; missing files are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, metrics in runs.items():
+        rows = read_metrics(metrics)
+        if not rows:
+            continue
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if len(runs) == 1:
+            ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], alpha=0.4, label="train")
+        if val:
+            ax.plot(*zip(*val, strict=False), marker="o", markersize=3, label=name or "validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (label token, nats)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_summary(summary: dict) -> None:
+    """The test accuracies of each scored checkpoint in both metrics, then parameters, speed, memory and time."""
+    rows = [(name, s) for name, s in summary.get("test", {}).items() if s]
+    print(f"\n{'checkpoint':<12} {'label-logit acc':>16} {'generation acc':>15}")
+    for name, s in rows:
+        gen = f"{s['gen_acc']:.4f}" if "gen_acc" in s else "-"
+        print(f"{name:<12} {s['label_acc']:>16.4f} {gen:>15}")
+    extra = f"tokens/s {summary['tokens_per_s']:.0f}, " if summary.get("tokens_per_s") else ""
+    print(
+        f"trainable params {summary['trainable_params']:,} ({summary['trainable_pct']:.3f}%), {extra}"
+        f"peak memory {summary['peak_memory_mb']:.0f} MB ({summary['peak_memory_kind']}), "
+        f"wall {summary['wall_time_s']:.1f} s, device {summary['device']}"
+    )
