@@ -39,13 +39,14 @@ __all__ = [
     "flops",
     "measure_case",
     "run_layer_bench",
+    "layer_summary",
     "layer_tables",
     "VARIANTS",
 ]
 
 VARIANTS = ("floor", "peft_eager", "hf_peft", "torch", "triton")
 SHAPES_FULL = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (1024, 3072), (4096, 4096)]
-SHAPES_QUICK = {"cpu": [(768, 2304), (3072, 768)], "cuda": [(768, 2304), (3072, 768), (4096, 4096)]}
+SHAPES_QUICK = {"cpu": [(768, 2304), (3072, 768)], "cuda": [(768, 2304), (4096, 4096)]}
 ALPHA_OVER_R = 2.0  # s = alpha / r = 2, as with r=16, alpha=32
 
 
@@ -254,7 +255,7 @@ def run_layer_bench(
 ) -> list[dict]:
     """Every case of :func:`cases` for every variant (the floor measured beside each), with the two ratios."""
     if min_run_time is None:
-        min_run_time = (0.6 if quick else 1.5) if device == "cpu" else (0.1 if quick else 0.3)
+        min_run_time = (0.6 if quick else 1.0) if device == "cpu" else (0.1 if quick else 0.3)
     rounds = 3 if quick else 5
     rows: list[dict] = []
     for case in cases(device, quick):
@@ -322,3 +323,22 @@ def layer_tables(rows: list[dict], device: str) -> str:
             )
         )
     return "\n\n".join(out)
+
+
+def layer_summary(rows: list[dict]) -> str:
+    """One line per case: forward+backward median ms of each variant, its ratio to the floor, and saved/peak MiB."""
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    table = []
+    for (dtype, K, N, R, p, M), group in _groups(rows):
+        by = {r["variant"]: r for r in group if r["phase"] == "fwd+bwd"}
+        line = [dtype, str(M), f"{K}→{N}", str(R), f"{p:g}"]
+        for v in variants:
+            r = by.get(v)
+            line.append("–" if r is None else f"{fmt_ms(r['median_ms'])} ({r['vs_floor']:.2f}×)")
+        for v in variants[1:]:
+            r = by.get(v)
+            line.append("–" if r is None else f"{r['mem_bytes'] / 2**20:.1f}")
+        table.append(line)
+    head = ["dtype", "M", "K→N", "R", "dropout"] + [f"{v} ms (×floor)" for v in variants]
+    head += [f"{v} MiB" for v in variants[1:]]
+    return markdown_table(head, table)

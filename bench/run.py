@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `bench` and `lora_fast` i
 import torch  # noqa: E402
 
 from bench.common import environment, fmt_ratio, markdown_table  # noqa: E402
-from bench.layer_bench import layer_tables, run_layer_bench  # noqa: E402
+from bench.layer_bench import layer_summary, layer_tables, run_layer_bench  # noqa: E402
 from bench.model_step import ROWS  # noqa: E402
 
 # (name, measured, limit, what): lora_fast's ratio must be at or below the limit.
@@ -258,7 +258,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     layer = [] if args.model_only else run_layer_bench(args.device, args.quick)
     if layer:
-        md.append("## LoRA layer (forward, backward, forward+backward)\n\n" + layer_tables(layer, args.device))
+        mem = "CUDA peak rise over inputs" if args.device == "cuda" else "bytes saved for backward beyond the inputs"
+        md.append(
+            "## LoRA layer\n\nForward+backward, median ms and ratio to the floor (the frozen base layer alone); "
+            f"MiB = {mem}. FLOPs: floor 2·M·K·N per pass; LoRA adds 2·M·R·(K+N) forward and 4·M·R·(K+N) backward."
+            "\n\n" + layer_summary(layer)
+        )
+        print("\n" + md[-1], flush=True)
+        md.append("### Per phase (forward, backward, forward+backward)\n\n" + layer_tables(layer, args.device))
+        print("\n" + md[-1], flush=True)
         print("\n" + md[-1], flush=True)
 
     model: list[dict] = []
