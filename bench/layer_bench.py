@@ -90,10 +90,9 @@ def _hf_peft_forward(x, weight, bias, lora_A, lora_B, scaling, p):
     N, K = weight.shape
     R = lora_A.shape[0]
     base = torch.nn.Linear(K, N, device=x.device, dtype=x.dtype)
-    with torch.no_grad():
-        base.weight.copy_(weight)
-        base.bias.copy_(bias)
-    base.requires_grad_(False)
+    # The frozen weight and bias over the very storages of W and bias: no copy, so no variant's memory counts them.
+    base.weight = torch.nn.Parameter(weight, requires_grad=False)
+    base.bias = torch.nn.Parameter(bias, requires_grad=False)
     layer = PeftLinear(
         base, "default", config=LoraConfig(r=R, lora_alpha=scaling * R, lora_dropout=p), r=R, lora_alpha=scaling * R
     )

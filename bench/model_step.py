@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -193,6 +194,8 @@ def run_row(row: str, cfg: StepConfig, profile: bool = False) -> dict:
         "notes": notes,
         "config": asdict(cfg),
         "threads": torch.get_num_threads(),
+        # The machine's 1-minute load average when the row finished: above the core count, other work competed.
+        "load_avg_1min": os.getloadavg()[0],
     }
 
 

@@ -86,6 +86,7 @@ def _pool(runs: list[dict]) -> dict:
         out["round_medians"] = medians
         out["steps_timed"] = sum(r["steps_timed"] for r in runs)
         out["peak_mem_mb"] = max(r["peak_mem_mb"] for r in runs)
+        out["load_avg_1min"] = max(r["load_avg_1min"] for r in runs)
     cfg = out["config"]
     out["tokens_per_s"] = cfg["batch"] * cfg["seq"] / out["s_per_step"]
     return out
@@ -114,6 +115,7 @@ def model_table(rows: list[dict], device: str) -> str:
             fmt_ratio(r["mem_vs_peft"]),
             fmt_ratio(r["time_vs_full_ft"]),
             fmt_ratio(r["mem_vs_full_ft"]),
+            f"{r['load_avg_1min']:.1f}",
         ]
         for r in rows
     ]
@@ -129,6 +131,7 @@ def model_table(rows: list[dict], device: str) -> str:
             "mem vs peft",
             "time vs full_ft",
             "mem vs full_ft",
+            "load avg",
         ],
         table,
     )
@@ -288,8 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if cpu
                 else "torch.cuda.max_memory_allocated, each row in a fresh process."
             )
-            + "\n\n"
-            + model_table(model, args.device)
+            + f" load avg: the machine's 1-minute load average as the row finished ({os.cpu_count()} cores here; "
+            "above that, other work competed for them)." + "\n\n" + model_table(model, args.device)
         )
         print("\n" + md[-1], flush=True)
         verdicts = check_targets(model)
