@@ -15,7 +15,15 @@ import torch
 
 from lora_fast import reference
 
-__all__ = ["BACKENDS", "lora_linear", "check_lora_inputs", "draw_seed", "seeded_dropout_mask", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "lora_linear",
+    "check_lora_inputs",
+    "draw_seed",
+    "seeded_dropout_mask",
+    "seeded_keep_mask",
+    "resolve_backend",
+]
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 
@@ -94,11 +102,20 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
-def seeded_dropout_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The dropout multiplier (0 or 1/(1-p), fp32) of the ``torch`` and ``reference`` backends for ``seed``."""
+def _generator(seed: int, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
-    return reference.dropout_mask(shape, p, generator=gen, device=device)
+    return gen
+
+
+def seeded_keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """The boolean keep-mask of the ``torch`` and ``reference`` backends for ``seed``: the same call, the same mask."""
+    return reference.keep_mask(shape, p, _generator(seed, device), device)
+
+
+def seeded_dropout_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """The dropout multiplier (0 or 1/(1-p), fp32) of :func:`seeded_keep_mask`'s mask."""
+    return reference.dropout_mask(shape, p, _generator(seed, device), device)
 
 
 # ---------------------------------------------------------------- the torch backend
@@ -114,7 +131,11 @@ def _compute_dtypes(x: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch.dtype,
 
 
 class _TorchLoRAFunction(torch.autograd.Function):
-    """Explicit forward/backward in torch ops. Saved: ``x`` and ``h (M, R)``; the dropout mask is regenerated."""
+    """Explicit forward/backward in torch ops. Saved: ``x`` and ``h (M, R)``; the dropout mask is regenerated.
+
+    Dropout is a boolean keep-mask times ``1/(1-p)``; the factor is folded into the small operands (``h``, and the
+    scalars of ``dA`` and ``dx``'s LoRA term), so each pass touches an ``(M, K)`` tensor once for the mask.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
@@ -126,10 +147,15 @@ class _TorchLoRAFunction(torch.autograd.Function):
             )
             xl = x2.to(lora_dt)
             if dropout_p > 0.0:
-                xl = xl * seeded_dropout_mask(x2.shape, dropout_p, seed, x.device).to(lora_dt)
+                xl = xl * seeded_keep_mask(x2.shape, dropout_p, seed, x.device)
             h = xl @ lora_A.to(lora_dt).t()
-            # y += s · h Bᵀ, one addmm into y; the LoRA term is cast once to y's dtype.
-            y.add_((h @ lora_B.to(lora_dt).t()).to(y.dtype), alpha=scaling)
+            if dropout_p > 0.0:
+                h.mul_(1.0 / (1.0 - dropout_p))
+            b = lora_B.to(lora_dt).t()
+            if y.dtype == lora_dt:
+                y.addmm_(h, b, alpha=scaling)  # y += s · h Bᵀ in place: no (M, N) temporary
+            else:
+                y.add_((h @ b).to(y.dtype), alpha=scaling)  # the LoRA term cast once to y's dtype
         ctx.save_for_backward(x, weight, lora_A, lora_B, h)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.dtypes = (base_dt, lora_dt)
@@ -140,29 +166,34 @@ class _TorchLoRAFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, h = ctx.saved_tensors
         base_dt, lora_dt = ctx.dtypes
-        s = ctx.scaling
+        s, p = ctx.scaling, ctx.dropout_p
+        s_drop = s / (1.0 - p)  # s times the dropout multiplier's kept value
         need_x, _, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
         dx = d_bias = dA = dB = None
         with torch.autocast(x.device.type, enabled=False):
             g2 = grad_y.reshape(-1, grad_y.shape[-1])
             x2 = x.reshape(-1, x.shape[-1])
             gl = g2.to(lora_dt)
-            mask = None
-            if ctx.dropout_p > 0.0 and (need_x or need_A):
-                mask = seeded_dropout_mask(x2.shape, ctx.dropout_p, ctx.seed, x.device).to(lora_dt)
+            keep = None
+            if p > 0.0 and (need_x or need_A):
+                keep = seeded_keep_mask(x2.shape, p, ctx.seed, x.device)
             if need_B:
                 dB = (gl.t() @ h).mul_(s).to(lora_B.dtype)
             if need_x or need_A:
                 u = gl @ lora_B.to(lora_dt)
             if need_A:
-                xd = x2.to(lora_dt) if mask is None else x2.to(lora_dt) * mask
-                dA = (u.t() @ xd).mul_(s).to(lora_A.dtype)
+                xl = x2.to(lora_dt) if keep is None else x2.to(lora_dt) * keep
+                dA = (u.t() @ xl).mul_(s_drop).to(lora_A.dtype)
             if need_x:
-                lora_term = u @ lora_A.to(lora_dt)
-                if mask is not None:
-                    lora_term.mul_(mask)
                 dx = g2.to(base_dt) @ weight.to(base_dt)
-                dx.add_(lora_term.to(dx.dtype), alpha=s)
+                a = lora_A.to(lora_dt)
+                if keep is None and dx.dtype == lora_dt:
+                    dx.addmm_(u, a, alpha=s)  # dx += s · u A in place
+                else:
+                    lora_term = u @ a
+                    if keep is not None:
+                        lora_term.mul_(keep)
+                    dx.add_(lora_term.to(dx.dtype), alpha=s_drop)
                 dx = dx.reshape(x.shape).to(x.dtype)
             if need_bias and ctx.has_bias:
                 d_bias = g2.sum(0)

@@ -24,17 +24,24 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dropout_mask", "lora_forward", "lora_backward"]
+__all__ = ["dropout_mask", "keep_mask", "lora_forward", "lora_backward"]
+
+
+def keep_mask(
+    shape: tuple[int, ...], p: float, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """A boolean mask of ``shape``: False (dropped) with probability ``p``. Drawn by ``bernoulli_``, which on CPU is
+    MKL's vectorised generator seeded from ``generator``: the same generator state gives the same mask."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p must be in [0, 1), got {p}")
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=generator)
 
 
 def dropout_mask(
     shape: tuple[int, ...], p: float, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """A dropout multiplier of ``shape``: 0 with probability ``p``, else ``1 / (1 - p)`` (fp32)."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout p must be in [0, 1), got {p}")
-    keep = torch.rand(shape, generator=generator, device=device) >= p
-    return keep.to(torch.float32) / (1.0 - p)
+    return keep_mask(shape, p, generator, device).to(torch.float32) / (1.0 - p)
 
 
 def _drop(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
