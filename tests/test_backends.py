@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_fast import lora_linear, reference
-from lora_fast.functional import seeded_dropout_mask
+from lora_fast.functional import seeded_dropout_mask, seeded_keep_mask
 
 
 def _inputs(r, bias, layout, lead=(2, 3), k=7, n=5, dtype=torch.float64, seed=0):
@@ -40,7 +40,8 @@ def test_gradcheck(backend, r, bias, layout, dropout):
 def test_torch_backend_matches_spec(dropout, layout):
     x, weight, b, lora_A, lora_B = _inputs(16, True, layout, lead=(4, 9), k=12, n=10)
     s, seed = 0.5, 7
-    mask = seeded_dropout_mask(tuple(x.shape), dropout, seed, x.device) if dropout else None
+    # The multiplier in fp64 (the kernels keep 1/(1-p) in fp32; in fp64 the backend uses it exactly).
+    mask = seeded_keep_mask(tuple(x.shape), dropout, seed, x.device).double() / (1 - dropout) if dropout else None
     y = lora_linear(x, weight, b, lora_A, lora_B, s, dropout_p=dropout, seed=seed, backend="torch")
     y_ref, _ = reference.lora_forward(x, weight, b, lora_A, lora_B, s, mask)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
