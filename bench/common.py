@@ -72,6 +72,7 @@ def environment(device: str) -> dict:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
+    versions["git_commit"] = _git_commit()
     if device == "cuda":
         name = torch.cuda.get_device_name()
         versions["cuda"] = torch.version.cuda
@@ -90,6 +91,24 @@ def environment(device: str) -> dict:
         "versions": versions,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (``+dirty`` when lora_fast/ or kernels/ differ from it), so results name the code."""
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        diff = subprocess.run(
+            ["git", "status", "--porcelain", "--", "lora_fast", "kernels"], cwd=root, capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if diff.stdout.strip() else "")
 
 
 def fmt_ms(ms: float) -> str:
