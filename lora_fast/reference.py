@@ -22,6 +22,8 @@ Every backend of :func:`lora_fast.lora_linear` is checked against these function
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["dropout_mask", "keep_mask", "lora_forward", "lora_backward"]
@@ -30,11 +32,17 @@ __all__ = ["dropout_mask", "keep_mask", "lora_forward", "lora_backward"]
 def keep_mask(
     shape: tuple[int, ...], p: float, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """A boolean mask of ``shape``: False (dropped) with probability ``p``. Drawn by ``bernoulli_``, which on CPU is
-    MKL's vectorised generator seeded from ``generator``: the same generator state gives the same mask."""
+    """A boolean mask of ``shape``: False (dropped) with probability ``p``, quantised to 2⁻¹⁶ (within 7.6e-6 of p).
+
+    Each element compares 16 random bits with ``round(p · 2¹⁶)``; the bits come four to a 64-bit draw, which on a
+    CPU is about four times cheaper than ``torch.rand`` or ``bernoulli_``. The same generator state, the same mask.
+    """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout p must be in [0, 1), got {p}")
-    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=generator)
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
+    lanes = words.view(torch.int16)[:n].reshape(shape)  # uniform on [-2¹⁵, 2¹⁵)
+    return lanes >= round(p * 65536) - 32768
 
 
 def dropout_mask(
