@@ -132,3 +132,164 @@ def test_micro_batches_group_by_length_and_shard_over_ranks():
     assert micro_batches(idx, lengths, 2, group_by_length=False) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     with pytest.raises(ValueError):
         micro_batches(idx, lengths, 3)
+
+
+# ---------------------------------------------------------------- the last block on the label rows only
+
+# Uneven lengths (1 to 14 tokens), so padding covers keys of most rows on either side.
+UNEVEN = [[5, 17, 400, 9, 31, 2, 77, 1000, 12, 8, 50, 3, 99, 7], [4, 300], [11], list(range(200, 209))]
+
+
+def _lora_gpt2(**overrides):
+    """A tiny random GPT-2 with LoRA on c_attn and c_proj, weights large enough (init std 0.3) that attention is far
+    from uniform: a wrong scale, mask or missing term moves the logits well past 1e-5."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(tiny_gpt2_config(n_layer=3, initializer_range=0.3, **overrides))
+    apply_lora(m, ["attn.c_attn", "attn.c_proj"], r=4, alpha=8)
+    for _, p in m.named_parameters():  # non-zero B, so LoRA takes part
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.3)
+    return m
+
+
+def _rows_seen_by_last_mlp(model):
+    """A list that collects the number of rows the last block's MLP sees per call (B·T on the full path)."""
+    seen = []
+    model.transformer.h[-1].mlp.register_forward_hook(
+        lambda _m, args, _out: seen.append(args[0].numel() // args[0].shape[-1])
+    )
+    return seen
+
+
+def _logits_loss_grads(model, batch, fast):
+    model.zero_grad(set_to_none=True)
+    logits = LastTokenLM(model, last_block_rows_only=fast)(**batch)
+    target = torch.arange(logits.shape[0]) * 997 % logits.shape[1]
+    loss = torch.nn.functional.cross_entropy(logits, target)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), loss.detach(), grads
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("inverse_layer_scale", [False, True])
+def test_last_block_rows_only_equals_full_path(side, mode, inverse_layer_scale):
+    m = _lora_gpt2(scale_attn_by_inverse_layer_idx=inverse_layer_scale)  # all dropouts 0
+    m.train(mode == "train")
+    seen = _rows_seen_by_last_mlp(m)
+    batch = collate(UNEVEN, 50256, side)
+    fast = _logits_loss_grads(m, batch, fast=True)
+    full = _logits_loss_grads(m, batch, fast=False)
+    assert seen == [len(UNEVEN), len(UNEVEN) * batch["input_ids"].shape[1]]  # the fast path ran, on B rows
+    torch.testing.assert_close(fast[0], full[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[1], full[1], atol=1e-5, rtol=1e-5)
+    assert fast[2].keys() == full[2].keys() and len(fast[2]) == 4 * 3  # A and B of c_attn and c_proj, 3 blocks
+    for name, g in full[2].items():
+        assert g.abs().max() > 1e-3, name  # every LoRA matrix gets a real gradient
+        torch.testing.assert_close(fast[2][name], g, atol=1e-5, rtol=1e-5, msg=name)
+    # And both equal HF's own logits at each prompt's last token, each prompt alone and unpadded.
+    for i, ids in enumerate(UNEVEN):
+        with torch.no_grad():
+            ref = m(torch.tensor([ids])).logits[0, -1]
+        torch.testing.assert_close(fast[0][i], ref, atol=1e-5, rtol=1e-5)
+    assert fast[0].std() > 0.1  # logits far from zero, so the tolerance means something
+
+
+def test_last_block_rows_only_under_gradient_checkpointing():
+    m = _lora_gpt2().train()
+    # 5.17 has only the older name; later 5.x warn on it.
+    (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
+    assert m.transformer.gradient_checkpointing
+    seen = _rows_seen_by_last_mlp(m)
+    batch = collate(UNEVEN, 50256, "left")
+    fast, full = _logits_loss_grads(m, batch, fast=True), _logits_loss_grads(m, batch, fast=False)
+    assert seen[0] == len(UNEVEN)
+    torch.testing.assert_close(fast[1], full[1], atol=1e-5, rtol=1e-5)
+    for name, g in full[2].items():
+        torch.testing.assert_close(fast[2][name], g, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_last_block_rows_only_with_dropout_runs_and_drops():
+    m = _lora_gpt2(resid_pdrop=0.3, embd_pdrop=0.0, attn_pdrop=0.3)
+    seen = _rows_seen_by_last_mlp(m)
+    batch = collate(UNEVEN, 50256, "right")
+    m.eval()
+    ref = _logits_loss_grads(m, batch, fast=True)
+    m.train()
+    torch.manual_seed(1)
+    logits, loss, grads = _logits_loss_grads(m, batch, fast=True)
+    assert seen == [len(UNEVEN)] * 2
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
+    assert not torch.allclose(logits, ref[0], atol=1e-3)  # dropout is on in train mode
+    # Each of the last block's dropouts alone (the earlier blocks' off): the fast path's own dropout moves the logits.
+    last = m.transformer.h[-1]
+    drops = [last.attn.attn_dropout, last.attn.resid_dropout, last.mlp.dropout]
+    for blk in m.transformer.h[:-1]:
+        blk.attn.attn_dropout.p = blk.attn.resid_dropout.p = blk.mlp.dropout.p = 0.0
+    for on in drops:
+        for d in drops:
+            d.p = 0.3 if d is on else 0.0
+        with torch.no_grad():
+            assert not torch.allclose(LastTokenLM(m)(**batch), ref[0], atol=1e-3)
+    for d in drops:
+        d.p = 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(LastTokenLM(m)(**batch), ref[0], atol=1e-5, rtol=1e-5)
+
+
+def test_last_block_rows_only_at_an_inner_position():
+    """``last_index`` before the sequence's end (the bench's layout: the label token is in the batch, its logits
+    come from the position before): the keys after ``last_index`` are real tokens the query must not see."""
+    m = _lora_gpt2().eval()
+    seen = _rows_seen_by_last_mlp(m)
+    batch = collate(UNEVEN, 50256, "right")
+    batch["last_index"] = (batch["last_index"] - 3).clamp(min=0)
+    fast, full = _logits_loss_grads(m, batch, fast=True), _logits_loss_grads(m, batch, fast=False)
+    assert seen == [len(UNEVEN), len(UNEVEN) * batch["input_ids"].shape[1]]
+    torch.testing.assert_close(fast[0], full[0], atol=1e-5, rtol=1e-5)
+    for name, g in full[2].items():
+        torch.testing.assert_close(fast[2][name], g, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_reorder_and_upcast_attn_takes_the_full_path():
+    m = _lora_gpt2(reorder_and_upcast_attn=True).eval()
+    m.config._attn_implementation = "eager"  # HF uses the reordered attention with eager only
+    seen = _rows_seen_by_last_mlp(m)
+    batch = collate(UNEVEN, 50256, "right")
+    logits = LastTokenLM(m)(**batch)
+    assert seen == [len(UNEVEN) * batch["input_ids"].shape[1]]
+    with torch.no_grad():
+        torch.testing.assert_close(logits[1], m(torch.tensor([UNEVEN[1]])).logits[0, -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_non_gpt2_model_falls_back_and_works(side):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.3,
+    )
+    m = LlamaForCausalLM(config).eval()
+    apply_lora(m, ["self_attn.q_proj", "self_attn.v_proj"], r=4, alpha=8)
+    calls = []
+    m.model.layers[-1].mlp.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[:-1].numel()))
+    seqs = [[s % 1000 for s in seq] for seq in UNEVEN]
+    batch = collate(seqs, 0, side)
+    logits, loss, grads = _logits_loss_grads(m, batch, fast=True)
+    assert calls == [len(seqs) * batch["input_ids"].shape[1]]  # the full path
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads.values())
+    for i, ids in enumerate(seqs):
+        with torch.no_grad():
+            ref = m(torch.tensor([ids])).logits[0, -1]
+        torch.testing.assert_close(logits[i], ref, atol=1e-5, rtol=1e-5)
