@@ -7,6 +7,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
 
+# The GPU image has torch, triton, transformers and peft but no network: install this checkout alone, in place.
+python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tee "$OUT/install.log" || status=1
+
 echo "== CUDA test tier"
 python -m pytest tests -m cuda -q -rs 2>&1 | tee "$OUT/pytest_cuda.log" || status=1
 # (The CPU-tier tests skip themselves on a GPU machine: they run on CPU tensors under TRITON_INTERPRET=1.)
