@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .dropout import _dropout_scale
 from .lora_forward import _gemm_configs
-from .utils import TL_DTYPES, _dot, _to, block_r, interpreting, num_sms
+from .utils import TL_DTYPES, _dot, _grouped_pid, _to, block_r, interpreting, num_sms
 
 # ---------------------------------------------------------------- kernels
 
@@ -134,12 +134,7 @@ def _lora_dx_kernel(
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_k = tl.cdiv(K, BLOCK_K)
-    num_pid_in_group = GROUP_M * num_pid_k
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_k = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_k = _grouped_pid(pid, num_pid_m, num_pid_k, GROUP_M)
 
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .dropout import _dropout_scale
-from .utils import TL_DTYPES, _dot, _to, block_r, interpreting
+from .utils import TL_DTYPES, _dot, _grouped_pid, _to, block_r, interpreting
 
 # ---------------------------------------------------------------- autotune configs
 
@@ -166,12 +166,7 @@ def _lora_forward_kernel(
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M)
 
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)

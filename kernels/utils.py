@@ -66,6 +66,19 @@ def _to(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of program ``pid`` in grouped order (Triton's matmul tutorial): GROUP_M consecutive row
+    blocks walk one column block together, so its operand tile stays in L2 between them."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def _dot(a, b, acc, DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     """``acc + a @ b`` in fp32, both tiles cast to the compute dtype ``DTYPE`` first (the one cast per load)."""
     a = _to(a, DTYPE, INTERPRET)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_fast.io import atomic_directory
+from lora_fast.io import atomic_save_tensors
 from lora_fast.layers import is_conv1d, lora_scaling
 from lora_fast.model import (
     PEFT_PREFIX,
@@ -58,8 +58,6 @@ def save_adapter(
 ) -> Path:
     """Write ``model``'s LoRA weights and config to ``directory`` in HF PEFT's format, atomically: the folder is
     written whole beside the target and swapped in, so an old adapter there is replaced only by a complete new one."""
-    from safetensors.torch import save_file
-
     config = get_lora_config(model)
     layers = dict(lora_modules(model))
     fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers.values())
@@ -84,11 +82,7 @@ def save_adapter(
         "inference_mode": True,
         "revision": None,
     }
-    state = lora_state_dict(model)
-    with atomic_directory(directory) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-    return Path(directory)
+    return atomic_save_tensors(directory, lora_state_dict(model), WEIGHTS_NAME, CONFIG_NAME, peft_config)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict:

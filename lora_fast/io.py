@@ -16,7 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "atomic_directory"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_torch_save",
+    "atomic_directory",
+    "atomic_save_tensors",
+]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -89,3 +96,15 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_save_tensors(
+    directory: str | os.PathLike, tensors: dict, weights_name: str, config_name: str, config: dict
+) -> Path:
+    """Write a folder of one safetensors file and its JSON config as a whole (see :func:`atomic_directory`)."""
+    from safetensors.torch import save_file
+
+    with atomic_directory(directory) as tmp:
+        save_file(tensors, str(tmp / weights_name), metadata={"format": "pt"})
+        (tmp / config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return Path(directory)

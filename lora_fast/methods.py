@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_fast.io import atomic_directory
+from lora_fast.io import atomic_save_tensors
 from lora_fast.layers import is_conv1d
 
 __all__ = [
@@ -92,7 +92,6 @@ def prepare_bitfit(model: nn.Module) -> nn.Module:
 def save_bitfit(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the bias terms (``bitfit_biases.safetensors``) and their names and shapes (``bitfit_config.json``) to
     ``directory``, atomically. The biases are stored whole, so loading needs the same base model."""
-    from safetensors.torch import save_file
 
     params = dict(model.named_parameters())
     state = {name: params[name].detach().contiguous() for name in bitfit_parameter_names(model)}
@@ -102,10 +101,7 @@ def save_bitfit(model: nn.Module, directory: str | os.PathLike) -> Path:
         "shapes": {k: list(t.shape) for k, t in state.items()},
         "num_parameters": sum(t.numel() for t in state.values()),
     }
-    with atomic_directory(directory) as tmp:
-        save_file(state, str(tmp / BITFIT_WEIGHTS), metadata={"format": "pt"})
-        (tmp / BITFIT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return Path(directory)
+    return atomic_save_tensors(directory, state, BITFIT_WEIGHTS, BITFIT_CONFIG, config)
 
 
 def load_bitfit(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
@@ -246,7 +242,6 @@ def _adapter_shapes(out_features: int, dim: int) -> dict[str, tuple[int, ...]]:
 def save_bottleneck_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the adapter weights (``bottleneck_adapters.safetensors``) and their config (``bottleneck_config.json``:
     dim, activation, wrapped module names, shapes) to ``directory``, atomically."""
-    from safetensors.torch import save_file
 
     layers = bottleneck_adapter_modules(model)
     if not layers:
@@ -264,10 +259,7 @@ def save_bottleneck_adapters(model: nn.Module, directory: str | os.PathLike) -> 
         "shapes": {k: list(t.shape) for k, t in state.items()},
         "num_parameters": sum(t.numel() for t in state.values()),
     }
-    with atomic_directory(directory) as tmp:
-        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return Path(directory)
+    return atomic_save_tensors(directory, state, ADAPTER_WEIGHTS, ADAPTER_CONFIG, config)
 
 
 def load_bottleneck_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
