@@ -11,7 +11,6 @@ A run writes config.json, metrics.jsonl, summary.json, adapter_best/, adapter_la
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -19,22 +18,17 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from lora_fast.cli import dataclass_parser, opt
 
 # ---------------------------------------------------------------- configuration
 
 METHODS = ("lora", "full", "bitfit", "adapter")
 PROMPTS = ("default", "simple1", "simple2", "similar", "complex", "cot")
-
-
-def opt(default, help, **kw):
-    """A config field with its --help text (and argparse extras such as choices)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -148,28 +142,9 @@ PRESETS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        meta = dict(f.metadata)
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help_text = f"{meta.pop('help')} (default: {default})".replace("%", "%%")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-            continue
-        kind = meta.pop("type", None) or {"r": int, "shots": int}.get(f.name)
-        if kind is None:
-            kind = type(default) if default is not None and not isinstance(default, list) else str
-            if f.name in ("train_subset", "max_val", "max_test", "checkpoint_every", "stop_after_step"):
-                kind = int
-        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, **meta)
-    return parser
-
-
 def parse_config(argv: list[str] | None = None) -> Config:
     """Defaults, then the preset (or the study sweep's preset), then the flags given explicitly."""
-    given = vars(build_parser().parse_args(argv))
+    given = vars(dataclass_parser(Config, __doc__).parse_args(argv))
     preset = given.get("preset") or ("study" if given.get("sweep") == "study" else None)
     values = {**PRESETS.get(preset, {}), **given}
     return Config(**values)

@@ -27,7 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["SWEEPS", "SweepError", "config_argv", "sweep_markdown", "run_sweep"]
+from lora_fast.cli import config_argv
+
+__all__ = ["SWEEPS", "SweepError", "sweep_markdown", "run_sweep"]
 
 
 class SweepError(RuntimeError):
@@ -142,24 +144,6 @@ def sweep_markdown(name: str, summaries: dict[str, dict]) -> str:
 
 
 # ---------------------------------------------------------------- running it
-
-
-def config_argv(cfg) -> list[str]:
-    """Command-line flags that give back ``cfg`` (a ``train_sentiment.Config``) field for field: every field that
-    is not None, booleans as ``--x`` / ``--no-x``, lists as separate words, scalars as ``--x=value`` (so a value
-    starting with '-' stays a value)."""
-    argv = []
-    for f in dataclasses.fields(cfg):
-        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        if value is None:
-            continue  # every field that can be None defaults to None
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, list):
-            argv += [flag, *map(str, value)]
-        else:
-            argv.append(f"{flag}={value}")
-    return argv
 
 
 def run_sweep(cfg, script: str | os.PathLike) -> dict[str, dict] | None:

@@ -12,7 +12,8 @@ import pytest
 from conftest import DATA_DIR, TOKENIZER_DIR
 
 import train_sentiment
-from lora_fast.sweep import SWEEPS, SweepError, config_argv, run_sweep, sweep_markdown
+from lora_fast.cli import config_argv
+from lora_fast.sweep import SWEEPS, SweepError, run_sweep, sweep_markdown
 from lora_fast.tiny import make_tiny_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,0 +1,61 @@
+"""A config dataclass as a command line: each field one flag with its help text, and the way back from a config to
+the flags that rebuild it (sweeps start every sub-run from those)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+__all__ = ["opt", "dataclass_parser", "config_argv"]
+
+_SCALARS = {"int": int, "float": float, "str": str}
+
+
+def opt(default, help: str, **kw):
+    """A config field with its --help text (and argparse extras such as ``choices`` or ``nargs``)."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def _scalar_type(annotation) -> type:
+    """The argparse ``type`` for a field annotated ``int``, ``float | None``, ``"str | None"`` and the like."""
+    if isinstance(annotation, str):  # postponed annotations: the source text
+        return _SCALARS.get(annotation.split("|")[0].strip(), str)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return args[0] if args[0] in (int, float, str) else str
+
+
+def dataclass_parser(cls, description: str | None = None) -> argparse.ArgumentParser:
+    """``--field-name`` for every field of ``cls``; booleans as ``--x/--no-x``. Defaults are suppressed, so the
+    parsed namespace holds only the flags given (presets can then sit between the defaults and the flags)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = f"{meta.pop('help')} (default: {default})".replace("%", "%%")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            continue
+        kind = meta.pop("type", None) or _scalar_type(f.type)
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, **meta)
+    return parser
+
+
+def config_argv(cfg) -> list[str]:
+    """Command-line flags that give back ``cfg`` field for field: every field that is not None, booleans as ``--x`` /
+    ``--no-x``, lists as separate words, scalars as ``--x=value`` (so a value starting with '-' stays a value)."""
+    argv = []
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if value is None:
+            continue  # every field that can be None defaults to None
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv.append(f"{flag}={value}")
+    return argv
