@@ -35,7 +35,10 @@ def dataclass_parser(cls, description: str | None = None) -> argparse.ArgumentPa
         meta = dict(f.metadata)
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help_text = f"{meta.pop('help')} (default: {default})".replace("%", "%%")
+        help_text = meta.pop("help")
+        if "default" not in help_text:  # a help text that explains its default keeps its own words
+            help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
             continue
