@@ -24,61 +24,10 @@ import triton
 import triton.language as tl
 
 from .dropout import _dropout_scale
-from .lora_forward import _gemm_configs
+from .lora_forward import _gemm_configs, _lora_skinny_kernel
 from .utils import TL_DTYPES, _dot, _grouped_pid, _to, block_r, interpreting, num_sms
 
 # ---------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _lora_skinny_kernel(
-    # pointers
-    g_ptr,
-    b_ptr,
-    u_ptr,
-    # sizes
-    M,
-    N,
-    R,
-    # strides
-    stride_gm,
-    stride_gn,
-    stride_bn,
-    stride_br,
-    stride_um,
-    stride_ur,
-    # meta-parameters
-    LORA_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
-    """Split design: ``u = g B`` (fp32) for the (BLOCK_M, R) row block that program pid_m owns."""
-    pid_m = tl.program_id(0)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        g = tl.load(
-            g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-            mask=mask_m[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-            mask=mask_n[:, None] & mask_r[None, :],
-            other=0.0,
-        )
-        acc = _dot(g, b, acc, LORA_DTYPE, INPUT_PRECISION, INTERPRET)
-    tl.store(
-        u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur, acc, mask=mask_m[:, None] & mask_r[None, :]
-    )
 
 
 @triton.autotune(configs=_gemm_configs(), key=["N", "K", "R"])
@@ -373,15 +322,19 @@ def lora_backward(
             R,
             g.stride(0),
             g.stride(1),
+            lora_B.stride(1),  # B (N, R) stands where Aᵀ does: its rank stride, then its reduction stride
             lora_B.stride(0),
-            lora_B.stride(1),
             u.stride(0),
             u.stride(1),
+            0,  # seed, p, 1/(1-p): no dropout on g
+            0.0,
+            1.0,
             LORA_DTYPE=TL_DTYPES[lora_dtype],
+            HAS_DROPOUT=False,
             INPUT_PRECISION=input_precision,
             INTERPRET=interp,
             BLOCK_M=BLOCK_M_U,
-            BLOCK_N=64 if BLOCK_R <= 64 else 32,
+            BLOCK_K=64 if BLOCK_R <= 64 else 32,
             BLOCK_R=BLOCK_R,
         )
     if need_dx:

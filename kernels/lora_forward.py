@@ -7,7 +7,7 @@ or x's and A's dtypes), each cast once when its tile is loaded.
 
 Two designs, one kernel body (``FUSE_H``):
 
-- split (``FUSE_H=False``, 2 launches): ``_lora_h_kernel`` makes ``h`` (reads x and A once), then
+- split (``FUSE_H=False``, 2 launches): ``_lora_skinny_kernel`` makes ``h`` (reads x and A once), then
   ``_lora_forward_kernel`` runs the base GEMM and adds ``s · h Bᵀ`` and bias in its epilogue.
 - fused (``FUSE_H=True``, 1 launch): the program owning tile (m, n) already streams the row block ``x[m, :]`` over K
   for the base GEMM, so it accumulates its own ``h[m, :]`` in the same loop (the A tile is the only extra read); the
@@ -53,7 +53,7 @@ def _gemm_configs() -> list[triton.Config]:
 
 
 @triton.jit
-def _lora_h_kernel(
+def _lora_skinny_kernel(
     # pointers
     x_ptr,
     a_ptr,
@@ -82,7 +82,9 @@ def _lora_h_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """Split design, launch 1: ``h = drop(x) Aᵀ`` for the (BLOCK_M, R) row block that program pid_m owns."""
+    """Split design, launch 1: ``h = drop(x) Aᵀ`` (fp32) for the (BLOCK_M, R) row block that program pid_m owns.
+
+    The split backward launches it too, for ``u = g B``: x := g, Aᵀ := B (read through B's strides), no dropout."""
     pid_m = tl.program_id(0)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
@@ -274,7 +276,7 @@ def lora_forward(
     BLOCK_R = block_r(R)
     if not fused:
         BLOCK_M_H = 32 if interpreting() else 64
-        _lora_h_kernel[(triton.cdiv(M, BLOCK_M_H),)](
+        _lora_skinny_kernel[(triton.cdiv(M, BLOCK_M_H),)](
             x,
             lora_A,
             h,
