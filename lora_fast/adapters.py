@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lora_fast.io import atomic_save_tensors
-from lora_fast.layers import is_conv1d, lora_scaling
+from lora_fast.layers import in_out_features, lora_scaling
 from lora_fast.model import (
     PEFT_PREFIX,
     apply_lora,
@@ -219,9 +219,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, backend: str = 
         names = _target_names(model, config["target_modules"])
         expected = {}
         for name in names:
-            base = model.get_submodule(name)
-            w = base.weight
-            k, n = (w.shape[0], w.shape[1]) if is_conv1d(base) else (w.shape[1], w.shape[0])
+            k, n = in_out_features(model.get_submodule(name))
             expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = ((r, k), None)
             expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = ((n, r), None)
         _check_weights(state, expected, directory)

@@ -15,7 +15,7 @@ from torch import nn
 
 from lora_fast.functional import BACKENDS, lora_linear
 
-__all__ = ["LoRALinear", "is_conv1d", "lora_scaling"]
+__all__ = ["LoRALinear", "in_out_features", "is_conv1d", "is_linear_layer", "lora_scaling"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -25,6 +25,17 @@ def is_conv1d(module: nn.Module) -> bool:
     except ImportError:
         return False
     return isinstance(module, Conv1D)
+
+
+def is_linear_layer(module: nn.Module) -> bool:
+    """True for the layers LoRA and the bottleneck adapters wrap: ``nn.Linear`` and transformers' ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an ``nn.Linear`` (weight ``(N, K)``) or a ``Conv1D`` (weight ``(K, N)``)."""
+    k, n = module.weight.shape if is_conv1d(module) else module.weight.shape[::-1]
+    return k, n
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -50,7 +61,7 @@ class LoRALinear(nn.Module):
     ):
         super().__init__()
         self.fan_in_fan_out = is_conv1d(base)
-        if not (isinstance(base, nn.Linear) or self.fan_in_fan_out):
+        if not is_linear_layer(base):
             raise TypeError(f"LoRALinear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r}")
@@ -60,8 +71,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         self.base = base
         w = base.weight
-        # Conv1D stores (in, out); nn.Linear stores (out, in).
-        self.in_features, self.out_features = w.shape if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features = in_out_features(base)
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = lora_scaling(r, alpha, use_rslora)
         self.dropout = float(dropout)

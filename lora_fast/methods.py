@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lora_fast.io import atomic_save_tensors
-from lora_fast.layers import is_conv1d
+from lora_fast.layers import in_out_features, is_linear_layer
 
 __all__ = [
     "MethodFileError",
@@ -135,13 +135,13 @@ class BottleneckAdapterLayer(nn.Module):
 
     def __init__(self, base: nn.Module, dim: int):
         super().__init__()
-        if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+        if not is_linear_layer(base):
             raise TypeError(f"bottleneck adapters wrap nn.Linear or transformers Conv1D, got {type(base).__name__}")
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
             raise ValueError(f"adapter dim must be an integer >= 1, got {dim!r}")
         self.base = base
         w = base.weight
-        self.out_features = _out_features(base)
+        self.out_features = in_out_features(base)[1]
         self.dim = dim
         self.down = nn.Linear(self.out_features, dim, dtype=w.dtype, device=w.device)
         self.up = nn.Linear(dim, self.out_features, dtype=w.dtype, device=w.device)
@@ -154,11 +154,6 @@ class BottleneckAdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"out_features={self.out_features}, dim={self.dim}"
-
-
-def _out_features(module: nn.Module) -> int:
-    # Conv1D stores its weight as (K, N); nn.Linear as (N, K).
-    return module.weight.shape[1] if is_conv1d(module) else module.weight.shape[0]
 
 
 def bottleneck_adapter_modules(model: nn.Module) -> dict[str, BottleneckAdapterLayer]:
@@ -193,7 +188,7 @@ def _check_targets(model: nn.Module, names: Sequence[str]) -> None:
     for n in names:
         if n not in modules:
             raise ValueError(f"module {n!r} is not in {type(model).__name__}")
-        if not (isinstance(modules[n], nn.Linear) or is_conv1d(modules[n])):
+        if not is_linear_layer(modules[n]):
             raise TypeError(f"module {n!r} is a {type(modules[n]).__name__}; adapters wrap nn.Linear/Conv1D only")
 
 
@@ -293,7 +288,7 @@ def load_bottleneck_adapters(model: nn.Module, directory: str | os.PathLike) -> 
             _check_targets(model, names)
         except (ValueError, TypeError) as exc:
             raise MethodFileError(f"the file's adapter modules do not fit {type(model).__name__}: {exc}") from exc
-        out_features = {n: _out_features(model.get_submodule(n)) for n in names}
+        out_features = {n: in_out_features(model.get_submodule(n))[1] for n in names}
     expected = {f"{n}.{key}": shape for n in names for key, shape in _adapter_shapes(out_features[n], dim).items()}
     _check_state(state, expected, config, directory / ADAPTER_WEIGHTS)
     if not existing:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from lora_fast.layers import LoRALinear, is_conv1d
+from lora_fast.layers import LoRALinear, is_linear_layer
 
 __all__ = [
     "LoRAConfig",
@@ -57,10 +57,6 @@ def target_hits(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def _is_wrappable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     """Every ``(name, LoRALinear)`` in ``model``, by module path."""
     for name, module in model.named_modules():
@@ -80,7 +76,7 @@ def find_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
         found = [n for n in names if target_hits(n, target)]
         if not found:
             suffixes = sorted(
-                {".".join(n.split(".")[-k:]) for n, m in names.items() if _is_wrappable(m) for k in (1, 2)}
+                {".".join(n.split(".")[-k:]) for n, m in names.items() if is_linear_layer(m) for k in (1, 2)}
             )
             close = difflib.get_close_matches(target, suffixes, n=5, cutoff=0.4) or suffixes[:8]
             raise ValueError(
@@ -90,7 +86,7 @@ def find_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
             m = names[n]
             if isinstance(m, LoRALinear):
                 raise ValueError(f"module {n!r} already has LoRA; call apply_lora once per model")
-            if not _is_wrappable(m):
+            if not is_linear_layer(m):
                 raise TypeError(
                     f"target {target!r} hits {n!r} of type {type(m).__name__}; LoRA wraps nn.Linear "
                     f"and transformers Conv1D only"
@@ -230,4 +226,4 @@ def print_trainable_parameters(model: nn.Module) -> str:
 
 def modules_matching_regex(model: nn.Module, pattern: str) -> list[str]:
     """PEFT's rule for a string ``target_modules``: a full regex match on the module name."""
-    return [n for n, m in model.named_modules() if n and re.fullmatch(pattern, n) and _is_wrappable(m)]
+    return [n for n, m in model.named_modules() if n and re.fullmatch(pattern, n) and is_linear_layer(m)]
