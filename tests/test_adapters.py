@@ -9,7 +9,7 @@ from transformers import GPT2LMHeadModel
 
 import lora_fast
 from lora_fast import AdapterError, apply_lora, load_adapter, save_adapter
-from tests.conftest import tiny_gpt2_config
+from tests.helpers import tiny_gpt2_config
 
 peft = pytest.importorskip("peft", reason="HF PEFT is a dev dependency: pip install -e '.[dev]'")
 

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DATA_DIR
 
 from lora_fast.data import DataError, load_hub, load_local, load_splits, subset
+from tests.helpers import DATA_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from lora_fast.dpo import (
     sequence_logprobs,
     token_kl_sum,
 )
-from tests.conftest import DATA_DIR, TOKENIZER_DIR, tiny_gpt2_config
+from tests.helpers import DATA_DIR, TOKENIZER_DIR, tiny_gpt2_config
 
 EOS = 50256
 

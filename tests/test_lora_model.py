@@ -9,7 +9,7 @@ from transformers import GPT2LMHeadModel
 
 import lora_fast
 from lora_fast import LoRALinear, apply_lora, disable_lora, merge_lora, unmerge_lora
-from tests.conftest import tiny_gpt2_config
+from tests.helpers import tiny_gpt2_config
 
 
 @pytest.fixture

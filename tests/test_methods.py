@@ -23,7 +23,7 @@ from lora_fast.methods import (
     save_bitfit,
     save_bottleneck_adapters,
 )
-from tests.conftest import tiny_gpt2_config
+from tests.helpers import tiny_gpt2_config
 
 GPT2_SMALL_TOTAL = 124_439_808  # wte 50257·768 + wpe 1024·768 + 12 blocks · 7,087,872 + ln_f 1536 (lm_head tied)
 

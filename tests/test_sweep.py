@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DATA_DIR, TOKENIZER_DIR
 
 import train_sentiment
 from lora_fast.cli import config_argv
 from lora_fast.sweep import SWEEPS, SweepError, run_sweep, sweep_markdown
 from lora_fast.tiny import make_tiny_gpt2
+from tests.helpers import DATA_DIR, TOKENIZER_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_RUNS = ["zero-shot", "few-shot-k4", "bitfit", "adapter", "lora-r16", "lora-r128", "full"]

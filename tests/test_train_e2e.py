@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA_DIR, TOKENIZER_DIR
 
 import train_sentiment
 from lora_fast.tiny import make_tiny_gpt2
+from tests.helpers import DATA_DIR, TOKENIZER_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

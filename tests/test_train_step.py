@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_gpt2_config
 
 from lora_fast import apply_lora
 from lora_fast.prompts import INSTRUCTIONS, build_prompt, encode_example
@@ -20,6 +19,7 @@ from lora_fast.training import (
     train_step,
     use_fused_gelu,
 )
+from tests.helpers import tiny_gpt2_config
 
 TEXTS = [
     "a gorgeous , witty , seductive movie .",

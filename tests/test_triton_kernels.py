@@ -13,7 +13,7 @@ from lora_fast.kernels import interpreting, lora_backward, lora_dropout_mask, lo
 
 from lora_fast import lora_linear, reference
 from lora_fast.triton_backend import config, triton_lora_linear
-from tests.conftest import requires_cuda
+from tests.helpers import requires_cuda
 
 # Relative error by norm, ‖got − ref‖ / ‖ref‖, per compute dtype. fp32 with "ieee" dots is exact up to summation
 # order; fp16/bf16 are a few units of their epsilon (2⁻¹¹, 2⁻⁸) after the roundings of y, h and the LoRA dot inputs.

@@ -14,7 +14,7 @@ from transformers import GPT2LMHeadModel
 
 from lora_fast import apply_lora
 from lora_fast.triton_backend import config
-from tests.conftest import tiny_gpt2_config
+from tests.helpers import tiny_gpt2_config
 
 pytestmark = pytest.mark.skipif(
     not interpreting(), reason="CPU tier: runs on CPU tensors under TRITON_INTERPRET=1 only"

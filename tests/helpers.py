@@ -1,0 +1,35 @@
+"""What several test modules share: the paths of the real data, the CUDA-tier marker, small model configs.
+
+Imported as ``from tests.helpers import ...`` everywhere (the repository root is on ``sys.path``, see pyproject's
+``pythonpath``); ``conftest.py`` holds only the session set-up and fixtures.
+"""
+
+import pathlib
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+TOKENIZER_DIR = SHARED / "data" / "gpt2-tokenizer"
+DATA_DIR = SHARED / "data" / "rotten_tomatoes"
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA tier: no CUDA device on this machine")
+
+
+def tiny_gpt2_config(**overrides):
+    """A small random GPT-2 config with the real vocabulary (50,257 tokens)."""
+    from transformers import GPT2Config
+
+    kw = dict(
+        vocab_size=50257,
+        n_positions=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    kw.update(overrides)
+    return GPT2Config(**kw)
