@@ -156,11 +156,13 @@ def _corrupt(path, how):
         else:
             state[key][0, 0] = float("nan")
         save_file(state, str(weights))
-    elif how == "rank":
-        config["r"] = 8
+    elif how in ("rank", "target"):
+        # A PEFT-written pair (no lora-fast record in the weights' metadata) whose config does not fit the model.
+        save_file(load_file(weights), str(weights))
+        config.update(r=8) if how == "rank" else config.update(target_modules=["attn.q_proj"])
         config_path.write_text(json.dumps(config))
-    elif how == "target":
-        config["target_modules"] = ["attn.q_proj"]
+    elif how == "mixed_saves":  # what a save interrupted between its two renames leaves: new weights, old config
+        config["lora_alpha"] = 32
         config_path.write_text(json.dumps(config))
     elif how == "not_lora":
         config["peft_type"] = "IA3"
@@ -180,10 +182,11 @@ REFUSALS = {
     "missing_key": ("missing keys ['base_model.model.transformer.h.1.attn.c_proj.lora_A.weight']",) * 2,
     "unexpected_key": ("unexpected keys ['base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight']",) * 2,
     "shape": ("shape (4, 31), the model expects (4, 32)",) * 2,
-    "dtype": ("mixes dtypes ['torch.float32', 'torch.float64']", "holds dtype torch.float64, the model's LoRA"),
+    "dtype": ("holds dtype torch.float64, the model's LoRA weight is torch.float32; converting would round it",) * 2,
     "nan": ("NaN",) * 2,
     "rank": ("shape (4, 32), the model expects (8, 32)", "the model has LoRA with r=4"),
-    "target": ("'attn.q_proj' matches no module", "target_modules ['attn.q_proj'] hit []"),
+    "target": ("the adapter's target 'attn.q_proj' matches no module",) * 2,
+    "mixed_saves": ("come from different saves (lora_alpha=32 in the config but 16 for the weights)",) * 2,
     "not_lora": ("only LORA adapters",) * 2,
     "dora": ("use_dora",) * 2,
     "no_weights": ("no adapter_model.safetensors",) * 2,
