@@ -9,7 +9,7 @@ from transformers import GPT2LMHeadModel
 
 import lora_fast
 from lora_fast import AdapterError, apply_lora, load_adapter, save_adapter
-from tests.helpers import tiny_gpt2_config
+from tests.helpers import model_snapshot, tiny_gpt2_config, unchanged_since
 
 peft = pytest.importorskip("peft", reason="HF PEFT is a dev dependency: pip install -e '.[dev]'")
 
@@ -35,20 +35,6 @@ def _trained_adapter(tmp_path, seed=1):
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
     save_adapter(model, tmp_path / "adapter", base_model_name_or_path="tiny-gpt2")
     return model, tmp_path / "adapter"
-
-
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
-
-
-def _unchanged(model, snap):
-    state, types = snap
-    now = model.state_dict()
-    return (
-        set(now) == set(state)
-        and all(torch.equal(now[k], v) for k, v in state.items())
-        and types == [type(m) for m in model.modules()]
-    )
 
 
 def test_file_format(tmp_path):
@@ -201,20 +187,20 @@ def test_refusals_leave_model_unchanged(tmp_path, how, with_lora):
     model = _model(seed=3)
     if with_lora:
         apply_lora(model, TARGETS, r=4, alpha=16)
-    snap = _snapshot(model)
+    snap = model_snapshot(model)
     with pytest.raises(AdapterError) as err:
         load_adapter(model, path)
     assert REFUSALS[how][with_lora] in str(err.value)
-    assert _unchanged(model, snap)
+    assert unchanged_since(model, snap)
 
 
 def test_merged_model_refuses_load(tmp_path):
     model, path = _trained_adapter(tmp_path)
     lora_fast.merge_lora(model)
-    snap = _snapshot(model)
+    snap = model_snapshot(model)
     with pytest.raises(AdapterError, match="unmerge_lora"):
         load_adapter(model, path)
-    assert _unchanged(model, snap)
+    assert unchanged_since(model, snap)
 
 
 def test_missing_folder():

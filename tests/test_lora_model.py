@@ -9,7 +9,7 @@ from transformers import GPT2LMHeadModel
 
 import lora_fast
 from lora_fast import LoRALinear, apply_lora, disable_lora, merge_lora, unmerge_lora
-from tests.helpers import tiny_gpt2_config
+from tests.helpers import tiny_gpt2_config, tiny_llama_config
 
 
 @pytest.fixture
@@ -169,7 +169,7 @@ def test_print_trainable_parameters_gpt2_small(capsys):
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_non_gpt2_linear_models(family):
-    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+    from transformers import BertConfig, BertModel, LlamaForCausalLM
 
     torch.manual_seed(0)
     if family == "bert":
@@ -186,16 +186,7 @@ def test_non_gpt2_linear_models(family):
         )
         targets = ["query", "value"]
     else:
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=100,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                intermediate_size=64,
-            )
-        )
+        model = LlamaForCausalLM(tiny_llama_config())
         targets = ["q_proj", "v_proj"]
     model.eval()
     ids = torch.randint(0, 100, (2, 7))

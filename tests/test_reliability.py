@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 import lora_fast
 from lora_fast import AdapterError, LoRALinear, apply_lora, load_adapter, save_adapter
-from tests.helpers import tiny_gpt2_config
+from tests.helpers import model_snapshot, tiny_gpt2_config, tiny_llama_config, unchanged_since
 
 peft = pytest.importorskip("peft", reason="HF PEFT is a dev dependency: pip install -e '.[dev]'")
 
@@ -35,15 +35,7 @@ def _gpt2(seed=0, **overrides):
 
 def _llama(seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(tiny_llama_config()).eval()
 
 
 MODELS = {"gpt2": _gpt2, "llama": _llama}
@@ -82,21 +74,7 @@ def _patch_config(path, **fields):
     config_path.write_text(json.dumps(config))
 
 
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
-
-
-def _unchanged(model, snap):
-    state, types = snap
-    now = model.state_dict()
-    return (
-        set(now) == set(state)
-        and all(torch.equal(now[k], v) for k, v in state.items())
-        and types == [type(m) for m in model.modules()]
-    )
-
-
-# ---------------------------------------------------------------- item 1: PEFT's LoraConfig, field by field
+# ---------------------------------------------------------------- PEFT's LoraConfig, field by field
 
 EXACT, REFUSED = "exact", "refused"
 # (field, value, expectation, how the adapter is made, model). "peft": LoraConfig(field=value) through PEFT, which
@@ -205,11 +183,11 @@ def test_peft_config_field(tmp_path, saved, field, value, expect, how, kind):
         _patch_config(path, **{field: value})
     model = MODELS[kind](seed=0)
     if expect == REFUSED:
-        snap = _state(model)
+        snap = model_snapshot(model)
         with pytest.raises(AdapterError) as err:
             load_adapter(model, path)
         assert field in str(err.value) and repr(value)[:20] in str(err.value)
-        assert _unchanged(model, snap)
+        assert unchanged_since(model, snap)
         return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -243,16 +221,16 @@ def test_real_peft_adapters_we_do_not_implement_are_refused(tmp_path, kind, feat
         load_adapter(MODELS[kind](), tmp_path / "adapter")
 
 
-# ---------------------------------------------------------------- item 2: tied weights
+# ---------------------------------------------------------------- tied weights
 
 
 def test_lora_on_a_tied_weight_is_refused(tmp_path):
     model = _gpt2()
     assert model.lm_head.weight is model.transformer.wte.weight
-    snap = _state(model)
+    snap = model_snapshot(model)
     with pytest.raises(ValueError, match=r"lm_head.weight is tied to \['transformer.wte.weight'\]"):
         apply_lora(model, ["c_attn", "lm_head"], r=4, alpha=8)
-    assert _unchanged(model, snap) and all(p.requires_grad for p in model.parameters())
+    assert unchanged_since(model, snap) and all(p.requires_grad for p in model.parameters())
     # A PEFT adapter on lm_head of a tied model: refused at load as well.
     _peft_adapter(tmp_path / "adapter", "gpt2", target_modules=["lm_head"])
     with pytest.raises(AdapterError, match="tied"):
@@ -265,7 +243,7 @@ def test_lora_on_a_tied_weight_is_refused(tmp_path):
     assert torch.equal(untied.transformer.wte.weight, wte)
 
 
-# ---------------------------------------------------------------- item 3: merge_and_unload, save_pretrained
+# ---------------------------------------------------------------- merge_and_unload, save_pretrained
 
 
 def test_merge_and_unload_saves_and_reloads_as_a_plain_model(tmp_path):
@@ -304,7 +282,7 @@ def test_wrapped_model_state_dict_keeps_the_original_keys(tmp_path):
         model.load_state_dict(other.state_dict())
 
 
-# ---------------------------------------------------------------- items 6 and 7: saving beside other files, crashes
+# ---------------------------------------------------------------- saving beside other files, crashes
 
 
 def _tuned(seed, alpha=8):
@@ -395,7 +373,7 @@ def test_stale_temporaries_are_removed_by_the_next_save(tmp_path):
     assert all(f.read_bytes() == b"user file" for f in keep)
 
 
-# ---------------------------------------------------------------- item 8: half-precision adapter files
+# ---------------------------------------------------------------- half-precision adapter files
 
 
 def test_fp16_file_loads_into_fp32_lora_weights_like_peft(tmp_path):
@@ -423,7 +401,7 @@ def test_fp16_file_loads_into_fp32_lora_weights_like_peft(tmp_path):
         load_adapter(narrow, tmp_path / "fp32")
 
 
-# ---------------------------------------------------------------- item 9: merge / unmerge exactness
+# ---------------------------------------------------------------- merge / unmerge exactness
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -443,7 +421,7 @@ def test_unmerge_restores_the_weights_bit_for_bit(dtype):
     assert torch.equal(_logits(model), base)
 
 
-# ---------------------------------------------------------------- items 10 and 11: bad arguments, partial targets
+# ---------------------------------------------------------------- bad arguments, partial targets
 
 
 @pytest.mark.parametrize(
@@ -465,10 +443,10 @@ def test_bad_lora_arguments_are_refused_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LoRALinear(nn.Linear(8, 8), **args)
     model = _gpt2()
-    snap = _state(model)
+    snap = model_snapshot(model)
     with pytest.raises(ValueError, match=message):
         apply_lora(model, ["c_attn"], **args)
-    assert _unchanged(model, snap)
+    assert unchanged_since(model, snap)
 
 
 def test_apply_lora_follows_peft_on_partly_matching_targets():
