@@ -2,41 +2,132 @@
 
 A folder written by ``save_adapter`` loads with ``peft.PeftModel.from_pretrained``, and a LoRA adapter saved by PEFT
 loads with ``load_adapter``. Loading is strict, unlike PEFT (which only warns on missing keys): a missing or
-unexpected key, a shape or dtype mismatch, a truncated or corrupt file, or a config that doesn't fit the model is
-refused with an error naming the problem, and the model is left exactly as it was.
+unexpected key, a shape mismatch, a narrowing dtype, a truncated or corrupt file, or a config that doesn't fit the model
+is refused with an error naming the problem, and the model is left exactly as it was.
+
+The config is read against an allow-list of PEFT's ``LoraConfig`` fields (:data:`PEFT_LORA_FIELDS`): each field is
+either bookkeeping, implemented exactly, or accepted only with the value that switches its feature off. Anything else,
+including a field a newer PEFT adds, is refused by name: an adapter whose math lora-fast does not implement (PiSSA,
+DoRA, aLoRA, rank patterns, ...) must not load as plain LoRA.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from lora_fast.io import atomic_save_tensors
-from lora_fast.layers import in_out_features, lora_scaling
+from lora_fast.layers import in_out_features, is_linear_layer, lora_dtype, lora_scaling
 from lora_fast.model import (
     PEFT_PREFIX,
     apply_lora,
-    find_targets,
+    check_untied,
     get_lora_config,
     lora_modules,
     lora_state_dict,
-    modules_matching_regex,
-    target_hits,
+    match_targets,
+    report_unmatched,
 )
 
-__all__ = ["AdapterError", "save_adapter", "load_adapter", "read_adapter_config", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = [
+    "AdapterError",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter_config",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "PEFT_LORA_FIELDS",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# The weights' safetensors metadata records the config fields that give them their meaning, so a weights file beside
+# a config from another save (a save interrupted between its two renames) is refused instead of loaded wrongly.
+BINDING_KEY = "lora_fast.adapter_config"
+BOUND_FIELDS = ("r", "lora_alpha", "use_rslora", "target_modules")
 
 
 class AdapterError(ValueError):
     """An adapter folder that cannot be loaded into this model; the message names the problem."""
+
+
+def _is(*values: Any) -> Callable[[Any], bool]:
+    """Accepted only as one of ``values``, type included (so ``0`` is not ``False`` and ``{}`` is not ``None``)."""
+    return lambda v: any(type(v) is type(x) and v == x for x in values)
+
+
+def _anything(_: Any) -> bool:
+    return True
+
+
+def _targets_ok(v: Any) -> bool:
+    if isinstance(v, str):
+        return bool(v) and v != "all-linear"
+    return isinstance(v, list) and bool(v) and all(isinstance(t, str) and t for t in v)
+
+
+_OFF = "its default (the feature off)"
+
+# field -> (accepts(value), what is accepted). Every field of peft 0.21's LoraConfig is here; see the module docstring.
+PEFT_LORA_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    # Bookkeeping: no effect on what the adapter computes.
+    "peft_type": (_is("LORA"), "'LORA'"),
+    "task_type": (_anything, "any"),
+    "auto_mapping": (_anything, "any"),
+    "peft_version": (_anything, "any"),
+    "base_model_name_or_path": (_anything, "any"),
+    "revision": (_anything, "any"),
+    "inference_mode": (_anything, "any"),
+    "runtime_config": (_anything, "any (runtime only)"),
+    "fan_in_fan_out": (_anything, "any (the layer type decides, as in PEFT)"),
+    "megatron_core": (_anything, "any (read only with megatron_config)"),
+    "qalora_group_size": (_anything, "any (read only with use_qalora)"),
+    "ensure_weight_tying": (_anything, "any (LoRA on a tied weight is refused)"),
+    # Plain LoRA, implemented exactly.
+    "r": (lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+    "lora_alpha": (lambda v: type(v) in (int, float) and math.isfinite(v), "a finite number"),
+    "lora_dropout": (lambda v: v is None or (type(v) in (int, float) and 0 <= v < 1), "a number in [0, 1)"),
+    "use_rslora": (_is(True, False), "true or false"),
+    "target_modules": (_targets_ok, "a list of module names or a regex string, not 'all-linear'"),
+    # Initialisation only: the saved A and B are plain LoRA. PiSSA, OLoRA, CorDA, LoftQ, EVA and LoRA-GA change the
+    # base weight, MiCA is a variant: refused.
+    "init_lora_weights": (_is(True, False, "gaussian", "orthogonal"), "true, false, 'gaussian' or 'orthogonal'"),
+    # Features lora-fast does not implement: accepted only switched off.
+    "bias": (_is("none"), "'none'"),
+    "lora_bias": (_is(False), _OFF),
+    "use_dora": (_is(False), _OFF),
+    "use_qalora": (_is(False), _OFF),
+    "exclude_modules": (_is(None, []), _OFF),
+    "modules_to_save": (_is(None, []), _OFF),
+    "layers_to_transform": (_is(None), _OFF),
+    "layers_pattern": (_is(None, [], ""), _OFF),
+    "rank_pattern": (_is({}, None), _OFF),
+    "alpha_pattern": (_is({}, None), _OFF),
+    "megatron_config": (_is(None), _OFF),
+    "trainable_token_indices": (_is(None), _OFF),
+    "target_parameters": (_is(None, []), _OFF),
+    "layer_replication": (_is(None), _OFF),
+    "alora_invocation_tokens": (_is(None), _OFF),
+    "loftq_config": (_is({}, None), _OFF),
+    "eva_config": (_is(None), _OFF),
+    "corda_config": (_is(None), _OFF),
+    "lora_ga_config": (_is(None), _OFF),
+    "velora_config": (_is(None), _OFF),
+    "monteclora_config": (_is(None), _OFF),
+    "use_bdlora": (_is(None), _OFF),
+    "arrow_config": (_is(None), _OFF),
+    "kasa_config": (_is(None), _OFF),
+    # Fields of early PEFT releases still found in adapter files.
+    "enable_lora": (_is(None), _OFF),
+    "merge_weights": (_anything, "any (merging is a runtime choice)"),
+}
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -56,8 +147,13 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     task_type: str | None = "auto",
 ) -> Path:
-    """Write ``model``'s LoRA weights and config to ``directory`` in HF PEFT's format, atomically: the folder is
-    written whole beside the target and swapped in, so an old adapter there is replaced only by a complete new one."""
+    """Write ``model``'s LoRA weights and config into the folder ``directory`` in HF PEFT's format.
+
+    Like PEFT, only ``adapter_config.json`` and ``adapter_model.safetensors`` are written; other files in the folder
+    are left alone, and a path that is a file is refused. Each file is replaced atomically, the weights first; the
+    weights' metadata records the config fields they depend on, so a crash between the two renames leaves a pair that
+    ``load_adapter`` either loads as the new adapter (the fields agree) or refuses with a message, never misreads.
+    """
     config = get_lora_config(model)
     layers = dict(lora_modules(model))
     fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers.values())
@@ -82,11 +178,21 @@ def save_adapter(
         "inference_mode": True,
         "revision": None,
     }
-    return atomic_save_tensors(directory, lora_state_dict(model), WEIGHTS_NAME, CONFIG_NAME, peft_config)
+    binding = json.dumps({k: peft_config[k] for k in BOUND_FIELDS}, sort_keys=True)
+    return atomic_save_tensors(
+        directory,
+        lora_state_dict(model),
+        WEIGHTS_NAME,
+        CONFIG_NAME,
+        peft_config,
+        metadata={BINDING_KEY: binding},
+        whole_folder=False,
+    )
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict:
-    """Read and check ``adapter_config.json``: a LoRA adapter this package can represent, or an AdapterError."""
+    """Read and check ``adapter_config.json``: a LoRA adapter this package implements exactly, or an AdapterError
+    naming every field (and its value) that it does not (see :data:`PEFT_LORA_FIELDS`)."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"no {CONFIG_NAME} in {directory}: not an adapter folder")
@@ -101,22 +207,18 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     for key in ("r", "lora_alpha", "target_modules"):
         if config.get(key) is None:
             raise AdapterError(f"{path}: the required field {key!r} is missing")
-    if not isinstance(config["r"], int) or config["r"] < 1:
-        raise AdapterError(f"{path}: r must be an integer >= 1, got {config['r']!r}")
-    unsupported = {
-        "use_dora": bool(config.get("use_dora")),
-        "rank_pattern": bool(config.get("rank_pattern")),
-        "alpha_pattern": bool(config.get("alpha_pattern")),
-        "modules_to_save": bool(config.get("modules_to_save")),
-        "layers_to_transform": config.get("layers_to_transform") is not None,
-        "bias": config.get("bias", "none") != "none",
-        "lora_bias": bool(config.get("lora_bias")),
-    }
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        raise AdapterError(f"{path}: the adapter uses {bad}, which lora-fast does not support")
-    if config["target_modules"] == "all-linear":
-        raise AdapterError(f"{path}: target_modules 'all-linear' is not supported; list the module names")
+    problems = []
+    for key, value in config.items():
+        rule = PEFT_LORA_FIELDS.get(key)
+        if rule is None:
+            problems.append(f"unknown field {key!r} = {value!r} (from a newer PEFT?)")
+        elif not rule[0](value):
+            problems.append(f"{key}={value!r} (lora-fast implements: {rule[1]})")
+    if problems:
+        raise AdapterError(
+            f"{path}: the adapter uses what lora-fast does not implement exactly, so it would load as a different "
+            f"model: {'; '.join(problems)}"
+        )
     return config
 
 
@@ -135,23 +237,55 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         raise AdapterError(f"{path} cannot be read ({exc}); the file is corrupt or truncated") from exc
 
 
-def _target_names(model: nn.Module, targets) -> list[str]:
-    """Module names a PEFT ``target_modules`` hits: a string is a full-match regex, a list uses the suffix rule."""
-    if isinstance(targets, str):
-        names = modules_matching_regex(model, targets)
-        if not names:
-            raise AdapterError(
-                f"target_modules regex {targets!r} matches no Linear/Conv1D module of {type(model).__name__}"
-            )
-        return names
+def _check_binding(directory: Path, config: dict) -> None:
+    """Refuse weights whose metadata records config fields other than the config's (see ``save_adapter``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
+        raw = (f.metadata() or {}).get(BINDING_KEY)
+    if raw is None:  # written by PEFT or by an older lora-fast: nothing recorded
+        return
     try:
-        return find_targets(model, targets)
-    except (ValueError, TypeError) as exc:
-        raise AdapterError(f"the adapter's target_modules do not fit {type(model).__name__}: {exc}") from exc
+        bound = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{directory / WEIGHTS_NAME}: its metadata {BINDING_KEY!r} is corrupt ({exc})") from exc
+    differ = [k for k in BOUND_FIELDS if bound.get(k) != config.get(k)]
+    if differ:
+        detail = ", ".join(f"{k}={config.get(k)!r} in the config but {bound.get(k)!r} for the weights" for k in differ)
+        raise AdapterError(
+            f"{directory}: {CONFIG_NAME} and {WEIGHTS_NAME} come from different saves ({detail}); a save interrupted "
+            f"between its two writes leaves this. Save the adapter again"
+        )
+
+
+def _target_names(model: nn.Module, targets) -> list[str]:
+    """Module names a PEFT ``target_modules`` hits (a list: the suffix rule; a string: a full-match regex). As in PEFT,
+    names of a list that hit nothing are reported with ``warnings.warn`` unless nothing is hit at all."""
+    hits, unmatched = match_targets(model, targets)
+    try:
+        report_unmatched(model, unmatched, hits, what="the adapter's target")
+    except ValueError as exc:
+        raise AdapterError(str(exc)) from exc
+    wrapped = dict(lora_modules(model))
+    bad = {n: type(m).__name__ for n in hits if n not in wrapped and not is_linear_layer(m := model.get_submodule(n))}
+    if bad:
+        raise AdapterError(
+            f"the adapter's target_modules {targets!r} hit {bad}; lora-fast implements LoRA on nn.Linear and "
+            f"transformers Conv1D only"
+        )
+    return hits
+
+
+# Exact conversions of a file's tensor into the model's LoRA weight: the same dtype, or a wider one.
+_PRECISION = {torch.float16: 0, torch.bfloat16: 0, torch.float32: 1, torch.float64: 2}
+
+
+def _widens(src: torch.dtype, dst: torch.dtype) -> bool:
+    return src == dst or (src in _PRECISION and dst in _PRECISION and _PRECISION[src] < _PRECISION[dst])
 
 
 def _check_weights(
-    state: dict[str, torch.Tensor], expected: dict[str, tuple[tuple[int, int], torch.dtype | None]], directory: Path
+    state: dict[str, torch.Tensor], expected: dict[str, tuple[tuple[int, int], torch.dtype]], directory: Path
 ) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -167,9 +301,10 @@ def _check_weights(
             raise AdapterError(f"{key}: the file holds shape {tuple(t.shape)}, the model expects {shape}")
         if not t.is_floating_point():
             raise AdapterError(f"{key}: the file holds dtype {t.dtype}; LoRA weights must be floating point")
-        if dtype is not None and t.dtype != dtype:
+        if not _widens(t.dtype, dtype):
             raise AdapterError(
-                f"{key}: the file holds dtype {t.dtype}, the model's LoRA weight is {dtype}; convert one of them first"
+                f"{key}: the file holds dtype {t.dtype}, the model's LoRA weight is {dtype}; converting would round "
+                f"it, so convert one of them first"
             )
         if not torch.isfinite(t).all():
             raise AdapterError(f"{key}: the file holds NaN or inf values")
@@ -179,72 +314,67 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, backend: str = 
     """Load a PEFT-format LoRA adapter into ``model`` and return it.
 
     When ``model`` has no LoRA yet, LoRA is applied per the adapter's config (r, lora_alpha, lora_dropout,
-    target_modules, use_rslora) with ``backend``. Everything is checked before the model is touched.
+    target_modules, use_rslora) with ``backend``; otherwise the model's LoRA must have the same r, scaling and modules.
+    The file's tensors are copied into the LoRA weights, whose dtype is ``apply_lora``'s (fp32 on an fp16/bf16 base,
+    as PEFT's ``autocast_adapter_dtype``): an fp16 file loads into fp32 LoRA weights, and a file more precise than the
+    LoRA weights is refused. Target names that match nothing are reported with ``warnings.warn`` (PEFT accepts them)
+    unless nothing matches. Everything is checked before the model is touched.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterError(f"adapter folder {directory} does not exist")
     config = read_adapter_config(directory)
     state = _read_weights(directory)
-    r = config["r"]
+    _check_binding(directory, config)
+    r, alpha, use_rslora = config["r"], config["lora_alpha"], config.get("use_rslora", False)
+    targets = config["target_modules"]
     existing = dict(lora_modules(model))
     if existing:
         if any(layer.merged for layer in existing.values()):
             raise AdapterError("the model's LoRA is merged into its weights; call unmerge_lora before load_adapter")
         lora_cfg = get_lora_config(model)
         if lora_cfg.r != r or lora_scaling(r, lora_cfg.alpha, lora_cfg.use_rslora) != lora_scaling(
-            r, config["lora_alpha"], bool(config.get("use_rslora"))
+            r, alpha, use_rslora
         ):
             raise AdapterError(
                 f"the model has LoRA with r={lora_cfg.r}, alpha={lora_cfg.alpha}, but the adapter "
-                f"has r={r}, lora_alpha={config['lora_alpha']}"
+                f"has r={r}, lora_alpha={alpha}"
             )
-        targets = config["target_modules"]
-        hit = sorted(
-            n
-            for n in existing
-            if (re.fullmatch(targets, n) if isinstance(targets, str) else any(target_hits(n, t) for t in targets))
-        )
+        hit = sorted(_target_names(model, targets))
         if hit != sorted(existing):
             raise AdapterError(
                 f"the adapter's target_modules {targets!r} hit {hit} but the model has LoRA on {sorted(existing)}"
             )
-        expected = {}
-        for name, layer in existing.items():
-            expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = ((r, layer.in_features), layer.lora_A.dtype)
-            expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = ((layer.out_features, r), layer.lora_B.dtype)
-        _check_weights(state, expected, directory)
-        targets_layers = existing
+        shapes = {n: (layer.in_features, layer.out_features, layer.lora_A.dtype) for n, layer in existing.items()}
     else:
-        names = _target_names(model, config["target_modules"])
-        expected = {}
+        names = _target_names(model, targets)
+        try:
+            check_untied(model, names)
+        except ValueError as exc:
+            raise AdapterError(f"the adapter's target_modules {targets!r}: {exc}") from exc
+        shapes = {}
         for name in names:
-            k, n = in_out_features(model.get_submodule(name))
-            expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = ((r, k), None)
-            expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = ((n, r), None)
-        _check_weights(state, expected, directory)
-        dtypes = {t.dtype for t in state.values()}
-        if len(dtypes) != 1:
-            raise AdapterError(f"{directory / WEIGHTS_NAME} mixes dtypes {sorted(map(str, dtypes))}")
+            base = model.get_submodule(name)
+            shapes[name] = (*in_out_features(base), lora_dtype(base.weight.dtype))
+    expected = {}
+    for name, (k, n, dtype) in shapes.items():
+        expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = ((r, k), dtype)
+        expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = ((n, r), dtype)
+    _check_weights(state, expected, directory)
+    if not existing:
         apply_lora(
             model,
             names,
             r=r,
-            alpha=config["lora_alpha"],
+            alpha=alpha,
             dropout=float(config.get("lora_dropout") or 0.0),
-            use_rslora=bool(config.get("use_rslora")),
+            use_rslora=use_rslora,
             backend=backend,
         )
-        model.lora_config.targets = (
-            list(config["target_modules"]) if not isinstance(config["target_modules"], str) else names
-        )
-        targets_layers = dict(lora_modules(model))
-        file_dtype = dtypes.pop()
-        for layer in targets_layers.values():  # new LoRA weights take the file's dtype (fp32 masters, usually)
-            layer.lora_A.data = layer.lora_A.data.to(file_dtype)
-            layer.lora_B.data = layer.lora_B.data.to(file_dtype)
+        # Saved again, the adapter names what it was given: the config's list, or the regex's matches.
+        model.lora_config.targets = list(targets) if not isinstance(targets, str) else names
     with torch.no_grad():
-        for name, layer in targets_layers.items():
+        for name, layer in lora_modules(model):
             layer.lora_A.copy_(state[f"{PEFT_PREFIX}{name}.lora_A.weight"])
             layer.lora_B.copy_(state[f"{PEFT_PREFIX}{name}.lora_B.weight"])
     return model

@@ -1,8 +1,10 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of either.
 
-Each write goes to a temporary file beside the target, is flushed to disk, then renamed over the target
-(``os.replace`` is atomic on POSIX and Windows). A folder (an adapter: config + weights) is written whole into a
-temporary sibling and swapped in, so the two files always belong together.
+Each write goes to a temporary file beside the target (``.<name>.<random>.tmp``), is flushed to disk, then renamed
+over the target (``os.replace`` is atomic on POSIX and Windows). A whole folder (:func:`atomic_directory`) is written
+into a temporary sibling and swapped in. A weights file and its config (:func:`atomic_save_tensors`) are either such a
+folder, or two atomic files in a folder whose other files are left alone. Temporaries a killed process left behind
+are removed by the next successful write of the same target: one writer per target at a time.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -35,11 +38,26 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _remove_stale(path: Path, suffixes: tuple[str, ...] = ("tmp",)) -> None:
+    """Remove the temporaries of our own naming (``.<name>.<8 random chars>.<suffix>``, files or folders) that a
+    killed write of ``path`` left beside it."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.(?:{'|'.join(suffixes)})")
+    with contextlib.suppress(OSError):
+        for stale in path.parent.iterdir():
+            if pattern.fullmatch(stale.name):
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def _atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``, on error remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; refusing to replace it with a file")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
@@ -51,6 +69,7 @@ def _atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+    _remove_stale(path)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -78,6 +97,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it replaces ``path`` (any old folder there is removed only after
     the new one is in place). On error the temporary folder is removed and ``path`` is untouched."""
     path = Path(path)
+    _check_folder_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -96,15 +116,46 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    _remove_stale(path, ("tmp", "old"))
+
+
+def _check_folder_path(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a folder; refusing to replace it: choose a folder path")
 
 
 def atomic_save_tensors(
-    directory: str | os.PathLike, tensors: dict, weights_name: str, config_name: str, config: dict
+    directory: str | os.PathLike,
+    tensors: dict,
+    weights_name: str,
+    config_name: str,
+    config: dict,
+    metadata: dict[str, str] | None = None,
+    whole_folder: bool = True,
 ) -> Path:
-    """Write a folder of one safetensors file and its JSON config as a whole (see :func:`atomic_directory`)."""
+    """Write ``tensors`` (safetensors, with ``metadata``) and ``config`` (JSON) as the folder ``directory``.
+
+    ``whole_folder``: the folder is written whole and swapped in (:func:`atomic_directory`), so it holds these two
+    files only. Otherwise the two files are written into ``directory`` and other files there are left alone: both
+    are written in full before either replaces its target, the weights first, the config second, so a reader sees
+    the old pair, the new pair, or (after a crash between the two renames) the new weights beside the old config;
+    loaders check that the two fit together (shapes; for adapters, the fields recorded in the weights' metadata).
+    Either way a ``directory`` that is a file is refused.
+    """
     from safetensors.torch import save_file
 
-    with atomic_directory(directory) as tmp:
-        save_file(tensors, str(tmp / weights_name), metadata={"format": "pt"})
-        (tmp / config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return Path(directory)
+    directory = Path(directory)
+    metadata = {"format": "pt", **(metadata or {})}
+    if whole_folder:
+        with atomic_directory(directory) as tmp:
+            save_file(tensors, str(tmp / weights_name), metadata=metadata)
+            (tmp / config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return directory
+    _check_folder_path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with _atomic_file(directory / config_name) as config_tmp, _atomic_file(directory / weights_name) as weights_tmp:
+        save_file(tensors, str(weights_tmp), metadata=metadata)
+        config_tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # Folders a killed whole-folder write of this path left beside it (".<name>.<random>.tmp/.old").
+    _remove_stale(directory, ("tmp", "old"))
+    return directory

@@ -4,6 +4,13 @@ The wrapped layer is held by reference: its weight is neither copied nor transpo
 ``W (N, K)``; GPT-2's ``Conv1D`` stores ``(K, N)`` and is passed to the op as ``weight.t()``, a view.
 Initialisation follows microsoft/LoRA and HF PEFT: ``lora_A (R, K)`` kaiming-uniform(a=√5), ``lora_B (N, R)`` zeros,
 so a fresh layer computes exactly its base layer.
+
+The LoRA weights' dtype is HF PEFT's (``autocast_adapter_dtype=True``): fp32 when the base weight is fp16 or bf16,
+the base weight's dtype otherwise; the op runs the LoRA branch in that dtype (x cast to it, as PEFT does).
+
+In a ``state_dict`` the layer keeps the wrapped layer's keys (``<name>.weight``, ``<name>.bias``) beside
+``<name>.lora_A`` and ``<name>.lora_B``, so the base weights of a model with LoRA are saved under the original model's
+names (a merged layer's ``weight`` is the merged weight) and load back into a model with or without LoRA.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ from torch import nn
 
 from lora_fast.functional import BACKENDS, lora_linear
 
-__all__ = ["LoRALinear", "in_out_features", "is_conv1d", "is_linear_layer", "lora_scaling"]
+__all__ = ["LoRALinear", "in_out_features", "is_conv1d", "is_linear_layer", "lora_dtype", "lora_scaling"]
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -43,11 +52,30 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def lora_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the LoRA weights on a base weight of ``base_dtype``: fp32 for fp16/bf16 (PEFT's
+    ``autocast_adapter_dtype``), ``base_dtype`` otherwise."""
+    return torch.float32 if base_dtype in _HALF else base_dtype
+
+
+def check_lora_hyperparameters(r, alpha, dropout, use_rslora=False) -> None:
+    """Raise naming the argument unless ``r`` is an int >= 1, ``alpha`` a finite real number, ``dropout`` a real number
+    in [0, 1) and ``use_rslora`` a bool (``bool`` is refused where a number is meant: ``r=True`` is a mistake)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r} ({type(r).__name__})")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"LoRA alpha must be a finite real number, got {alpha!r} ({type(alpha).__name__})")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be a real number in [0, 1), got {dropout!r} ({type(dropout).__name__})")
+    if not isinstance(use_rslora, bool):
+        raise ValueError(f"use_rslora must be a bool, got {use_rslora!r} ({type(use_rslora).__name__})")
+
+
 class LoRALinear(nn.Module):
     """``y = base(x) + s · (drop(x) Aᵀ) Bᵀ`` around an existing ``nn.Linear`` or ``Conv1D``.
 
     ``merge()`` folds ``s · B A`` into the base weight (in fp32, then cast) so inference costs nothing extra;
-    ``unmerge()`` takes it out again. Merging is explicit, never a side effect of ``.eval()``.
+    ``unmerge()`` puts the pre-merge weight back bit for bit. Merging is explicit, never a side effect of ``.eval()``.
     """
 
     def __init__(
@@ -63,10 +91,7 @@ class LoRALinear(nn.Module):
         self.fan_in_fan_out = is_conv1d(base)
         if not is_linear_layer(base):
             raise TypeError(f"LoRALinear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        check_lora_hyperparameters(r, alpha, dropout, use_rslora)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         self.base = base
@@ -78,9 +103,15 @@ class LoRALinear(nn.Module):
         self.backend = backend
         self.merged = False
         self.disabled = False
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
+        dtype = lora_dtype(w.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=w.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        # The base weight as it was before merge(), held only while merged (same device, so .to() moves it; not
+        # saved): unmerge() restores it bit for bit instead of subtracting the rounded update again.
+        self.register_buffer("premerge_weight", None, persistent=False)
+        self.register_state_dict_post_hook(_state_dict_base_keys)
+        self.register_load_state_dict_pre_hook(_load_state_dict_base_keys)
         self.train(base.training)  # a model in eval mode gets LoRA layers in eval mode (no dropout)
 
     @property
@@ -113,21 +144,33 @@ class LoRALinear(nn.Module):
         return delta.t() if self.fan_in_fan_out else delta
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the LoRA update into the base weight (computed in fp32, then cast). A merged layer is left alone."""
+    def merge(self, keep_original: bool = True) -> None:
+        """Fold the LoRA update into the base weight (computed in fp32, then cast). A merged layer is left alone.
+
+        With ``keep_original`` (the default) a copy of the pre-merge weight is held until ``unmerge()``, which then
+        restores it exactly: one extra copy of this weight, on its device, while merged. ``merge_and_unload`` merges
+        without it.
+        """
         if self.merged:
             return
         w = self.base.weight
+        if keep_original:
+            self.premerge_weight = w.detach().clone()
         w.copy_((w.float() + self.delta_weight()).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take a merged LoRA update out of the base weight again (fp32, then cast)."""
+        """Put the pre-merge base weight back, bit for bit."""
         if not self.merged:
             return
-        w = self.base.weight
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        if self.premerge_weight is None:
+            raise RuntimeError(
+                "this LoRA layer was merged with keep_original=False: its pre-merge weight is gone, so unmerge "
+                "cannot restore it exactly"
+            )
+        self.base.weight.copy_(self.premerge_weight)
+        self.premerge_weight = None
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -137,3 +180,37 @@ class LoRALinear(nn.Module):
             f"scaling={self.scaling:g}{', rslora' if self.use_rslora else ''}, dropout={self.dropout}, "
             f"layout={layout}, backend={self.backend}, merged={self.merged}"
         )
+
+
+# The state_dict of a LoRALinear named ``p`` holds ``p.weight``/``p.bias`` (the wrapped layer's own keys, not
+# ``p.base.weight``) and ``p.lora_A``/``p.lora_B``; ``lora_merged`` in its metadata says whether ``p.weight`` holds the
+# merged update, so such a weight is never loaded under LoRA a second time.
+
+
+def _state_dict_base_keys(module: LoRALinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    inner = prefix + "base."
+    own = [k for k in state_dict if k.startswith(prefix)]
+    entries = {(prefix + k[len(inner) :] if k.startswith(inner) else k): state_dict.pop(k) for k in own}
+    base_first = sorted(entries, key=lambda k: k.startswith(prefix + "lora_"))
+    for key in base_first:
+        state_dict[key] = entries[key]
+    local_metadata["lora_merged"] = module.merged
+
+
+def _load_state_dict_base_keys(
+    module: LoRALinear, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
+    if module.merged:
+        error_msgs.append(f"{prefix}: the LoRA layer is merged; call unmerge_lora before load_state_dict")
+        return
+    if local_metadata.get("lora_merged"):
+        error_msgs.append(
+            f"{prefix}: the state_dict was saved from a merged LoRA layer (its weight holds the update); loading it "
+            "under LoRA would apply the update twice. Load it into a model without LoRA, or save it unmerged"
+        )
+        return
+    for name in [n for n, _ in module.base.named_parameters(recurse=False)] + [
+        n for n, _ in module.base.named_buffers(recurse=False)
+    ]:
+        if prefix + name in state_dict:
+            state_dict[prefix + "base." + name] = state_dict.pop(prefix + name)

@@ -33,3 +33,35 @@ def tiny_gpt2_config(**overrides):
     )
     kw.update(overrides)
     return GPT2Config(**kw)
+
+
+def tiny_llama_config(**overrides):
+    """A small random Llama config (vocabulary of 100 tokens): nn.Linear projections, untied embeddings."""
+    from transformers import LlamaConfig
+
+    kw = dict(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def model_snapshot(model):
+    """Copies of the state_dict and the module types, for ``unchanged_since``."""
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def unchanged_since(model, snapshot) -> bool:
+    """True when ``model`` holds exactly the tensors and module types of ``snapshot`` (a refusal touched nothing)."""
+    state, types = snapshot
+    now = model.state_dict()
+    return (
+        set(now) == set(state)
+        and all(torch.equal(now[k], v) for k, v in state.items())
+        and types == [type(m) for m in model.modules()]
+    )

@@ -9,7 +9,7 @@ from transformers import GPT2LMHeadModel
 
 import lora_fast
 from lora_fast import AdapterError, apply_lora, load_adapter, save_adapter
-from tests.helpers import tiny_gpt2_config
+from tests.helpers import model_snapshot, tiny_gpt2_config, unchanged_since
 
 peft = pytest.importorskip("peft", reason="HF PEFT is a dev dependency: pip install -e '.[dev]'")
 
@@ -35,20 +35,6 @@ def _trained_adapter(tmp_path, seed=1):
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
     save_adapter(model, tmp_path / "adapter", base_model_name_or_path="tiny-gpt2")
     return model, tmp_path / "adapter"
-
-
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
-
-
-def _unchanged(model, snap):
-    state, types = snap
-    now = model.state_dict()
-    return (
-        set(now) == set(state)
-        and all(torch.equal(now[k], v) for k, v in state.items())
-        and types == [type(m) for m in model.modules()]
-    )
 
 
 def test_file_format(tmp_path):
@@ -156,11 +142,13 @@ def _corrupt(path, how):
         else:
             state[key][0, 0] = float("nan")
         save_file(state, str(weights))
-    elif how == "rank":
-        config["r"] = 8
+    elif how in ("rank", "target"):
+        # A PEFT-written pair (no lora-fast record in the weights' metadata) whose config does not fit the model.
+        save_file(load_file(weights), str(weights))
+        config.update(r=8) if how == "rank" else config.update(target_modules=["attn.q_proj"])
         config_path.write_text(json.dumps(config))
-    elif how == "target":
-        config["target_modules"] = ["attn.q_proj"]
+    elif how == "mixed_saves":  # what a save interrupted between its two renames leaves: new weights, old config
+        config["lora_alpha"] = 32
         config_path.write_text(json.dumps(config))
     elif how == "not_lora":
         config["peft_type"] = "IA3"
@@ -180,10 +168,11 @@ REFUSALS = {
     "missing_key": ("missing keys ['base_model.model.transformer.h.1.attn.c_proj.lora_A.weight']",) * 2,
     "unexpected_key": ("unexpected keys ['base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight']",) * 2,
     "shape": ("shape (4, 31), the model expects (4, 32)",) * 2,
-    "dtype": ("mixes dtypes ['torch.float32', 'torch.float64']", "holds dtype torch.float64, the model's LoRA"),
+    "dtype": ("holds dtype torch.float64, the model's LoRA weight is torch.float32; converting would round it",) * 2,
     "nan": ("NaN",) * 2,
     "rank": ("shape (4, 32), the model expects (8, 32)", "the model has LoRA with r=4"),
-    "target": ("'attn.q_proj' matches no module", "target_modules ['attn.q_proj'] hit []"),
+    "target": ("the adapter's target 'attn.q_proj' matches no module",) * 2,
+    "mixed_saves": ("come from different saves (lora_alpha=32 in the config but 16 for the weights)",) * 2,
     "not_lora": ("only LORA adapters",) * 2,
     "dora": ("use_dora",) * 2,
     "no_weights": ("no adapter_model.safetensors",) * 2,
@@ -198,20 +187,20 @@ def test_refusals_leave_model_unchanged(tmp_path, how, with_lora):
     model = _model(seed=3)
     if with_lora:
         apply_lora(model, TARGETS, r=4, alpha=16)
-    snap = _snapshot(model)
+    snap = model_snapshot(model)
     with pytest.raises(AdapterError) as err:
         load_adapter(model, path)
     assert REFUSALS[how][with_lora] in str(err.value)
-    assert _unchanged(model, snap)
+    assert unchanged_since(model, snap)
 
 
 def test_merged_model_refuses_load(tmp_path):
     model, path = _trained_adapter(tmp_path)
     lora_fast.merge_lora(model)
-    snap = _snapshot(model)
+    snap = model_snapshot(model)
     with pytest.raises(AdapterError, match="unmerge_lora"):
         load_adapter(model, path)
-    assert _unchanged(model, snap)
+    assert unchanged_since(model, snap)
 
 
 def test_missing_folder():
