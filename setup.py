@@ -18,7 +18,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["lora_fast", "lora_fast.kernels"],
+    packages=["lora_fast", "lora_fast.kernels", "lora_fast.study"],
     package_dir={"lora_fast": "lora_fast", "lora_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.11",

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from lora_fast import apply_lora, count_parameters, load_adapter, lora_modules, save_adapter
-from lora_fast.dpo import (
+from lora_fast.io import atomic_write_json
+from lora_fast.study.dpo import (
     dpo_step,
     evaluate_policy,
     make_pairs,
@@ -38,7 +39,6 @@ from lora_fast.dpo import (
     sample_continuations,
     sentiment_scores,
 )
-from lora_fast.io import atomic_write_json
 
 
 @dataclass
@@ -71,7 +71,7 @@ HELP = {
     "model": "policy base model: a hub name or a local folder with config, weights and tokenizer",
     "scorer": "folder of the sentiment LoRA adapter (PEFT format, as train_sentiment.py saves it); required",
     "scorer_model": "base model the scorer adapter goes on (default: --model)",
-    "scorer_prompt": "instruction name of lora_fast.prompts the scorer was trained with",
+    "scorer_prompt": "instruction name of lora_fast.study.prompts the scorer was trained with",
     "data_dir": "local folder with train/validation .jsonl (or parquet); default: the hub's rotten_tomatoes",
     "num_prompts": "training prompts; each gives at most one preference pair",
     "samples_per_prompt": "continuations the base model samples per prompt (k >= 2); best vs worst form the pair",
@@ -168,8 +168,8 @@ def plot(summary: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
-    from lora_fast.data import DataError, load_splits
-    from lora_fast.prompts import build_prompt, label_token_ids, resolve_instruction
+    from lora_fast.study.data import DataError, load_splits
+    from lora_fast.study.prompts import build_prompt, label_token_ids, resolve_instruction
 
     config = parse_args(argv)
     device = torch.device(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lora_fast.cli import dataclass_parser, opt
+from lora_fast.study.cli import dataclass_parser, opt
 
 # ---------------------------------------------------------------- configuration
 
@@ -187,7 +187,7 @@ def amp_setup(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, to
 def prepare_model(cfg: Config, device: torch.device, log):
     """Load the model, add the method's trainable parts (or load --adapter), return (model, tokenizer)."""
     from lora_fast import apply_lora, load_adapter
-    from lora_fast.training import load_causal_lm, use_fused_gelu
+    from lora_fast.study.training import load_causal_lm, use_fused_gelu
 
     model, tokenizer = load_causal_lm(cfg.model, cfg.tokenizer, dropout=cfg.dropout)
     if cfg.fused_gelu:
@@ -200,17 +200,17 @@ def prepare_model(cfg: Config, device: torch.device, log):
         if cfg.adapter and cfg.method == "lora":
             load_adapter(model, cfg.adapter, backend=backend)
         elif cfg.adapter:
-            from lora_fast.weights import load_weights
+            from lora_fast.study.registry import load_weights
 
             load_weights(model, cfg.method, cfg.adapter)
     elif cfg.method == "lora":
         apply_lora(model, cfg.targets, cfg.r, cfg.alpha, cfg.lora_dropout, cfg.rslora, backend)
     elif cfg.method == "bitfit":
-        from lora_fast.methods import prepare_bitfit  # imported only where used
+        from lora_fast.study.methods import prepare_bitfit  # imported only where used
 
         model = prepare_bitfit(model)
     elif cfg.method == "adapter":
-        from lora_fast.methods import apply_bottleneck_adapters
+        from lora_fast.study.methods import apply_bottleneck_adapters
 
         model = apply_bottleneck_adapters(model, cfg.adapter_dim)
     return model.to(device), tokenizer
@@ -221,7 +221,7 @@ def prepare_model(cfg: Config, device: torch.device, log):
 
 def score(cfg, model, tokenizer, seqs, prompts, labels, label_ids, device, amp_dtype) -> dict:
     """Test accuracy by the two label-token logits and, with --generation, by the study's generate-and-match."""
-    from lora_fast.evaluate import generation_accuracy, label_accuracy
+    from lora_fast.study.evaluate import generation_accuracy, label_accuracy
 
     pad, bs = tokenizer.pad_token_id, cfg.eval_batch_size
     acc = label_accuracy(model, seqs, labels, label_ids, pad, bs, device, amp_dtype, cfg.padding_side)
@@ -240,13 +240,14 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     from tqdm import tqdm
 
     from lora_fast import count_parameters
-    from lora_fast.checkpoint import load_checkpoint, save_checkpoint
-    from lora_fast.data import load_splits, subset
-    from lora_fast.evaluate import val_loss
     from lora_fast.io import atomic_write_json
-    from lora_fast.prompts import build_prompt, encode_prompt, label_token_ids, resolve_instruction
-    from lora_fast.report import append_metrics, plot_val_loss, trim_metrics, versions
-    from lora_fast.training import (
+    from lora_fast.study.checkpoint import load_checkpoint, save_checkpoint
+    from lora_fast.study.data import load_splits, subset
+    from lora_fast.study.evaluate import val_loss
+    from lora_fast.study.prompts import build_prompt, encode_prompt, label_token_ids, resolve_instruction
+    from lora_fast.study.registry import load_weights, save_weights
+    from lora_fast.study.report import append_metrics, plot_val_loss, trim_metrics, versions
+    from lora_fast.study.training import (
         LastTokenLM,
         NonFiniteLossError,
         collate,
@@ -257,7 +258,6 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
         step_indices,
         train_step,
     )
-    from lora_fast.weights import load_weights, save_weights
 
     main = rank == 0
     log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
@@ -447,10 +447,10 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lora_fast.data import DataError
-    from lora_fast.report import print_summary
-    from lora_fast.sweep import SweepError, run_sweep
-    from lora_fast.training import ModelLoadError
+    from lora_fast.study.data import DataError
+    from lora_fast.study.report import print_summary
+    from lora_fast.study.sweep import SweepError, run_sweep
+    from lora_fast.study.training import ModelLoadError
 
     cfg = parse_config(argv)
     try:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lora_fast import apply_lora
-from lora_fast.prompts import INSTRUCTIONS, build_prompt, encode_example
-from lora_fast.training import (
+from lora_fast.study.prompts import INSTRUCTIONS, build_prompt, encode_example
+from lora_fast.study.training import (
     LastTokenLM,
     NonFiniteLossError,
     collate,

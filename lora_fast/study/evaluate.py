@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_fast.prompts import LABEL_WORDS
-from lora_fast.training import LastTokenLM, collate
+from lora_fast.study.prompts import LABEL_WORDS
+from lora_fast.study.training import LastTokenLM, collate
 
 __all__ = ["label_accuracy", "val_loss", "generation_accuracy", "parse_label"]
 

@@ -85,7 +85,7 @@ def load_causal_lm(
         raise ModelLoadError(
             f"could not load --model {name_or_path!r}"
             f"{f' / --tokenizer {tokenizer_path!r}' if tokenizer_path else ''}: {first[:300]}. "
-            f"Offline, pass a local folder; `python -m lora_fast.tiny OUT --tokenizer DIR` makes a "
+            f"Offline, pass a local folder; `python -m lora_fast.study.tiny OUT --tokenizer DIR` makes a "
             f"small random GPT-2 one"
         ) from None
     if tokenizer.pad_token_id is None:

@@ -10,7 +10,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from lora_fast import apply_lora, disable_lora, load_adapter, lora_modules, save_adapter
-from lora_fast.dpo import (
+from lora_fast.study.dpo import (
     completion_logprobs,
     dpo_loss,
     dpo_step,

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from lora_fast.data import DataError, load_hub, load_local, load_splits, subset
+from lora_fast.study.data import DataError, load_hub, load_local, load_splits, subset
 from tests.helpers import DATA_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_local_jsonl_splits_match_the_readme():

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import train_sentiment
-from lora_fast.tiny import make_tiny_gpt2
+from lora_fast.study.tiny import make_tiny_gpt2
 from tests.helpers import DATA_DIR, TOKENIZER_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
@@ -120,9 +120,9 @@ def test_end_to_end_writes_every_output_and_peft_agrees(tiny, tmp_path):
     from peft import PeftModel
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from lora_fast.data import load_splits, subset
-    from lora_fast.evaluate import label_accuracy
-    from lora_fast.prompts import INSTRUCTIONS, build_prompt, encode_prompt
+    from lora_fast.study.data import load_splits, subset
+    from lora_fast.study.evaluate import label_accuracy
+    from lora_fast.study.prompts import INSTRUCTIONS, build_prompt, encode_prompt
 
     tok = AutoTokenizer.from_pretrained(str(tiny))
     test = subset(load_splits(DATA_DIR)["test"], 32, 42)
@@ -130,7 +130,7 @@ def test_end_to_end_writes_every_output_and_peft_agrees(tiny, tmp_path):
     peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(tiny)), str(out / "adapter_last"))
     ours = train_sentiment.Config(model=str(tiny), eval_only=True, adapter=str(out / "adapter_last"))
     model, _ = train_sentiment.prepare_model(ours, torch.device("cpu"), print)
-    from lora_fast.training import label_logits
+    from lora_fast.study.training import label_logits
 
     batch = {"input_ids": torch.tensor([seqs[0], seqs[0]]), "attention_mask": torch.ones(2, len(seqs[0]))}
     torch.testing.assert_close(

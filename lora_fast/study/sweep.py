@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from lora_fast.cli import config_argv
+from lora_fast.study.cli import config_argv
 
 __all__ = ["SWEEPS", "SweepError", "sweep_markdown", "run_sweep"]
 
@@ -151,7 +151,7 @@ def run_sweep(cfg, script: str | os.PathLike) -> dict[str, dict] | None:
     ``script`` (train_sentiment.py), then write the table and the combined plot. Returns the summaries by sub-run
     name, or None when a sub-run stopped early (``--stop-after-step``); raises ``SweepError`` when one fails."""
     from lora_fast.io import atomic_write_text
-    from lora_fast.report import plot_val_loss
+    from lora_fast.study.report import plot_val_loss
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SweepError(

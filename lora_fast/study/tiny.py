@@ -3,7 +3,7 @@
 ``make_tiny_gpt2(out_dir, tokenizer_dir)`` writes a ``GPT2LMHeadModel`` with the real 50,257-token vocabulary but a
 few layers of width 32–64, together with the tokenizer, so ``--model out_dir`` loads it like a hub checkpoint::
 
-    python -m lora_fast.tiny /tmp/tiny-gpt2 --tokenizer ../shared/data/gpt2-tokenizer
+    python -m lora_fast.study.tiny /tmp/tiny-gpt2 --tokenizer ../shared/data/gpt2-tokenizer
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def make_tiny_gpt2(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lora_fast.tiny", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lora_fast.study.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="folder to write the model and tokenizer to")
     parser.add_argument(
         "--tokenizer", required=True, help="folder of a GPT-2 tokenizer (e.g. ../shared/data/gpt2-tokenizer)"

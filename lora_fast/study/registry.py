@@ -2,7 +2,7 @@
 
 - ``lora``: an HF PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``, ``lora_fast.adapters``);
 - ``full``: the whole model and its tokenizer, a folder usable as ``--model``;
-- ``bitfit``: the biases; ``adapter``: the bottleneck adapters (both ``lora_fast.methods``' strict files).
+- ``bitfit``: the biases; ``adapter``: the bottleneck adapters (both ``lora_fast.study.methods``' strict files).
 
 Every folder is written atomically, so a run killed mid-save keeps the previous one.
 """
@@ -30,11 +30,11 @@ def save_weights(model: nn.Module, tokenizer, method: str, directory: str | os.P
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     elif method == "bitfit":
-        from lora_fast.methods import save_bitfit
+        from lora_fast.study.methods import save_bitfit
 
         save_bitfit(model, directory)
     else:
-        from lora_fast.methods import save_bottleneck_adapters
+        from lora_fast.study.methods import save_bottleneck_adapters
 
         save_bottleneck_adapters(model, directory)
 
@@ -55,10 +55,10 @@ def load_weights(model: nn.Module, method: str, directory: str | os.PathLike) ->
     elif method == "full":
         model.load_state_dict(load_file(str(Path(directory) / "model.safetensors")), strict=False)
     elif method == "bitfit":
-        from lora_fast.methods import load_bitfit
+        from lora_fast.study.methods import load_bitfit
 
         load_bitfit(model, directory)
     else:
-        from lora_fast.methods import load_bottleneck_adapters
+        from lora_fast.study.methods import load_bottleneck_adapters
 
         load_bottleneck_adapters(model, directory)

@@ -1,5 +1,5 @@
-"""Sweeps (lora_fast.sweep): the study table's deltas, sub-run flags, and a methods sweep on a tiny random GPT-2 run
-through train_sentiment.py's CLI: one process per sub-run, interrupted and resumed, then skipped when finished."""
+"""Sweeps (lora_fast.study.sweep): the study table's deltas, sub-run flags, and a methods sweep on a tiny random GPT-2
+run through train_sentiment.py's CLI: one process per sub-run, interrupted and resumed, then skipped when finished."""
 
 import dataclasses
 import json
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 import train_sentiment
-from lora_fast.cli import config_argv
-from lora_fast.sweep import SWEEPS, SweepError, run_sweep, sweep_markdown
-from lora_fast.tiny import make_tiny_gpt2
+from lora_fast.study.cli import config_argv
+from lora_fast.study.sweep import SWEEPS, SweepError, run_sweep, sweep_markdown
+from lora_fast.study.tiny import make_tiny_gpt2
 from tests.helpers import DATA_DIR, TOKENIZER_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METHOD_RUNS = ["zero-shot", "few-shot-k4", "bitfit", "adapter", "lora-r16", "lora-r128", "full"]
 
 

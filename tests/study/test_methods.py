@@ -9,7 +9,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lora_fast import count_parameters
-from lora_fast.methods import (
+from lora_fast.study.methods import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     BITFIT_WEIGHTS,
