@@ -84,7 +84,8 @@ def _batch(cfg: StepConfig, vocab: int):
 
 def build_step(row: str, cfg: StepConfig):
     """``(step_fn, model, description)`` for ``row``; ``step_fn()`` runs one full optimizer step, returns the loss."""
-    from lora_fast.study.training import LastTokenLM, make_optimizer, train_step, use_fused_gelu
+    from lora_fast.study.causal_lm import LastTokenLM, use_fused_gelu
+    from lora_fast.study.training import make_optimizer, train_step
 
     model = _build_gpt2(cfg)
     vocab = model.config.vocab_size

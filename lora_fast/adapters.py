@@ -29,7 +29,18 @@ from lora_fast.model import (
     target_hits,
 )
 
-__all__ = ["AdapterError", "save_adapter", "load_adapter", "read_adapter_config", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = [
+    "AdapterError",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter_config",
+    "base_model_name",
+    "read_json_config",
+    "read_safetensors",
+    "check_tensors",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -44,7 +55,8 @@ def _task_type(model: nn.Module) -> str | None:
     return "CAUSAL_LM" if name.endswith(("LMHeadModel", "ForCausalLM")) else None
 
 
-def _base_name(model: nn.Module) -> str | None:
+def base_model_name(model: nn.Module) -> str | None:
+    """The hub name or folder ``model`` was loaded from (its HF config's ``_name_or_path``), or None."""
     config = getattr(model, "config", None)
     name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
     return name or None
@@ -64,7 +76,7 @@ def save_adapter(
     peft_config = {
         "peft_type": "LORA",
         "task_type": _task_type(model) if task_type == "auto" else task_type,
-        "base_model_name_or_path": base_model_name_or_path or _base_name(model),
+        "base_model_name_or_path": base_model_name_or_path or base_model_name(model),
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
@@ -88,14 +100,7 @@ def save_adapter(
 def read_adapter_config(directory: str | os.PathLike) -> dict:
     """Read and check ``adapter_config.json``: a LoRA adapter this package can represent, or an AdapterError."""
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterError(f"no {CONFIG_NAME} in {directory}: not an adapter folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{path} is not valid JSON ({exc}); the file is corrupt or truncated") from exc
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    config = read_json_config(path, "an adapter")
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
     for key in ("r", "lora_alpha", "target_modules"):
@@ -120,19 +125,38 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     return config
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+def read_json_config(path: Path, kind: str) -> dict:
+    """The JSON object in a folder's config file ``path``; AdapterError when it is missing (not ``kind`` folder),
+    unreadable or not an object."""
+    if not path.is_file():
+        raise AdapterError(f"no {path.name} in {path.parent}: not {kind} folder")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path} is not valid JSON ({exc}); the file is corrupt or truncated") from exc
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file ``path``; AdapterError when it is missing, truncated or corrupt."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = directory / WEIGHTS_NAME
     if not path.is_file():
-        legacy = directory / "adapter_model.bin"
-        hint = f" ({legacy.name} is there: re-save it as safetensors)" if legacy.is_file() else ""
-        raise AdapterError(f"no {WEIGHTS_NAME} in {directory}{hint}")
+        raise AdapterError(f"no {path.name} in {path.parent}")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterError(f"{path} cannot be read ({exc}); the file is corrupt or truncated") from exc
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    legacy = directory / "adapter_model.bin"
+    if not (directory / WEIGHTS_NAME).is_file() and legacy.is_file():
+        raise AdapterError(f"no {WEIGHTS_NAME} in {directory} ({legacy.name} is there: re-save it as safetensors)")
+    return read_safetensors(directory / WEIGHTS_NAME)
 
 
 def _target_names(model: nn.Module, targets) -> list[str]:
@@ -150,14 +174,16 @@ def _target_names(model: nn.Module, targets) -> list[str]:
         raise AdapterError(f"the adapter's target_modules do not fit {type(model).__name__}: {exc}") from exc
 
 
-def _check_weights(
-    state: dict[str, torch.Tensor], expected: dict[str, tuple[tuple[int, int], torch.dtype | None]], directory: Path
+def check_tensors(
+    state: dict[str, torch.Tensor], expected: dict[str, tuple[tuple[int, ...], torch.dtype | None]], path: Path
 ) -> None:
+    """Refuse (AdapterError) a ``state`` read from ``path`` unless it holds exactly the ``expected`` keys, each with
+    its shape, a floating-point dtype (the expected one where one is given) and finite values."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise AdapterError(
-            f"{directory / WEIGHTS_NAME} does not fit the model: missing keys {missing[:6]}"
+            f"{path} does not fit the model: missing keys {missing[:6]}"
             f"{' …' if len(missing) > 6 else ''} ({len(missing)} in all), unexpected keys "
             f"{unexpected[:6]}{' …' if len(unexpected) > 6 else ''} ({len(unexpected)} in all)"
         )
@@ -166,7 +192,7 @@ def _check_weights(
         if tuple(t.shape) != shape:
             raise AdapterError(f"{key}: the file holds shape {tuple(t.shape)}, the model expects {shape}")
         if not t.is_floating_point():
-            raise AdapterError(f"{key}: the file holds dtype {t.dtype}; LoRA weights must be floating point")
+            raise AdapterError(f"{key}: the file holds dtype {t.dtype}; weights must be floating point")
         if dtype is not None and t.dtype != dtype:
             raise AdapterError(
                 f"{key}: the file holds dtype {t.dtype}, the model's LoRA weight is {dtype}; convert one of them first"
@@ -213,7 +239,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, backend: str = 
         for name, layer in existing.items():
             expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = ((r, layer.in_features), layer.lora_A.dtype)
             expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = ((layer.out_features, r), layer.lora_B.dtype)
-        _check_weights(state, expected, directory)
+        check_tensors(state, expected, directory / WEIGHTS_NAME)
         targets_layers = existing
     else:
         names = _target_names(model, config["target_modules"])
@@ -222,7 +248,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, backend: str = 
             k, n = in_out_features(model.get_submodule(name))
             expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = ((r, k), None)
             expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = ((n, r), None)
-        _check_weights(state, expected, directory)
+        check_tensors(state, expected, directory / WEIGHTS_NAME)
         dtypes = {t.dtype for t in state.values()}
         if len(dtypes) != 1:
             raise AdapterError(f"{directory / WEIGHTS_NAME} mixes dtypes {sorted(map(str, dtypes))}")

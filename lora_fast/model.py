@@ -96,12 +96,6 @@ def find_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     return hits
 
 
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def apply_lora(
     model: nn.Module,
     targets: str | Sequence[str],
@@ -124,7 +118,7 @@ def apply_lora(
     for param in model.parameters():
         param.requires_grad_(False)
     for n, layer in wrapped.items():
-        _set_child(model, n, layer)
+        model.set_submodule(n, layer)
     model.lora_config = LoRAConfig(
         targets=[targets] if isinstance(targets, str) else list(targets),
         r=r,

@@ -1,248 +1,40 @@
-"""The efficient training step for label-token classification with a causal LM.
-
-The loss is the LM loss on one token: the label word predicted at the prompt's last position (``"Label:"``). So the
-step runs the transformer body over the prompt, gathers the hidden state at each sequence's last real token, and
-applies the LM head to those ``B`` rows only: ``(B, vocab)`` logits instead of HF's ``(B, T, vocab)`` (for gpt2-medium,
-batch 32 and 128 tokens that is 0.8 GB of fp32 logits and their gradient that are never written). The loss equals HF's
-``model(input_ids, labels=labels).loss`` with every position but the label masked (see ``prompts.encode_example``).
-For GPT-2 the last transformer block, too, runs past its keys and values on those ``B`` rows only (see
-``LastTokenLM``).
+"""The training step for label-token classification with a causal LM (the forward is ``causal_lm.LastTokenLM``).
 
 Batches are padded per batch to their own longest prompt (dynamic padding), on the right or the left; position ids
-count real tokens only, so both sides give the same logits. ``train_step`` accumulates gradients over micro-batches
-(with DDP's ``no_sync`` on all but the last), runs under autocast on CUDA (with a GradScaler for fp16), clips, and
-refuses a non-finite loss before the optimizer moves.
+count real tokens only, so both sides give the same logits. The data order is a pure function of the seed and the
+step, so a resumed run draws exactly the data an uninterrupted one would. ``train_step`` accumulates gradients over
+micro-batches (with DDP's ``no_sync`` on all but the last), runs under autocast on CUDA (with a GradScaler for fp16),
+clips, and refuses a non-finite loss before the optimizer moves.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
+import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import get_constant_schedule_with_warmup
+
+from lora_fast.study.distributed import all_sum, rank_and_world
+from lora_fast.study.errors import NonFiniteLossError
+from lora_fast.study.prompts import EncodedSplit
 
 __all__ = [
-    "ModelLoadError",
-    "NonFiniteLossError",
-    "LastTokenLM",
     "StepResult",
-    "load_causal_lm",
-    "use_fused_gelu",
     "collate",
-    "label_logits",
     "make_optimizer",
     "make_scheduler",
     "step_indices",
     "micro_batches",
+    "step_batches",
     "train_step",
     "peak_memory_mb",
 ]
-
-
-class ModelLoadError(RuntimeError):
-    """``--model`` names nothing loadable; the message says what was tried."""
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss was NaN or inf; raised before the optimizer step, so the weights are the last good ones."""
-
-
-# ---------------------------------------------------------------- model loading and the GELU swap
-
-
-def load_causal_lm(
-    name_or_path: str,
-    tokenizer_path: str | None = None,
-    dropout: float | None = 0.0,
-    dtype: torch.dtype = torch.float32,
-):
-    """``(model, tokenizer)`` from a hub name or a local folder (weights, and the tokenizer unless
-    ``tokenizer_path`` names one). ``dropout`` sets GPT-2's residual, embedding and attention dropout (None keeps
-    the config's). The tokenizer gets ``pad = eos`` when it has no pad token, as GPT-2's has none."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    looks_local = os.path.sep in name_or_path or name_or_path.startswith(".") or os.path.exists(name_or_path)
-    if looks_local and not os.path.isdir(name_or_path):
-        raise ModelLoadError(
-            f"--model {name_or_path}: no such folder (give a hub name such as gpt2, or a folder with "
-            f"config.json, weights and tokenizer files)"
-        )
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-        if dropout is not None:
-            for attr in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout"):
-                if hasattr(config, attr):
-                    setattr(config, attr, dropout)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or name_or_path)
-    except Exception as e:  # hub offline, missing files, unknown architecture: one clear message
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(
-            f"could not load --model {name_or_path!r}"
-            f"{f' / --tokenizer {tokenizer_path!r}' if tokenizer_path else ''}: {first[:300]}. "
-            f"Offline, pass a local folder; `python -m lora_fast.study.tiny OUT --tokenizer DIR` makes a "
-            f"small random GPT-2 one"
-        ) from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def use_fused_gelu(model: nn.Module) -> int:
-    """Replace every HF ``NewGELUActivation`` (GPT-2's ``gelu_new``, written as six elementwise ops) by
-    ``nn.GELU(approximate="tanh")``, one fused kernel computing the same formula (equal to ~1e-6 in fp32). Explicit
-    child replacement in each parent, no class patching. Returns how many modules were replaced."""
-    from transformers.activations import NewGELUActivation
-
-    hits = [name for name, module in model.named_modules() if isinstance(module, NewGELUActivation)]
-    for name in hits:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, nn.GELU(approximate="tanh"))
-    return len(hits)
-
-
-# ---------------------------------------------------------------- the last-token forward
-
-
-class _StopBeforeLastBlock(Exception):
-    """Raised by the pre-hook on GPT-2's last block to leave HF's body with that block's input; private."""
-
-    def __init__(self, hidden: torch.Tensor):
-        super().__init__()
-        self.hidden = hidden
-
-
-def _gpt2_last_block_ok(model: nn.Module) -> bool:
-    """Whether ``LastTokenLM``'s rows-only last block reproduces HF's block exactly for ``model``: GPT-2, self-attention
-    only, without ``reorder_and_upcast_attn`` (a different attention formula, upcast and reordered)."""
-    config = getattr(model, "config", None)
-    body = getattr(model, "base_model", None)
-    if config is None or getattr(config, "model_type", None) != "gpt2":
-        return False
-    if getattr(config, "reorder_and_upcast_attn", False) or getattr(config, "add_cross_attention", False):
-        return False
-    blocks = getattr(body, "h", None)
-    if (
-        not isinstance(blocks, nn.ModuleList)
-        or len(blocks) == 0
-        or not isinstance(getattr(body, "ln_f", None), nn.Module)
-    ):
-        return False
-    attn = getattr(blocks[-1], "attn", None)
-    return attn is not None and not getattr(attn, "is_cross_attention", False) and hasattr(blocks[-1], "mlp")
-
-
-class LastTokenLM(nn.Module):
-    """``forward(...) -> (B, vocab)``, or ``(B, len(label_ids))``: the LM head applied at each sequence's last real
-    token only. A module (not a function) so that DDP can wrap it and see every forward.
-
-    With ``last_block_rows_only`` (default) and a GPT-2 model, the last transformer block also runs at those ``B``
-    rows only: blocks ``0..L-2`` run as HF runs them, then the last block's ``c_attn`` runs over all positions (its
-    keys and values are needed everywhere) while the query, attention output projection, MLP, both layer norms,
-    ``ln_f`` and their backward run on ``B`` rows instead of ``B·T``. The same ops on fewer rows: the logits equal
-    the full path's up to GEMM blocking. Other models (or GPT-2 with ``reorder_and_upcast_attn`` or cross-attention)
-    take the full path, as does ``last_block_rows_only=False``.
-    """
-
-    def __init__(self, model: nn.Module, last_block_rows_only: bool = True):
-        super().__init__()
-        self.model = model
-        self.last_block_rows_only = last_block_rows_only
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        last_index: torch.Tensor,
-        label_ids: Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        if self.last_block_rows_only and _gpt2_last_block_ok(self.model):
-            h = self._gpt2_last_block_at_rows(input_ids, attention_mask, position_ids, last_index, rows)
-        else:
-            body = self.model.base_model  # GPT2LMHeadModel.transformer: embeddings, blocks, final layer norm
-            hidden = body(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state
-            h = hidden[rows, last_index]  # (B, C)
-        head = self.model.get_output_embeddings()
-        if label_ids is None:
-            return head(h)
-        # Only the label rows of the head: (B, C) @ (C, 2).
-        weight = head.weight[torch.as_tensor(list(label_ids), device=h.device)]
-        bias = None if getattr(head, "bias", None) is None else head.bias[list(label_ids)]
-        return F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
-
-    def _gpt2_last_block_at_rows(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        last_index: torch.Tensor,
-        rows: torch.Tensor,
-    ) -> torch.Tensor:
-        """``ln_f`` output at ``(rows, last_index)``, ``(B, C)``: HF's body up to the last block, then that block on
-        the label rows (GPT2Block.forward and GPT2Attention.forward of transformers 5.x, SDPA form)."""
-        body = self.model.base_model
-        block = body.h[-1]
-        attn = block.attn
-
-        # How to stop HF's body before the last block: a forward pre-hook on that block that takes its input hidden
-        # states and raises. Chosen over swapping ``body.h``/``ln_f`` for truncated copies because it changes no
-        # module of the model (nothing to restore if anything raises, nothing another thread or DDP could see
-        # half-swapped) and assumes nothing about how HF's loop walks the blocks or applies ``ln_f``: only that the
-        # block is called with its hidden states first (positionally, or as ``hidden_states=``), true across
-        # transformers 5.x. It also fires inside gradient checkpointing, whose layer wrapper calls the module.
-        def grab(_module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            raise _StopBeforeLastBlock(hidden)
-
-        handle = block.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        except _StopBeforeLastBlock as stop:
-            hidden = stop.hidden
-        else:  # pragma: no cover - the hook always fires when the body runs its blocks
-            raise RuntimeError("GPT-2's last block was never called")
-        finally:
-            handle.remove()
-
-        B, T, C = hidden.shape
-        H = attn.num_heads
-        D = C // H
-        qkv = attn.c_attn(block.ln_1(hidden))  # (B, T, 3C) over all positions: keys and values are needed everywhere
-        q, k, v = qkv.split(C, dim=2)
-        q = q[rows, last_index].view(B, 1, H, D).transpose(1, 2)  # (B, H, 1, D): the label row's query only
-        k = k.view(B, T, H, D).transpose(1, 2)
-        v = v.view(B, T, H, D).transpose(1, 2)
-        # Keys the label row may see: real tokens at or before it (causal + padding mask, either padding side).
-        positions = torch.arange(T, device=hidden.device)
-        allowed = (attention_mask != 0) & (positions[None, :] <= last_index[:, None])  # (B, T)
-        scale = 1.0
-        if attn.scale_attn_weights:
-            scale = D**-0.5
-        if attn.scale_attn_by_inverse_layer_idx:
-            scale /= float(attn.layer_idx + 1)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=allowed[:, None, None, :],
-            dropout_p=attn.attn_dropout.p if attn.training else 0.0,
-            scale=scale,
-        )  # (B, H, 1, D)
-        out = out.transpose(1, 2).reshape(B, 1, C)
-        out = attn.resid_dropout(attn.c_proj(out))
-        x = out + hidden[rows, last_index].unsqueeze(1)  # (B, 1, C)
-        x = x + block.mlp(block.ln_2(x))
-        return body.ln_f(x).squeeze(1)
 
 
 def collate(
@@ -269,24 +61,6 @@ def collate(
     return {k: v.to(device) for k, v in out.items()}
 
 
-def label_logits(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor | None = None,
-    label_ids: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """Logits at each sequence's last real token: ``(B, vocab)``, or ``(B, len(label_ids))``. Works for left or
-    right padding; position ids are derived from the mask when not given."""
-    if position_ids is None:
-        position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-    T = attention_mask.shape[1]
-    # Last real token: the highest index whose mask is 1 (right padding: length - 1; left padding: T - 1).
-    last_index = T - 1 - attention_mask.long().flip(1).argmax(1)
-    head = model if isinstance(model, LastTokenLM) else LastTokenLM(model)
-    return head(input_ids, attention_mask, position_ids, last_index, label_ids)
-
-
 # ---------------------------------------------------------------- optimizer, schedule, data order
 
 
@@ -308,9 +82,8 @@ def make_optimizer(
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_steps``, then constant (the study: constant, no warm-up)."""
-    warm = max(0, int(warmup_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    """transformers' constant schedule with a linear warm-up from 0 over ``warmup_steps`` (the study: constant)."""
+    return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=max(0, int(warmup_steps)))
 
 
 def step_indices(n_examples: int, global_batch: int, step: int, seed: int) -> list[int]:
@@ -351,20 +124,35 @@ def micro_batches(
     return chunks[rank::world_size]
 
 
+def step_batches(
+    split: EncodedSplit,
+    step: int,
+    global_batch: int,
+    batch_size: int,
+    seed: int,
+    pad_id: int,
+    padding_side: str = "right",
+    group_by_length: bool = True,
+    device: torch.device | str = "cpu",
+) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
+    """This process's micro-batches of ``split`` for optimizer step ``step`` (0-based) and their label token ids:
+    ``step_indices``, cut by ``micro_batches``, padded by ``collate``; the inputs of ``train_step``."""
+    rank, world = rank_and_world()
+    indices = step_indices(len(split), global_batch, step, seed)
+    chunks = micro_batches(indices, [len(s) for s in split.sequences], batch_size, group_by_length, rank, world)
+    batches = [collate([split.sequences[i] for i in c], pad_id, padding_side, device) for c in chunks]
+    labels = [torch.tensor([split.targets[i] for i in c], device=device) for c in chunks]
+    return batches, labels
+
+
 # ---------------------------------------------------------------- the step
 
 
 @dataclass
 class StepResult:
-    loss: float  # mean over the step's examples, across ranks
-    tokens: int  # real (unpadded) prompt tokens this rank processed
+    loss: float  # mean over the step's examples, across processes
+    tokens: int  # real (unpadded) prompt tokens of the step, across processes
     grad_norm: float
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def train_step(
@@ -372,7 +160,6 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     batches: Sequence[dict[str, torch.Tensor]],
     targets: Sequence[torch.Tensor],
-    *,
     scheduler=None,
     scaler: torch.amp.GradScaler | None = None,
     amp_dtype: torch.dtype | None = None,
@@ -397,13 +184,8 @@ def train_step(
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.detach()
         tokens += int(batch["attention_mask"].sum())
-    mean = total / len(batches)
-    if _world() > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(mean)
-        mean /= _world()
-    loss_value = float(mean)
+    loss_sum, tokens = all_sum([float(total) / len(batches), tokens], device)
+    loss_value = loss_sum / rank_and_world()[1]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
@@ -422,13 +204,11 @@ def train_step(
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=loss_value, tokens=tokens, grad_norm=norm)
+    return StepResult(loss=loss_value, tokens=int(tokens), grad_norm=norm)
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     """``(MB, kind)``: CUDA's peak allocated memory, or on CPU the process's peak resident set size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
