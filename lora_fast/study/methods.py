@@ -90,13 +90,7 @@ def save_bitfit(model: nn.Module, directory: str | os.PathLike) -> Path:
 
     params = dict(model.named_parameters())
     state = {name: params[name].detach().contiguous() for name in bitfit_parameter_names(model)}
-    config = {
-        "method": "bitfit",
-        "base_model_name_or_path": base_model_name(model),
-        "shapes": {k: list(t.shape) for k, t in state.items()},
-        "num_parameters": sum(t.numel() for t in state.values()),
-    }
-    return atomic_save_tensors(directory, state, BITFIT_WEIGHTS, BITFIT_CONFIG, config)
+    return _save_files(model, directory, state, "bitfit", BITFIT_WEIGHTS, BITFIT_CONFIG)
 
 
 def load_bitfit(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
@@ -234,16 +228,8 @@ def save_bottleneck_adapters(model: nn.Module, directory: str | os.PathLike) -> 
     if len(dims) != 1:
         raise ValueError(f"the model's adapters have several dims {sorted(dims)}; one file holds a single dim")
     state = _adapter_state(model)
-    config = {
-        "method": "bottleneck_adapter",
-        "base_model_name_or_path": base_model_name(model),
-        "dim": dims.pop(),
-        "activation": "gelu",
-        "modules": list(layers),
-        "shapes": {k: list(t.shape) for k, t in state.items()},
-        "num_parameters": sum(t.numel() for t in state.values()),
-    }
-    return atomic_save_tensors(directory, state, ADAPTER_WEIGHTS, ADAPTER_CONFIG, config)
+    fields = {"dim": dims.pop(), "activation": "gelu", "modules": list(layers)}
+    return _save_files(model, directory, state, "bottleneck_adapter", ADAPTER_WEIGHTS, ADAPTER_CONFIG, **fields)
 
 
 def load_bottleneck_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
@@ -293,6 +279,19 @@ def load_bottleneck_adapters(model: nn.Module, directory: str | os.PathLike) -> 
 # ---------------------------------------------------------------------------------------------------------------
 # Shared file checks
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _save_files(
+    model: nn.Module, directory, state: dict[str, torch.Tensor], method: str, weights: str, config: str, **fields
+) -> Path:
+    """``state`` as the safetensors file ``weights`` and its JSON ``config`` (the method, the base model, ``fields``,
+    every tensor's shape, the parameter count), one folder written atomically."""
+    meta = {"method": method, "base_model_name_or_path": base_model_name(model), **fields}
+    meta |= {
+        "shapes": {k: list(t.shape) for k, t in state.items()},
+        "num_parameters": sum(t.numel() for t in state.values()),
+    }
+    return atomic_save_tensors(directory, state, weights, config, meta)
 
 
 def _read_config(directory: Path, filename: str, method: str) -> dict:
