@@ -156,7 +156,7 @@ def prepare_model(cfg: Config, device: torch.device, log=print):
     if cfg.fused_gelu:
         use_fused_gelu(model)
     if cfg.backend == "auto" and device.type != "cuda":
-        log("--fused: no CUDA device, so LoRA runs the torch backend (the Triton kernels need a GPU)")
+        log("--fused (--backend auto): no CUDA device, so LoRA runs the torch backend (the Triton kernels need a GPU)")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     method = METHODS[cfg.method]
