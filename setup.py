@@ -2,7 +2,8 @@
 
 The Triton kernels live in the top-level ``kernels/`` folder of this repository and install as the subpackage
 ``lora_fast.kernels``: PyPI has a popular package named ``kernels``, and ours must neither shadow nor break it, so
-nothing named ``kernels`` is installed at the top level (``tests/test_packaging.py`` checks the built wheel).
+nothing named ``kernels`` is installed at the top level (``tests/test_packaging.py`` checks the built wheel and the
+installed package). ``pip install -e ".[study,dev]"`` installs everything the scripts and the tests need.
 """
 
 from setuptools import setup
@@ -18,17 +19,13 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["lora_fast", "lora_fast.kernels"],
+    packages=["lora_fast", "lora_fast.kernels", "lora_fast.study"],
     package_dir={"lora_fast": "lora_fast", "lora_fast.kernels": "kernels"},
-    install_requires=[
-        "torch>=2.11",
-        TRITON,
-        "transformers>=5.17",
-        "datasets>=3.0",
-        "safetensors>=0.4",
-        "tqdm>=4.60",
-        "matplotlib>=3.7",
-    ],
-    # `kernels` (PyPI's package of that name) is installed beside ours so the tests can show both coexist.
-    extras_require={"dev": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.17", "ruff>=0.6", "kernels"]},
+    # The library: LoRA layers, kernels, model injection, adapter files.
+    install_requires=["torch>=2.11", TRITON, "safetensors>=0.4"],
+    extras_require={
+        # The sentiment study and DPO (lora_fast.study, train_sentiment.py, train_dpo.py); datasets brings pyarrow.
+        "study": ["transformers>=5.17", "datasets>=3.0", "tqdm>=4.60", "matplotlib>=3.7"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.17", "ruff>=0.6"],
+    },
 )

@@ -3,7 +3,7 @@ nanoGPT-based LoRA study (gpt2-medium, r=128, α=512), with its two flaws fixed 
 
     python train_sentiment.py --preset study                       # the study's run
     python train_sentiment.py --sweep study --out runs/study       # its three experiments, resumable
-    python train_sentiment.py --model /tmp/tiny --data-dir ../shared/data/rotten_tomatoes --max-steps 20
+    python train_sentiment.py --model /tmp/tiny --data-dir path/to/rotten_tomatoes --max-steps 20
     torchrun --nproc_per_node 2 train_sentiment.py ...             # DDP, unchanged
 
 A run writes config.json, metrics.jsonl, summary.json, adapter_best/, adapter_last/, val_loss.png to --out.
@@ -12,9 +12,9 @@ A run writes config.json, metrics.jsonl, summary.json, adapter_best/, adapter_la
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -22,13 +22,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from lora_fast.cli import dataclass_parser, opt
+from lora_fast import BACKENDS
+from lora_fast.io import atomic_write_json
+from lora_fast.study import distributed
+from lora_fast.study.causal_lm import LastTokenLM, load_causal_lm, use_fused_gelu
+from lora_fast.study.checkpoint import resume, save_checkpoint
+from lora_fast.study.cli import dataclass_parser, opt, parse_flags
+from lora_fast.study.data import load_splits, subset
+from lora_fast.study.errors import NonFiniteLossError, StudyError, UsageError
+from lora_fast.study.evaluate import score_split, val_loss
+from lora_fast.study.prompts import INSTRUCTIONS, encode_split, resolve_instruction
+from lora_fast.study.registry import METHODS
+from lora_fast.study.report import (
+    append_metrics,
+    parameter_summary,
+    plot_val_loss,
+    print_summary,
+    trim_metrics,
+    versions,
+)
+from lora_fast.study.sweep import SWEEPS, run_sweep
+from lora_fast.study.training import make_optimizer, make_scheduler, peak_memory_mb, step_batches, train_step
 
 # ---------------------------------------------------------------- configuration
 
-METHODS = ("lora", "full", "bitfit", "adapter")
-PROMPTS = ("default", "simple1", "simple2", "similar", "complex", "cot")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -36,32 +56,24 @@ class Config:
     # model and data
     model: str = opt("gpt2", "hub name (gpt2, gpt2-medium, ...) or a local folder with weights and tokenizer")
     tokenizer: str | None = opt(None, "tokenizer folder or hub name, when --model's folder has none")
-    data_dir: str | None = opt(
-        None,
-        "local rotten_tomatoes folder: train/validation/test as .jsonl or .parquet "
-        "(default: load from the Hugging Face hub)",
-    )
+    data_dir: str | None = opt(None, "local folder: train/validation/test as .jsonl or .parquet (default: the hub)")
     dataset: str = opt("rotten_tomatoes", "hub dataset name, used without --data-dir")
-    prompt: str = opt("default", "instruction wording (see docs/TRAINING.md)", choices=PROMPTS)
+    prompt: str = opt("default", "instruction wording (see docs/TRAINING.md)", choices=tuple(INSTRUCTIONS))
     instruction: str | None = opt(None, "instruction text to use instead of --prompt's")
     shots: int = opt(0, "k labelled train examples placed in every prompt (in-context few-shot)")
     max_length: int = opt(256, "prompt tokens kept (cut from the left, so 'Label:' stays)")
     # method
-    method: str = opt(
-        "lora",
-        "lora, full (fine-tune everything), bitfit (biases only), adapter (bottleneck adapters)",
-        choices=METHODS,
-    )
+    method: str = opt("lora", "lora, full (everything), bitfit (biases), adapter (bottleneck)", choices=tuple(METHODS))
     r: int = opt(16, "LoRA rank")
     alpha: float = opt(64.0, "LoRA alpha; scaling = alpha / r (alpha / sqrt(r) with --rslora)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA branch's input")
     targets: list = opt(["attn.c_attn", "attn.c_proj"], "modules to wrap with LoRA (PEFT suffix rule)", nargs="+")
     rslora: bool = opt(False, "rank-stabilised scaling alpha / sqrt(r)")
-    fused: bool = opt(False, "LoRA backend 'auto': the fused Triton kernels on CUDA (the torch backend on CPU)")
-    backend: str | None = opt(
-        None,
-        "advanced: force the LoRA backend (reference, torch, triton, auto); default torch, or auto with --fused",
-        choices=("auto", "reference", "torch", "triton"),
+    backend: str = opt(
+        "torch",
+        "LoRA backend: torch, triton (fused kernels, CUDA), auto (triton on CUDA, torch elsewhere), reference",
+        choices=BACKENDS,
+        shorthand=("fused", "auto", "--backend auto: the fused Triton kernels on CUDA (the torch backend on CPU)"),
     )
     adapter_dim: int = opt(4, "bottleneck width for --method adapter")
     dropout: float = opt(0.0, "the model's own dropout (residual, embedding, attention), e.g. for --method full")
@@ -70,13 +82,9 @@ class Config:
     betas: list = opt([0.9, 0.95], "AdamW betas", nargs=2, type=float)
     weight_decay: float = opt(0.1, "AdamW weight decay on matrices (biases and norms get none)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
-    warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
+    warmup_steps: int = opt(0, "linear learning-rate warm-up from 0 over this many steps")
     batch_size: int = opt(8, "sequences per micro-batch (per process)")
-    grad_accum: int = opt(
-        1,
-        "micro-batches per optimizer step over all processes; step = batch-size x grad-accum "
-        "sequences, whatever the number of processes",
-    )
+    grad_accum: int = opt(1, "micro-batches per step over all processes: a step is batch-size x grad-accum sequences")
     max_steps: int = opt(100, "optimizer steps")
     train_subset: int | None = opt(None, "train on a shuffled subset of this many train examples")
     seed: int = opt(42, "seed of the subset, the data order, the initialisation and dropout")
@@ -92,90 +100,47 @@ class Config:
     adapter: str | None = opt(None, "with --eval-only: a saved adapter_best/ or adapter_last/ folder of --method")
     # speed and memory
     device: str = opt("auto", "cpu, cuda, cuda:N (auto: cuda when present; torchrun: cuda:LOCAL_RANK)")
-    dtype: str = opt(
-        "auto",
-        "autocast dtype on CUDA (auto: bf16, or fp16 with a GradScaler where bf16 is missing); CPU runs fp32",
-        choices=("auto", "fp32", "bf16", "fp16"),
-    )
+    dtype: str = opt("auto", "CUDA autocast (auto: bf16, or fp16 + GradScaler); CPU: fp32", choices=DTYPES)
     grad_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% more time)")
     group_by_length: bool = opt(True, "sort each step's examples by length before cutting micro-batches")
     padding_side: str = opt("right", "pad prompts on the right or the left (same results)", choices=("right", "left"))
     fused_gelu: bool = opt(True, "replace GPT-2's elementwise gelu_new by torch's tanh GELU (same values)")
     # outputs, robustness, experiments
     out: str | None = opt(None, "run folder (default runs/<timestamp>)")
-    checkpoint_every: int | None = opt(
-        None, "write the resume checkpoint every this many steps (default: --eval-every)"
-    )
+    checkpoint_every: int | None = opt(None, "steps between resume checkpoints (default: --eval-every)")
     resume: bool = opt(False, "continue the run in --out from its checkpoint")
     stop_after_step: int | None = opt(None, "testing: exit after this step's checkpoint, as if killed")
-    preset: str | None = opt(
-        None, "'study': all of the study's hyper-parameters; explicit flags override", choices=("study",)
-    )
-    sweep: str | None = opt(
-        None,
-        "'study' (ranks, alphas, prompts) or 'methods': sub-runs under --out, each in its own process, "
-        "resumable, with a markdown table and one val-loss plot",
-        choices=("study", "methods"),
-    )
+    preset: str | None = opt(None, "'study': the study's hyper-parameters; explicit flags override", choices=("study",))
+    sweep: str | None = opt(None, "sub-runs in --out, one process each, resumable; a table", choices=tuple(SWEEPS))
 
 
 PRESETS = {
-    "study": dict(
-        model="gpt2-medium",
-        method="lora",
-        r=128,
-        alpha=512.0,
-        lora_dropout=0.05,
-        lr=2.5e-4,
-        betas=[0.9, 0.95],
-        weight_decay=0.1,
-        grad_clip=1.0,
-        batch_size=32,
-        grad_accum=4,
-        max_steps=80,
-        train_subset=5000,
-        seed=42,
-        eval_every=5,
-        prompt="default",
-        warmup_steps=0,
-    ),
-}
+    "study": dict(model="gpt2-medium", method="lora", r=128, alpha=512.0, lora_dropout=0.05, lr=2.5e-4,
+                  betas=[0.9, 0.95], weight_decay=0.1, grad_clip=1.0, batch_size=32, grad_accum=4, max_steps=80,
+                  train_subset=5000, seed=42, eval_every=5, prompt="default", warmup_steps=0),
+}  # fmt: skip
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
     """Defaults, then the preset (or the study sweep's preset), then the flags given explicitly."""
-    given = vars(dataclass_parser(Config, __doc__).parse_args(argv))
+    given = parse_flags(dataclass_parser(Config, __doc__), Config, argv)
     preset = given.get("preset") or ("study" if given.get("sweep") == "study" else None)
-    values = {**PRESETS.get(preset, {}), **given}
-    return Config(**values)
+    return Config(**{**PRESETS.get(preset, {}), **given})
+
+
+def check_config(cfg: Config, world: int) -> None:
+    """Refuse a bad flag or combination before anything loads: a UsageError naming the flag."""
+    if cfg.grad_accum % world:
+        raise UsageError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes")
+    if cfg.eval_only and cfg.adapter and not Path(cfg.adapter).is_dir():
+        raise UsageError(f"--adapter {cfg.adapter}: no such folder")
 
 
 # ---------------------------------------------------------------- set-up
 
 
-class UsageError(RuntimeError):
-    """A bad flag or combination; printed as one line."""
-
-
-def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun: one process group (nccl on CUDA, gloo on CPU)."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        device = torch.device(f"cuda:{local}" if world > 1 or cfg.device == "auto" else cfg.device)
-    else:
-        device = torch.device("cpu" if cfg.device == "auto" else cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
 def amp_setup(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """Autocast dtype and GradScaler: none on CPU or with --dtype fp32; bf16, or fp16 with a scaler, on CUDA."""
     if device.type != "cuda" or cfg.dtype == "fp32":
         return None, None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
@@ -184,230 +149,142 @@ def amp_setup(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, to
     return dtype, (torch.amp.GradScaler("cuda") if dtype == torch.float16 else None)
 
 
-def prepare_model(cfg: Config, device: torch.device, log):
-    """Load the model, add the method's trainable parts (or load --adapter), return (model, tokenizer)."""
-    from lora_fast import apply_lora, load_adapter
-    from lora_fast.training import load_causal_lm, use_fused_gelu
-
+def prepare_model(cfg: Config, device: torch.device, log=print):
+    """Load --model, then give it --method's trainable parts (or, with --eval-only, --adapter's saved ones); the
+    model comes back on ``device``, in training mode unless --eval-only."""
     model, tokenizer = load_causal_lm(cfg.model, cfg.tokenizer, dropout=cfg.dropout)
     if cfg.fused_gelu:
         use_fused_gelu(model)
-    backend = cfg.backend or ("auto" if cfg.fused else "torch")
-    if cfg.fused and device.type != "cuda" and cfg.backend is None:
-        log("--fused: no CUDA device, so LoRA runs the torch backend (the Triton kernels need a GPU)")
+    if cfg.backend == "auto" and device.type != "cuda":
+        log("--fused (--backend auto): no CUDA device, so LoRA runs the torch backend (the Triton kernels need a GPU)")
+    random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    if cfg.eval_only:
-        if cfg.adapter and cfg.method == "lora":
-            load_adapter(model, cfg.adapter, backend=backend)
-        elif cfg.adapter:
-            from lora_fast.weights import load_weights
+    method = METHODS[cfg.method]
+    if not cfg.eval_only:
+        model = method.prepare(model, cfg)
+    elif cfg.adapter:
+        model = method.load(model, cfg.adapter, cfg)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(device).train(not cfg.eval_only), tokenizer
 
-            load_weights(model, cfg.method, cfg.adapter)
-    elif cfg.method == "lora":
-        apply_lora(model, cfg.targets, cfg.r, cfg.alpha, cfg.lora_dropout, cfg.rslora, backend)
-    elif cfg.method == "bitfit":
-        from lora_fast.methods import prepare_bitfit  # imported only where used
 
-        model = prepare_bitfit(model)
-    elif cfg.method == "adapter":
-        from lora_fast.methods import apply_bottleneck_adapters
+def encode_data(cfg: Config, splits: dict, tokenizer, n_positions: int) -> list:
+    """[train, val, test] as prompts and token ids: seeded subsets, the instruction, the few-shot examples."""
+    instruction = resolve_instruction(cfg.prompt, cfg.instruction)
+    shots = [(r["text"], r["label"]) for r in subset(splits["train"], cfg.shots, cfg.seed + 1)] if cfg.shots else []
+    sizes = {"train": cfg.train_subset, "validation": cfg.max_val, "test": cfg.max_test}
+    max_length = min(cfg.max_length, n_positions)
+    return [
+        encode_split(subset(splits[s], n, cfg.seed), tokenizer, instruction, max_length, shots)
+        for s, n in sizes.items()
+    ]
 
-        model = apply_bottleneck_adapters(model, cfg.adapter_dim)
-    return model.to(device), tokenizer
+
+def describe(cfg: Config, model, splits: list, device: torch.device, world: int) -> dict:
+    """The summary's first fields: what ran, on what, with how many trainable parameters and examples."""
+    sizes = {f"n_{name}": len(split) for name, split in zip(("train", "val", "test"), splits, strict=True)}
+    what = {"method": cfg.method, "model": cfg.model, "prompt": cfg.instruction or cfg.prompt, "shots": cfg.shots}
+    where = {"device": str(device), "world_size": world, "versions": versions()}
+    return {**what, **parameter_summary(model), **sizes, **where}
+
+
+def scorers(cfg: Config, model, tokenizer, val, test, device: torch.device, amp_dtype):
+    """``validate()``: the validation loss; ``score()``: the test split's label-logit accuracy and, with
+    --generation, the study's generation metric."""
+    batching = {"device": device, "amp_dtype": amp_dtype, "padding_side": cfg.padding_side}
+    pad, batch_size = tokenizer.pad_token_id, cfg.eval_batch_size
+    validate = functools.partial(val_loss, model, val.sequences, val.targets, pad, batch_size, **batching)
+    score = functools.partial(
+        score_split,
+        model,
+        tokenizer,
+        test,
+        batch_size=batch_size,
+        **batching,
+        generation=cfg.generation,
+        gen_tokens=cfg.gen_tokens,
+        max_length=cfg.max_length,
+    )
+    return validate, score
+
+
+def finish(out: Path, summary: dict, t_start: float, device: torch.device, main: bool, plot: bool = False) -> dict:
+    """The summary with wall time and peak memory, written to summary.json (and, with ``plot``, the loss plot drawn
+    from metrics.jsonl) by the main process."""
+    mem, kind = peak_memory_mb(device)
+    summary.update(wall_time_s=time.time() - t_start, peak_memory_mb=mem, peak_memory_kind=kind)
+    if main:
+        atomic_write_json(out / "summary.json", summary)
+    if main and plot:
+        plot_val_loss({"": out / "metrics.jsonl"}, out / "val_loss.png")
+    return summary
 
 
 # ---------------------------------------------------------------- one run
 
 
-def score(cfg, model, tokenizer, seqs, prompts, labels, label_ids, device, amp_dtype) -> dict:
-    """Test accuracy by the two label-token logits and, with --generation, by the study's generate-and-match."""
-    from lora_fast.evaluate import generation_accuracy, label_accuracy
-
-    pad, bs = tokenizer.pad_token_id, cfg.eval_batch_size
-    acc = label_accuracy(model, seqs, labels, label_ids, pad, bs, device, amp_dtype, cfg.padding_side)
-    res = {"label_acc": acc["acc"]}
-    if cfg.generation:
-        gen = generation_accuracy(
-            model, tokenizer, prompts, labels, bs, device, cfg.gen_tokens, amp_dtype, cfg.max_length
-        )
-        res.update(gen_acc=gen["acc"], gen_invalid=gen["invalid"])
-    return res
-
-
 def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     """Train and score one configuration in ``cfg.out``; returns the summary."""
-    import torch.distributed as dist
-    from tqdm import tqdm
+    main, out, t_start = rank == 0, Path(cfg.out), time.time()
+    log = functools.partial(print, flush=True) if main else (lambda *args: None)
 
-    from lora_fast import count_parameters
-    from lora_fast.checkpoint import load_checkpoint, save_checkpoint
-    from lora_fast.data import load_splits, subset
-    from lora_fast.evaluate import val_loss
-    from lora_fast.io import atomic_write_json
-    from lora_fast.prompts import build_prompt, encode_prompt, label_token_ids, resolve_instruction
-    from lora_fast.report import append_metrics, plot_val_loss, trim_metrics, versions
-    from lora_fast.training import (
-        LastTokenLM,
-        NonFiniteLossError,
-        collate,
-        make_optimizer,
-        make_scheduler,
-        micro_batches,
-        peak_memory_mb,
-        step_indices,
-        train_step,
-    )
-    from lora_fast.weights import load_weights, save_weights
-
-    main = rank == 0
-    log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
-    barrier = dist.barrier if world > 1 else (lambda: None)
-    out = Path(cfg.out)
-    if cfg.resume and (out / "summary.json").is_file():
-        log(f"{out}: finished already, skipped")
-        return json.loads((out / "summary.json").read_text())
-    if cfg.grad_accum % world:
-        raise UsageError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes")
-    if cfg.eval_only and cfg.adapter and not Path(cfg.adapter).is_dir():
-        raise UsageError(f"--adapter {cfg.adapter}: no such folder")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
-    t_start = time.time()
-    random.seed(cfg.seed)
-
-    # --- data and prompts
+    # --- data, model, metrics
     splits = load_splits(cfg.data_dir, cfg.dataset)
-    instruction = resolve_instruction(cfg.prompt, cfg.instruction)
-    shots = [(r["text"], r["label"]) for r in subset(splits["train"], cfg.shots, cfg.seed + 1)] if cfg.shots else []
-    train = subset(splits["train"], cfg.train_subset, cfg.seed)
-    val = subset(splits["validation"], cfg.max_val, cfg.seed)
-    test = subset(splits["test"], cfg.max_test, cfg.seed)
     model, tokenizer = prepare_model(cfg, device, log)
-    max_len = min(cfg.max_length, getattr(model.config, "n_positions", cfg.max_length))
-    label_ids = label_token_ids(tokenizer)
-    prompts = {
-        name: [build_prompt(r["text"], instruction, shots) for r in rows]
-        for name, rows in (("train", train), ("val", val), ("test", test))
-    }
-    seqs = {name: [encode_prompt(tokenizer, p, max_len) for p in ps] for name, ps in prompts.items()}
-    test_labels = [r["label"] for r in test]
+    train, val, test = encode_data(cfg, splits, tokenizer, getattr(model.config, "n_positions", cfg.max_length))
     amp_dtype, scaler = amp_setup(cfg, device)
-    trainable, total = count_parameters(model)
-    pad = tokenizer.pad_token_id
-
-    def test_scores():
-        return score(cfg, model, tokenizer, seqs["test"], prompts["test"], test_labels, label_ids, device, amp_dtype)
-
-    summary = {
-        "method": cfg.method,
-        "model": cfg.model,
-        "prompt": cfg.instruction or cfg.prompt,
-        "shots": cfg.shots,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_pct": 100 * trainable / total,
-        "n_train": len(train),
-        "n_val": len(val),
-        "n_test": len(test),
-        "device": str(device),
-        "world_size": world,
-        "versions": versions(),
-    }
+    validate, score = scorers(cfg, model, tokenizer, val, test, device, amp_dtype)
+    summary = describe(cfg, model, [train, val, test], device, world)
     if cfg.eval_only:
-        summary["test"] = {"eval": test_scores()}
-        summary["wall_time_s"] = time.time() - t_start
-        summary["peak_memory_mb"], summary["peak_memory_kind"] = peak_memory_mb(device)
-        if main:
-            atomic_write_json(out / "summary.json", summary)
-        return summary
+        return finish(out, {**summary, "test": {"eval": score()}}, t_start, device, main)
 
-    # --- training state
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    head = LastTokenLM(model)
-    ddp_ids = [device] if device.type == "cuda" else None
-    module = torch.nn.parallel.DistributedDataParallel(head, device_ids=ddp_ids) if world > 1 else head
+    # --- training state: fresh, or restored from the checkpoint
+    module = distributed.wrap(LastTokenLM(model), device)
     optimizer = make_optimizer(model, cfg.lr, tuple(cfg.betas), cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.warmup_steps)
-    global_batch = cfg.batch_size * cfg.grad_accum
+    method, ckpt_path, metrics_path = METHODS[cfg.method], out / "checkpoint.pt", out / "metrics.jsonl"
+    pad, global_batch = tokenizer.pad_token_id, cfg.batch_size * cfg.grad_accum
     data_order = {"seed": cfg.seed, "global_batch": global_batch, "n_train": len(train)}
-    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    step, best, zero_shot = 0, {"val_loss": math.inf, "step": None}, None
-    if cfg.resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, model, optimizer, scheduler, scaler)
-        if state["extra"]["data_order"] != data_order:
-            raise UsageError(
-                f"--resume: {ckpt_path} was written with data order {state['extra']['data_order']}, "
-                f"this run has {data_order}"
-            )
-        step, best, zero_shot = state["step"], state["extra"]["best"], state["extra"]["zero_shot"]
+    step, state = resume(ckpt_path, model, optimizer, scheduler, scaler, data_order) if cfg.resume else (0, {})
+    best, zero_shot = state.get("best", {"val_loss": math.inf, "step": None}), state.get("zero_shot")
+    if step:
         log(f"resumed from {ckpt_path} at step {step}")
-        if main:
-            trim_metrics(metrics_path, step)
-    elif main and metrics_path.is_file():
-        metrics_path.unlink()
-    if zero_shot is None:
-        zero_shot = test_scores() if cfg.zero_shot else None
+    if zero_shot is None and cfg.zero_shot:
+        zero_shot = score()
         log(f"zero-shot test: {zero_shot}")
+    if main:
+        trim_metrics(metrics_path, step)
 
-    # --- the loop
-    lengths = [len(s) for s in seqs["train"]]
-    targets = [label_ids[r["label"]] for r in train]
-    val_targets = [label_ids[r["label"]] for r in val]
-    checkpoint_every = cfg.checkpoint_every or cfg.eval_every
+    # --- the loop: one optimizer step, its record, validation (keeping the best weights), the checkpoint
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, dynamic_ncols=True)
     tokens_seen, train_time = 0, 0.0
     while step < cfg.max_steps:
         t0 = time.time()
-        indices = step_indices(len(train), global_batch, step, cfg.seed)
-        chunks = micro_batches(indices, lengths, cfg.batch_size, cfg.group_by_length, rank, world)
-        batches = [collate([seqs["train"][i] for i in c], pad, cfg.padding_side, device) for c in chunks]
-        labels = [torch.tensor([targets[i] for i in c], device=device) for c in chunks]
+        batches, targets = step_batches(
+            train, step, global_batch, cfg.batch_size, cfg.seed, pad, cfg.padding_side, cfg.group_by_length, device
+        )
         try:
-            res = train_step(
-                module,
-                optimizer,
-                batches,
-                labels,
-                scheduler=scheduler,
-                scaler=scaler,
-                amp_dtype=amp_dtype,
-                grad_clip=cfg.grad_clip,
-            )
+            res = train_step(module, optimizer, batches, targets, scheduler, scaler, amp_dtype, cfg.grad_clip)
         except NonFiniteLossError as e:
-            raise UsageError(f"step {step + 1}: {e}; stopped. The last good checkpoint is {ckpt_path}") from None
-        step += 1
-        tokens = torch.tensor(float(res.tokens), device=device)
-        if world > 1:
-            dist.all_reduce(tokens)
-        dt = time.time() - t0
-        tokens_seen, train_time = tokens_seen + int(tokens), train_time + dt
-        mem, _ = peak_memory_mb(device)
-        record = {
-            "step": step,
-            "train_loss": res.loss,
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": res.grad_norm,
-            "tokens_per_s": float(tokens) / dt,
-            "peak_memory_mb": mem,
-        }
+            raise NonFiniteLossError(f"step {step + 1}: {e}; stopped; last good checkpoint: {ckpt_path}") from None
+        step, dt = step + 1, time.time() - t0
+        tokens_seen, train_time = tokens_seen + res.tokens, train_time + dt
+        record = {"step": step, "train_loss": res.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": res.grad_norm}
+        record.update(tokens_per_s=res.tokens / dt, peak_memory_mb=peak_memory_mb(device)[0])
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            record["val_loss"] = val_loss(
-                model, seqs["val"], val_targets, pad, cfg.eval_batch_size, device, amp_dtype, cfg.padding_side
-            )
+            record["val_loss"] = validate()
             if record["val_loss"] < best["val_loss"]:
                 best = {"val_loss": record["val_loss"], "step": step}
                 if main:
-                    save_weights(model, tokenizer, cfg.method, out / "adapter_best")
+                    method.save(model, tokenizer, out / "adapter_best")
         if main:
             append_metrics(metrics_path, record)
-        if step % checkpoint_every == 0 or step == cfg.max_steps:
+        if step % (cfg.checkpoint_every or cfg.eval_every) == 0 or step == cfg.max_steps:
             if main:
                 extra = {"data_order": data_order, "best": best, "zero_shot": zero_shot}
                 save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, extra)
-            barrier()
+            distributed.barrier()
         bar.update(1)
         bar.set_postfix(loss=f"{res.loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if cfg.stop_after_step == step:
@@ -416,62 +293,51 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
             return {"stopped_at": step}
     bar.close()
 
-    # --- final scores: last, then best
+    # --- final scores: the last weights, then the best ones
     if main:
-        save_weights(model, tokenizer, cfg.method, out / "adapter_last")
-    barrier()
-    last = test_scores()
-    if best["step"] == step or best["step"] is None:
-        best_scores = dict(last)
-    else:
-        load_weights(model, cfg.method, out / "adapter_best")
-        best_scores = test_scores()
-    mem, mem_kind = peak_memory_mb(device)
-    summary.update(
-        test={"zero_shot": zero_shot, "best": best_scores, "last": last},
-        best_step=best["step"],
-        best_val_loss=best["val_loss"],
-        steps=step,
-        wall_time_s=time.time() - t_start,
-        tokens_per_s=tokens_seen / train_time if train_time else None,
-        peak_memory_mb=mem,
-        peak_memory_kind=mem_kind,
-    )
-    if main:
-        atomic_write_json(out / "summary.json", summary)
-        plot_val_loss({"": metrics_path}, out / "val_loss.png")
-    return summary
+        method.save(model, tokenizer, out / "adapter_last")
+    distributed.barrier()
+    last, reload = score(), best["step"] not in (None, step)  # reload: the best weights are not the last ones
+    if reload:
+        method.load(model, out / "adapter_best", cfg)
+    summary["test"] = {"zero_shot": zero_shot, "best": score() if reload else dict(last), "last": last}
+    summary.update(steps=step, best_step=best["step"], best_val_loss=best["val_loss"])
+    summary["tokens_per_s"] = tokens_seen / train_time if train_time else None
+    return finish(out, summary, t_start, device, main, plot=True)
 
 
 # ---------------------------------------------------------------- entry point
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lora_fast.data import DataError
-    from lora_fast.report import print_summary
-    from lora_fast.sweep import SweepError, run_sweep
-    from lora_fast.training import ModelLoadError
-
     cfg = parse_config(argv)
     try:
         if cfg.sweep:  # the parent only starts sub-runs (each in its own process) and gathers their summaries
             run_sweep(cfg, Path(__file__).resolve())
             return 0
-        rank, world, device = setup_distributed(cfg)
+        rank, world, device = distributed.setup(cfg.device)
+        check_config(cfg, world)
         if cfg.out is None:
             stamp = [time.strftime("%Y%m%d-%H%M%S")]
             if world > 1:
                 torch.distributed.broadcast_object_list(stamp, src=0)
             cfg = dataclasses.replace(cfg, out=str(Path("runs") / stamp[0]))
-        summary = run(cfg, rank, world, device)
+        done = Path(cfg.out) / "summary.json"
+        if cfg.resume and done.is_file():  # a sweep re-run skips its finished sub-runs
+            summary = json.loads(done.read_text())
+            if rank == 0:
+                print(f"{cfg.out}: finished already, skipped", flush=True)
+        else:
+            if rank == 0:
+                atomic_write_json(Path(cfg.out) / "config.json", dataclasses.asdict(cfg))
+            summary = run(cfg, rank, world, device)
         if rank == 0 and "test" in summary:
             print_summary(summary)
-    except (DataError, ModelLoadError, UsageError, SweepError) as e:
+    except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        distributed.cleanup()
     return 0
 
 

@@ -8,8 +8,8 @@ autocast on CUDA; LoRA r=16, alpha=32, LoRA dropout 0.05 on ``attn.c_attn`` + ``
 - ``peft``: HF PEFT as commonly used: ``get_peft_model`` and HF's loss over logits at all positions.
 - ``peft_label_logits``: the same PEFT model, logits only at the label position (HF's ``logits_to_keep``).
 - ``lora_fast``: the training step of ``train_sentiment.py``: ``lora_fast.apply_lora`` (``auto`` backend),
-  ``lora_fast.training.use_fused_gelu`` (GPT-2's six-op ``gelu_new`` as one ``F.gelu(approximate="tanh")``, equal to
-  ~1e-6), ``LastTokenLM`` (LM head at the label position only) and ``lora_fast.training.train_step``.
+  ``use_fused_gelu`` (GPT-2's six-op ``gelu_new`` as one ``F.gelu(approximate="tanh")``, equal to
+  ~1e-6), ``LastTokenLM`` (LM head at the label position only) and ``train_step`` (``lora_fast.study``).
 
 The task is label-token classification: each sequence of T tokens ends with its label token, and the loss is the LM
 loss on that one token (HF rows: ``labels`` are -100 everywhere but the last position; label-logit rows: the logits
@@ -84,7 +84,8 @@ def _batch(cfg: StepConfig, vocab: int):
 
 def build_step(row: str, cfg: StepConfig):
     """``(step_fn, model, description)`` for ``row``; ``step_fn()`` runs one full optimizer step, returns the loss."""
-    from lora_fast.training import LastTokenLM, make_optimizer, train_step, use_fused_gelu
+    from lora_fast.study.causal_lm import LastTokenLM, use_fused_gelu
+    from lora_fast.study.training import make_optimizer, train_step
 
     model = _build_gpt2(cfg)
     vocab = model.config.vocab_size

@@ -2,6 +2,8 @@
 
 Three levels: the functional op :func:`lora_linear` (backends ``reference``, ``torch``, ``triton``, ``auto``), the
 module :class:`LoRALinear`, and the model API (:func:`apply_lora`, :func:`save_adapter`, :func:`load_adapter`, ...).
+The Triton kernels are ``lora_fast.kernels``; the sentiment study built on the library is ``lora_fast.study``, which
+the library never imports (docs/ARCHITECTURE.md).
 """
 
 from lora_fast.adapters import AdapterError, load_adapter, read_adapter_config, save_adapter

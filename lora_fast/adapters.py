@@ -41,6 +41,10 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "read_adapter_config",
+    "base_model_name",
+    "read_json_config",
+    "read_safetensors",
+    "check_tensors",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "PEFT_LORA_FIELDS",
@@ -135,7 +139,8 @@ def _task_type(model: nn.Module) -> str | None:
     return "CAUSAL_LM" if name.endswith(("LMHeadModel", "ForCausalLM")) else None
 
 
-def _base_name(model: nn.Module) -> str | None:
+def base_model_name(model: nn.Module) -> str | None:
+    """The hub name or folder ``model`` was loaded from (its HF config's ``_name_or_path``), or None."""
     config = getattr(model, "config", None)
     name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
     return name or None
@@ -160,7 +165,7 @@ def save_adapter(
     peft_config = {
         "peft_type": "LORA",
         "task_type": _task_type(model) if task_type == "auto" else task_type,
-        "base_model_name_or_path": base_model_name_or_path or _base_name(model),
+        "base_model_name_or_path": base_model_name_or_path or base_model_name(model),
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
@@ -194,14 +199,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     """Read and check ``adapter_config.json``: a LoRA adapter this package implements exactly, or an AdapterError
     naming every field (and its value) that it does not (see :data:`PEFT_LORA_FIELDS`)."""
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterError(f"no {CONFIG_NAME} in {directory}: not an adapter folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{path} is not valid JSON ({exc}); the file is corrupt or truncated") from exc
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    config = read_json_config(path, "an adapter")
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
     for key in ("r", "lora_alpha", "target_modules"):
@@ -222,19 +220,38 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     return config
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+def read_json_config(path: Path, kind: str) -> dict:
+    """The JSON object in a folder's config file ``path``; AdapterError when it is missing (not ``kind`` folder),
+    unreadable or not an object."""
+    if not path.is_file():
+        raise AdapterError(f"no {path.name} in {path.parent}: not {kind} folder")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path} is not valid JSON ({exc}); the file is corrupt or truncated") from exc
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file ``path``; AdapterError when it is missing, truncated or corrupt."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = directory / WEIGHTS_NAME
     if not path.is_file():
-        legacy = directory / "adapter_model.bin"
-        hint = f" ({legacy.name} is there: re-save it as safetensors)" if legacy.is_file() else ""
-        raise AdapterError(f"no {WEIGHTS_NAME} in {directory}{hint}")
+        raise AdapterError(f"no {path.name} in {path.parent}")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterError(f"{path} cannot be read ({exc}); the file is corrupt or truncated") from exc
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    legacy = directory / "adapter_model.bin"
+    if not (directory / WEIGHTS_NAME).is_file() and legacy.is_file():
+        raise AdapterError(f"no {WEIGHTS_NAME} in {directory} ({legacy.name} is there: re-save it as safetensors)")
+    return read_safetensors(directory / WEIGHTS_NAME)
 
 
 def _check_binding(directory: Path, config: dict) -> None:
@@ -284,14 +301,16 @@ def _widens(src: torch.dtype, dst: torch.dtype) -> bool:
     return src == dst or (src in _PRECISION and dst in _PRECISION and _PRECISION[src] < _PRECISION[dst])
 
 
-def _check_weights(
-    state: dict[str, torch.Tensor], expected: dict[str, tuple[tuple[int, int], torch.dtype]], directory: Path
+def check_tensors(
+    state: dict[str, torch.Tensor], expected: dict[str, tuple[tuple[int, ...], torch.dtype | None]], path: Path
 ) -> None:
+    """Refuse (AdapterError) a ``state`` read from ``path`` unless it holds exactly the ``expected`` keys, each with
+    its shape, a floating-point dtype (the expected one where one is given) and finite values."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise AdapterError(
-            f"{directory / WEIGHTS_NAME} does not fit the model: missing keys {missing[:6]}"
+            f"{path} does not fit the model: missing keys {missing[:6]}"
             f"{' …' if len(missing) > 6 else ''} ({len(missing)} in all), unexpected keys "
             f"{unexpected[:6]}{' …' if len(unexpected) > 6 else ''} ({len(unexpected)} in all)"
         )
@@ -300,8 +319,8 @@ def _check_weights(
         if tuple(t.shape) != shape:
             raise AdapterError(f"{key}: the file holds shape {tuple(t.shape)}, the model expects {shape}")
         if not t.is_floating_point():
-            raise AdapterError(f"{key}: the file holds dtype {t.dtype}; LoRA weights must be floating point")
-        if not _widens(t.dtype, dtype):
+            raise AdapterError(f"{key}: the file holds dtype {t.dtype}; weights must be floating point")
+        if dtype is not None and not _widens(t.dtype, dtype):
             raise AdapterError(
                 f"{key}: the file holds dtype {t.dtype}, the model's LoRA weight is {dtype}; converting would round "
                 f"it, so convert one of them first"
@@ -360,7 +379,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, backend: str = 
     for name, (k, n, dtype) in shapes.items():
         expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = ((r, k), dtype)
         expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = ((n, r), dtype)
-    _check_weights(state, expected, directory)
+    check_tensors(state, expected, directory / WEIGHTS_NAME)
     if not existing:
         apply_lora(
             model,

@@ -160,12 +160,6 @@ def check_untied(model: nn.Module, names: Sequence[str]) -> None:
             )
 
 
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def apply_lora(
     model: nn.Module,
     targets: str | Sequence[str],
@@ -191,7 +185,7 @@ def apply_lora(
     for param in model.parameters():
         param.requires_grad_(False)
     for n, layer in wrapped.items():
-        _set_child(model, n, layer)
+        model.set_submodule(n, layer)
     model.lora_config = LoRAConfig(
         targets=[targets] if isinstance(targets, str) else list(targets),
         r=r,
@@ -242,7 +236,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in list(lora_modules(model)):
         layer.merge(keep_original=False)
         layer.premerge_weight = None
-        _set_child(model, name, layer.base)
+        model.set_submodule(name, layer.base)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model

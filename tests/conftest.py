@@ -17,7 +17,7 @@ from tests.helpers import TOKENIZER_DIR  # noqa: E402  (after the interpreter sw
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
-    """The real GPT-2 BPE tokenizer from ../shared/data/gpt2-tokenizer (50,257 tokens)."""
+    """The real GPT-2 BPE tokenizer (``helpers.TOKENIZER_DIR``, 50,257 tokens)."""
     if not TOKENIZER_DIR.is_dir():
         pytest.fail(f"the GPT-2 tokenizer folder is missing: {TOKENIZER_DIR}")
     from transformers import GPT2TokenizerFast

@@ -4,7 +4,10 @@ Imported as ``from tests.helpers import ...`` everywhere (the repository root is
 ``pythonpath``); ``conftest.py`` holds only the session set-up and fixtures.
 """
 
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +16,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 TOKENIZER_DIR = SHARED / "data" / "gpt2-tokenizer"
 DATA_DIR = SHARED / "data" / "rotten_tomatoes"
+
+# A script run in a test: no hub access (fail fast instead of retrying the network), one thread (a shared machine).
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA tier: no CUDA device on this machine")
 
@@ -64,4 +70,16 @@ def unchanged_since(model, snapshot) -> bool:
         set(now) == set(state)
         and all(torch.equal(now[k], v) for k, v in state.items())
         and types == [type(m) for m in model.modules()]
+    )
+
+
+def run_script(args, script: str = "train_sentiment.py", timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python <script> <args>`` in a fresh process at the repository root, offline, with its output captured."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **OFFLINE_ENV},
+        cwd=ROOT,
+        timeout=timeout,
     )

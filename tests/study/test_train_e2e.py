@@ -4,17 +4,19 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import train_sentiment
-from lora_fast.tiny import make_tiny_gpt2
-from tests.helpers import DATA_DIR, TOKENIZER_DIR
+from lora_fast.study.causal_lm import label_logits
+from lora_fast.study.data import load_splits, subset
+from lora_fast.study.evaluate import label_accuracy
+from lora_fast.study.prompts import INSTRUCTIONS, build_prompt, encode_prompt
+from lora_fast.study.tiny import make_tiny_gpt2
+from tests.helpers import DATA_DIR, OFFLINE_ENV, ROOT, TOKENIZER_DIR, run_script
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
@@ -50,21 +52,6 @@ def base_args(tiny, out, steps):
     ]
 
 
-def _env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def _cli(args, timeout=300):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train_sentiment.py"), *args],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=ROOT,
-        timeout=timeout,
-    )
-
-
 def _metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
@@ -83,7 +70,7 @@ def _assert_adapters_close(a, b, atol):
 
 def test_end_to_end_writes_every_output_and_peft_agrees(tiny, tmp_path):
     out = tmp_path / "run"
-    proc = _cli(base_args(tiny, out, 24))
+    proc = run_script(base_args(tiny, out, 24))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in (
         "config.json",
@@ -120,17 +107,12 @@ def test_end_to_end_writes_every_output_and_peft_agrees(tiny, tmp_path):
     from peft import PeftModel
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from lora_fast.data import load_splits, subset
-    from lora_fast.evaluate import label_accuracy
-    from lora_fast.prompts import INSTRUCTIONS, build_prompt, encode_prompt
-
     tok = AutoTokenizer.from_pretrained(str(tiny))
     test = subset(load_splits(DATA_DIR)["test"], 32, 42)
     seqs = [encode_prompt(tok, build_prompt(r["text"], INSTRUCTIONS["default"]), 256) for r in test]
     peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(tiny)), str(out / "adapter_last"))
     ours = train_sentiment.Config(model=str(tiny), eval_only=True, adapter=str(out / "adapter_last"))
     model, _ = train_sentiment.prepare_model(ours, torch.device("cpu"), print)
-    from lora_fast.training import label_logits
 
     batch = {"input_ids": torch.tensor([seqs[0], seqs[0]]), "attention_mask": torch.ones(2, len(seqs[0]))}
     torch.testing.assert_close(
@@ -143,15 +125,29 @@ def test_end_to_end_writes_every_output_and_peft_agrees(tiny, tmp_path):
     assert acc["acc"] == pytest.approx(summary["test"]["last"]["label_acc"])
 
 
-def test_fused_and_reference_backends_give_the_same_loss_curve(tiny, tmp_path):
-    curves = []
-    for flag in (["--fused"], ["--backend", "reference"]):
-        out = tmp_path / flag[-1]
-        assert train_sentiment.main(base_args(tiny, out, 8) + flag + ["--no-generation", "--no-zero-shot"]) == 0
-        curves.append([r["train_loss"] for r in _metrics(out)])
-    assert len(curves[0]) == 8
-    torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), atol=1e-5, rtol=1e-5)
-    assert curves[0][-1] < curves[0][0]
+def test_triton_fused_and_reference_backends_give_the_same_loss_curve(tiny, tmp_path):
+    """The Triton kernels (under Triton's interpreter without a GPU) train the same LoRA as the reference backend
+    without LoRA dropout (their dropout masks come from different generators); --fused (the Triton kernels on CUDA,
+    the torch backend elsewhere) matches the reference with dropout on too: the same losses step by step."""
+    args = ["--max-steps", "6", "--train-subset", "64", "--max-val", "8", "--max-test", "8", "--batch-size", "4"]
+    args += ["--eval-every", "3", "--no-generation", "--no-zero-shot"]
+    runs = {
+        "triton": ["--backend", "triton", "--lora-dropout", "0"],
+        "reference-no-dropout": ["--backend", "reference", "--lora-dropout", "0"],
+        "fused": ["--fused"],
+        "reference": ["--backend", "reference"],
+    }
+    curves = {}
+    for name, flags in runs.items():
+        out = tmp_path / name
+        assert train_sentiment.main(base_args(tiny, out, 6) + args + flags) == 0
+        backend = json.loads((out / "config.json").read_text())["backend"]
+        assert backend == ("auto" if name == "fused" else flags[1])  # --fused is --backend auto
+        curves[name] = torch.tensor([r["train_loss"] for r in _metrics(out)])
+    assert len(curves["triton"]) == 6 and curves["triton"][-1] < curves["triton"][0]
+    torch.testing.assert_close(curves["triton"], curves["reference-no-dropout"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(curves["fused"], curves["reference"], atol=1e-5, rtol=1e-5)
+    assert (curves["reference"] - curves["reference-no-dropout"]).abs().max() > 1e-4  # dropout was really on
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tiny, tmp_path):
@@ -186,7 +182,7 @@ def test_torchrun_two_processes_match_one_process(tiny, tmp_path):
         ],
         capture_output=True,
         text=True,
-        env=_env(),
+        env={**os.environ, **OFFLINE_ENV},
         cwd=ROOT,
         timeout=300,
     )
@@ -231,7 +227,7 @@ def test_cli_errors_are_one_clear_line(tiny, tmp_path, args, message):
         "4",
     ]
     model = [] if "--model" in args else ["--model", str(tiny)]
-    proc = _cli(common + model + args)
+    proc = run_script(common + model + args)
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
     if message == "loss is":  # the last good checkpoint is kept and named

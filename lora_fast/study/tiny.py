@@ -3,7 +3,7 @@
 ``make_tiny_gpt2(out_dir, tokenizer_dir)`` writes a ``GPT2LMHeadModel`` with the real 50,257-token vocabulary but a
 few layers of width 32–64, together with the tokenizer, so ``--model out_dir`` loads it like a hub checkpoint::
 
-    python -m lora_fast.tiny /tmp/tiny-gpt2 --tokenizer ../shared/data/gpt2-tokenizer
+    python -m lora_fast.study.tiny /tmp/tiny-gpt2 --tokenizer path/to/gpt2-tokenizer
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 __all__ = ["make_tiny_gpt2"]
 
@@ -26,9 +29,6 @@ def make_tiny_gpt2(
     seed: int = 0,
 ) -> Path:
     """Save a random GPT-2 (``seed`` fixes the weights) and the tokenizer from ``tokenizer_dir`` to ``out_dir``."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = GPT2Config(
         vocab_size=len(tokenizer),
@@ -51,11 +51,9 @@ def make_tiny_gpt2(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lora_fast.tiny", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lora_fast.study.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="folder to write the model and tokenizer to")
-    parser.add_argument(
-        "--tokenizer", required=True, help="folder of a GPT-2 tokenizer (e.g. ../shared/data/gpt2-tokenizer)"
-    )
+    parser.add_argument("--tokenizer", required=True, help="folder of a GPT-2 tokenizer (a save_pretrained folder)")
     parser.add_argument("--n-layer", type=int, default=2, help="transformer blocks (default 2)")
     parser.add_argument("--n-embd", type=int, default=64, help="hidden width (default 64)")
     parser.add_argument("--n-head", type=int, default=2, help="attention heads (default 2)")

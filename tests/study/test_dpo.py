@@ -10,7 +10,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from lora_fast import apply_lora, disable_lora, load_adapter, lora_modules, save_adapter
-from lora_fast.dpo import (
+from lora_fast.study.dpo import (
     completion_logprobs,
     dpo_loss,
     dpo_step,
@@ -239,14 +239,17 @@ def test_train_dpo_clear_errors(tiny_dirs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_dpo.main(base)
     assert "--scorer DIR is required" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="no adapter_config.json"):
-        train_dpo.main([*base, "--scorer", str(tmp_path / "nowhere")])
-    scorer = ["--scorer", str(tiny_dirs / "scorer")]
-    with pytest.raises(SystemExit, match="no such folder"):
-        train_dpo.main([*scorer, "--model", str(tiny_dirs / "tiny"), "--data-dir", str(tmp_path / "nodata")])
-    with pytest.raises(SystemExit, match="cannot load the policy model"):
-        train_dpo.main([*scorer, "--model", str(tmp_path / "nomodel"), "--data-dir", str(DATA_DIR),
-                        "--out", str(tmp_path / "o")])  # fmt: skip
+    scorer, tiny, data = ["--scorer", str(tiny_dirs / "scorer")], str(tiny_dirs / "tiny"), str(DATA_DIR)
+    for argv, message in [
+        ([*base, "--scorer", str(tmp_path / "nowhere")], "no adapter_config.json"),
+        ([*scorer, "--model", tiny, "--data-dir", str(tmp_path / "nodata")], "no such folder"),
+        ([*scorer, "--model", str(tmp_path / "nomodel"), "--data-dir", data], "--model"),
+        ([*scorer, "--model", tiny, "--scorer-model", str(tmp_path / "x"), "--data-dir", data], "--scorer-model"),
+    ]:
+        assert train_dpo.main([*argv, "--out", str(tmp_path / "o")]) == 1
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]  # after transformers' progress bars
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
 
 
 def test_script_help_lists_every_flag(capsys):

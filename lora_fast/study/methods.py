@@ -14,13 +14,12 @@ also trained the LayerNorms; we do not). For GPT-2 small with ``D = 4``: ``24 ·
 165,984`` trainable parameters (0.133%).
 
 Both methods save to their own folder: one safetensors file plus a JSON config, written atomically, and loaded
-strictly (a missing or unexpected key, a wrong shape or dim, a corrupt file: an error naming the problem, and the
-model left exactly as it was).
+strictly through the library's adapter-file checks (a missing or unexpected key, a wrong shape or dim, a corrupt
+file: an ``AdapterError`` naming the problem, and the model left exactly as it was).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,11 +27,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lora_fast.adapters import AdapterError, base_model_name, check_tensors, read_json_config, read_safetensors
 from lora_fast.io import atomic_save_tensors
 from lora_fast.layers import in_out_features, is_linear_layer
 
 __all__ = [
-    "MethodFileError",
     "BottleneckAdapterLayer",
     "prepare_bitfit",
     "bitfit_parameter_names",
@@ -55,10 +54,6 @@ BLOCK_OUTPUTS = (
     ("attn.attention.out_proj", "mlp.c_proj"),  # GPT-Neo
     ("attn.out_proj", "mlp.fc_out"),  # GPT-J
 )
-
-
-class MethodFileError(ValueError):
-    """A BitFit or bottleneck-adapter folder that cannot be loaded into this model; the message names the problem."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,13 +90,7 @@ def save_bitfit(model: nn.Module, directory: str | os.PathLike) -> Path:
 
     params = dict(model.named_parameters())
     state = {name: params[name].detach().contiguous() for name in bitfit_parameter_names(model)}
-    config = {
-        "method": "bitfit",
-        "base_model_name_or_path": _base_name(model),
-        "shapes": {k: list(t.shape) for k, t in state.items()},
-        "num_parameters": sum(t.numel() for t in state.values()),
-    }
-    return atomic_save_tensors(directory, state, BITFIT_WEIGHTS, BITFIT_CONFIG, config)
+    return _save_files(model, directory, state, "bitfit", BITFIT_WEIGHTS, BITFIT_CONFIG)
 
 
 def load_bitfit(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
@@ -111,7 +100,7 @@ def load_bitfit(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     shapes, finite floating-point values, and agree with its config."""
     directory = Path(directory)
     config = _read_config(directory, BITFIT_CONFIG, "bitfit")
-    state = _read_weights(directory / BITFIT_WEIGHTS)
+    state = read_safetensors(directory / BITFIT_WEIGHTS)
     params = dict(model.named_parameters())
     expected = {name: tuple(params[name].shape) for name in bitfit_parameter_names(model)}
     _check_state(state, expected, config, directory / BITFIT_WEIGHTS)
@@ -192,12 +181,6 @@ def _check_targets(model: nn.Module, names: Sequence[str]) -> None:
             raise TypeError(f"module {n!r} is a {type(modules[n]).__name__}; adapters wrap nn.Linear/Conv1D only")
 
 
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def apply_bottleneck_adapters(model: nn.Module, dim: int = 4, modules: Sequence[str] | None = None) -> nn.Module:
     """Put a bottleneck adapter of width ``dim`` after the attention and MLP output projections of every block
     (or after each module named in ``modules``), freeze everything else, and return ``model``.
@@ -213,7 +196,7 @@ def apply_bottleneck_adapters(model: nn.Module, dim: int = 4, modules: Sequence[
     for param in model.parameters():
         param.requires_grad_(False)
     for n, layer in wrapped.items():
-        _set_child(model, n, layer)
+        model.set_submodule(n, layer)
         for param in (*layer.down.parameters(), *layer.up.parameters()):
             param.requires_grad_(True)
     model.peft_method = "bottleneck_adapter"
@@ -245,16 +228,8 @@ def save_bottleneck_adapters(model: nn.Module, directory: str | os.PathLike) -> 
     if len(dims) != 1:
         raise ValueError(f"the model's adapters have several dims {sorted(dims)}; one file holds a single dim")
     state = _adapter_state(model)
-    config = {
-        "method": "bottleneck_adapter",
-        "base_model_name_or_path": _base_name(model),
-        "dim": dims.pop(),
-        "activation": "gelu",
-        "modules": list(layers),
-        "shapes": {k: list(t.shape) for k, t in state.items()},
-        "num_parameters": sum(t.numel() for t in state.values()),
-    }
-    return atomic_save_tensors(directory, state, ADAPTER_WEIGHTS, ADAPTER_CONFIG, config)
+    fields = {"dim": dims.pop(), "activation": "gelu", "modules": list(layers)}
+    return _save_files(model, directory, state, "bottleneck_adapter", ADAPTER_WEIGHTS, ADAPTER_CONFIG, **fields)
 
 
 def load_bottleneck_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
@@ -266,28 +241,28 @@ def load_bottleneck_adapters(model: nn.Module, directory: str | os.PathLike) -> 
     config = _read_config(directory, ADAPTER_CONFIG, "bottleneck_adapter")
     dim, names = config.get("dim"), config.get("modules")
     if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-        raise MethodFileError(f"{directory / ADAPTER_CONFIG}: dim must be an integer >= 1, got {dim!r}")
+        raise AdapterError(f"{directory / ADAPTER_CONFIG}: dim must be an integer >= 1, got {dim!r}")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise MethodFileError(f"{directory / ADAPTER_CONFIG}: modules must be a non-empty list of module names")
+        raise AdapterError(f"{directory / ADAPTER_CONFIG}: modules must be a non-empty list of module names")
     if config.get("activation", "gelu") != "gelu":
-        raise MethodFileError(f"{directory / ADAPTER_CONFIG}: activation {config['activation']!r} is not supported")
-    state = _read_weights(directory / ADAPTER_WEIGHTS)
+        raise AdapterError(f"{directory / ADAPTER_CONFIG}: activation {config['activation']!r} is not supported")
+    state = read_safetensors(directory / ADAPTER_WEIGHTS)
     existing = bottleneck_adapter_modules(model)
     if existing:
         if sorted(existing) != sorted(names):
-            raise MethodFileError(
+            raise AdapterError(
                 f"the model's adapters sit on {len(existing)} modules that differ from the file's {len(names)} "
                 f"(first differences: {sorted(set(existing) ^ set(names))[:4]})"
             )
         bad = {n: layer.dim for n, layer in existing.items() if layer.dim != dim}
         if bad:
-            raise MethodFileError(f"the file's adapters have dim {dim}, the model's have {sorted(set(bad.values()))}")
+            raise AdapterError(f"the file's adapters have dim {dim}, the model's have {sorted(set(bad.values()))}")
         out_features = {n: layer.out_features for n, layer in existing.items()}
     else:
         try:
             _check_targets(model, names)
         except (ValueError, TypeError) as exc:
-            raise MethodFileError(f"the file's adapter modules do not fit {type(model).__name__}: {exc}") from exc
+            raise AdapterError(f"the file's adapter modules do not fit {type(model).__name__}: {exc}") from exc
         out_features = {n: in_out_features(model.get_submodule(n))[1] for n in names}
     expected = {f"{n}.{key}": shape for n in names for key, shape in _adapter_shapes(out_features[n], dim).items()}
     _check_state(state, expected, config, directory / ADAPTER_WEIGHTS)
@@ -306,57 +281,36 @@ def load_bottleneck_adapters(model: nn.Module, directory: str | os.PathLike) -> 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _base_name(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
+def _save_files(
+    model: nn.Module, directory, state: dict[str, torch.Tensor], method: str, weights: str, config: str, **fields
+) -> Path:
+    """``state`` as the safetensors file ``weights`` and its JSON ``config`` (the method, the base model, ``fields``,
+    every tensor's shape, the parameter count), one folder written atomically."""
+    meta = {"method": method, "base_model_name_or_path": base_model_name(model), **fields}
+    meta |= {
+        "shapes": {k: list(t.shape) for k, t in state.items()},
+        "num_parameters": sum(t.numel() for t in state.values()),
+    }
+    return atomic_save_tensors(directory, state, weights, config, meta)
 
 
 def _read_config(directory: Path, filename: str, method: str) -> dict:
     if not directory.is_dir():
-        raise MethodFileError(f"folder {directory} does not exist")
+        raise AdapterError(f"folder {directory} does not exist")
     path = directory / filename
-    if not path.is_file():
-        raise MethodFileError(f"no {filename} in {directory}: not a {method} folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MethodFileError(f"{path} is not valid JSON ({exc}); the file is corrupt or truncated") from exc
-    if not isinstance(config, dict) or config.get("method") != method:
-        found = config.get("method") if isinstance(config, dict) else type(config).__name__
-        raise MethodFileError(f"{path}: method is {found!r}, expected {method!r}")
+    config = read_json_config(path, f"a {method}")
+    if config.get("method") != method:
+        raise AdapterError(f"{path}: method is {config.get('method')!r}, expected {method!r}")
     if not isinstance(config.get("shapes"), dict):
-        raise MethodFileError(f"{path}: the required field 'shapes' is missing")
+        raise AdapterError(f"{path}: the required field 'shapes' is missing")
     return config
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise MethodFileError(f"no {path.name} in {path.parent}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise MethodFileError(f"{path} cannot be read ({exc}); the file is corrupt or truncated") from exc
 
 
 def _check_state(
     state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], config: dict, path: Path
 ) -> None:
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise MethodFileError(
-            f"{path} does not fit the model: missing keys {missing[:6]} ({len(missing)} in all), "
-            f"unexpected keys {unexpected[:6]} ({len(unexpected)} in all)"
-        )
+    """The library's checks (keys, shapes, floating point, finite), then the config's shapes against the weights'."""
+    check_tensors(state, {key: (tuple(shape), None) for key, shape in expected.items()}, path)
     for key, shape in expected.items():
-        t = state[key]
-        if tuple(t.shape) != tuple(shape):
-            raise MethodFileError(f"{key}: the file holds shape {tuple(t.shape)}, the model expects {tuple(shape)}")
         if tuple(config["shapes"].get(key, ())) != tuple(shape):
-            raise MethodFileError(f"{key}: the config says shape {config['shapes'].get(key)}, the weights {shape}")
-        if not t.is_floating_point():
-            raise MethodFileError(f"{key}: the file holds dtype {t.dtype}; weights must be floating point")
-        if not torch.isfinite(t).all():
-            raise MethodFileError(f"{key}: the file holds NaN or inf values")
+            raise AdapterError(f"{key}: the config says shape {config['shapes'].get(key)}, the weights {shape}")

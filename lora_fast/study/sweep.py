@@ -27,13 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-from lora_fast.cli import config_argv
+from lora_fast.io import atomic_write_text
+from lora_fast.study.cli import config_argv
+from lora_fast.study.distributed import launched_world_size
+from lora_fast.study.errors import SweepError
+from lora_fast.study.report import plot_val_loss
 
 __all__ = ["SWEEPS", "SweepError", "sweep_markdown", "run_sweep"]
-
-
-class SweepError(RuntimeError):
-    """A sweep that cannot start, or a sub-run that failed; printed as one line."""
 
 
 # ---------------------------------------------------------------- the sweeps
@@ -150,10 +150,7 @@ def run_sweep(cfg, script: str | os.PathLike) -> dict[str, dict] | None:
     """Run ``cfg.sweep``'s sub-runs under ``cfg.out`` (default ``runs/<timestamp>``), each as its own process of
     ``script`` (train_sentiment.py), then write the table and the combined plot. Returns the summaries by sub-run
     name, or None when a sub-run stopped early (``--stop-after-step``); raises ``SweepError`` when one fails."""
-    from lora_fast.io import atomic_write_text
-    from lora_fast.report import plot_val_loss
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         raise SweepError(
             "--sweep runs its sub-runs one after another in their own processes: start it with python, not torchrun "
             "(to use several GPUs, run each sub-run alone under torchrun with the flags the sweep prints)"

@@ -8,13 +8,12 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lora_fast import count_parameters
-from lora_fast.methods import (
+from lora_fast import AdapterError, count_parameters
+from lora_fast.study.methods import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     BITFIT_WEIGHTS,
     BottleneckAdapterLayer,
-    MethodFileError,
     apply_bottleneck_adapters,
     bottleneck_adapter_modules,
     load_bitfit,
@@ -217,7 +216,7 @@ def test_adapter_load_refusals(tmp_path):
         model = make()
         before, modules = state_copy(model), [type(m) for m in model.modules()]
         grads = [p.requires_grad for p in model.parameters()]
-        with pytest.raises(MethodFileError, match=match):
+        with pytest.raises(AdapterError, match=match):
             load_bottleneck_adapters(model, folder)
         assert_same_state(model, before)
         assert [type(m) for m in model.modules()] == modules, name
@@ -259,7 +258,7 @@ def test_bitfit_round_trip_and_refusals(tmp_path, ids):
     ]:
         target = make()
         before = state_copy(target)
-        with pytest.raises(MethodFileError, match=match):
+        with pytest.raises(AdapterError, match=match):
             load_bitfit(target, folder)
         assert_same_state(target, before)
         assert all(p.requires_grad for p in target.parameters())

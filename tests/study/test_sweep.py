@@ -1,22 +1,17 @@
-"""Sweeps (lora_fast.sweep): the study table's deltas, sub-run flags, and a methods sweep on a tiny random GPT-2 run
-through train_sentiment.py's CLI: one process per sub-run, interrupted and resumed, then skipped when finished."""
+"""Sweeps (lora_fast.study.sweep): the study table's deltas, sub-run flags, and a methods sweep on a tiny random GPT-2
+run through train_sentiment.py's CLI: one process per sub-run, interrupted and resumed, then skipped when finished."""
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import train_sentiment
-from lora_fast.cli import config_argv
-from lora_fast.sweep import SWEEPS, SweepError, run_sweep, sweep_markdown
-from lora_fast.tiny import make_tiny_gpt2
-from tests.helpers import DATA_DIR, TOKENIZER_DIR
+from lora_fast.study.cli import config_argv
+from lora_fast.study.sweep import SWEEPS, SweepError, run_sweep, sweep_markdown
+from lora_fast.study.tiny import make_tiny_gpt2
+from tests.helpers import DATA_DIR, TOKENIZER_DIR, run_script
 
-ROOT = Path(__file__).resolve().parents[1]
 METHOD_RUNS = ["zero-shot", "few-shot-k4", "bitfit", "adapter", "lora-r16", "lora-r128", "full"]
 
 
@@ -94,15 +89,7 @@ def _sweep(tiny, out, *extra):
     args = ["--sweep", "methods", "--model", str(tiny), "--data-dir", str(DATA_DIR), "--out", str(out)]
     args += ["--max-steps", "2", "--train-subset", "32", "--max-val", "8", "--max-test", "8", "--eval-every", "1"]
     args += ["--batch-size", "4", "--gen-tokens", "2", *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train_sentiment.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
+    proc = run_script(args, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
 

@@ -7,18 +7,10 @@ import pytest
 import torch
 
 from lora_fast import apply_lora
-from lora_fast.prompts import INSTRUCTIONS, build_prompt, encode_example
-from lora_fast.training import (
-    LastTokenLM,
-    NonFiniteLossError,
-    collate,
-    label_logits,
-    make_optimizer,
-    micro_batches,
-    step_indices,
-    train_step,
-    use_fused_gelu,
-)
+from lora_fast.study.causal_lm import LastTokenLM, label_logits, use_fused_gelu
+from lora_fast.study.errors import NonFiniteLossError
+from lora_fast.study.prompts import INSTRUCTIONS, build_prompt, encode_example
+from lora_fast.study.training import collate, make_optimizer, micro_batches, step_indices, train_step
 from tests.helpers import tiny_gpt2_config
 
 TEXTS = [

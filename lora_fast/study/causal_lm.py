@@ -1,55 +1,30 @@
-"""The efficient training step for label-token classification with a causal LM.
+"""The causal LM side of the study: loading a model and its tokenizer, GPT-2's GELU as one kernel, and the
+last-token forward that the training step, the validation loss and the label-logit accuracy all run.
 
 The loss is the LM loss on one token: the label word predicted at the prompt's last position (``"Label:"``). So the
-step runs the transformer body over the prompt, gathers the hidden state at each sequence's last real token, and
+forward runs the transformer body over the prompt, gathers the hidden state at each sequence's last real token, and
 applies the LM head to those ``B`` rows only: ``(B, vocab)`` logits instead of HF's ``(B, T, vocab)`` (for gpt2-medium,
 batch 32 and 128 tokens that is 0.8 GB of fp32 logits and their gradient that are never written). The loss equals HF's
 ``model(input_ids, labels=labels).loss`` with every position but the label masked (see ``prompts.encode_example``).
 For GPT-2 the last transformer block, too, runs past its keys and values on those ``B`` rows only (see
-``LastTokenLM``).
-
-Batches are padded per batch to their own longest prompt (dynamic padding), on the right or the left; position ids
-count real tokens only, so both sides give the same logits. ``train_step`` accumulates gradients over micro-batches
-(with DDP's ``no_sync`` on all but the last), runs under autocast on CUDA (with a GradScaler for fp16), clips, and
-refuses a non-finite loss before the optimizer moves.
+``LastTokenLM``). A new model family needs a loader that ``load_causal_lm`` handles (any ``AutoModelForCausalLM``) and,
+for the rows-only last block, its own branch beside ``_gpt2_last_block_at_rows``; without one it takes the full path.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.activations import NewGELUActivation
 
-__all__ = [
-    "ModelLoadError",
-    "NonFiniteLossError",
-    "LastTokenLM",
-    "StepResult",
-    "load_causal_lm",
-    "use_fused_gelu",
-    "collate",
-    "label_logits",
-    "make_optimizer",
-    "make_scheduler",
-    "step_indices",
-    "micro_batches",
-    "train_step",
-    "peak_memory_mb",
-]
+from lora_fast.study.errors import ModelLoadError, first_line
 
-
-class ModelLoadError(RuntimeError):
-    """``--model`` names nothing loadable; the message says what was tried."""
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss was NaN or inf; raised before the optimizer step, so the weights are the last good ones."""
+__all__ = ["load_causal_lm", "use_fused_gelu", "LastTokenLM", "label_logits"]
 
 
 # ---------------------------------------------------------------- model loading and the GELU swap
@@ -60,16 +35,16 @@ def load_causal_lm(
     tokenizer_path: str | None = None,
     dropout: float | None = 0.0,
     dtype: torch.dtype = torch.float32,
+    flag: str = "--model",
 ):
     """``(model, tokenizer)`` from a hub name or a local folder (weights, and the tokenizer unless
     ``tokenizer_path`` names one). ``dropout`` sets GPT-2's residual, embedding and attention dropout (None keeps
-    the config's). The tokenizer gets ``pad = eos`` when it has no pad token, as GPT-2's has none."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+    the config's). The tokenizer gets ``pad = eos`` when it has no pad token, as GPT-2's has none. Errors are
+    ModelLoadError naming ``flag``, the command-line option the name came from."""
     looks_local = os.path.sep in name_or_path or name_or_path.startswith(".") or os.path.exists(name_or_path)
     if looks_local and not os.path.isdir(name_or_path):
         raise ModelLoadError(
-            f"--model {name_or_path}: no such folder (give a hub name such as gpt2, or a folder with "
+            f"{flag} {name_or_path}: no such folder (give a hub name such as gpt2, or a folder with "
             f"config.json, weights and tokenizer files)"
         )
     try:
@@ -81,11 +56,10 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or name_or_path)
     except Exception as e:  # hub offline, missing files, unknown architecture: one clear message
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
-            f"could not load --model {name_or_path!r}"
-            f"{f' / --tokenizer {tokenizer_path!r}' if tokenizer_path else ''}: {first[:300]}. "
-            f"Offline, pass a local folder; `python -m lora_fast.tiny OUT --tokenizer DIR` makes a "
+            f"could not load {flag} {name_or_path!r}"
+            f"{f' / --tokenizer {tokenizer_path!r}' if tokenizer_path else ''}: {first_line(e)}. "
+            f"Offline, pass a local folder; `python -m lora_fast.study.tiny OUT --tokenizer DIR` makes a "
             f"small random GPT-2 one"
         ) from None
     if tokenizer.pad_token_id is None:
@@ -97,13 +71,9 @@ def use_fused_gelu(model: nn.Module) -> int:
     """Replace every HF ``NewGELUActivation`` (GPT-2's ``gelu_new``, written as six elementwise ops) by
     ``nn.GELU(approximate="tanh")``, one fused kernel computing the same formula (equal to ~1e-6 in fp32). Explicit
     child replacement in each parent, no class patching. Returns how many modules were replaced."""
-    from transformers.activations import NewGELUActivation
-
     hits = [name for name, module in model.named_modules() if isinstance(module, NewGELUActivation)]
     for name in hits:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, nn.GELU(approximate="tanh"))
+        model.set_submodule(name, nn.GELU(approximate="tanh"))
     return len(hits)
 
 
@@ -245,30 +215,6 @@ class LastTokenLM(nn.Module):
         return body.ln_f(x).squeeze(1)
 
 
-def collate(
-    sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right", device: torch.device | str = "cpu"
-) -> dict[str, torch.Tensor]:
-    """Pad ``sequences`` to their own longest length. Returns ``input_ids``, ``attention_mask``, ``position_ids``
-    (0, 1, … over real tokens on either side) and ``last_index`` (each sequence's last real position)."""
-    if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-    lengths = torch.tensor([len(s) for s in sequences])
-    if (lengths == 0).any():
-        raise ValueError("empty sequence in batch")
-    B, T = len(sequences), int(lengths.max())
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        n = len(seq)
-        cols = slice(0, n) if padding_side == "right" else slice(T - n, T)
-        input_ids[i, cols] = torch.as_tensor(seq, dtype=torch.long)
-        mask[i, cols] = 1
-    position_ids = (mask.cumsum(1) - 1).clamp_(min=0)
-    last_index = lengths - 1 if padding_side == "right" else torch.full((B,), T - 1, dtype=torch.long)
-    out = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "last_index": last_index}
-    return {k: v.to(device) for k, v in out.items()}
-
-
 def label_logits(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -285,150 +231,3 @@ def label_logits(
     last_index = T - 1 - attention_mask.long().flip(1).argmax(1)
     head = model if isinstance(model, LastTokenLM) else LastTokenLM(model)
     return head(input_ids, attention_mask, position_ids, last_index, label_ids)
-
-
-# ---------------------------------------------------------------- optimizer, schedule, data order
-
-
-def make_optimizer(
-    model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.1
-) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, nanoGPT's grouping: matrices (incl. LoRA's A and B) decay, biases and
-    norms do not. Fused on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_steps``, then constant (the study: constant, no warm-up)."""
-    warm = max(0, int(warmup_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-
-
-def step_indices(n_examples: int, global_batch: int, step: int, seed: int) -> list[int]:
-    """The example indices of optimizer step ``step`` (0-based): consecutive slices of a stream of epochs, each a
-    fresh permutation from ``seed`` and the epoch number. A pure function of its arguments, so a resumed run draws
-    exactly the data the uninterrupted one would have."""
-    out, pos = [], step * global_batch
-    while len(out) < global_batch:
-        epoch, offset = divmod(pos, n_examples)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        perm = torch.randperm(n_examples, generator=gen)
-        take = min(global_batch - len(out), n_examples - offset)
-        out += perm[offset : offset + take].tolist()
-        pos += take
-    return out
-
-
-def micro_batches(
-    indices: Sequence[int],
-    lengths: Sequence[int],
-    batch_size: int,
-    group_by_length: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-) -> list[list[int]]:
-    """Split one step's indices into micro-batches of ``batch_size`` and return this rank's share (every
-    ``world_size``-th). With ``group_by_length`` the step's examples are sorted by length first, so each micro-batch
-    pads less; the step still sees the same examples, so its gradient is unchanged."""
-    idx = list(indices)
-    if len(idx) % (batch_size * world_size):
-        raise ValueError(
-            f"{len(idx)} examples per step do not split into micro-batches of {batch_size} over "
-            f"{world_size} process(es)"
-        )
-    if group_by_length:
-        idx.sort(key=lambda i: (-lengths[i], i))
-    chunks = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
-    return chunks[rank::world_size]
-
-
-# ---------------------------------------------------------------- the step
-
-
-@dataclass
-class StepResult:
-    loss: float  # mean over the step's examples, across ranks
-    tokens: int  # real (unpadded) prompt tokens this rank processed
-    grad_norm: float
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def train_step(
-    module: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Sequence[dict[str, torch.Tensor]],
-    targets: Sequence[torch.Tensor],
-    *,
-    scheduler=None,
-    scaler: torch.amp.GradScaler | None = None,
-    amp_dtype: torch.dtype | None = None,
-    grad_clip: float = 1.0,
-) -> StepResult:
-    """One optimizer step over ``batches`` (this rank's micro-batches, from ``collate``) with label ids ``targets``.
-
-    ``module`` is a ``LastTokenLM``, or DDP around one. Each micro-batch's mean loss is scaled by
-    ``1 / len(batches)``, so with equal micro-batches the gradient is the mean over the step (DDP averages ranks).
-    """
-    device = batches[0]["input_ids"].device
-    is_ddp = isinstance(module, nn.parallel.DistributedDataParallel)
-    total = torch.zeros((), device=device)
-    tokens = 0
-    for i, (batch, target) in enumerate(zip(batches, targets, strict=False)):
-        sync = contextlib.nullcontext() if (not is_ddp or i == len(batches) - 1) else module.no_sync()
-        with sync:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = module(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["last_index"])
-            loss = F.cross_entropy(logits.float(), target)
-            scaled = loss / len(batches)
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total += loss.detach()
-        tokens += int(batch["attention_mask"].sum())
-    mean = total / len(batches)
-    if _world() > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(mean)
-        mean /= _world()
-    loss_value = float(mean)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if not math.isfinite(loss_value):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(f"loss is {loss_value}")
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if grad_clip and grad_clip > 0:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    else:
-        norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=loss_value, tokens=tokens, grad_norm=norm)
-
-
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """``(MB, kind)``: CUDA's peak allocated memory, or on CPU the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"

@@ -1,5 +1,9 @@
 """A config dataclass as a command line: each field one flag with its help text, and the way back from a config to
-the flags that rebuild it (sweeps start every sub-run from those)."""
+the flags that rebuild it (sweeps start every sub-run from those). ``train_sentiment.py`` and ``train_dpo.py`` both
+build their parsers here.
+
+A field may have a shorthand flag for one of its values: ``backend`` has ``--fused`` for ``--backend auto``. The
+config holds the field only; the field's own flag, when given too, wins."""
 
 from __future__ import annotations
 
@@ -7,13 +11,16 @@ import argparse
 import dataclasses
 import typing
 
-__all__ = ["opt", "dataclass_parser", "config_argv"]
+__all__ = ["opt", "dataclass_parser", "parse_flags", "config_argv"]
 
 _SCALARS = {"int": int, "float": float, "str": str}
 
 
-def opt(default, help: str, **kw):
-    """A config field with its --help text (and argparse extras such as ``choices`` or ``nargs``)."""
+def opt(default, help: str, shorthand: tuple[str, object, str] | None = None, **kw):
+    """A config field with its --help text (and argparse extras such as ``choices`` or ``nargs``); ``shorthand`` is
+    ``(name, value, help)``: a flag ``--name`` (and ``--no-name``) that stands for ``--field value``."""
+    if shorthand is not None:
+        kw["shorthand"] = shorthand
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return dataclasses.field(default=default, metadata={"help": help, **kw})
@@ -42,9 +49,25 @@ def dataclass_parser(cls, description: str | None = None) -> argparse.ArgumentPa
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
             continue
+        shorthand = meta.pop("shorthand", None)
         kind = meta.pop("type", None) or _scalar_type(f.type)
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, **meta)
+        if shorthand is not None:
+            name, _, short_help = shorthand
+            parser.add_argument(
+                f"--{name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=short_help
+            )
     return parser
+
+
+def parse_flags(parser: argparse.ArgumentParser, cls, argv: list[str] | None = None) -> dict:
+    """The fields of ``cls`` given on the command line (``dataclass_parser``'s ``parser``), shorthands resolved."""
+    given = vars(parser.parse_args(argv))
+    for f in dataclasses.fields(cls):
+        shorthand = f.metadata.get("shorthand")
+        if shorthand is not None and given.pop(shorthand[0], False):
+            given.setdefault(f.name, shorthand[1])
+    return given
 
 
 def config_argv(cfg) -> list[str]:

@@ -1,17 +1,11 @@
 """Loading rotten_tomatoes from the shared local copy (jsonl), from parquet, and the errors without either."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from lora_fast.data import DataError, load_hub, load_local, load_splits, subset
-from tests.helpers import DATA_DIR
-
-ROOT = Path(__file__).resolve().parents[1]
+from lora_fast.study.data import DataError, load_hub, load_local, load_splits, subset
+from tests.helpers import DATA_DIR, run_script
 
 
 def test_local_jsonl_splits_match_the_readme():
@@ -60,28 +54,18 @@ def test_hub_unreachable_names_the_data_dir_flag(monkeypatch):
         load_hub("rotten_tomatoes_not_cached_here")
 
 
-def _cli(*args, env=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train_sentiment.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=120,
-    )
-
-
 @pytest.mark.parametrize("data_args", [["--data-dir", "/nonexistent/rt"], []], ids=["bad-dir", "no-hub-no-dir"])
 def test_cli_without_data_exits_with_a_clear_message(tmp_path, data_args):
-    proc = _cli(
-        "--model",
-        "/nonexistent/model",
-        "--out",
-        str(tmp_path / "run"),
-        *data_args,
-        "--dataset",
-        "rotten_tomatoes_not_cached_here",
+    proc = run_script(
+        [
+            "--model",
+            "/nonexistent/model",
+            "--out",
+            str(tmp_path / "run"),
+            *data_args,
+            "--dataset",
+            "rotten_tomatoes_not_cached_here",
+        ]
     )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_fast.model import disable_lora
+from lora_fast import disable_lora
+from lora_fast.study.training import collate
 
 __all__ = [
     "DPOOutput",
@@ -115,21 +116,15 @@ def token_kl_sum(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: to
 def pack(
     prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, device=None
 ) -> dict[str, torch.Tensor]:
-    """Right-pad ``prompt + completion`` rows into ``input_ids``, ``attention_mask``, ``completion_mask`` ``(B, T)``."""
+    """Right-pad ``prompt + completion`` rows (``collate``) into ``input_ids`` and ``attention_mask`` ``(B, T)``, with
+    ``completion_mask (B, T)`` True on each row's completion tokens."""
     rows = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros(len(rows), width, dtype=torch.long)
-    completion = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        ids[i, : len(p) + len(c)] = torch.tensor(list(p) + list(c), dtype=torch.long)
-        attention[i, : len(p) + len(c)] = 1
-        completion[i, len(p) : len(p) + len(c)] = True
-    return {
-        "input_ids": ids.to(device),
-        "attention_mask": attention.to(device),
-        "completion_mask": completion.to(device),
-    }
+    batch = collate(rows, pad_id, "right", device or "cpu")
+    cols = torch.arange(batch["input_ids"].shape[1], device=batch["input_ids"].device)
+    starts = torch.tensor([len(p) for p in prompts], device=cols.device)
+    ends = torch.tensor([len(r) for r in rows], device=cols.device)
+    completion = (cols[None, :] >= starts[:, None]) & (cols[None, :] < ends[:, None])
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "completion_mask": completion}
 
 
 def make_prompts(
@@ -205,17 +200,11 @@ def sentiment_scores(
     scores = []
     for start in range(0, len(texts), batch_size):
         rows = [tokenizer.encode(build_prompt(t), add_special_tokens=False) for t in texts[start : start + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tokenizer.eos_token_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch = collate(rows, tokenizer.eos_token_id, "left", device)
         logits = scorer(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
             logits_to_keep=1,
         ).logits[:, -1]
         scores.append(torch.softmax(logits[:, [neg, pos]].float(), dim=-1)[:, 1].cpu())

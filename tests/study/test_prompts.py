@@ -2,7 +2,7 @@
 
 import pytest
 
-from lora_fast.prompts import (
+from lora_fast.study.prompts import (
     IGNORE_INDEX,
     INSTRUCTIONS,
     build_prompt,

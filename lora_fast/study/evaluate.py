@@ -13,53 +13,41 @@ Under ``torch.distributed`` each rank scores every ``world``-th example and the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_fast.prompts import LABEL_WORDS
-from lora_fast.training import LastTokenLM, collate
+from lora_fast.study.causal_lm import LastTokenLM
+from lora_fast.study.distributed import all_sum, rank_and_world
+from lora_fast.study.prompts import LABEL_WORDS, EncodedSplit, label_token_ids
+from lora_fast.study.training import collate
 
-__all__ = ["label_accuracy", "val_loss", "generation_accuracy", "parse_label"]
-
-
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+__all__ = ["label_accuracy", "val_loss", "generation_accuracy", "parse_label", "score_split"]
 
 
-def _reduce(values: Sequence[float], device: torch.device) -> list[float]:
-    _, world = _dist()
-    if world == 1:
-        return [float(v) for v in values]
-    import torch.distributed as dist
-
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+def _shard(n: int) -> list[int]:
+    """The example indices this process scores: every ``world``-th from its rank."""
+    rank, world = rank_and_world()
+    return list(range(rank, n, world))
 
 
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """This rank's share of the indices, sorted by length (less padding) and cut into batches."""
-    rank, world = _dist()
-    mine = sorted(range(rank, len(lengths), world), key=lambda i: -lengths[i])
+    """This process's share of the indices, sorted by length (less padding) and cut into batches."""
+    mine = sorted(_shard(len(lengths)), key=lambda i: -lengths[i])
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-class _eval_mode:
-    def __init__(self, model: nn.Module):
-        self.model, self.was = model, model.training
-
-    def __enter__(self):
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was)
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
 
 
 @torch.no_grad()
@@ -102,13 +90,8 @@ def label_accuracy(
         for idx, logits in _scores(head, sequences, pad_id, batch_size, device, amp_dtype, label_ids, padding_side):
             pred = logits.argmax(-1).cpu()
             correct += int((pred == torch.as_tensor([labels[i] for i in idx])).sum())
-    correct, n = _reduce([correct, len(_batches_flat(len(sequences)))], device)
+    correct, n = all_sum([correct, len(_shard(len(sequences)))], device)
     return {"acc": correct / n if n else float("nan"), "correct": int(correct), "n": int(n)}
-
-
-def _batches_flat(n: int) -> list[int]:
-    rank, world = _dist()
-    return list(range(rank, n, world))
 
 
 def val_loss(
@@ -129,7 +112,7 @@ def val_loss(
         for idx, logits in _scores(head, sequences, pad_id, batch_size, device, amp_dtype, None, padding_side):
             target = torch.as_tensor([targets[i] for i in idx], device=device)
             total += float(F.cross_entropy(logits, target, reduction="sum"))
-    total, n = _reduce([total, len(_batches_flat(len(sequences)))], device)
+    total, n = all_sum([total, len(_shard(len(sequences)))], device)
     return total / n if n else float("nan")
 
 
@@ -176,5 +159,32 @@ def generation_accuracy(
                 pred = parse_label(text)
                 invalid += pred == -1
                 correct += pred == labels[i]
-    correct, invalid, n = _reduce([correct, invalid, len(_batches_flat(len(prompts)))], device)
+    correct, invalid, n = all_sum([correct, invalid, len(_shard(len(prompts)))], device)
     return {"acc": correct / n if n else float("nan"), "correct": int(correct), "invalid": int(invalid), "n": int(n)}
+
+
+def score_split(
+    model: nn.Module,
+    tokenizer,
+    split: EncodedSplit,
+    *,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    padding_side: str = "right",
+    generation: bool = True,
+    gen_tokens: int = 3,
+    max_length: int = 1024,
+) -> dict[str, float]:
+    """``{"label_acc"}`` on ``split`` and, with ``generation``, the study's ``{"gen_acc", "gen_invalid"}``."""
+    pad, label_ids = tokenizer.pad_token_id, label_token_ids(tokenizer)
+    acc = label_accuracy(
+        model, split.sequences, split.labels, label_ids, pad, batch_size, device, amp_dtype, padding_side
+    )
+    scores = {"label_acc": acc["acc"]}
+    if generation:
+        gen = generation_accuracy(
+            model, tokenizer, split.prompts, split.labels, batch_size, device, gen_tokens, amp_dtype, max_length
+        )
+        scores.update(gen_acc=gen["acc"], gen_invalid=gen["invalid"])
+    return scores

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_fast.io import atomic_directory, atomic_torch_save
+from lora_fast.io import atomic_torch_save
+from lora_fast.study.errors import UsageError
 
 __all__ = [
     "rng_state",
@@ -25,12 +26,8 @@ __all__ = [
     "trainable_state_dict",
     "save_checkpoint",
     "load_checkpoint",
-    "save_trainable",
-    "load_trainable",
-    "TRAINABLE_NAME",
+    "resume",
 ]
-
-TRAINABLE_NAME = "trainable.safetensors"
 
 
 def rng_state() -> dict[str, Any]:
@@ -101,25 +98,18 @@ def load_checkpoint(
     return {"step": state["step"], "extra": state["extra"]}
 
 
-def save_trainable(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """The trainable parameters alone as ``trainable.safetensors`` in ``directory`` (atomic); for BitFit."""
-    from safetensors.torch import save_file
-
-    with atomic_directory(directory) as tmp:
-        save_file({n: t.contiguous() for n, t in trainable_state_dict(model).items()}, str(tmp / TRAINABLE_NAME))
-    return Path(directory)
-
-
-def load_trainable(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Load ``save_trainable``'s file into ``model``; every saved name must be a parameter of the model."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(Path(directory) / TRAINABLE_NAME))
-    params = dict(model.named_parameters())
-    unknown = sorted(set(state) - set(params))
-    if unknown:
-        raise ValueError(f"{directory}: {len(unknown)} tensors are not parameters of this model, e.g. {unknown[:3]}")
-    with torch.no_grad():
-        for n, t in state.items():
-            params[n].copy_(t)
-    return model
+def resume(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, data_order: dict
+) -> tuple[int, dict[str, Any]]:
+    """``(step, extra)`` restored from the checkpoint at ``path``, or ``(0, {})`` when there is none. A checkpoint
+    written with another data order (seed, step size, train examples) is refused: resuming it would not finish the
+    run it started."""
+    if not path.is_file():
+        return 0, {}
+    state = load_checkpoint(path, model, optimizer, scheduler, scaler)
+    if state["extra"].get("data_order") != data_order:
+        raise UsageError(
+            f"--resume: {path} was written with data order {state['extra'].get('data_order')}, this run has "
+            f"{data_order}"
+        )
+    return state["step"], state["extra"]

@@ -1,0 +1,90 @@
+"""The training methods of ``train_sentiment.py``, one entry each: how a model gets the method's trainable parts
+(``prepare``), how they are written to a run's ``adapter_best/`` and ``adapter_last/`` (``save``), and how such a
+folder is put back into a model (``load``: ``--eval-only --adapter DIR`` and the best-checkpoint score).
+
+- ``lora``: an HF PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``), loaded by
+  ``lora_fast.load_adapter`` with all of its checks;
+- ``full``: the whole model and its tokenizer (a folder usable as ``--model``), loaded by ``from_pretrained`` (sharded
+  files too) and refused unless every weight of the model is in it and nothing else;
+- ``bitfit``: the biases; ``adapter``: the bottleneck adapters (``methods``' strict files).
+
+Every folder is written atomically, so a run killed mid-save keeps the previous one. ``cfg`` is the run's config
+(``train_sentiment.Config``): each method reads the fields it needs. A new method is one more entry here, with its
+fields in the config.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from torch import nn
+
+from lora_fast import AdapterError, apply_lora, load_adapter, save_adapter
+from lora_fast.io import atomic_directory
+from lora_fast.study.errors import first_line
+from lora_fast.study.methods import (
+    apply_bottleneck_adapters,
+    load_bitfit,
+    load_bottleneck_adapters,
+    prepare_bitfit,
+    save_bitfit,
+    save_bottleneck_adapters,
+)
+
+__all__ = ["Method", "METHODS"]
+
+PathLike = str | os.PathLike
+
+
+class Method(NamedTuple):
+    prepare: Callable[[nn.Module, Any], nn.Module]  # (fresh model, cfg) -> the model, only the method's part trains
+    save: Callable[[nn.Module, Any, PathLike], Any]  # (model, tokenizer, folder)
+    load: Callable[[nn.Module, PathLike, Any], nn.Module]  # (fresh or prepared model, folder, cfg) -> the model
+
+
+def _save_full(model: nn.Module, tokenizer, directory: PathLike) -> None:
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def _load_full(model: nn.Module, directory: PathLike, cfg: Any) -> nn.Module:
+    """Every weight of ``model`` from the folder ``_save_full`` wrote (one file or shards), strictly: a key missing,
+    unexpected or of another shape is an AdapterError and ``model`` is left as it was."""
+    try:
+        saved, info = type(model).from_pretrained(
+            str(directory), config=copy.deepcopy(model.config), dtype=model.dtype, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"{directory}: not a loadable model folder ({first_line(exc)})") from None
+    problems = {kind: sorted(keys)[:6] for kind, keys in info.items() if keys}
+    if problems:
+        raise AdapterError(f"{Path(directory)} does not fit the model: {problems}")
+    model.load_state_dict(saved.state_dict(), strict=True)
+    return model
+
+
+METHODS: dict[str, Method] = {
+    "lora": Method(
+        prepare=lambda model, cfg: apply_lora(
+            model, cfg.targets, cfg.r, cfg.alpha, cfg.lora_dropout, cfg.rslora, cfg.backend
+        ),
+        save=lambda model, tokenizer, directory: save_adapter(model, directory),
+        load=lambda model, directory, cfg: load_adapter(model, directory, backend=cfg.backend),
+    ),
+    "full": Method(prepare=lambda model, cfg: model, save=_save_full, load=_load_full),
+    "bitfit": Method(
+        prepare=lambda model, cfg: prepare_bitfit(model),
+        save=lambda model, tokenizer, directory: save_bitfit(model, directory),
+        load=lambda model, directory, cfg: load_bitfit(model, directory),
+    ),
+    "adapter": Method(
+        prepare=lambda model, cfg: apply_bottleneck_adapters(model, cfg.adapter_dim),
+        save=lambda model, tokenizer, directory: save_bottleneck_adapters(model, directory),
+        load=lambda model, directory, cfg: load_bottleneck_adapters(model, directory),
+    ),
+}
