@@ -36,37 +36,23 @@ def _gpt2(**overrides):
     return GPT2LMHeadModel(tiny_gpt2_config(**overrides))
 
 
+# Sizes shared by the tiny Llama and BERT (GPT-2: tests.helpers.tiny_gpt2_config).
+_SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2}
+
+
 def _llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(LlamaConfig(**_SMALL, num_attention_heads=4, num_key_value_heads=2))
 
 
 def _bert():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=3,
-    )
+    cfg = BertConfig(**_SMALL, num_attention_heads=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg.num_labels = 3
     return BertForSequenceClassification(cfg)
 
 
