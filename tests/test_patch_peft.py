@@ -140,6 +140,23 @@ def test_logits_and_gradients_match_peft(case, op_calls):
         torch.testing.assert_close(g, ref_grads[name], **FP64, msg=name)
 
 
+def test_triton_backend_matches_peft(monkeypatch, op_calls):
+    """The kernels (interpreted on CPU) behind patch_peft: Conv1D weights read through strides, bias gradients."""
+    pytest.importorskip("triton", reason="the triton backend needs triton")
+    from lora_fast.triton_backend import config
+
+    monkeypatch.setattr(config, "fp32_precision", "ieee")
+    peft_model = get_peft_model(_gpt2(), _config(GPT2_TARGETS, fan_in_fan_out=True, bias="all"))
+    fast = _patched_copy(peft_model, backend="triton")
+    ids = _ids(t=5)
+    for model in (peft_model, fast):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert set(op_calls) == {"triton"} and len(op_calls) == len(_peft_layers(fast))
+    ref_grads = _trainable_grads(peft_model)
+    for name, g in _trainable_grads(fast).items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 # ---------------------------------------------------------------- dropout
 
 
