@@ -1,4 +1,4 @@
-"""One GPT-2 training step (forward, backward, gradient clipping, AdamW), four ways, one configuration per process.
+"""One GPT-2 training step (forward, backward, gradient clipping, AdamW), five ways, one configuration per process.
 
 Rows (every row runs the same model: GPT-2 small, 124M parameters, random weights since no hub is reached; the
 config's own dropout, 0.1 on residual, embedding and attention; SDPA attention; fp32 on CPU, fp32 weights under bf16
@@ -6,6 +6,8 @@ autocast on CUDA; LoRA r=16, alpha=32, LoRA dropout 0.05 on ``attn.c_attn`` + ``
 
 - ``full_ft``: every parameter trains; HF's ``model(input_ids, labels=labels).loss`` (logits at all positions).
 - ``peft``: HF PEFT as commonly used: ``get_peft_model`` and HF's loss over logits at all positions.
+- ``peft_patched``: the ``peft`` row plus the one call ``lora_fast.patch_peft(model)`` (its LoRA layers run
+  through ``lora_linear``, ``auto`` backend); everything else as ``peft``.
 - ``peft_label_logits``: the same PEFT model, logits only at the label position (HF's ``logits_to_keep``).
 - ``lora_fast``: the training step of ``train_sentiment.py``: ``lora_fast.apply_lora`` (``auto`` backend),
   ``use_fused_gelu`` (GPT-2's six-op ``gelu_new`` as one ``F.gelu(approximate="tanh")``, equal to
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 
 __all__ = ["ROWS", "StepConfig", "run_row"]
 
-ROWS = ("full_ft", "peft", "peft_label_logits", "lora_fast")
+ROWS = ("full_ft", "peft", "peft_patched", "peft_label_logits", "lora_fast")
 TARGETS = ["attn.c_attn", "attn.c_proj"]
 
 
@@ -114,7 +116,7 @@ def build_step(row: str, cfg: StepConfig):
 
         return step, model, notes
 
-    if row in ("peft", "peft_label_logits"):
+    if row in ("peft", "peft_patched", "peft_label_logits"):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(
@@ -128,6 +130,11 @@ def build_step(row: str, cfg: StepConfig):
                 task_type="CAUSAL_LM",
             ),
         )
+        if row == "peft_patched":
+            from lora_fast import patch_peft
+
+            report = patch_peft(model, backend="auto", verbose=False)
+            notes.append(f"patch_peft: {len(report.fast)} of {len(report.rows)} LoRA layers through lora_linear")
     elif row != "full_ft":
         raise ValueError(f"unknown row {row!r}; choose one of {ROWS}")
     optimizer = make_optimizer(model, cfg.lr)

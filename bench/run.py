@@ -5,8 +5,9 @@
 
 Layer table (bench/layer_bench.py): floor (frozen base layer alone), PEFT-style eager LoRA (lora-fast's
 ``reference``), HF PEFT's ``lora.Linear``, lora-fast ``torch`` and ``triton`` (CUDA), phase by phase, with the
-FLOP count and memory beside the times. Model table (bench/model_step.py): ``full_ft``, ``peft``,
-``peft_label_logits`` and ``lora_fast``, each in a fresh process so its peak memory is its own.
+FLOP count and memory beside the times. Model table (bench/model_step.py): ``full_ft``, ``peft``, ``peft_patched``
+(``peft`` plus ``lora_fast.patch_peft(model)``), ``peft_label_logits`` and ``lora_fast``, each in a fresh process so its
+peak memory is its own.
 The last lines check the targets (lora_fast vs PEFT as commonly used, and vs PEFT with label-position logits).
 """
 
@@ -168,7 +169,9 @@ def write_plots(out_dir: pathlib.Path, layer: list[dict], model: list[dict], dev
             (axes[0], "s_per_step", "s / step (median)"),
             (axes[1], "peak_mem_mb", "peak RSS MiB" if device == "cpu" else "peak alloc MiB"),
         ):
-            ax.bar(names, [r[key] for r in model], color=["#999", "#d62728", "#ff7f0e", "#2ca02c"][: len(names)])
+            ax.bar(
+                names, [r[key] for r in model], color=["#999", "#d62728", "#9467bd", "#ff7f0e", "#2ca02c"][: len(names)]
+            )
             ax.set_ylabel(label)
             ax.tick_params(axis="x", rotation=20)
             ax.grid(axis="y", alpha=0.3)
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="few shapes (r=16, one dtype), short timing, 3 timed model steps per row (all four rows)",
+        help="few shapes (r=16, one dtype), short timing, 3 timed model steps per row (all rows)",
     )
     ap.add_argument("--layer-only", action="store_true", help="only the layer table")
     ap.add_argument("--model-only", action="store_true", help="only the model-step table")

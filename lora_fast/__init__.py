@@ -24,6 +24,7 @@ from lora_fast.model import (
     set_backend,
     unmerge_lora,
 )
+from lora_fast.peft_patch import patch_peft, unpatch_peft
 
 __all__ = [
     "BACKENDS",
@@ -41,10 +42,12 @@ __all__ = [
     "lora_state_dict",
     "merge_and_unload",
     "merge_lora",
+    "patch_peft",
     "print_trainable_parameters",
     "read_adapter_config",
     "save_adapter",
     "set_backend",
     "unmerge_lora",
+    "unpatch_peft",
 ]
 __version__ = "0.1.0"
