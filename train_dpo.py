@@ -19,7 +19,6 @@ Writes to ``--out``: ``config.json``, ``metrics.jsonl`` (one line per step and p
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -31,8 +30,9 @@ from tqdm import tqdm
 from lora_fast import apply_lora, count_parameters, load_adapter, lora_modules, save_adapter
 from lora_fast.io import atomic_write_json
 from lora_fast.study.causal_lm import load_causal_lm
-from lora_fast.study.cli import dataclass_parser, opt, parse_flags
+from lora_fast.study.cli import dataclass_parser, opt, parse_flags, report_errors
 from lora_fast.study.data import load_splits
+from lora_fast.study.distributed import resolve_device
 from lora_fast.study.dpo import (
     dpo_step,
     evaluate_policy,
@@ -42,7 +42,7 @@ from lora_fast.study.dpo import (
     sample_continuations,
     sentiment_scores,
 )
-from lora_fast.study.errors import StudyError, UsageError
+from lora_fast.study.errors import NonFiniteError, UsageError
 from lora_fast.study.prompts import INSTRUCTIONS, build_prompt, label_token_ids, resolve_instruction
 from lora_fast.study.report import append_metrics, plot_reward_vs_kl
 
@@ -50,7 +50,9 @@ from lora_fast.study.report import append_metrics, plot_reward_vs_kl
 @dataclass
 class DPOConfig:
     model: str = opt("gpt2", "policy base model: a hub name or a local folder with config, weights and tokenizer")
-    scorer: str | None = opt(None, "the sentiment LoRA adapter folder train_sentiment.py saved (PEFT format); required")
+    scorer: str | None = opt(
+        None, "the sentiment LoRA adapter folder train_sentiment.py saved (PEFT format); required, no default"
+    )
     scorer_model: str | None = opt(None, "base model the scorer adapter goes on (default: --model)")
     scorer_prompt: str = opt("default", "instruction the scorer was trained with", choices=tuple(INSTRUCTIONS))
     data_dir: str | None = opt(None, "local folder with train/validation .jsonl (or parquet) (default: the hub)")
@@ -135,9 +137,10 @@ def train_beta(cfg: DPOConfig, policy, pairs: list, refs: tuple, beta: float, eo
                 perm, cursor = torch.randperm(len(pairs), generator=order).tolist(), 0
             idx, cursor = idx + [perm[cursor]], cursor + 1
         batch = [pairs[i] for i in idx]
-        metrics = dpo_step(policy, optimizer, batch, refs[0][idx], refs[1][idx], beta, eos).metrics()
-        if not math.isfinite(metrics["loss"]):
-            raise UsageError(f"non-finite DPO loss at step {step} (beta {beta}); lower --lr")
+        try:
+            metrics = dpo_step(policy, optimizer, batch, refs[0][idx], refs[1][idx], beta, eos).metrics()
+        except NonFiniteError as e:
+            raise NonFiniteError(f"DPO step {step} (beta {beta}): {e}; stopped (lower --lr)") from None
         tokens += sum(len(p) + len(c) + len(r) for p, c, r in batch)
         log({"event": "train", "beta": beta, "step": step, **metrics})
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['reward_accuracy']:.2f}",
@@ -147,26 +150,23 @@ def train_beta(cfg: DPOConfig, policy, pairs: list, refs: tuple, beta: float, eo
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    try:
-        return run(cfg)
-    except StudyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return report_errors(lambda: run(cfg))
 
 
 def run(cfg: DPOConfig) -> int:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     if not (Path(cfg.scorer) / "adapter_config.json").is_file():
         raise UsageError(f"--scorer {cfg.scorer}: no adapter_config.json there; train one with train_sentiment.py")
     splits = load_splits(cfg.data_dir)
+
+    # --- models, the run folder (once they have loaded), preference pairs
+    torch.manual_seed(cfg.seed)
+    policy, tokenizer, score = load_models(cfg, device)
     out = Path(cfg.out)
     atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
     (out / "metrics.jsonl").unlink(missing_ok=True)
     log = lambda record: append_metrics(out / "metrics.jsonl", record)
-
-    # --- models and preference pairs
-    torch.manual_seed(cfg.seed)
-    policy, tokenizer, score = load_models(cfg, device)
+    print(f"run folder: {out}", flush=True)
     eos, (lo, hi) = tokenizer.eos_token_id, cfg.prompt_tokens
     train_texts, eval_texts = [r["text"] for r in splits["train"]], [r["text"] for r in splits["validation"]]
     train_prompts = make_prompts(train_texts, tokenizer, cfg.num_prompts, lo, hi, cfg.seed)

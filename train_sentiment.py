@@ -6,7 +6,9 @@ nanoGPT-based LoRA study (gpt2-medium, r=128, α=512), with its two flaws fixed 
     python train_sentiment.py --model /tmp/tiny --data-dir path/to/rotten_tomatoes --max-steps 20
     torchrun --nproc_per_node 2 train_sentiment.py ...             # DDP, unchanged
 
-A run writes config.json, metrics.jsonl, summary.json, adapter_best/, adapter_last/, val_loss.png to --out.
+A run writes config.json, metrics.jsonl, summary.json, adapter_best/, adapter_last/, val_loss.png and checkpoint.pt
+to --out, a folder it creates once the flags are checked and the model and data have loaded. An --out that holds a
+run already is refused unless --resume (continue it) or --overwrite (start it afresh) says which.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import functools
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -24,19 +27,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lora_fast import BACKENDS
+from lora_fast import BACKENDS, AdapterError
 from lora_fast.io import atomic_write_json
 from lora_fast.study import distributed
 from lora_fast.study.causal_lm import LastTokenLM, load_causal_lm, use_fused_gelu
-from lora_fast.study.checkpoint import resume, save_checkpoint
-from lora_fast.study.cli import dataclass_parser, opt, parse_flags
+from lora_fast.study.checkpoint import require_finite, resume, save_checkpoint
+from lora_fast.study.cli import dataclass_parser, opt, parse_flags, report_errors
 from lora_fast.study.data import load_splits, subset
-from lora_fast.study.errors import NonFiniteLossError, StudyError, UsageError
+from lora_fast.study.errors import NonFiniteError, UsageError
 from lora_fast.study.evaluate import score_split, val_loss
 from lora_fast.study.prompts import INSTRUCTIONS, encode_split, resolve_instruction
 from lora_fast.study.registry import METHODS
 from lora_fast.study.report import (
     append_metrics,
+    format_scores,
     parameter_summary,
     plot_val_loss,
     print_summary,
@@ -97,7 +101,12 @@ class Config:
     generation: bool = opt(True, "also score with the study's generation metric")
     zero_shot: bool = opt(True, "score the untrained model on the test set first")
     eval_only: bool = opt(False, "no training: score the model (with --adapter, if given) on the test set")
-    adapter: str | None = opt(None, "with --eval-only: a saved adapter_best/ or adapter_last/ folder of --method")
+    adapter: str | None = opt(
+        None,
+        "a saved adapter_best/ or adapter_last/ folder of --method: scored with --eval-only; otherwise training "
+        "starts from its weights (they must fit --method's flags: LoRA's --r, --alpha, --targets) with a fresh "
+        "optimizer and schedule",
+    )
     # speed and memory
     device: str = opt("auto", "cpu, cuda, cuda:N (auto: cuda when present; torchrun: cuda:LOCAL_RANK)")
     dtype: str = opt("auto", "CUDA autocast (auto: bf16, or fp16 + GradScaler); CPU: fp32", choices=DTYPES)
@@ -108,7 +117,8 @@ class Config:
     # outputs, robustness, experiments
     out: str | None = opt(None, "run folder (default runs/<timestamp>)")
     checkpoint_every: int | None = opt(None, "steps between resume checkpoints (default: --eval-every)")
-    resume: bool = opt(False, "continue the run in --out from its checkpoint")
+    resume: bool = opt(False, "continue the run in --out from its checkpoint (a finished run is skipped)")
+    overwrite: bool = opt(False, "start afresh in an --out that holds a run: its run files are replaced")
     stop_after_step: int | None = opt(None, "testing: exit after this step's checkpoint, as if killed")
     preset: str | None = opt(None, "'study': the study's hyper-parameters; explicit flags override", choices=("study",))
     sweep: str | None = opt(None, "sub-runs in --out, one process each, resumable; a table", choices=tuple(SWEEPS))
@@ -128,12 +138,60 @@ def parse_config(argv: list[str] | None = None) -> Config:
     return Config(**{**PRESETS.get(preset, {}), **given})
 
 
-def check_config(cfg: Config, world: int) -> None:
-    """Refuse a bad flag or combination before anything loads: a UsageError naming the flag."""
+# Integer flags and their least value; a None, where the field allows one, means "all" or "off".
+LEAST = dict(r=1, max_length=1, batch_size=1, grad_accum=1, max_steps=1, eval_every=1, eval_batch_size=1, gen_tokens=1,
+             adapter_dim=1, train_subset=1, max_val=1, max_test=1, checkpoint_every=1, stop_after_step=1, shots=0,
+             warmup_steps=0, seed=0)  # fmt: skip
+# Real flags: (low, whether low itself is allowed, high (never allowed)); NaN and inf never are.
+INTERVALS = {"lr": (0, False, math.inf), "alpha": (-math.inf, False, math.inf), "lora_dropout": (0, True, 1),
+             "dropout": (0, True, 1), "weight_decay": (0, True, math.inf),
+             "grad_clip": (0, True, math.inf)}  # fmt: skip
+# What a run writes to --out: an --out holding any of them holds a run.
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "val_loss.png", "adapter_best",
+             "adapter_last")  # fmt: skip
+
+
+def check_config(cfg: Config, world: int, device: torch.device) -> None:
+    """Refuse a bad flag or combination before anything loads: a UsageError naming the flag, what it must be and what
+    it is. (``--targets`` needs the model: the lora method checks it right after loading, before any evaluation.)"""
+    flag = lambda name: "--" + name.replace("_", "-")
+    for name, least in LEAST.items():
+        if getattr(cfg, name) is not None and getattr(cfg, name) < least:
+            raise UsageError(f"{flag(name)} {getattr(cfg, name)}: must be at least {least}")
+    for name, (low, closed, high) in INTERVALS.items():
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and (low < value or (closed and value == low)) and value < high):
+            where = f" in {'[('[not closed]}{low:g}, {high:g})" if low > -math.inf else ""
+            raise UsageError(f"{flag(name)} {value}: must be a finite number{where}")
+    if not all(0 <= b < 1 for b in cfg.betas):
+        raise UsageError(f"--betas {' '.join(map(str, cfg.betas))}: each must be in [0, 1)")
     if cfg.grad_accum % world:
         raise UsageError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes")
-    if cfg.eval_only and cfg.adapter and not Path(cfg.adapter).is_dir():
+    if cfg.stop_after_step is not None and cfg.stop_after_step > cfg.max_steps:
+        raise UsageError(f"--stop-after-step {cfg.stop_after_step}: past --max-steps {cfg.max_steps}")
+    if cfg.dtype in ("bf16", "fp16") and device.type != "cuda":
+        raise UsageError(f"--dtype {cfg.dtype}: autocast runs on CUDA only, and on {device} a run is fp32")
+    if cfg.backend == "triton" and device.type != "cuda":
+        from lora_fast.kernels import interpreting  # imports triton: only for this check
+
+        if not interpreting():
+            raise UsageError(
+                f"--backend triton on {device}: the Triton kernels need a CUDA device (or TRITON_INTERPRET=1, "
+                f"Triton's slow CPU interpreter); --backend auto takes them where CUDA is present"
+            )
+    if cfg.adapter and not Path(cfg.adapter).is_dir():
         raise UsageError(f"--adapter {cfg.adapter}: no such folder")
+    if cfg.overwrite and (cfg.resume or cfg.sweep):
+        raise UsageError(f"--overwrite starts a run afresh; {'--resume' if cfg.resume else '--sweep'} resumes one")
+    out = Path(cfg.out) if cfg.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    held = [name for name in RUN_FILES if out is not None and (out / name).exists()]
+    if held and not (cfg.resume or cfg.overwrite or cfg.sweep):
+        raise UsageError(
+            f"--out {out} holds a run already ({', '.join(held)}): pass --resume to continue it (a finished run is "
+            f"skipped), --overwrite to start it afresh, or another --out"
+        )
 
 
 # ---------------------------------------------------------------- set-up
@@ -150,8 +208,8 @@ def amp_setup(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, to
 
 
 def prepare_model(cfg: Config, device: torch.device, log=print):
-    """Load --model, then give it --method's trainable parts (or, with --eval-only, --adapter's saved ones); the
-    model comes back on ``device``, in training mode unless --eval-only."""
+    """Load --model, then give it --method's trainable parts and, with --adapter, its saved weights (with --eval-only
+    only the saved ones); the model comes back on ``device``, in training mode unless --eval-only."""
     model, tokenizer = load_causal_lm(cfg.model, cfg.tokenizer, dropout=cfg.dropout)
     if cfg.fused_gelu:
         use_fused_gelu(model)
@@ -162,8 +220,13 @@ def prepare_model(cfg: Config, device: torch.device, log=print):
     method = METHODS[cfg.method]
     if not cfg.eval_only:
         model = method.prepare(model, cfg)
-    elif cfg.adapter:
-        model = method.load(model, cfg.adapter, cfg)
+    if cfg.adapter:  # scored with --eval-only; otherwise the starting point, loaded into the prepared model strictly
+        try:
+            model = method.load(model, cfg.adapter, cfg)
+        except AdapterError as exc:
+            raise AdapterError(f"--adapter {cfg.adapter}: {exc}") from None
+        if not cfg.eval_only:
+            log(f"--adapter {cfg.adapter}: training starts from its weights, with a fresh optimizer and schedule")
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device).train(not cfg.eval_only), tokenizer
@@ -189,12 +252,27 @@ def describe(cfg: Config, model, splits: list, device: torch.device, world: int)
     return {**what, **parameter_summary(model), **sizes, **where}
 
 
+def open_run_folder(cfg: Config, out: Path, log) -> None:
+    """The run folder, made once the model and data have loaded (a mistake before leaves none behind): with
+    --overwrite the old run's files go first (others stay), then config.json; the folder is printed."""
+    for name in RUN_FILES if cfg.overwrite else ():
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+    atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
+    log(f"run folder: {out}")
+
+
 def scorers(cfg: Config, model, tokenizer, val, test, device: torch.device, amp_dtype):
-    """``validate()``: the validation loss; ``score()``: the test split's label-logit accuracy and, with
-    --generation, the study's generation metric."""
+    """``validate()``: the validation loss (a NaN or inf one is a NonFiniteError: the weights diverged); ``score()``:
+    the test split's label-logit accuracy and, with --generation, the study's generation metric."""
     batching = {"device": device, "amp_dtype": amp_dtype, "padding_side": cfg.padding_side}
     pad, batch_size = tokenizer.pad_token_id, cfg.eval_batch_size
-    validate = functools.partial(val_loss, model, val.sequences, val.targets, pad, batch_size, **batching)
+
+    def validate() -> float:
+        loss = val_loss(model, val.sequences, val.targets, pad, batch_size, **batching)
+        if not math.isfinite(loss):
+            raise NonFiniteError(f"the validation loss after the update is {loss}: the weights give non-finite outputs")
+        return loss
+
     score = functools.partial(
         score_split,
         model,
@@ -209,11 +287,28 @@ def scorers(cfg: Config, model, tokenizer, val, test, device: torch.device, amp_
     return validate, score
 
 
+def save_weights(cfg: Config, model, tokenizer, folder: Path, main: bool) -> None:
+    """--method's save of the trained weights to ``folder`` by the main process, once every process has found them
+    finite (a NonFiniteError otherwise: all stop together, and the folder on disk stays the last good one)."""
+    require_finite({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, str(folder))
+    if main:
+        METHODS[cfg.method].save(model, tokenizer, folder)
+
+
+def last_good(cfg: Config, ckpt_path: Path, saved: int | None) -> str:
+    """Where a run that stopped can go on from: the last checkpoint it wrote or resumed from, or none."""
+    if saved is None:
+        due = min(cfg.checkpoint_every or cfg.eval_every, cfg.max_steps)
+        return f"no checkpoint was written yet (the first is due at step {due})"
+    return f"the last good checkpoint is {ckpt_path} (step {saved})"
+
+
 def finish(out: Path, summary: dict, t_start: float, device: torch.device, main: bool, plot: bool = False) -> dict:
     """The summary with wall time and peak memory, written to summary.json (and, with ``plot``, the loss plot drawn
     from metrics.jsonl) by the main process."""
     mem, kind = peak_memory_mb(device)
     summary.update(wall_time_s=time.time() - t_start, peak_memory_mb=mem, peak_memory_kind=kind)
+    require_finite(summary, str(out / "summary.json"))
     if main:
         atomic_write_json(out / "summary.json", summary)
     if main and plot:
@@ -229,10 +324,12 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     main, out, t_start = rank == 0, Path(cfg.out), time.time()
     log = functools.partial(print, flush=True) if main else (lambda *args: None)
 
-    # --- data, model, metrics
+    # --- data, model, the run folder (only once both have loaded), metrics
     splits = load_splits(cfg.data_dir, cfg.dataset)
     model, tokenizer = prepare_model(cfg, device, log)
     train, val, test = encode_data(cfg, splits, tokenizer, getattr(model.config, "n_positions", cfg.max_length))
+    if main:
+        open_run_folder(cfg, out, log)
     amp_dtype, scaler = amp_setup(cfg, device)
     validate, score = scorers(cfg, model, tokenizer, val, test, device, amp_dtype)
     summary = describe(cfg, model, [train, val, test], device, world)
@@ -247,55 +344,52 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     pad, global_batch = tokenizer.pad_token_id, cfg.batch_size * cfg.grad_accum
     data_order = {"seed": cfg.seed, "global_batch": global_batch, "n_train": len(train)}
     step, state = resume(ckpt_path, model, optimizer, scheduler, scaler, data_order) if cfg.resume else (0, {})
+    if cfg.resume:
+        log(f"resumed from {ckpt_path} at step {step}" if step else f"--resume: no checkpoint in {out}, so step 0")
     best, zero_shot = state.get("best", {"val_loss": math.inf, "step": None}), state.get("zero_shot")
-    if step:
-        log(f"resumed from {ckpt_path} at step {step}")
     if zero_shot is None and cfg.zero_shot:
         zero_shot = score()
-        log(f"zero-shot test: {zero_shot}")
+        log(f"{'before training (--adapter)' if cfg.adapter else 'zero-shot'} test: {format_scores(zero_shot)}")
     if main:
         trim_metrics(metrics_path, step)
 
-    # --- the loop: one optimizer step, its record, validation (keeping the best weights), the checkpoint
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, dynamic_ncols=True)
-    tokens_seen, train_time = 0, 0.0
-    while step < cfg.max_steps:
-        t0 = time.time()
-        batches, targets = step_batches(
-            train, step, global_batch, cfg.batch_size, cfg.seed, pad, cfg.padding_side, cfg.group_by_length, device
-        )
-        try:
-            res = train_step(module, optimizer, batches, targets, scheduler, scaler, amp_dtype, cfg.grad_clip)
-        except NonFiniteLossError as e:
-            raise NonFiniteLossError(f"step {step + 1}: {e}; stopped; last good checkpoint: {ckpt_path}") from None
-        step, dt = step + 1, time.time() - t0
-        tokens_seen, train_time = tokens_seen + res.tokens, train_time + dt
-        record = {"step": step, "train_loss": res.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": res.grad_norm}
-        record.update(tokens_per_s=res.tokens / dt, peak_memory_mb=peak_memory_mb(device)[0])
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            record["val_loss"] = validate()
-            if record["val_loss"] < best["val_loss"]:
-                best = {"val_loss": record["val_loss"], "step": step}
+    # --- the loop: one optimizer step, its record, validation (keeping the best weights), the checkpoint; a NaN or
+    # inf (loss, gradient, validation loss, weights) stops it before anything holding one is applied or written
+    tokens_seen, train_time, saved = 0, 0.0, step or None  # saved: the step of the last good checkpoint on disk
+    with tqdm(total=cfg.max_steps, initial=step, disable=not main, dynamic_ncols=True) as bar:
+        while step < cfg.max_steps:
+            t0, at = time.time(), step + 1
+            batches, targets = step_batches(
+                train, step, global_batch, cfg.batch_size, cfg.seed, pad, cfg.padding_side, cfg.group_by_length, device
+            )
+            try:
+                res = train_step(module, optimizer, batches, targets, scheduler, scaler, amp_dtype, cfg.grad_clip)
+                step, dt = step + 1, time.time() - t0
+                tokens_seen, train_time = tokens_seen + res.tokens, train_time + dt
+                record = dict(step=step, train_loss=res.loss, lr=scheduler.get_last_lr()[0], grad_norm=res.grad_norm)
+                record.update(tokens_per_s=res.tokens / dt, peak_memory_mb=peak_memory_mb(device)[0])
+                if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                    record["val_loss"] = validate()
+                    if record["val_loss"] < best["val_loss"]:
+                        best = {"val_loss": record["val_loss"], "step": step}
+                        save_weights(cfg, model, tokenizer, out / "adapter_best", main)
                 if main:
-                    method.save(model, tokenizer, out / "adapter_best")
-        if main:
-            append_metrics(metrics_path, record)
-        if step % (cfg.checkpoint_every or cfg.eval_every) == 0 or step == cfg.max_steps:
-            if main:
-                extra = {"data_order": data_order, "best": best, "zero_shot": zero_shot}
-                save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, extra)
-            distributed.barrier()
-        bar.update(1)
-        bar.set_postfix(loss=f"{res.loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if cfg.stop_after_step == step:
-            bar.close()
-            log(f"--stop-after-step {step}: stopped after the checkpoint")
-            return {"stopped_at": step}
-    bar.close()
+                    append_metrics(metrics_path, record)
+                if step % (cfg.checkpoint_every or cfg.eval_every) == 0 or step == cfg.max_steps:
+                    extra = {"data_order": data_order, "best": best, "zero_shot": zero_shot}
+                    save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, extra, write=main)
+                    saved = step
+                    distributed.barrier()
+            except NonFiniteError as e:
+                raise NonFiniteError(f"step {at}: {e}; stopped; {last_good(cfg, ckpt_path, saved)}") from None
+            bar.update(1)
+            bar.set_postfix(loss=f"{res.loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if cfg.stop_after_step == step:
+                log(f"--stop-after-step {step}: stopped after the checkpoint")
+                return {"stopped_at": step}
 
     # --- final scores: the last weights, then the best ones
-    if main:
-        method.save(model, tokenizer, out / "adapter_last")
+    save_weights(cfg, model, tokenizer, out / "adapter_last", main)
     distributed.barrier()
     last, reload = score(), best["step"] not in (None, step)  # reload: the best weights are not the last ones
     if reload:
@@ -309,36 +403,37 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
 # ---------------------------------------------------------------- entry point
 
 
+def start(cfg: Config) -> int:
+    """Check the flags, then run (or skip a finished run, or run a sweep) and print the summary table."""
+    world, device = distributed.launched_world_size(), distributed.resolve_device(cfg.device)
+    check_config(cfg, 1 if cfg.sweep else world, device)  # a sweep's sub-runs are one process each
+    if cfg.sweep:  # the parent only starts sub-runs (each in its own process) and gathers their summaries
+        run_sweep(cfg, Path(__file__).resolve())
+        return 0
+    rank, world, device = distributed.setup(device)
+    if cfg.out is None:
+        stamp = [time.strftime("%Y%m%d-%H%M%S")]
+        if world > 1:
+            torch.distributed.broadcast_object_list(stamp, src=0)
+        cfg = dataclasses.replace(cfg, out=str(Path("runs") / stamp[0]))
+    done = Path(cfg.out) / "summary.json"
+    if cfg.resume and done.is_file():  # a sweep re-run skips its finished sub-runs
+        summary = json.loads(done.read_text())
+        if rank == 0:
+            print(f"{cfg.out}: finished already, skipped", flush=True)
+    else:
+        summary = run(cfg, rank, world, device)
+    if rank == 0 and "test" in summary:
+        print_summary(summary)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     try:
-        if cfg.sweep:  # the parent only starts sub-runs (each in its own process) and gathers their summaries
-            run_sweep(cfg, Path(__file__).resolve())
-            return 0
-        rank, world, device = distributed.setup(cfg.device)
-        check_config(cfg, world)
-        if cfg.out is None:
-            stamp = [time.strftime("%Y%m%d-%H%M%S")]
-            if world > 1:
-                torch.distributed.broadcast_object_list(stamp, src=0)
-            cfg = dataclasses.replace(cfg, out=str(Path("runs") / stamp[0]))
-        done = Path(cfg.out) / "summary.json"
-        if cfg.resume and done.is_file():  # a sweep re-run skips its finished sub-runs
-            summary = json.loads(done.read_text())
-            if rank == 0:
-                print(f"{cfg.out}: finished already, skipped", flush=True)
-        else:
-            if rank == 0:
-                atomic_write_json(Path(cfg.out) / "config.json", dataclasses.asdict(cfg))
-            summary = run(cfg, rank, world, device)
-        if rank == 0 and "test" in summary:
-            print_summary(summary)
-    except StudyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_errors(lambda: start(cfg))
     finally:
         distributed.cleanup()
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """lora-fast benchmarks: the LoRA layer against its floor, and one GPT-2 training step four ways.
 
     python bench/run.py --quick                      # < 5 min on a 2-core CPU, < 3 on an H100
-    python bench/run.py --json out.json --md out.md --plot plots/
+    python bench/run.py                              # results in bench/out/ (--json, --md, --plot elsewhere)
 
 Layer table (bench/layer_bench.py): floor (frozen base layer alone), PEFT-style eager LoRA (lora-fast's
 ``reference``), HF PEFT's ``lora.Linear``, lora-fast ``torch`` and ``triton`` (CUDA), phase by phase, with the
@@ -238,9 +238,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, help="processes per model row, alternating order (default 1 quick, 2)")
     ap.add_argument("--batch", type=int, help="model-step batch (default 8 on CPU, 16 on CUDA)")
     ap.add_argument("--seq", type=int, help="model-step sequence length (default 128 on CPU, 512 on CUDA)")
-    ap.add_argument("--json", type=pathlib.Path, help="write every row, stamped with device/versions/date, here")
-    ap.add_argument("--md", type=pathlib.Path, help="also write the markdown tables to this file")
-    ap.add_argument("--plot", type=pathlib.Path, help="write PNG bar charts into this folder")
+    out = pathlib.Path(__file__).resolve().parent / "out"  # ignored by git, like runs/
+    ap.add_argument(
+        "--json",
+        type=pathlib.Path,
+        default=out / "results.json",
+        help="write every row, stamped with device/versions/date, here (default: bench/out/results.json)",
+    )
+    ap.add_argument(
+        "--md",
+        type=pathlib.Path,
+        default=out / "results.md",
+        help="also write the markdown tables to this file (default: bench/out/results.md)",
+    )
+    ap.add_argument(
+        "--plot",
+        type=pathlib.Path,
+        default=out / "plots",
+        help="write PNG bar charts into this folder (default: bench/out/plots)",
+    )
     args = ap.parse_args(argv)
     if args.layer_only and args.model_only:
         ap.error("--layer-only and --model-only exclude each other")

@@ -4,7 +4,9 @@ Each write goes to a temporary file beside the target (``.<name>.<random>.tmp``)
 over the target (``os.replace`` is atomic on POSIX and Windows). A whole folder (:func:`atomic_directory`) is written
 into a temporary sibling and swapped in. A weights file and its config (:func:`atomic_save_tensors`) are either such a
 folder, or two atomic files in a folder whose other files are left alone. Temporaries a killed process left behind
-are removed by the next successful write of the same target: one writer per target at a time.
+are removed by the next successful write of the same target: one writer per target at a time. Files and folders get
+the modes a plain ``open``/``mkdir`` would give them under the process's umask (``tempfile`` makes its temporaries
+private, 0600 and 0700; they are widened to ``0o666 & ~umask`` and ``0o777 & ~umask`` before they replace the target).
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it straight back: there is no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _remove_stale(path: Path, suffixes: tuple[str, ...] = ("tmp",)) -> None:
     """Remove the temporaries of our own naming (``.<name>.<8 random chars>.<suffix>``, files or folders) that a
     killed write of ``path`` left beside it."""
@@ -65,6 +74,7 @@ def _atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -105,6 +115,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

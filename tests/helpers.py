@@ -73,13 +73,24 @@ def unchanged_since(model, snapshot) -> bool:
     )
 
 
-def run_script(args, script: str = "train_sentiment.py", timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python <script> <args>`` in a fresh process at the repository root, offline, with its output captured."""
+def run_script(
+    args, script: str = "train_sentiment.py", timeout: float = 300, env: dict | None = None, umask: int | None = None
+) -> subprocess.CompletedProcess:
+    """``python <script> <args>`` in a fresh process at the repository root, offline, with its output captured.
+    ``env`` adds variables (a value None removes one); ``umask`` is the process's umask."""
+    environ = {**os.environ, **OFFLINE_ENV, **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *map(str, args)],
         capture_output=True,
         text=True,
-        env={**os.environ, **OFFLINE_ENV},
+        env={k: v for k, v in environ.items() if v is not None},
         cwd=ROOT,
         timeout=timeout,
+        preexec_fn=None if umask is None else (lambda: os.umask(umask)),
     )
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The lines of ``stderr`` that report an error (``error: ...``), after a carriage return where a progress bar
+    shares the line."""
+    return [ln.split("\r")[-1] for ln in stderr.splitlines() if ln.split("\r")[-1].startswith("error:")]

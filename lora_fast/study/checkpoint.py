@@ -1,16 +1,22 @@
-"""Resume state for training runs, written atomically.
+"""Resume state for training runs, written atomically and read back without unpickling code.
 
 A checkpoint holds what an interrupted run needs to finish exactly as an uninterrupted one would: the trainable
 weights (whatever the method: LoRA's A and B, biases, adapters, or the whole model), the optimizer, scheduler and
 GradScaler states, the step, the data order (the seed and batch size that ``training.step_indices`` derives it
-from) and every RNG state (Python, torch CPU, CUDA). Writes go through ``lora_fast.io.atomic_torch_save``, so a kill
-mid-write leaves the previous checkpoint intact.
+from) and every RNG state (Python's as a tensor of its words, torch CPU, CUDA). All of it is tensors and plain
+Python values, so ``torch.load(..., weights_only=True)`` reads it: a ``checkpoint.pt`` from anywhere else that holds
+other objects (a pickle that would run code) is refused, not loaded. Writes go through
+``lora_fast.io.atomic_torch_save``, so a kill mid-write leaves the previous checkpoint intact, and nothing holding a
+NaN or inf is ever written (``require_finite``): the checkpoint on disk is always one a run can go on from.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import pickle
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +24,14 @@ import torch
 from torch import nn
 
 from lora_fast.io import atomic_torch_save
-from lora_fast.study.errors import UsageError
+from lora_fast.study.errors import CheckpointError, NonFiniteError, first_line
 
 __all__ = [
     "rng_state",
     "set_rng_state",
     "trainable_state_dict",
+    "nonfinite_entries",
+    "require_finite",
     "save_checkpoint",
     "load_checkpoint",
     "resume",
@@ -31,14 +39,23 @@ __all__ = [
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """Every RNG state as tensors and ints: Python's ``(version, 625 words, gauss)`` becomes a dict with the words as
+    an int64 tensor (a tuple of ints would load too, but one tensor is what ``weights_only`` reads fastest)."""
+    version, words, gauss = random.getstate()
+    state = {
+        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    py = state["python"]
+    if isinstance(py, dict):  # this version's form; earlier versions wrote random.getstate()'s tuple itself
+        py = (py["version"], tuple(py["words"].tolist()), py["gauss"])
+    random.setstate(py)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -49,6 +66,32 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def nonfinite_entries(obj: Any, name: str = "") -> Iterator[str]:
+    """The names (``a.b.0``) of the floating-point tensors and floats in ``obj`` (nested dicts, lists, tuples) that
+    hold a NaN or an inf."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+            yield name
+    elif isinstance(obj, float):
+        if not math.isfinite(obj):
+            yield name
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from nonfinite_entries(value, f"{name}.{key}" if name else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from nonfinite_entries(value, f"{name}.{i}" if name else str(i))
+
+
+def require_finite(obj: Any, what: str) -> None:
+    """Raise ``NonFiniteError`` naming the first entries of ``obj`` that hold a NaN or an inf; ``what`` says what
+    would have been written (``"the checkpoint of step 3"``)."""
+    bad = list(nonfinite_entries(obj))
+    if bad:
+        more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
+        raise NonFiniteError(f"{what} would hold NaN or inf values ({', '.join(bad[:4])}{more}); not written")
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -57,8 +100,11 @@ def save_checkpoint(
     scaler=None,
     step: int = 0,
     extra: dict[str, Any] | None = None,
+    write: bool = True,
 ) -> None:
-    """Write the resume state after ``step`` completed optimizer steps to ``path`` (atomic)."""
+    """Write the resume state after ``step`` completed optimizer steps to ``path`` (atomic). A state holding a NaN or
+    an inf is refused (``NonFiniteError``) and the file on disk stays the previous one. ``write=False`` runs the
+    check only: under DDP every process checks, so all of them stop together, and one writes."""
     state = {
         "step": step,
         "trainable": trainable_state_dict(model),
@@ -68,26 +114,53 @@ def save_checkpoint(
         "rng": rng_state(),
         "extra": extra or {},
     }
-    atomic_torch_save(state, path)
+    require_finite({k: state[k] for k in ("trainable", "optimizer", "scaler")}, f"the checkpoint of step {step}")
+    if write:
+        atomic_torch_save(state, path)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` read with ``weights_only=True``: tensors and plain Python values only."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} was refused: it holds Python objects other than tensors and plain values, which a checkpoint of "
+            f"train_sentiment.py never holds and which could run code when loaded ({first_line(exc, 160)})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(
+            f"{path} cannot be read ({first_line(exc, 160)}); the file is corrupt or truncated"
+        ) from None
+    keys = ("step", "trainable", "optimizer", "scheduler", "scaler", "rng", "extra")
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        raise CheckpointError(f"{path} is not a checkpoint of train_sentiment.py (expected the fields {keys})")
+    return state
 
 
 def load_checkpoint(
     path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None, scaler=None
 ) -> dict[str, Any]:
     """Restore everything ``save_checkpoint`` wrote; returns ``{"step", "extra"}``. The trainable parameter names
-    must match the model's exactly (a run resumed with another method or rank is refused)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    must match the model's exactly (a run resumed with another method or rank is refused), and a checkpoint holding
+    NaN or inf values (one an older version wrote) is refused; either way before the model is touched."""
+    path = Path(path)
+    state = _read(path)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = state["trainable"]
     if set(saved) != set(params):
         missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
+    for n, p in params.items():
+        if saved[n].shape != p.shape:
+            raise CheckpointError(f"checkpoint {path}: {n} has shape {tuple(saved[n].shape)}, model {tuple(p.shape)}")
+    bad = list(nonfinite_entries({k: state[k] for k in ("trainable", "optimizer", "scaler")}))
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds NaN or inf values ({', '.join(bad[:4])}): it cannot be resumed")
     with torch.no_grad():
         for n, p in params.items():
-            if saved[n].shape != p.shape:
-                raise ValueError(f"checkpoint {path}: {n} has shape {tuple(saved[n].shape)}, model {tuple(p.shape)}")
             p.copy_(saved[n])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
@@ -108,7 +181,7 @@ def resume(
         return 0, {}
     state = load_checkpoint(path, model, optimizer, scheduler, scaler)
     if state["extra"].get("data_order") != data_order:
-        raise UsageError(
+        raise CheckpointError(
             f"--resume: {path} was written with data order {state['extra'].get('data_order')}, this run has "
             f"{data_order}"
         )

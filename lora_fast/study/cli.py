@@ -1,6 +1,6 @@
-"""A config dataclass as a command line: each field one flag with its help text, and the way back from a config to
-the flags that rebuild it (sweeps start every sub-run from those). ``train_sentiment.py`` and ``train_dpo.py`` both
-build their parsers here.
+"""A config dataclass as a command line: each field one flag with its help text, the way back from a config to the
+flags that rebuild it (sweeps start every sub-run from those), and the scripts' one-line errors. ``train_sentiment.py``
+and ``train_dpo.py`` both build their parsers and report their errors here.
 
 A field may have a shorthand flag for one of its values: ``backend`` has ``--fused`` for ``--backend auto``. The
 config holds the field only; the field's own flag, when given too, wins."""
@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
+from collections.abc import Callable
 
-__all__ = ["opt", "dataclass_parser", "parse_flags", "config_argv"]
+from lora_fast import AdapterError
+from lora_fast.study.errors import StudyError
+
+__all__ = ["opt", "dataclass_parser", "parse_flags", "config_argv", "report_errors"]
 
 _SCALARS = {"int": int, "float": float, "str": str}
 
@@ -34,10 +39,17 @@ def _scalar_type(annotation) -> type:
     return args[0] if args[0] in (int, float, str) else str
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``error: ...``, exit code 2) instead of the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def dataclass_parser(cls, description: str | None = None) -> argparse.ArgumentParser:
     """``--field-name`` for every field of ``cls``; booleans as ``--x/--no-x``. Defaults are suppressed, so the
     parsed namespace holds only the flags given (presets can then sit between the defaults and the flags)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
         flag = "--" + f.name.replace("_", "-")
@@ -85,3 +97,14 @@ def config_argv(cfg) -> list[str]:
         else:
             argv.append(f"{flag}={value}")
     return argv
+
+
+def report_errors(body: Callable[[], int]) -> int:
+    """``body()``'s exit code, or, when it raises an error of ours, that error as one line on stderr (``error: ...``)
+    and its exit code. Ours: the study's ``StudyError`` (flags, data, model loading, checkpoints, divergence) and the
+    library's ``AdapterError`` (a refused adapter file). Any other exception is a bug and keeps its traceback."""
+    try:
+        return body()
+    except (StudyError, AdapterError) as exc:
+        print("error: " + " ".join(str(exc).splitlines()), file=sys.stderr, flush=True)
+        return getattr(exc, "exit_code", 1)

@@ -4,13 +4,25 @@ processes. Without a process group everything here is the single-process identit
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["launched_world_size", "setup", "rank_and_world", "all_sum", "barrier", "wrap", "cleanup"]
+from lora_fast.study.errors import UsageError
+
+__all__ = [
+    "launched_world_size",
+    "resolve_device",
+    "setup",
+    "rank_and_world",
+    "all_sum",
+    "barrier",
+    "wrap",
+    "cleanup",
+]
 
 
 def launched_world_size() -> int:
@@ -18,19 +30,37 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup(device: str = "auto") -> tuple[int, int, torch.device]:
-    """``(rank, world size, device)`` for the ``--device`` flag (``auto``, ``cpu``, ``cuda``, ``cuda:N``). Under
-    torchrun each process takes ``cuda:LOCAL_RANK`` and one process group is started (nccl on CUDA, gloo on CPU)."""
-    world = launched_world_size()
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        chosen = torch.device(f"cuda:{local}" if world > 1 or device == "auto" else device)
-        torch.cuda.set_device(chosen)
-    else:
-        chosen = torch.device("cpu" if device == "auto" else device)
+def resolve_device(spec: str, flag: str = "--device") -> torch.device:
+    """The device ``spec`` names for this process, checked before anything loads: ``cpu``; ``cuda`` (``cuda:0``, or
+    ``cuda:LOCAL_RANK`` under torchrun); ``cuda:N``; ``auto`` (``cuda`` when a CUDA device is present, else ``cpu``).
+    A UsageError naming ``flag`` for anything else, for CUDA on a machine without one, for a device index past the
+    last device, and for ``cuda:N`` under torchrun (each process takes its own ``cuda:LOCAL_RANK``)."""
+    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", spec)
+    if match is None:
+        raise UsageError(f"{flag} {spec!r}: expected auto, cpu, cuda or cuda:N")
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = "" if torch.version.cuda else f" (this torch {torch.__version__} is built without CUDA)"
+        raise UsageError(f"{flag} {spec}: no CUDA device on this machine{build}; use {flag} cpu")
+    world, local = launched_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    if match.group(1) is not None and world > 1:
+        raise UsageError(f"{flag} {spec} under torchrun: each process takes cuda:LOCAL_RANK; pass {flag} cuda")
+    index, count = (local if match.group(1) is None else int(match.group(1))), torch.cuda.device_count()
+    if index >= count:
+        raise UsageError(f"{flag} {spec}: cuda:{index} does not exist, this machine has {count} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def setup(device: torch.device) -> tuple[int, int, torch.device]:
+    """``(rank, world size, device)`` for a device from ``resolve_device``: makes a CUDA device this process's
+    current one and, under torchrun, starts the process group (nccl on CUDA, gloo on CPU)."""
+    world, rank = launched_world_size(), int(os.environ.get("RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
-    return rank, world, chosen
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -24,6 +24,7 @@ sample, which has the same expectation with less variance.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_fast import disable_lora
-from lora_fast.study.training import collate
+from lora_fast.study.errors import NonFiniteError
+from lora_fast.study.training import collate, grad_norm
 
 __all__ = [
     "DPOOutput",
@@ -256,12 +258,19 @@ def dpo_step(
     beta: float,
     pad_id: int,
 ) -> DPOOutput:
-    """One optimizer step of DPO on ``pairs`` (with their precomputed reference log-probs)."""
+    """One optimizer step of DPO on ``pairs`` (with their precomputed reference log-probs). A NaN or inf loss or
+    gradient norm is a ``NonFiniteError`` raised before the optimizer moves."""
     device = next(model.parameters()).device
     logp = sequence_logprobs(model, _pair_batch(pairs, pad_id, device))
     out = dpo_loss(logp[: len(pairs)], logp[len(pairs) :], ref_chosen.to(device), ref_rejected.to(device), beta)
     optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(out.loss):
+        raise NonFiniteError(f"the DPO loss is {out.loss.item()}; the update was not applied")
     out.loss.backward()
+    norm = grad_norm([p for g in optimizer.param_groups for p in g["params"]])
+    if not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"the gradient norm is {norm} (the DPO loss is finite); the update was not applied")
     optimizer.step()
     return out
 

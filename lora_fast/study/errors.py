@@ -1,16 +1,30 @@
-"""The study's errors: each is printed by the scripts as one line (``error: ...``), exit code 1, no traceback."""
+"""The study's errors: each is printed by the scripts as one line (``error: ...``) with a non-zero exit code (2 for a
+bad flag, as argparse does; 1 otherwise), no traceback."""
 
 from __future__ import annotations
 
-__all__ = ["StudyError", "UsageError", "DataError", "ModelLoadError", "SweepError", "NonFiniteLossError", "first_line"]
+__all__ = [
+    "StudyError",
+    "UsageError",
+    "DataError",
+    "ModelLoadError",
+    "SweepError",
+    "CheckpointError",
+    "NonFiniteError",
+    "first_line",
+]
 
 
 class StudyError(Exception):
     """An error the scripts report as one line."""
 
+    exit_code = 1
+
 
 class UsageError(StudyError):
     """A bad flag or combination of flags; the message names the flag."""
+
+    exit_code = 2
 
 
 class DataError(StudyError):
@@ -25,8 +39,13 @@ class SweepError(StudyError):
     """A sweep that cannot start, or a sub-run that failed."""
 
 
-class NonFiniteLossError(StudyError, FloatingPointError):
-    """The loss was NaN or inf; raised before the optimizer step, so the weights are the last good ones."""
+class CheckpointError(StudyError):
+    """A resume checkpoint that cannot be read, does not fit the run, or holds more than tensors and plain types."""
+
+
+class NonFiniteError(StudyError, FloatingPointError):
+    """A loss, gradient norm, validation loss or weight was NaN or inf: raised before the optimizer step or the write
+    that would have applied or kept it, so the weights and files are the last good ones."""
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

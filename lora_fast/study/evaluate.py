@@ -8,17 +8,19 @@
   metric reads low for a zero-shot model; it is reported beside ours for comparison.
 - Validation loss: the training loss (full-vocabulary cross-entropy of the label token) averaged over examples.
 
-Under ``torch.distributed`` each rank scores every ``world``-th example and the sums are all-reduced.
+Under ``torch.distributed`` each rank scores every ``world``-th example and the sums are all-reduced. Each pass shows
+a progress bar on the main process when its stderr is a terminal (tqdm's own rule); a log file gets none.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from lora_fast.study.causal_lm import LastTokenLM
 from lora_fast.study.distributed import all_sum, rank_and_world
@@ -34,10 +36,13 @@ def _shard(n: int) -> list[int]:
     return list(range(rank, n, world))
 
 
-def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """This process's share of the indices, sorted by length (less padding) and cut into batches."""
+def _batches(lengths: Sequence[int], batch_size: int, desc: str) -> Iterable[list[int]]:
+    """This process's share of the indices, sorted by length (less padding) and cut into batches, behind a progress
+    bar named ``desc`` (main process only; on a terminal only: ``disable=None`` is tqdm's is-a-TTY test)."""
     mine = sorted(_shard(len(lengths)), key=lambda i: -lengths[i])
-    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    main = rank_and_world()[0] == 0
+    return tqdm(batches, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None if main else True)
 
 
 @contextlib.contextmanager
@@ -60,8 +65,9 @@ def _scores(
     amp_dtype: torch.dtype | None,
     label_ids: Sequence[int] | None,
     padding_side: str = "right",
+    desc: str = "scoring",
 ):
-    for idx in _batches([len(s) for s in sequences], batch_size):
+    for idx in _batches([len(s) for s in sequences], batch_size, desc):
         batch = collate([sequences[i] for i in idx], pad_id, padding_side, device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = head(
@@ -87,7 +93,9 @@ def label_accuracy(
     head = LastTokenLM(model)
     correct = 0
     with _eval_mode(model):
-        for idx, logits in _scores(head, sequences, pad_id, batch_size, device, amp_dtype, label_ids, padding_side):
+        for idx, logits in _scores(
+            head, sequences, pad_id, batch_size, device, amp_dtype, label_ids, padding_side, "label-logit accuracy"
+        ):
             pred = logits.argmax(-1).cpu()
             correct += int((pred == torch.as_tensor([labels[i] for i in idx])).sum())
     correct, n = all_sum([correct, len(_shard(len(sequences)))], device)
@@ -109,7 +117,9 @@ def val_loss(
     head = LastTokenLM(model)
     total = 0.0
     with _eval_mode(model):
-        for idx, logits in _scores(head, sequences, pad_id, batch_size, device, amp_dtype, None, padding_side):
+        for idx, logits in _scores(
+            head, sequences, pad_id, batch_size, device, amp_dtype, None, padding_side, "validation loss"
+        ):
             target = torch.as_tensor([targets[i] for i in idx], device=device)
             total += float(F.cross_entropy(logits, target, reduction="sum"))
     total, n = all_sum([total, len(_shard(len(sequences)))], device)
@@ -144,7 +154,7 @@ def generation_accuracy(
     correct = invalid = 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with _eval_mode(model):
-        for idx in _batches([len(s) for s in encoded], batch_size):
+        for idx in _batches([len(s) for s in encoded], batch_size, "generation accuracy"):
             batch = collate([encoded[i] for i in idx], pad_id, "left", device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = model.generate(

@@ -1,6 +1,7 @@
 """The training methods of ``train_sentiment.py``, one entry each: how a model gets the method's trainable parts
 (``prepare``), how they are written to a run's ``adapter_best/`` and ``adapter_last/`` (``save``), and how such a
-folder is put back into a model (``load``: ``--eval-only --adapter DIR`` and the best-checkpoint score).
+folder is put back into a model (``load``: ``--adapter DIR``, into a fresh model with ``--eval-only`` and into the
+prepared one as training's starting point, and the best-checkpoint score).
 
 - ``lora``: an HF PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``), loaded by
   ``lora_fast.load_adapter`` with all of its checks;
@@ -8,24 +9,28 @@ folder is put back into a model (``load``: ``--eval-only --adapter DIR`` and the
   files too) and refused unless every weight of the model is in it and nothing else;
 - ``bitfit``: the biases; ``adapter``: the bottleneck adapters (``methods``' strict files).
 
-Every folder is written atomically, so a run killed mid-save keeps the previous one. ``cfg`` is the run's config
-(``train_sentiment.Config``): each method reads the fields it needs. A new method is one more entry here, with its
-fields in the config.
+Every folder is written atomically, so a run killed mid-save keeps the previous one. ``lora``'s ``prepare`` checks
+``--targets`` against the model first: a target list that hits nothing, or hits a layer LoRA cannot wrap or a tied
+weight, is a one-line ``UsageError`` naming the flag (``check_config`` has refused bad ranks and dropouts already).
+``cfg`` is the run's config (``train_sentiment.Config``): each method reads the fields it needs. A new method is one
+more entry here, with its fields in the config.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from torch import nn
 
-from lora_fast import AdapterError, apply_lora, load_adapter, save_adapter
+from lora_fast import AdapterError, apply_lora, find_targets, load_adapter, save_adapter
 from lora_fast.io import atomic_directory
-from lora_fast.study.errors import first_line
+from lora_fast.model import check_untied
+from lora_fast.study.errors import UsageError, first_line
 from lora_fast.study.methods import (
     apply_bottleneck_adapters,
     load_bitfit,
@@ -68,11 +73,22 @@ def _load_full(model: nn.Module, directory: PathLike, cfg: Any) -> nn.Module:
     return model
 
 
+def _prepare_lora(model: nn.Module, cfg: Any) -> nn.Module:
+    """``apply_lora`` with the flags, after the checks of ``--targets`` that need the model (``find_targets``,
+    ``check_untied``): their refusals are the user's to fix, so they become one-line UsageErrors; anything
+    ``apply_lora`` raises after them is a bug and keeps its traceback."""
+    try:
+        with warnings.catch_warnings():  # a partly unmatched list warns once, from apply_lora below
+            warnings.simplefilter("ignore")
+            check_untied(model, find_targets(model, cfg.targets))
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--targets {' '.join(map(str, cfg.targets))}: {first_line(exc, 400)}") from None
+    return apply_lora(model, cfg.targets, cfg.r, cfg.alpha, cfg.lora_dropout, cfg.rslora, cfg.backend)
+
+
 METHODS: dict[str, Method] = {
     "lora": Method(
-        prepare=lambda model, cfg: apply_lora(
-            model, cfg.targets, cfg.r, cfg.alpha, cfg.lora_dropout, cfg.rslora, cfg.backend
-        ),
+        prepare=_prepare_lora,
         save=lambda model, tokenizer, directory: save_adapter(model, directory),
         load=lambda model, directory, cfg: load_adapter(model, directory, backend=cfg.backend),
     ),

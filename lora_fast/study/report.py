@@ -28,6 +28,7 @@ __all__ = [
     "trim_metrics",
     "plot_val_loss",
     "plot_reward_vs_kl",
+    "format_scores",
     "print_summary",
 ]
 
@@ -125,6 +126,15 @@ def plot_reward_vs_kl(summary: dict, path: str | os.PathLike) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     _save(plt, fig, path)
+
+
+def format_scores(scores: dict) -> str:
+    """``evaluate.score_split``'s result as one line: ``label-logit acc 0.5000, generation acc 0.1050 (3 answers
+    neither label word)``."""
+    text = f"label-logit acc {scores['label_acc']:.4f}"
+    if "gen_acc" in scores:
+        text += f", generation acc {scores['gen_acc']:.4f} ({scores['gen_invalid']} answers neither label word)"
+    return text
 
 
 def print_summary(summary: dict) -> None:

@@ -4,7 +4,8 @@ Batches are padded per batch to their own longest prompt (dynamic padding), on t
 count real tokens only, so both sides give the same logits. The data order is a pure function of the seed and the
 step, so a resumed run draws exactly the data an uninterrupted one would. ``train_step`` accumulates gradients over
 micro-batches (with DDP's ``no_sync`` on all but the last), runs under autocast on CUDA (with a GradScaler for fp16),
-clips, and refuses a non-finite loss before the optimizer moves.
+clips, and refuses a non-finite loss or gradient norm before the optimizer moves (with a GradScaler, a non-finite
+gradient is the scaler's to handle: it skips that step and lowers its scale).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 from transformers import get_constant_schedule_with_warmup
 
 from lora_fast.study.distributed import all_sum, rank_and_world
-from lora_fast.study.errors import NonFiniteLossError
+from lora_fast.study.errors import NonFiniteError
 from lora_fast.study.prompts import EncodedSplit
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "micro_batches",
     "step_batches",
     "train_step",
+    "grad_norm",
     "peak_memory_mb",
 ]
 
@@ -189,13 +191,16 @@ def train_step(
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(f"loss is {loss_value}")
+        raise NonFiniteError(f"the loss is {loss_value}; the update was not applied")
     if scaler is not None:
         scaler.unscale_(optimizer)
-    if grad_clip and grad_clip > 0:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    else:
-        norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+    clip = grad_clip and grad_clip > 0
+    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip)) if clip else grad_norm(params)
+    if not math.isfinite(norm) and scaler is None:  # the norm is the same on every process: all stop together
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(
+            f"the gradient norm is {norm} (the loss, {loss_value:.4g}, is finite); the update was not applied"
+        )
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -205,6 +210,12 @@ def train_step(
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss_value, tokens=int(tokens), grad_norm=norm)
+
+
+def grad_norm(params: Sequence[torch.Tensor]) -> float:
+    """The global L2 norm of the gradients of ``params`` (those that have one), as ``clip_grad_norm_`` computes it."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:

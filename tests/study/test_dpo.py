@@ -22,6 +22,7 @@ from lora_fast.study.dpo import (
     sequence_logprobs,
     token_kl_sum,
 )
+from lora_fast.study.errors import NonFiniteError
 from tests.helpers import DATA_DIR, TOKENIZER_DIR, tiny_gpt2_config
 
 EOS = 50256
@@ -240,16 +241,18 @@ def test_train_dpo_clear_errors(tiny_dirs, tmp_path, capsys):
         train_dpo.main(base)
     assert "--scorer DIR is required" in capsys.readouterr().err
     scorer, tiny, data = ["--scorer", str(tiny_dirs / "scorer")], str(tiny_dirs / "tiny"), str(DATA_DIR)
-    for argv, message in [
-        ([*base, "--scorer", str(tmp_path / "nowhere")], "no adapter_config.json"),
-        ([*scorer, "--model", tiny, "--data-dir", str(tmp_path / "nodata")], "no such folder"),
-        ([*scorer, "--model", str(tmp_path / "nomodel"), "--data-dir", data], "--model"),
-        ([*scorer, "--model", tiny, "--scorer-model", str(tmp_path / "x"), "--data-dir", data], "--scorer-model"),
+    for argv, message, code in [
+        ([*base, "--scorer", str(tmp_path / "nowhere")], "no adapter_config.json", 2),
+        ([*scorer, "--model", tiny, "--data-dir", str(tmp_path / "nodata")], "no such folder", 1),
+        ([*scorer, "--model", str(tmp_path / "nomodel"), "--data-dir", data], "--model", 1),
+        ([*scorer, "--model", tiny, "--scorer-model", str(tmp_path / "x"), "--data-dir", data], "--scorer-model", 1),
+        ([*scorer, "--model", tiny, "--data-dir", data, "--device", "cuda:7"], "--device cuda:7", 2),
     ]:
-        assert train_dpo.main([*argv, "--out", str(tmp_path / "o")]) == 1
+        assert train_dpo.main([*argv, "--out", str(tmp_path / "o")]) == code
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if line.startswith("error: ")]  # after transformers' progress bars
         assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+        assert not (tmp_path / "o").exists()  # the run folder comes after the models have loaded
 
 
 def test_script_help_lists_every_flag(capsys):
@@ -262,3 +265,16 @@ def test_script_help_lists_every_flag(capsys):
                  "--max-new-tokens", "--steps", "--batch-size", "--lr", "--r", "--alpha", "--beta", "--betas",
                  "--seed", "--device", "--out"]:  # fmt: skip
         assert flag in text
+
+
+def test_a_non_finite_dpo_gradient_is_not_applied():
+    model, _ = tiny_policy()
+    pairs = some_pairs(2)
+    ref_w, ref_l = reference_logprobs(model, pairs, EOS)
+    params = [p for p in model.parameters() if p.requires_grad]
+    params[0].register_hook(lambda g: g * float("nan"))  # a finite loss, a NaN gradient
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, lr=0.5)
+    with pytest.raises(NonFiniteError, match=r"^the gradient norm is nan \(the DPO loss is finite\)"):
+        dpo_step(model, opt, pairs, ref_w, ref_l, 0.5, EOS)
+    assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))

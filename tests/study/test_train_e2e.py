@@ -15,7 +15,7 @@ from lora_fast.study.data import load_splits, subset
 from lora_fast.study.evaluate import label_accuracy
 from lora_fast.study.prompts import INSTRUCTIONS, build_prompt, encode_prompt
 from lora_fast.study.tiny import make_tiny_gpt2
-from tests.helpers import DATA_DIR, OFFLINE_ENV, ROOT, TOKENIZER_DIR, run_script
+from tests.helpers import DATA_DIR, OFFLINE_ENV, ROOT, TOKENIZER_DIR, error_lines, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -202,9 +202,8 @@ def test_torchrun_two_processes_match_one_process(tiny, tmp_path):
     [
         (["--model", "/nonexistent/gpt2"], "--model /nonexistent/gpt2: no such folder"),
         (["--prompt", "sarcastic"], "invalid choice: 'sarcastic'"),
-        (["--lr", "1e30", "--checkpoint-every", "1", "--max-steps", "6"], "loss is"),
     ],
-    ids=["bad-model", "unknown-prompt", "non-finite-loss"],
+    ids=["bad-model", "unknown-prompt"],
 )
 def test_cli_errors_are_one_clear_line(tiny, tmp_path, args, message):
     out = tmp_path / "run"
@@ -230,7 +229,4 @@ def test_cli_errors_are_one_clear_line(tiny, tmp_path, args, message):
     proc = run_script(common + model + args)
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
-    if message == "loss is":  # the last good checkpoint is kept and named
-        assert "last good checkpoint" in proc.stderr and (out / "checkpoint.pt").is_file()
-        state = torch.load(out / "checkpoint.pt", weights_only=False)
-        assert all(torch.isfinite(t).all() for t in state["trainable"].values())
+    assert len(error_lines(proc.stderr)) == 1 and not out.exists()

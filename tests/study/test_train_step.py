@@ -2,13 +2,14 @@
 the GELU swap keeps the values, accumulation equals one big batch, and the data order is a pure function."""
 
 import copy
+import math
 
 import pytest
 import torch
 
 from lora_fast import apply_lora
 from lora_fast.study.causal_lm import LastTokenLM, label_logits, use_fused_gelu
-from lora_fast.study.errors import NonFiniteLossError
+from lora_fast.study.errors import NonFiniteError
 from lora_fast.study.prompts import INSTRUCTIONS, build_prompt, encode_example
 from lora_fast.study.training import collate, make_optimizer, micro_batches, step_indices, train_step
 from tests.helpers import tiny_gpt2_config
@@ -99,7 +100,7 @@ def test_non_finite_loss_stops_before_the_update(model, gpt2_tokenizer):
         m.transformer.h[0].attn.c_attn.lora_A.fill_(float("nan"))
     before = [p.detach().clone() for p in m.parameters() if p.requires_grad]
     batch = collate([[1, 2, 3]], gpt2_tokenizer.pad_token_id)
-    with pytest.raises(NonFiniteLossError):
+    with pytest.raises(NonFiniteError):
         train_step(LastTokenLM(m), opt, [batch], [torch.tensor([3967])])
     after = [p.detach() for p in m.parameters() if p.requires_grad]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True) if not a.isnan().any())
@@ -285,3 +286,30 @@ def test_non_gpt2_model_falls_back_and_works(side):
         with torch.no_grad():
             ref = m(torch.tensor([ids])).logits[0, -1]
         torch.testing.assert_close(logits[i], ref, atol=1e-5, rtol=1e-5)
+
+
+def _poisoned_step(model, gpt2_tokenizer, scaler=None):
+    """One train_step whose loss is finite but whose gradient is NaN (a hook poisons one LoRA gradient)."""
+    m = copy.deepcopy(model).train()
+    opt = make_optimizer(m, lr=1e-2)
+    m.transformer.h[0].attn.c_attn.lora_A.register_hook(lambda g: g * float("nan"))
+    before = [p.detach().clone() for p in m.parameters() if p.requires_grad]
+    batch = collate([[1, 2, 3]], gpt2_tokenizer.pad_token_id)
+    run = lambda: train_step(LastTokenLM(m), opt, [batch], [torch.tensor([3967])], scaler=scaler)
+    return m, opt, before, run
+
+
+def test_non_finite_gradient_with_a_finite_loss_stops_before_the_update(model, gpt2_tokenizer):
+    m, opt, before, run = _poisoned_step(model, gpt2_tokenizer)
+    with pytest.raises(NonFiniteError, match=r"^the gradient norm is nan \(the loss, [0-9.]+, is finite\)"):
+        run()
+    assert all(torch.equal(a, b) for a, b in zip(before, [p for p in m.parameters() if p.requires_grad], strict=True))
+    assert not opt.state and all(p.grad is None for p in m.parameters())
+
+
+def test_grad_scaler_skips_a_non_finite_gradient_step(model, gpt2_tokenizer):
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    m, opt, before, run = _poisoned_step(model, gpt2_tokenizer, scaler)
+    res = run()  # fp16 training's path: the scaler skips the step and lowers its scale, the run goes on
+    assert not math.isfinite(res.grad_norm) and scaler.get_scale() == 512.0
+    assert all(torch.equal(a, b) for a, b in zip(before, [p for p in m.parameters() if p.requires_grad], strict=True))
