@@ -27,7 +27,7 @@ cpu_tier = pytest.mark.skipif(not interpreting(), reason="CPU tier: runs only un
 def _ieee_fused(monkeypatch):
     """Exact fp32 dots and the fused design unless a test says otherwise."""
     monkeypatch.setattr(config, "fp32_precision", "ieee")
-    monkeypatch.setattr(config, "fused", True)
+    monkeypatch.setattr(config, "design", "fused")
 
 
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -57,7 +57,7 @@ def _make(M, K, N, R, dtype, bias, layout, contiguous, device, lora_dtype=None, 
 def _check_against_reference(
     M, K, N, R, dtype, bias, layout, contiguous, p, fused, device, lora_dtype=None, tol=None, lead=()
 ):
-    config.fused = fused
+    config.design = "fused" if fused else "split"
     x, weight, b, A, B = _make(M, K, N, R, dtype, bias, layout, contiguous, device, lora_dtype, lead)
     s, seed = 0.75, 1234
     y = lora_linear(x, weight, b, A, B, s, dropout_p=p, seed=seed, backend="triton")
@@ -142,20 +142,23 @@ def test_launchers_write_every_element(fused):
     )
     y = torch.full((M, N), float("nan"))
     h = torch.full((M, R), float("nan"))
-    lora_forward(x, weight, b, A, B, s, 0.2, 99, fused=fused, input_precision="ieee", out=y, h_out=h)
+    design = "fused" if fused else "split"
+    lora_forward(x, weight, b, A, B, s, 0.2, 99, design=design, input_precision="ieee", out=y, h_out=h)
     mask = lora_dropout_mask(M, K, 0.2, 99, "cpu")
     y_ref, h_ref = reference.lora_forward(
         x.double(), weight.double(), b.double(), A.double(), B.double(), s, mask.double()
     )
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.double(), s * h_ref, rtol=1e-5, atol=1e-5)  # h_s: the scaling folded in
     g = torch.randn(M, N)
     dx = torch.full((M, K), float("nan"))
-    _, dA, dB = lora_backward(g, x, weight, A, B, h, s, 0.2, 99, fused=fused, input_precision="ieee", dx_out=dx)
+    _, dA, dB, dbias = lora_backward(
+        g, x, weight, A, B, h, s, 0.2, 99, need_dbias=True, design=design, input_precision="ieee", dx_out=dx
+    )
     dx_ref, dA_ref, dB_ref = reference.lora_backward(
         g.double(), x.double(), weight.double(), A.double(), B.double(), s, mask.double()
     )
-    for got, ref in ((dx, dx_ref), (dA, dA_ref), (dB, dB_ref)):
+    for got, ref in ((dx, dx_ref), (dA, dA_ref), (dB, dB_ref), (dbias, g.double().sum(0))):
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -224,8 +227,8 @@ def test_dropout_same_seed_same_results_different_seed_differs():
 @cpu_tier
 @pytest.mark.parametrize("fused", [True, False])
 def test_backward_is_bitwise_deterministic(fused):
-    """dA/dB sum fp32 partials over two M splits (under the interpreter) in a fixed order: two runs agree bitwise."""
-    config.fused = fused
+    """dA/dB/dbias sum fp32 partials over row blocks in a fixed order: two runs agree bitwise."""
+    config.design = "fused" if fused else "split"
     x, weight, b, A, B = _make(40, 48, 40, 16, torch.float32, True, "conv1d", True, "cpu")
     g = torch.randn(40, 40)
     grads = []
@@ -266,30 +269,15 @@ def test_clear_errors_before_launch(monkeypatch):
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) impls against the real kernels, and AOT dispatch, by torch.library.opcheck."""
     x, weight, b, A, B = (t.detach() for t in _make(6, 48, 40, 8, torch.float32, True, "conv1d", True, "cpu"))
-    fwd_args = (x, weight, b, A, B, 0.5, 0.1, 3, torch.float32, torch.float32, True, "ieee")
+    fwd_args = (x, weight, b, A, B, 0.5, 0.1, 3, torch.float32, torch.float32, "fused", "ieee")
     torch.library.opcheck(torch.ops.lora_fast.triton_lora_forward.default, fwd_args)
     _, h = torch.ops.lora_fast.triton_lora_forward(*fwd_args)
-    bwd_args = (
-        torch.randn(6, 40),
-        x,
-        weight,
-        A,
-        B,
-        h,
-        0.5,
-        0.1,
-        3,
-        torch.float32,
-        torch.float32,
-        True,
-        "ieee",
-        True,
-        True,
-        False,
-    )
-    torch.library.opcheck(torch.ops.lora_fast.triton_lora_backward.default, bwd_args)
-    dx, dA, dB = torch.ops.lora_fast.triton_lora_backward(*bwd_args)
-    assert dx.shape == x.shape and dA.shape == A.shape and dB.numel() == 0
+    g = torch.randn(6, 40)
+    for design, needs in (("fused", (True, True, False, True)), ("split", (False, True, True, True))):
+        bwd_args = (g, x, weight, A, B, h, 0.5, 0.1, 3, torch.float32, torch.float32, torch.float32, design, "ieee")
+        torch.library.opcheck(torch.ops.lora_fast.triton_lora_backward.default, (*bwd_args, *needs))
+        dx, dA, dB, dbias = torch.ops.lora_fast.triton_lora_backward(*bwd_args, *needs)
+        assert [t.numel() > 0 for t in (dx, dA, dB, dbias)] == list(needs)
 
 
 @cpu_tier
