@@ -143,3 +143,46 @@ def backward_design(
     partials per row block (both grow with R); the split design reads g twice more and launches once more."""
     plans = {d: backward_plan(M, N, K, R, p, dtype, input_precision, d == "fused") for d in ("fused", "split")}
     return _choose(design, plans)
+
+
+# ---------------------------------------------------------------- the estimate table (docs/KERNELS.md)
+
+HEADLINE = [(768, 2304, 16, 0.0), (768, 2304, 16, 0.1), (3072, 768, 16, 0.0), (3072, 768, 16, 0.1)]
+HEADLINE += [(4096, 4096, 16, 0.0), (4096, 4096, 16, 0.1), (768, 2304, 128, 0.1)]
+
+
+def estimate_markdown(M: int = 8192, shapes=HEADLINE) -> str:
+    """Per headline shape (bf16, auto design): each launch's FLOPs, bytes, mask draws, mask instructions and
+    predicted µs, then the totals against the floor. ``python -m lora_fast.kernels.cost`` prints it."""
+    bf16 = (torch.bfloat16, "tf32")
+    lines = [
+        "| K→N | R | p | pass | design | launch | GFLOP | MB | mask draws (M) | mask instr (M) | µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    totals = [
+        "| K→N | R | p | floor fwd µs | fwd µs | fwd / floor | floor bwd µs | bwd µs | bwd / floor | fwd+bwd / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for K, N, R, p in shapes:
+        floor = floor_plan(M, N, K, *bf16)
+        passes = {}
+        for name, plan_fn, choose in (("fwd", forward_plan, forward_design), ("bwd", backward_plan, backward_design)):
+            design = choose("auto", M, N, K, R, p, *bf16)
+            passes[name] = plan_fn(M, N, K, R, p, *bf16, design == "fused")
+            for launch in passes[name]:
+                lines.append(
+                    f"| {K}→{N} | {R} | {p} | {name} | {design} | {launch.kernel} | {launch.flops / 1e9:.2f} "
+                    f"| {launch.bytes / 1e6:.1f} | {launch.draws / 1e6:.2f} | {launch.draws * RNG_INSTR / 1e6:.0f} "
+                    f"| {1e6 * launch.seconds():.1f} |"
+                )
+        f0, b0 = total_seconds(floor["forward"]), total_seconds(floor["backward"])
+        f1, b1 = total_seconds(passes["fwd"]), total_seconds(passes["bwd"])
+        totals.append(
+            f"| {K}→{N} | {R} | {p} | {1e6 * f0:.1f} | {1e6 * f1:.1f} | {f1 / f0:.2f} | {1e6 * b0:.1f} "
+            f"| {1e6 * b1:.1f} | {b1 / b0:.2f} | **{(f1 + b1) / (f0 + b0):.2f}** |"
+        )
+    return "\n".join(totals) + "\n\nPer launch:\n\n" + "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(estimate_markdown())

@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import device_info, dx_configs, finalize_configs, launch, reduce_configs
+from .configs import device_info, dx_configs, finalize_configs, launch
 from .cost import backward_design
 from .dropout import _keep_mask, dropout_groups, dropout_threshold
-from .partials import _finalize_block, _lora_finalize_kernel, _lora_reduce_kernel, finalize_blocks
+from .partials import Partials, _finalize_block, finalize_blocks, lora_finalize, lora_reduce
 from .skinny import lora_skinny
 from .utils import TL_DTYPES, _dot, _grouped_pid, _rank_update, _to, block_r, interpreting, rank_chunk
 
@@ -251,7 +251,6 @@ def lora_backward(
     dev = x.device
     base_dtype = base_dtype or x.dtype
     lora_dtype = lora_dtype or lora_A.dtype
-    f32 = dict(dtype=torch.float32, device=dev)
     dx = (dx_out if dx_out is not None else torch.empty((M, K), dtype=x.dtype, device=dev)) if need_dx else None
     dA = torch.empty((R, K), dtype=lora_A.dtype, device=dev) if need_dA else None
     dB = torch.empty((N, R), dtype=lora_B.dtype, device=dev) if need_dB else None
@@ -269,96 +268,59 @@ def lora_backward(
     BLOCK_R = block_r(R)
     n_groups = dropout_groups(K)
     fused = need_dx and backward_design(design, M, N, K, R, dropout_p, base_dtype, input_precision) == "fused"
+    needs = (need_dA, need_dB, need_dbias)
     # Placeholders for pointers a launch does not use (its constexpr switches never touch them).
     spare = h
     outputs = (dA if need_dA else spare, dB if need_dB else spare, dbias if need_dbias else spare)
-    parts = {}
-
-    def dx_args(c, u, n_split):
-        pointers = (g, weight, lora_A, lora_B, x, h, u, dx, parts["a"], parts["b"], parts["bias"], *outputs)
-        sizes = (M, N, K, R, n_split)
-        strides = (*g.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *x.stride(), *h.stride())
-        strides += (*u.stride(), *dx.stride())
-        return (*pointers, *sizes, *strides, float(scale), int(seed), threshold, n_groups)
-
-    common = dict(
+    n_fin = finalize_blocks(N, K, need_dA, need_dB or need_dbias, finalize_configs()[0]["BLOCK_C"])
+    constexprs = dict(
+        BASE_DTYPE=TL_DTYPES[base_dtype],
         LORA_DTYPE=TL_DTYPES[lora_dtype],
+        HAS_DROPOUT=threshold > 0,
+        FUSE_U=fused,
         HAS_DA=need_dA,
         HAS_DB=need_dB,
         HAS_DBIAS=need_dbias,
+        FINALIZE=not fused,
         INPUT_PRECISION=input_precision,
         INTERPRET=interpreting(),
         BLOCK_R=BLOCK_R,
-    )
-    dx_constexprs = dict(
-        common,
-        BASE_DTYPE=TL_DTYPES[base_dtype],
-        HAS_DROPOUT=threshold > 0,
-        FUSE_U=fused,
-        FINALIZE=not fused,
         R_CHUNK=rank_chunk(BLOCK_R, lora_dtype),
+        BLOCK_F=finalize_configs()[0]["BLOCK_C"],
     )
-    fin = finalize_configs()[0]
-    n_fin = finalize_blocks(N, K, need_dA, need_dB or need_dbias, fin["BLOCK_C"])
+    box: list[Partials] = []
 
+    def dx_args(c, u):
+        if fused:  # the partials of each row block of this tile shape
+            box[:] = [Partials.allocate(triton.cdiv(M, c["BLOCK_M"]), N, K, R, needs, spare)]
+        parts = box[0]
+        pointers = (g, weight, lora_A, lora_B, x, h, u, dx, parts.a, parts.b, parts.bias, *outputs)
+        strides = (*g.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *x.stride(), *h.stride())
+        strides += (*u.stride(), *dx.stride())
+        return (*pointers, M, N, K, R, parts.S, *strides, float(scale), int(seed), threshold, n_groups)
+
+    candidates = dx_configs(base_dtype, input_precision, fused, threshold > 0, info)
     if fused:
         # ---- 1: dx with u, and the dA/dB/dbias partials of each row block; 2: the split-sum
-        def fused_args(c):
-            S = triton.cdiv(M, c["BLOCK_M"])
-            parts["S"] = S
-            parts["a"] = torch.empty((S, K, R), **f32) if need_dA else spare
-            parts["b"] = torch.empty((S, N, R), **f32) if need_dB else spare
-            parts["bias"] = torch.empty((S, N), **f32) if need_dbias else spare
-            return dx_args(c, h, S)
-
         grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),)
-        candidates = dx_configs(base_dtype, input_precision, True, threshold > 0, info)
-        launch(_lora_dx_kernel, grid, fused_args, dict(dx_constexprs, BLOCK_F=fin["BLOCK_C"]), candidates)
+        launch(_lora_dx_kernel, grid, lambda c: dx_args(c, h), constexprs, candidates)
         if n_fin:
-            fin_args = lambda c: (parts["a"], parts["b"], parts["bias"], *outputs, parts["S"], N, K, R)
-            fin_constexprs = {k: common[k] for k in ("HAS_DA", "HAS_DB", "HAS_DBIAS", "INTERPRET", "BLOCK_R")}
-            fin_grid = lambda c: (finalize_blocks(N, K, need_dA, need_dB or need_dbias, c["BLOCK_C"]),)
-            launch(_lora_finalize_kernel, fin_grid, fin_args, fin_constexprs, finalize_configs())
+            lora_finalize(box[0], outputs, N, K, R, needs)
         return dx, dA, dB, dbias
 
     # ---- split: 1: u_s = scale · g B (when dx or dA needs it)
-    u = torch.empty((M, R), **f32) if (need_dx or need_dA) else spare
+    u = torch.empty((M, R), dtype=torch.float32, device=dev) if (need_dx or need_dA) else spare
     if need_dx or need_dA:
         lora_skinny(g, lora_B, u, scale, 0, 0, lora_dtype, input_precision, info)
-
     # ---- 2: the dA/dB/dbias partials over row splits (x and g read once more, the mask drawn once)
-    if need_dA or need_dB or need_dbias:
-
-        def reduce_args(c):
-            n_blocks = finalize_blocks(N, K, need_dA, need_dB or need_dbias, c["BLOCK_C"])
-            # Enough programs to fill the GPU about four times; each split covers at least one BLOCK_M of rows.
-            n_split = max(1, min(triton.cdiv(M, c["BLOCK_M"]), 4 * info.num_sms // n_blocks))
-            rows = triton.cdiv(triton.cdiv(M, n_split), c["BLOCK_M"]) * c["BLOCK_M"]
-            S = triton.cdiv(M, rows)
-            parts.update(S=S, rows=rows, grid=(n_blocks, S))
-            parts["a"] = torch.empty((S, K, R), **f32) if need_dA else spare
-            parts["b"] = torch.empty((S, N, R), **f32) if need_dB else spare
-            parts["bias"] = torch.empty((S, N), **f32) if need_dbias else spare
-            pointers = (x, u, g, h, parts["a"], parts["b"], parts["bias"])
-            strides = (*x.stride(), *u.stride(), *g.stride(), *h.stride())
-            return (*pointers, M, N, K, R, rows, *strides, int(seed), threshold, n_groups)
-
-        reduce_constexprs = dict(common, HAS_DROPOUT=threshold > 0 and need_dA)
-        candidates = reduce_configs(BLOCK_R, lora_dtype, input_precision)
-        launch(_lora_reduce_kernel, lambda c: parts["grid"], reduce_args, reduce_constexprs, candidates)
+    if n_fin:
+        box[:] = [lora_reduce(x, u, g, h, needs, seed, threshold, lora_dtype, input_precision, info, spare)]
     else:
-        parts.update(S=0, a=spare, b=spare, bias=spare)
-        n_fin = 0
-
+        box[:] = [Partials(0, spare, spare, spare)]
     # ---- 3: dx = g W + keep ⊙ (u_s A), with the split-sum in extra programs; or the split-sum alone
     if need_dx:
         grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]) + n_fin,)
-        candidates = dx_configs(base_dtype, input_precision, False, threshold > 0, info)
-        args = lambda c: dx_args(c, u, parts["S"])
-        launch(_lora_dx_kernel, grid, args, dict(dx_constexprs, BLOCK_F=fin["BLOCK_C"]), candidates)
+        launch(_lora_dx_kernel, grid, lambda c: dx_args(c, u), constexprs, candidates)
     elif n_fin:
-        fin_args = lambda c: (parts["a"], parts["b"], parts["bias"], *outputs, parts["S"], N, K, R)
-        fin_constexprs = {k: common[k] for k in ("HAS_DA", "HAS_DB", "HAS_DBIAS", "INTERPRET", "BLOCK_R")}
-        fin_grid = lambda c: (finalize_blocks(N, K, need_dA, need_dB or need_dbias, c["BLOCK_C"]),)
-        launch(_lora_finalize_kernel, fin_grid, fin_args, fin_constexprs, finalize_configs())
+        lora_finalize(box[0], outputs, N, K, R, needs)
     return dx, dA, dB, dbias

@@ -15,11 +15,15 @@ launch, which starts after the reduction has finished.
 Bytes: the partials are written once and read once: 2·4·S·(K + N)·R (+ 2·4·S·N for dbias).
 """
 
+import dataclasses
+
+import torch
 import triton
 import triton.language as tl
 
-from .dropout import _keep_mask
-from .utils import _dot, _to
+from .configs import finalize_configs, launch, reduce_configs
+from .dropout import _keep_mask, dropout_groups
+from .utils import TL_DTYPES, _dot, _to, block_r, interpreting
 
 # ---------------------------------------------------------------- jit helpers
 
@@ -247,3 +251,68 @@ def _lora_finalize_kernel(
         tl.program_id(0), part_a_ptr, part_b_ptr, part_bias_ptr, da_ptr, db_ptr, dbias_ptr, S, N, K, R,
         HAS_DA, HAS_DB, HAS_DBIAS, INTERPRET, BLOCK_C, BLOCK_R,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------- launchers
+
+
+@dataclasses.dataclass
+class Partials:
+    """The fp32 partial buffers of one backward: ``a (S, K, R)``, ``b (S, N, R)``, ``bias (S, N)``; a buffer not
+    asked for is a placeholder tensor the kernels never touch (their switches skip it)."""
+
+    S: int
+    a: torch.Tensor
+    b: torch.Tensor
+    bias: torch.Tensor
+
+    @classmethod
+    def allocate(cls, S: int, N: int, K: int, R: int, needs: tuple[bool, bool, bool], spare: torch.Tensor):
+        need_da, need_db, need_dbias = needs
+        f32 = dict(dtype=torch.float32, device=spare.device)
+        return cls(
+            S,
+            torch.empty((S, K, R), **f32) if need_da else spare,
+            torch.empty((S, N, R), **f32) if need_db else spare,
+            torch.empty((S, N), **f32) if need_dbias else spare,
+        )
+
+
+def lora_reduce(x, u, g, h, needs, seed, threshold, lora_dtype, input_precision, info, spare) -> Partials:
+    """Split backward, launch 2: the dA/dB/dbias partials over row splits (``needs`` = (dA, dB, dbias))."""
+    M, K = x.shape
+    N, R = g.shape[1], h.shape[1]
+    BLOCK_R = block_r(R)
+    parts: list[Partials] = []
+
+    def args(c):
+        n_blocks = finalize_blocks(N, K, needs[0], needs[1] or needs[2], c["BLOCK_C"])
+        # Enough programs to fill the GPU about four times; each split covers at least one BLOCK_M of rows.
+        n_split = max(1, min(triton.cdiv(M, c["BLOCK_M"]), 4 * info.num_sms // n_blocks))
+        rows = triton.cdiv(triton.cdiv(M, n_split), c["BLOCK_M"]) * c["BLOCK_M"]
+        parts[:] = [Partials.allocate(triton.cdiv(M, rows), N, K, R, needs, spare)]
+        pointers = (x, u, g, h, parts[0].a, parts[0].b, parts[0].bias)
+        strides = (*x.stride(), *u.stride(), *g.stride(), *h.stride())
+        return (*pointers, M, N, K, R, rows, *strides, int(seed), threshold, dropout_groups(K))
+
+    grid = lambda c: (finalize_blocks(N, K, needs[0], needs[1] or needs[2], c["BLOCK_C"]), parts[0].S)
+    constexprs = dict(
+        LORA_DTYPE=TL_DTYPES[lora_dtype],
+        HAS_DA=needs[0],
+        HAS_DB=needs[1],
+        HAS_DBIAS=needs[2],
+        HAS_DROPOUT=threshold > 0 and needs[0],
+        INPUT_PRECISION=input_precision,
+        INTERPRET=interpreting(),
+        BLOCK_R=BLOCK_R,
+    )
+    launch(_lora_reduce_kernel, grid, args, constexprs, reduce_configs(BLOCK_R, lora_dtype, input_precision))
+    return parts[0]
+
+
+def lora_finalize(parts: Partials, outputs: tuple, N: int, K: int, R: int, needs: tuple[bool, bool, bool]) -> None:
+    """The split-sum as its own launch: ``outputs`` = (dA, dB, dbias), placeholders where not asked for."""
+    grid = lambda c: (finalize_blocks(N, K, needs[0], needs[1] or needs[2], c["BLOCK_C"]),)
+    args = (parts.a, parts.b, parts.bias, *outputs, parts.S, N, K, R)
+    constexprs = dict(HAS_DA=needs[0], HAS_DB=needs[1], HAS_DBIAS=needs[2], INTERPRET=interpreting())
+    launch(_lora_finalize_kernel, grid, args, dict(constexprs, BLOCK_R=block_r(R)), finalize_configs())

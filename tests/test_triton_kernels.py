@@ -7,9 +7,11 @@ roundings of loads and stores but not the tensor-core product), TF32 for fp32, t
 (not interpreted) dropout, and int64 offsets past 2³¹ elements.
 """
 
+import os
+
 import pytest
 import torch
-from lora_fast.kernels import interpreting, lora_backward, lora_dropout_mask, lora_forward
+from lora_fast.kernels import configs, interpreting, lora_backward, lora_dropout_mask, lora_forward
 
 from lora_fast import lora_linear, reference
 from lora_fast.triton_backend import config, triton_lora_linear
@@ -190,6 +192,28 @@ def test_empty_batch_returns_without_launching():
     assert torch.equal(b.grad, torch.zeros_like(b))
 
 
+@cpu_tier
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_trainable_base_weight_and_bias_match_reference(layout, fused):
+    """W unfrozen by the user: dW = gᵀ x reaches the stored parameter (through Conv1D's .t() view); dbias from the
+    kernels' partials. Both against the reference backend's autograd in fp64."""
+    config.design = "fused" if fused else "split"
+    x, weight, b, A, B = _make(9, 48, 40, 8, torch.float32, True, layout, True, "cpu")
+    stored = (weight.t() if layout == "conv1d" else weight).detach().clone().requires_grad_()
+    grads, g = {}, torch.randn(9, 40)
+    for backend in ("triton", "reference"):
+        d = (lambda t: t) if backend == "triton" else (lambda t: t.detach().double().requires_grad_())
+        xs, ws, bs, As, Bs = d(x), d(stored), d(b), d(A), d(B)
+        w = ws.t() if layout == "conv1d" else ws
+        y = lora_linear(xs, w, bs, As, Bs, 0.5, dropout_p=0.0, backend=backend)
+        y.backward(g.to(y.dtype))
+        grads[backend] = (ws.grad, bs.grad, xs.grad)
+    for got, ref in zip(grads["triton"], grads["reference"], strict=True):
+        assert got is not None
+        assert _rel(got, ref) <= TOL[torch.float32]
+
+
 # ---------------------------------------------------------------- CPU tier: dropout and determinism
 
 
@@ -310,6 +334,10 @@ CUDA_CASES = [
     (1, 768, 3072, 16, torch.bfloat16, True, "conv1d", True, 0.1, True),
     (2048, 768, 768, 16, torch.float32, True, "conv1d", True, 0.1, True),
 ]
+# LORA_FAST_CUDA_QUICK=1 (bench/device_check.sh): the cases that compile distinct kernels for the headline dtypes,
+# so one device check stays within its time; odd shapes, fp16 and M = 1 run in the full tier.
+if os.environ.get("LORA_FAST_CUDA_QUICK") == "1":
+    CUDA_CASES = [CUDA_CASES[i] for i in (0, 1, 2, 6)]
 
 
 @pytest.mark.cuda
@@ -379,3 +407,22 @@ def test_int64_offsets_cuda():
     mask = lora_dropout_mask(M, K, 0.1, 9, "cuda")[tail].double()
     y_ref, _ = reference.lora_forward(x[tail].double(), weight.double(), None, A.double(), B.double(), 0.5, mask)
     assert _rel(y[tail], y_ref) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_without_dx_and_first_candidates_fit_cuda():
+    """x frozen (split path without dx), then: every configuration chosen so far in this process was its list's
+    first, as the offline compile tier predicts for this GPU (sm_90: nothing fell back to a smaller tile)."""
+    x, weight, b, A, B = _make(2048, 768, 2304, 16, torch.bfloat16, True, "conv1d", True, "cuda")
+    x.requires_grad_(False)
+    y = lora_linear(x, weight, b, A, B, 0.5, dropout_p=0.1, seed=5, backend="triton")
+    g = torch.randn_like(y)
+    y.backward(g)
+    mask = lora_dropout_mask(2048, 768, 0.1, 5, "cuda").double()
+    d = lambda t: t.detach().double()  # noqa: E731
+    _, dA_ref, dB_ref = reference.lora_backward(g.double(), d(x), d(weight), d(A), d(B), 0.5, mask)
+    assert x.grad is None
+    assert _rel(A.grad, dA_ref) <= TOL[torch.bfloat16] and _rel(B.grad, dB_ref) <= TOL[torch.bfloat16]
+    if torch.cuda.get_device_capability() >= (9, 0):
+        assert configs._CHOSEN and set(configs._CHOSEN.values()) == {0}, configs._CHOSEN
