@@ -72,6 +72,8 @@ DTYPES = {
     "bf16": (torch.bfloat16, "tf32"),
 }
 RANKS = (4, 8, 16, 32, 64, 128, 256)
+# The fallback tiles must fit the smallest per-block shared memory of the GPUs Triton supports (sm_86/sm_89: 99 KB).
+FALLBACK_SHARED = 101376
 M, K, N = 8192, 768, 2304
 CI_SUBSET = [("bf16", 16), ("fp32-ieee", 256)]
 
@@ -172,16 +174,18 @@ def _describe(value) -> str:
 class Recorder:
     """The launch hook: compiles candidates in the runtime pruner's order, keeps every result (and a cache)."""
 
-    def __init__(self, arch: int, cache: dict):
+    def __init__(self, arch: int, cache: dict, fallback: bool = False):
         self.arch = arch
-        self.limit = TARGETS[arch]["shared"]
+        self.limit = FALLBACK_SHARED if fallback else TARGETS[arch]["shared"]
         self.cache = cache
+        self.fallback = fallback  # compile each list's last candidate only
         self.launches: list[dict] = []
+        self.used: set[str] = set()
 
     def __call__(self, kernel, grid, arguments, constexprs, candidates):
         tried = []
         chosen = None
-        for config in candidates:
+        for config in candidates[-1:] if self.fallback else candidates:
             args = arguments(config)
             sig, _, attrs = _signature(kernel, args, {**constexprs, **dict(config.meta)})
             key = json.dumps(
@@ -199,6 +203,7 @@ class Recorder:
             )
             if key not in self.cache:
                 self.cache[key] = compile_one(kernel, args, constexprs, config, self.arch)
+            self.used.add(key)
             stats = self.cache[key]
             tried.append(dict(config=str(config), **stats))
             if stats["shared"] <= self.limit:
@@ -216,10 +221,11 @@ class Recorder:
         return chosen or candidates[-1]
 
 
-def run_case(dtype_name: str, R: int, p: float, design: str, arch: int, cache: dict) -> dict:
-    """One (dtype, R, dropout, design) case, forward and backward, through the real launchers on meta tensors."""
+def run_case(dtype_name: str, R: int, p: float, design: str, arch: int, cache: dict, fallback: bool = False) -> dict:
+    """One (dtype, R, dropout, design) case, forward and backward, through the real launchers on meta tensors.
+    ``fallback``: compile only the last candidate of each launch, against the smallest GPU's limit."""
     dtype, precision = DTYPES[dtype_name]
-    recorder = Recorder(arch, cache)
+    recorder = Recorder(arch, cache, fallback)
     info = configs.DeviceInfo(TARGETS[arch]["sms"], (arch // 10, arch % 10))
     meta = dict(device="meta", dtype=dtype)
     x = torch.empty(M, K, **meta)
@@ -234,7 +240,7 @@ def run_case(dtype_name: str, R: int, p: float, design: str, arch: int, cache: d
         kernels.lora_backward(g, x, weight, A, B, h, 2.0, p, 1234, need_dbias=True, bias_dtype=dtype, **kw)
     for i, launch in enumerate(recorder.launches):
         launch["pass"] = "forward" if i < n_forward else "backward"
-    return dict(dtype=dtype_name, R=R, p=p, design=design, arch=arch, launches=recorder.launches)
+    return dict(dtype=dtype_name, R=R, p=p, design=design, arch=arch, launches=recorder.launches, keys=recorder.used)
 
 
 # ---------------------------------------------------------------- the dropout-mask probe
@@ -264,7 +270,7 @@ def _probe_rand(x_ptr, out_ptr, seed, p, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.c
     tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], x)
 
 
-def probe_mask(arch: int, cache: dict) -> dict:
+def probe_mask(arch: int, cache: dict, used: set | None = None) -> dict:
     """SASS instructions per mask element: (instructions with the mask − without) × threads / tile elements."""
     bm, bk, warps = 64, 64, 4
     x = torch.empty(M, K, device="meta", dtype=torch.bfloat16)
@@ -276,6 +282,8 @@ def probe_mask(arch: int, cache: dict) -> dict:
             key = json.dumps(["probe", name, kernel_key(fn), arch, drop])
             if key not in cache:
                 cache[key] = compile_one(fn, (x, x, 1234, scalar, K), {"DROP": drop}, config, arch)
+            if used is not None:
+                used.add(key)
             counts[drop] = cache[key]["sass"]
         out[name] = round((counts[True] - counts[False]) * warps * 32 / (bm * bk), 2)
     return out
@@ -286,9 +294,14 @@ def probe_mask(arch: int, cache: dict) -> dict:
 GEMMS = ("_lora_forward_kernel", "_lora_dx_kernel")
 
 
-def check(cases: list[dict], probes: dict) -> list[str]:
+def check(cases: list[dict], probes: dict, fallbacks: list[dict] = ()) -> list[str]:
     """The tier's assertions; returns the failures (empty when all hold)."""
     failures = []
+    for case in fallbacks:
+        for launch in case["launches"]:
+            if launch["chosen"] is None:
+                shared = launch["tried"][-1]["shared"]
+                failures.append(f"fallback of {launch['kernel']} ({case['dtype']}, R=256): {shared} B > 99 KB")
     for case in cases:
         tag = f"{case['dtype']} R={case['R']} p={case['p']} {case['design']} sm_{case['arch']}"
         for launch in case["launches"]:
@@ -350,12 +363,13 @@ def summary_rows(cases: list[dict]) -> list[dict]:
     return list(rows.values())
 
 
-def markdown(cases: list[dict], probes: dict, meta: dict) -> str:
+def markdown(cases: list[dict], probes: dict, meta: dict, fallbacks: list[dict]) -> str:
     rows = summary_rows(cases)
     lines = [
         f"Compiled offline with Triton {meta['triton']} (`python -m bench.compile_check`, {meta['date']}, "
-        f"{meta['compiles']} compiles). Per dtype and rank, over every kernel each design launches (forward and "
-        "backward, dropout 0 and 0.1, fused and split): whether the dispatcher finds a configuration that fits, the "
+        f"{meta['compiles']} distinct compiles, {meta['compile_seconds'] / 60:.0f} minutes of one CPU core). Per "
+        "dtype and rank, over every kernel each design launches (forward and backward, dropout 0 and 0.1, fused and "
+        "split): whether the dispatcher finds a configuration that fits, the "
         "largest shared memory and register count among the chosen configurations, the largest spill (stores + "
         "loads, bytes) among them and among those the `auto` design actually launches, and wgmma use by the "
         "bf16/fp16 GEMMs on sm_90.",
@@ -376,6 +390,12 @@ def markdown(cases: list[dict], probes: dict, meta: dict) -> str:
                 f"| {a['spills']} ({a['spills_auto']}) | {wg} | {'yes' if b['fits'] else 'NO'} "
                 f"| {b['shared'] / 1024:.0f} | {b['spills']} ({b['spills_auto']}) |"
             )
+    worst = max((launch["tried"][-1]["shared"] for case in fallbacks for launch in case["launches"]), default=0)
+    lines += [
+        "",
+        f"Fallbacks (each list's last candidate alone, fp32 at R = 256, both designs, sm_80): the largest needs "
+        f"{worst / 1024:.0f} KB of shared memory, within the 99 KB of the smallest GPUs Triton supports (sm_86/sm_89).",
+    ]
     lines += ["", "SASS instructions per dropout-mask element (probe, 64×64 tile, 4 warps):", ""]
     lines += ["| target | `_keep_mask` (8 lanes per Philox call) | `tl.rand` per element (before) |", "|---|---|---|"]
     for arch, probe in probes.items():
@@ -444,7 +464,10 @@ def verify(log=print) -> list[str]:
     }
     if stale:
         failures.append(f"{sorted(stale)} changed since {RESULTS.name} was made: rerun python -m bench.compile_check")
-    failures += [f"committed: {f}" for f in check(cases, {int(a): v for a, v in committed["probes"].items()})]
+    probes = {int(a): v for a, v in committed["probes"].items()}
+    failures += [f"committed: {f}" for f in check(cases, probes, committed.get("fallbacks", []))]
+    if not committed.get("fallbacks"):
+        failures.append("committed results have no fallback cases: rerun python -m bench.compile_check")
     log(f"committed results: {len(cases)} cases, {committed['meta']['compiles']} compiles, checked")
 
     cache: dict = {}
@@ -485,7 +508,15 @@ def run(subset: str | None, archs: tuple[int, ...], reuse: dict | None, log=prin
                 for design in ("fused", "split"):
                     cases.append(run_case(dtype_name, R, p, design, arch, cache))
             log(f"sm_{arch} {dtype_name} R={R}: {len(cache)} compiles cached, {time.time() - start:.0f} s")
-    probes = {arch: probe_mask(arch, cache) for arch in archs}
+    # The largest operands (fp32, R = 256, dropout, both designs): each launch's fallback alone, for sm_80.
+    fallbacks = [
+        run_case(d, 256, 0.1, design, 80, cache, fallback=True)
+        for d in ("fp32-ieee", "fp32-tf32")
+        for design in ("fused", "split")
+    ]
+    used = set().union(*(case.pop("keys") for case in cases + fallbacks))
+    probes = {arch: probe_mask(arch, cache, used) for arch in archs}
+    cache = {key: cache[key] for key in cache if key in used}  # earlier kernel versions' compiles drop out
     meta = dict(
         triton=triton.__version__,
         torch=torch.__version__,
@@ -493,9 +524,11 @@ def run(subset: str | None, archs: tuple[int, ...], reuse: dict | None, log=prin
         shape=dict(M=M, K=K, N=N),
         targets={str(a): TARGETS[a] for a in archs},
         compiles=len(cache),
+        # What compiling everything costs on one core (each compile timed when it was made), and this run's time.
+        compile_seconds=round(sum(stats["seconds"] for stats in cache.values())),
         seconds=round(time.time() - start),
     )
-    return dict(meta=meta, probes={str(a): v for a, v in probes.items()}, cases=cases, cache=cache)
+    return dict(meta=meta, probes={str(a): v for a, v in probes.items()}, cases=cases, fallbacks=fallbacks, cache=cache)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -518,9 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     reuse = json.loads(out.read_text()).get("cache") if out is not None and out.exists() else None
     result = run(args.subset, tuple(args.arch), reuse)
     probes = {int(a): v for a, v in result["probes"].items()}
-    failures = check(result["cases"], probes)
+    failures = check(result["cases"], probes, result["fallbacks"])
     result["meta"]["failures"] = failures
-    table = markdown(result["cases"], probes, result["meta"])
+    table = markdown(result["cases"], probes, result["meta"], result["fallbacks"])
     print(table)
     if out is not None:
         tmp = out.with_suffix(".tmp")

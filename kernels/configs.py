@@ -106,38 +106,38 @@ _FORWARD = {
     ("ieee", True, True): [cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=2)],
 }
 
-# dx GEMM: tile of dx (BLOCK_M, BLOCK_K), loop over N in BLOCK_N steps. Key: (dtype class, u fused into the loop,
-# dropout). A wide K tile divides the fused rank work (R/BLOCK_K extra FLOPs); with dropout the fused epilogue holds
-# a second (BLOCK_M, BLOCK_K) fp32 tile (the masked LoRA term) and the mask's registers, so the tile is halved.
-_DX = {
-    ("16", False, False): [cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=8, num_stages=3)],
-    ("16", False, True): [cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)],
-    ("16", True, False): [cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=8, num_stages=3)],
-    ("16", True, True): [cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)],
-    ("tf32", False, False): [cfg(BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)],
-    ("tf32", False, True): [cfg(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)],
-    ("tf32", True, False): [cfg(BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)],
-    ("tf32", True, True): [cfg(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)],
-    ("ieee", False, False): [cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2)],
-    ("ieee", False, True): [cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2)],
-    ("ieee", True, False): [cfg(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)],
-    ("ieee", True, True): [cfg(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)],
-}
-
-
 # Before Hopper (no wgmma: mma.sync keeps its operand fragments in registers) the widest tiles spill; these replace
-# the entries above there.
+# the forward entries above there.
 _FORWARD_PRE_HOPPER = {
     ("16", fused, dropout): [cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)]
     for fused in (False, True)
     for dropout in (False, True)
 }
-_DX_PRE_HOPPER = {
-    ("16", False, False): [cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)],
-    ("16", False, True): [cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)],
-    ("16", True, False): [cfg(BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)],
-    ("16", True, True): [cfg(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)],
-}
+
+
+# dx GEMM: tile of dx (BLOCK_M, BLOCK_K), loop over N in BLOCK_N steps. A wide K tile divides the fused rank work
+# (R/BLOCK_K extra FLOPs); the fused epilogue with dropout holds a second (BLOCK_M, BLOCK_K) fp32 tile (the masked
+# LoRA term), and a padded rank above 16 holds larger u, h and dA tiles, so both narrow the tile. Chosen so that no
+# configuration spills on sm_90 or sm_80 for R <= 64 (bench/compile_check.py checks it).
+def _dx_tile(cls: str, fused: bool, dropout: bool, wide_rank: bool, hopper: bool) -> KernelConfig:
+    def gemm(m: int, n: int, k: int, warps: int = 8, stages: int = 3) -> KernelConfig:
+        return cfg(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=warps, num_stages=stages)
+
+    if cls == "ieee":  # fp32 on the FMA units, operands in registers
+        return gemm(32, 16, 32, 4, 2) if fused else gemm(64, 32, 64, 4, 2)
+    if cls == "tf32":
+        if not fused:
+            return gemm(128, 32, 64 if dropout else 128)
+        if hopper:
+            return gemm(128, 32, 64 if (dropout or wide_rank) else 128)
+        return gemm(64 if wide_rank else 128, 32, 64)
+    if not fused:
+        return gemm(128, 64, 128 if (dropout or not hopper) else 256)
+    if hopper:
+        return gemm(128, 64, 64 if dropout else (128 if wide_rank else 256))
+    if wide_rank:
+        return gemm(64, 32, 64) if dropout else gemm(128, 32, 64)
+    return gemm(128, 32, 64, 4, 4) if dropout else gemm(128, 32, 128, 8, 4)
 
 
 def _gemm_table(hopper_table: dict, older: dict, key: tuple, info: DeviceInfo | None) -> list[KernelConfig]:
@@ -162,13 +162,12 @@ def forward_configs(
 
 
 def dx_configs(
-    dtype: torch.dtype, input_precision: str, fused: bool, dropout: bool, info: DeviceInfo | None = None
+    dtype: torch.dtype, input_precision: str, fused: bool, dropout: bool, block_r: int, info: DeviceInfo | None = None
 ) -> list[KernelConfig]:
     """Candidates for the dx GEMM on ``info``'s GPU (an H100 when None), best first, the fallback last."""
     if interpreting():
         return [_INTERPRET_GEMM]
-    key = (dtype_class(dtype, input_precision), fused, dropout)
-    return [*_gemm_table(_DX, _DX_PRE_HOPPER, key, info), _FALLBACK_GEMM]
+    return [dx_tile(dtype, input_precision, fused, dropout, block_r, info), _FALLBACK_GEMM]
 
 
 def forward_tile(dtype: torch.dtype, input_precision: str, fused: bool, dropout: bool) -> KernelConfig:
@@ -176,21 +175,22 @@ def forward_tile(dtype: torch.dtype, input_precision: str, fused: bool, dropout:
     return _FORWARD[_forward_key(dtype, input_precision, fused, dropout)][0]
 
 
-def dx_tile(dtype: torch.dtype, input_precision: str, fused: bool, dropout: bool) -> KernelConfig:
-    """The dx GEMM's configuration on an H100 (the cost model's tile, under the interpreter too)."""
-    return _DX[dtype_class(dtype, input_precision), fused, dropout][0]
+def dx_tile(
+    dtype: torch.dtype, input_precision: str, fused: bool, dropout: bool, block_r: int, info: DeviceInfo | None = None
+) -> KernelConfig:
+    """The dx GEMM's preferred configuration on ``info``'s GPU (an H100 when None: the cost model's tile)."""
+    hopper = info is None or info.capability >= (9, 0)
+    return _dx_tile(dtype_class(dtype, input_precision), fused, dropout, block_r > 16, hopper)
 
 
 def skinny_configs(M: int, block_r: int, elem_bytes: int, info: DeviceInfo) -> list[KernelConfig]:
-    """Candidates for ``(M, C) @ (C, R)`` with one program per BLOCK_M rows: BLOCK_M is the largest of 64/32/16 that
-    still gives two programs per SM (a memory-bound pass keeps every SM streaming); a stage of the (C, R) operand
-    stays within 16 KB, so the rank does not blow up shared memory; 8 warps hold a rank of 128 or more."""
+    """Candidates for ``(M, C) @ (C, R)`` with one program per BLOCK_M rows: BLOCK_M is 64, or 32 where that would
+    give fewer than two programs per SM (a memory-bound pass keeps every SM streaming); fp32 operands and ranks above
+    64 take a narrower C step, and 8 warps hold a rank of 128 or more (no spill, bench/compile_check.py)."""
     if interpreting():
         return [cfg(BLOCK_M=16, BLOCK_C=32, num_warps=4, num_stages=1)]
-    block_m = 64
-    while block_m > 16 and triton.cdiv(M, block_m) < 2 * info.num_sms:
-        block_m //= 2
-    block_c = max(16, min(128, 16384 // (block_r * elem_bytes)))
+    block_m = 64 if triton.cdiv(M, 64) >= 2 * info.num_sms else 32
+    block_c = 64 if elem_bytes == 2 and block_r <= 64 else 32
     warps = 8 if block_r >= 128 else 4
     return [
         cfg(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps, num_stages=3),
@@ -199,13 +199,15 @@ def skinny_configs(M: int, block_r: int, elem_bytes: int, info: DeviceInfo) -> l
 
 
 def reduce_configs(block_r: int, dtype: torch.dtype, input_precision: str) -> list[KernelConfig]:
-    """Candidates for the split reduction over M (programs own BLOCK_C columns × the rank, loop over rows)."""
+    """Candidates for the split reduction over M (programs own BLOCK_C columns × the rank, loop over rows); fp32
+    takes 32-row steps, fp32 "ieee" and large ranks 32-column blocks (no spill, bench/compile_check.py)."""
     if interpreting():
         return [cfg(BLOCK_M=16, BLOCK_C=32, num_warps=4, num_stages=1)]
-    narrow = block_r > 64 or dtype_class(dtype, input_precision) == "ieee"
+    cls = dtype_class(dtype, input_precision)
+    narrow = block_r > 64 or cls == "ieee"
     warps = 8 if block_r >= 128 else 4
     return [
-        cfg(BLOCK_M=64, BLOCK_C=32 if narrow else 64, num_warps=warps, num_stages=3),
+        cfg(BLOCK_M=64 if cls == "16" else 32, BLOCK_C=32 if narrow else 64, num_warps=warps, num_stages=3),
         cfg(BLOCK_M=32, BLOCK_C=32, num_warps=warps, num_stages=1),
     ]
 
@@ -214,7 +216,7 @@ def finalize_configs() -> list[KernelConfig]:
     """The split-sum: each program sums the partials of BLOCK_C output rows (of the rank's width)."""
     if interpreting():
         return [cfg(BLOCK_C=32, num_warps=4, num_stages=1)]
-    return [cfg(BLOCK_C=64, num_warps=4, num_stages=1), cfg(BLOCK_C=16, num_warps=4, num_stages=1)]
+    return [cfg(BLOCK_C=32, num_warps=4, num_stages=1), cfg(BLOCK_C=16, num_warps=4, num_stages=1)]
 
 
 # ---------------------------------------------------------------- launching

@@ -96,7 +96,7 @@ def backward_plan(
     small = e * (R * K + N * R)  # A and B
     dx_bytes = e * (M * N + N * K + M * K) + small
     if fused:
-        tile = dx_tile(dtype, input_precision, True, p > 0)
+        tile = dx_tile(dtype, input_precision, True, p > 0, rp)
         S = math.ceil(M / tile["BLOCK_M"])
         n_tiles = math.ceil(K / tile["BLOCK_K"])
         parts = 4 * S * ((K + N) * R + N)

@@ -58,6 +58,35 @@ def _keep_mask(seed, offs_m, k0, n_groups, threshold, BLOCK_M: tl.constexpr, BLO
     return lanes >= (threshold.to(tl.uint32) << 16)
 
 
+@triton.jit
+def _load_dropped(
+    ptr,
+    offs_m,
+    offs_c,
+    mask_m,
+    mask_c,
+    stride_m,
+    stride_c,
+    c0,
+    seed,
+    threshold,
+    n_groups,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The (BLOCK_M, BLOCK_C) tile at rows ``offs_m``, columns ``offs_c = c0 + [0, BLOCK_C)`` (0 outside the
+    matrix), with, when HAS_DROPOUT, x's keep mask applied as a select (1/(1-p) is left to the caller's scale)."""
+    tile = tl.load(
+        ptr + offs_m[:, None] * stride_m + offs_c[None, :] * stride_c,
+        mask=mask_m[:, None] & mask_c[None, :],
+        other=0.0,
+    )
+    if HAS_DROPOUT:
+        tile = tl.where(_keep_mask(seed, offs_m, c0, n_groups, threshold, BLOCK_M, BLOCK_C), tile, 0.0)
+    return tile
+
+
 # ---------------------------------------------------------------- kernels
 
 

@@ -299,7 +299,7 @@ def lora_backward(
         strides += (*u.stride(), *dx.stride())
         return (*pointers, M, N, K, R, parts.S, *strides, float(scale), int(seed), threshold, n_groups)
 
-    candidates = dx_configs(base_dtype, input_precision, fused, threshold > 0, info)
+    candidates = dx_configs(base_dtype, input_precision, fused, threshold > 0, BLOCK_R, info)
     if fused:
         # ---- 1: dx with u, and the dA/dB/dbias partials of each row block; 2: the split-sum
         grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .configs import finalize_configs, launch, reduce_configs
-from .dropout import _keep_mask, dropout_groups
+from .dropout import _load_dropped, dropout_groups
 from .utils import TL_DTYPES, _dot, _to, block_r, interpreting
 
 # ---------------------------------------------------------------- jit helpers
@@ -71,13 +71,10 @@ def _reduce_block(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
-        tile = tl.load(
-            mat_ptr + offs_m[:, None] * stride_mm + offs_c[None, :] * stride_mc,
-            mask=mask_m[:, None] & mask_c[None, :],
-            other=0.0,
-        )
-        if HAS_DROPOUT:
-            tile = tl.where(_keep_mask(seed, offs_m, c0, n_groups, threshold, BLOCK_M, BLOCK_C), tile, 0.0)
+        tile = _load_dropped(
+            mat_ptr, offs_m, offs_c, mask_m, mask_c, stride_mm, stride_mc, c0, seed, threshold, n_groups,
+            HAS_DROPOUT, BLOCK_M, BLOCK_C,
+        )  # fmt: skip
         if HAS_SUM:
             col_sum += tl.sum(tile.to(tl.float32), axis=0)
         if HAS_PROD:

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .configs import launch, skinny_configs
-from .dropout import _keep_mask, dropout_groups
+from .dropout import _load_dropped, dropout_groups
 from .utils import TL_DTYPES, _dot, block_r, interpreting
 
 # ---------------------------------------------------------------- kernels
@@ -62,14 +62,11 @@ def _lora_skinny_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        tile = tl.load(
-            in_ptr + offs_m[:, None] * stride_im + offs_c[None, :] * stride_ic,
-            mask=mask_m[:, None] & mask_c[None, :],
-            other=0.0,
-        )
-        if HAS_DROPOUT:
-            # The mask is a select: 1/(1-p) is in `scale`.
-            tile = tl.where(_keep_mask(seed, offs_m, c0, n_groups, threshold, BLOCK_M, BLOCK_C), tile, 0.0)
+        # P's tile, x's dropout mask applied as a select (1/(1-p) is in `scale`).
+        tile = _load_dropped(
+            in_ptr, offs_m, offs_c, mask_m, mask_c, stride_im, stride_ic, c0, seed, threshold, n_groups,
+            HAS_DROPOUT, BLOCK_M, BLOCK_C,
+        )  # fmt: skip
         # Q tile (BLOCK_C, BLOCK_R); padded ranks load as 0 and give columns of 0.
         proj = tl.load(
             proj_ptr + offs_c[:, None] * stride_pc + offs_r[None, :] * stride_pr,

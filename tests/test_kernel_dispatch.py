@@ -125,7 +125,7 @@ def test_every_candidate_list_ends_with_the_fallback(monkeypatch):
             for dropout in (False, True):
                 for info in (None, configs.DeviceInfo(108, (8, 0))):
                     assert configs.forward_configs(dtype, prec, fused, dropout, info)[-1] == configs._FALLBACK_GEMM
-                    assert configs.dx_configs(dtype, prec, fused, dropout, info)[-1] == configs._FALLBACK_GEMM
+                    assert configs.dx_configs(dtype, prec, fused, dropout, 16, info)[-1] == configs._FALLBACK_GEMM
 
 
 def test_auto_design_follows_the_counts():

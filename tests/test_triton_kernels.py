@@ -3,7 +3,7 @@
 Two tiers. The CPU tier runs the kernels under ``TRITON_INTERPRET=1`` (set by conftest) at small, odd shapes. What it
 cannot check, the CUDA tier (``-m cuda``, skipped visibly without a GPU) does at realistic sizes: the real bf16
 ``tl.dot`` (the interpreter widens bf16 tiles to fp32 before its dot, triton #11584, so on CPU bf16 covers the
-roundings of loads and stores but not the tensor-core product), TF32 for fp32, the autotuned tile shapes, compiled
+roundings of loads and stores but not the tensor-core product), TF32 for fp32, the pinned GPU tile shapes, compiled
 (not interpreted) dropout, and int64 offsets past 2³¹ elements.
 """
 
