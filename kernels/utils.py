@@ -39,11 +39,10 @@ def block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors on ``device`` (a small stand-in under the interpreter, where it only sets a split)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
+def rank_chunk(block_r: int, dtype: torch.dtype) -> int:
+    """Ranks per step where a split epilogue reads h_s or u_s back: 64 for 16-bit dots, 32 for fp32 (whose dot
+    operands take twice the registers)."""
+    return min(block_r, 64 if dtype in (torch.float16, torch.bfloat16) else 32)
 
 
 # ---------------------------------------------------------------- jit helpers
@@ -88,3 +87,41 @@ def _dot(a, b, acc, DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRE
     else:
         out = tl.dot(a, b, acc)
     return out
+
+
+@triton.jit
+def _rank_update(
+    acc,
+    left_ptr,
+    right_ptr,
+    offs_m,
+    offs_n,
+    mask_m,
+    mask_n,
+    R,
+    stride_lm,
+    stride_lr,
+    stride_rr,
+    stride_rn,
+    DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    R_CHUNK: tl.constexpr,
+):
+    """``acc + L[offs_m, :] @ Rt[:, offs_n]`` for a rank-R product read from memory R_CHUNK ranks at a time (so a
+    large rank never needs a (BLOCK_M, R) tile): the split epilogues ``h_s Bᵀ`` (forward) and ``u_s A`` (dx)."""
+    for r0 in range(0, R, R_CHUNK):
+        offs_r = r0 + tl.arange(0, R_CHUNK)
+        mask_r = offs_r < R
+        left = tl.load(
+            left_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+            mask=mask_m[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+        right = tl.load(
+            right_ptr + offs_r[:, None] * stride_rr + offs_n[None, :] * stride_rn,
+            mask=mask_r[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = _dot(left, right, acc, DTYPE, INPUT_PRECISION, INTERPRET)
+    return acc

@@ -51,7 +51,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
-from lora_fast.functional import BACKENDS, _compute_dtypes, lora_linear, resolve_backend
+from lora_fast.checks import compute_dtypes
+from lora_fast.functional import BACKENDS, lora_linear, resolve_backend
 
 __all__ = ["PatchReport", "patch_peft", "unpatch_peft"]  # and LoraFastLinear, built on first use
 
@@ -197,7 +198,7 @@ def _why_peft_input(layer, x: torch.Tensor, base: nn.Module, lora_A: torch.Tenso
 def _backend_for(backend: str, x: torch.Tensor, lora_A: torch.Tensor) -> str:
     """``backend``, except that ``auto`` takes triton only where its precision is the one PEFT would compute in."""
     which = resolve_backend(backend, x.device)
-    if backend == "auto" and which == "triton" and not _triton_matches_peft(_compute_dtypes(x, lora_A)):
+    if backend == "auto" and which == "triton" and not _triton_matches_peft(compute_dtypes(x, lora_A)):
         return "torch"
     return which
 

@@ -64,15 +64,19 @@ def lora_forward(
     lora_B: torch.Tensor,
     scaling: float,
     mask: torch.Tensor | None = None,
+    lora_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(y, h)`` for ``x (..., K)``: ``y = x Wᵀ + bias + s · h Bᵀ`` with ``h = drop(x) Aᵀ``.
 
     ``mask`` (same shape as ``x``) is the dropout multiplier of :func:`dropout_mask`; ``None`` means no dropout.
+    ``lora_dtype`` is the LoRA branch's compute dtype when it differs from x's (fp32 ``A``/``B`` beside bf16 ``x``):
+    x enters the branch cast to it and the branch's result is cast to the base product's dtype before the sum. The
+    base product is ``nn.functional.linear``, so under autocast it runs (bias included) as ``nn.Linear`` would.
     """
-    h = _drop(x, mask) @ lora_A.t()
-    y = x @ weight.t() + scaling * (h @ lora_B.t())
-    if bias is not None:
-        y = y + bias
+    xl = x if lora_dtype is None else x.to(lora_dtype)
+    h = _drop(xl, mask) @ lora_A.t()
+    base = torch.nn.functional.linear(x, weight, bias)
+    y = base + (scaling * (h @ lora_B.t())).to(base.dtype)
     return y, h
 
 

@@ -3,21 +3,22 @@
 
 Three layers, thinnest first (Triton 06's ``attention = _attention.apply``):
 
-- two custom ops, ``lora_fast::triton_lora_forward`` -> ``(y, h)`` and ``lora_fast::triton_lora_backward`` ->
-  ``(dx, dA, dB)``, each with a fake (meta) implementation, so ``torch.compile`` traces through them without a graph
-  break;
+- two custom ops, ``lora_fast::triton_lora_forward`` -> ``(y, h_s)`` and ``lora_fast::triton_lora_backward`` ->
+  ``(dx, dA, dB, dbias)``, each with a fake (meta) implementation, so ``torch.compile`` traces through them without
+  a graph break; the kernels return every gradient in its final dtype, so nothing runs between their launches;
 - :class:`_TritonLoRAFunction`, the autograd Function calling them; it saves ``x``, ``W``, ``A``, ``B`` and the small
-  ``h (M, R)`` fp32, never a dropout mask (the kernels regenerate it from the seed);
+  ``h_s = s · drop(x) Aᵀ (M, R)`` fp32, never a dropout mask (the kernels regenerate it from the seed);
 - :func:`triton_lora_linear`, which checks the inputs, fixes the compute dtypes and calls the Function.
 
-Compute dtypes mirror the ``torch`` backend (``_compute_dtypes``): under autocast both the base GEMM and the LoRA
+Compute dtypes follow :func:`lora_fast.checks.compute_dtypes`: under autocast both the base GEMM and the LoRA
 branch run in the autocast dtype; otherwise the base in x's dtype and the LoRA branch in A's. ``y`` comes back in the
-base dtype, ``dx`` in x's dtype, ``dA``/``dB`` in A's/B's dtype. Autocast is resolved here, before the ops, so the
-ops themselves take explicit dtypes and behave the same inside and outside an autocast region.
+base dtype, ``dx`` in x's dtype, ``dA``/``dB``/``dbias`` in A's/B's/bias's dtype. Autocast is resolved here, before
+the ops, so the ops themselves take explicit dtypes and behave the same inside and outside an autocast region.
+A base weight the caller made trainable gets ``dW = gᵀ x`` (a plain matmul beside the kernels).
 
 Settings (:data:`config`): ``fp32_precision`` ("tf32" by default, "ieee" for exact fp32; env
-``LORA_FAST_FP32_PRECISION``) and ``fused`` (the fully fused kernels, default; ``False`` selects the split design;
-env ``LORA_FAST_FUSED=0``).
+``LORA_FAST_FP32_PRECISION``) and ``design`` ("auto" by default: fused or split per pass and shape from the byte and
+FLOP counts of :mod:`lora_fast.kernels.cost`; "fused" or "split" force one; env ``LORA_FAST_DESIGN``).
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ import os
 
 import torch
 
-from lora_fast.functional import _compute_dtypes, check_lora_inputs
-from lora_fast.kernels import INPUT_PRECISIONS, TL_DTYPES, interpreting, lora_backward, lora_forward
+from lora_fast.checks import check_lora_inputs, compute_dtypes
+from lora_fast.kernels import INPUT_PRECISIONS, TL_DTYPES, dropout_threshold, interpreting, lora_backward, lora_forward
 
-__all__ = ["TritonConfig", "config", "triton_lora_linear", "check_triton_inputs"]
+__all__ = ["DESIGNS", "TritonConfig", "config", "triton_lora_linear", "check_triton_inputs"]
+
+DESIGNS = ("auto", "fused", "split")
 
 
 @dataclasses.dataclass
@@ -39,7 +42,7 @@ class TritonConfig:
     """Process-wide settings of the triton backend (read at every call)."""
 
     fp32_precision: str = os.environ.get("LORA_FAST_FP32_PRECISION", "tf32")
-    fused: bool = os.environ.get("LORA_FAST_FUSED", "1") != "0"
+    design: str = os.environ.get("LORA_FAST_DESIGN", "auto")
 
 
 config = TritonConfig()
@@ -57,8 +60,9 @@ def check_triton_inputs(
     dropout_p: float,
     seed: int | None,
 ) -> None:
-    """What the kernels need on top of :func:`lora_fast.functional.check_lora_inputs`: a device they run on,
-    dtypes ``tl.dot`` takes, a seed for dropout. Raises before any launch, naming the tensor."""
+    """What the kernels need on top of :func:`lora_fast.checks.check_lora_inputs`: a device they run on, dtypes
+    ``tl.dot`` takes, a seed for dropout, a p the 16-bit mask can represent, known settings. Raises before any launch,
+    naming the tensor or setting."""
     dev = x.device
     if dev.type == "cpu" and not interpreting():
         raise RuntimeError(
@@ -82,13 +86,17 @@ def check_triton_inputs(
             f"autocast dtype {torch.get_autocast_dtype(dev.type)} is not one the triton backend takes "
             f"({list(TL_DTYPES)})"
         )
-    if dropout_p > 0.0 and (not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise ValueError(f"dropout needs an integer seed in [0, 2**63), got {seed!r}")
+    if dropout_p > 0.0:
+        if not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"dropout needs an integer seed in [0, 2**63), got {seed!r}")
+        dropout_threshold(dropout_p)  # refuses a p that rounds to 1 at the mask's 2^-16 resolution
     if config.fp32_precision not in INPUT_PRECISIONS:
         raise ValueError(
             f"lora_fast.triton_backend.config.fp32_precision must be one of {INPUT_PRECISIONS}, "
             f"got {config.fp32_precision!r}"
         )
+    if config.design not in DESIGNS:
+        raise ValueError(f"lora_fast.triton_backend.config.design must be one of {DESIGNS}, got {config.design!r}")
 
 
 # ---------------------------------------------------------------- custom ops (torch.compile sees these)
@@ -106,32 +114,22 @@ def _forward_op(
     seed: int,
     base_dtype: torch.dtype,
     lora_dtype: torch.dtype,
-    fused: bool,
+    design: str,
     input_precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y (..., N) in base_dtype, h (M, R) fp32)``."""
+    """``(y (..., N) in base_dtype, h_s (M, R) fp32)``."""
     # The kernels read any 2-D strides; reshape copies only when the leading dims cannot be flattened into one
     # stride (e.g. a permuted 3-D x), never for a plain non-contiguous 2-D view.
     x2 = x.reshape(-1, x.shape[-1])
     y, h = lora_forward(
-        x2,
-        weight,
-        bias,
-        lora_A,
-        lora_B,
-        scaling,
-        dropout_p,
-        seed,
-        base_dtype=base_dtype,
-        lora_dtype=lora_dtype,
-        fused=fused,
-        input_precision=input_precision,
-    )
+        x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+        base_dtype=base_dtype, lora_dtype=lora_dtype, design=design, input_precision=input_precision,
+    )  # fmt: skip
     return y.reshape(*x.shape[:-1], weight.shape[0]), h
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_dtype, lora_dtype, fused, input_precision):
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_dtype, lora_dtype, design, input_precision):
     m = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=base_dtype)
     return y, x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
@@ -150,63 +148,39 @@ def _backward_op(
     seed: int,
     base_dtype: torch.dtype,
     lora_dtype: torch.dtype,
-    fused: bool,
+    bias_dtype: torch.dtype,
+    design: str,
     input_precision: str,
     need_dx: bool,
     need_dA: bool,
     need_dB: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx like x, dA like lora_A, dB like lora_B)``; a gradient not asked for comes back as an empty tensor."""
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx like x, dA like lora_A, dB like lora_B, dbias (N,) in bias_dtype)``; a gradient not asked for comes back
+    as an empty tensor."""
     x2 = x.reshape(-1, x.shape[-1])
     g2 = grad_y.reshape(-1, grad_y.shape[-1])
-    dx, dA, dB = lora_backward(
-        g2,
-        x2,
-        weight,
-        lora_A,
-        lora_B,
-        h,
-        scaling,
-        dropout_p,
-        seed,
-        need_dx=need_dx,
-        need_dA=need_dA,
-        need_dB=need_dB,
-        base_dtype=base_dtype,
-        lora_dtype=lora_dtype,
-        fused=fused,
-        input_precision=input_precision,
+    dx, dA, dB, dbias = lora_backward(
+        g2, x2, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
+        need_dx=need_dx, need_dA=need_dA, need_dB=need_dB, need_dbias=need_dbias, bias_dtype=bias_dtype,
+        base_dtype=base_dtype, lora_dtype=lora_dtype, design=design, input_precision=input_precision,
+    )  # fmt: skip
+    return (
+        dx.reshape(x.shape) if need_dx else x.new_empty(0),
+        dA if need_dA else lora_A.new_empty(0),
+        dB if need_dB else lora_B.new_empty(0),
+        dbias if need_dbias else grad_y.new_empty(0, dtype=bias_dtype),
     )
-    # fp32 partial sums -> the parameters' dtypes, one cast each (contiguous: dA comes out as a transposed view).
-    dx = dx.reshape(x.shape) if need_dx else x.new_empty(0)
-    dA = dA.to(lora_A.dtype).contiguous() if need_dA else lora_A.new_empty(0)
-    dB = dB.to(lora_B.dtype).contiguous() if need_dB else lora_B.new_empty(0)
-    return dx, dA, dB
 
 
 @_backward_op.register_fake
-def _(
-    grad_y,
-    x,
-    weight,
-    lora_A,
-    lora_B,
-    h,
-    scaling,
-    dropout_p,
-    seed,
-    base_dtype,
-    lora_dtype,
-    fused,
-    input_precision,
-    need_dx,
-    need_dA,
-    need_dB,
-):
+def _(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, base_dtype, lora_dtype, bias_dtype, design,
+      input_precision, need_dx, need_dA, need_dB, need_dbias):  # fmt: skip
     return (
         torch.empty_like(x) if need_dx else x.new_empty(0),
         torch.empty_like(lora_A) if need_dA else lora_A.new_empty(0),
         torch.empty_like(lora_B) if need_dB else lora_B.new_empty(0),
+        grad_y.new_empty((weight.shape[0],) if need_dbias else (0,), dtype=bias_dtype),
     )
 
 
@@ -214,34 +188,38 @@ def _(
 
 
 class _TritonLoRAFunction(torch.autograd.Function):
-    """Saved for backward: x, W, A, B and h (M, R) fp32; the dropout mask is regenerated from ``seed``."""
+    """Saved for backward: x, W, A, B and h_s (M, R) fp32; the dropout mask is regenerated from ``seed``."""
 
     @staticmethod
-    def forward(
-        ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_dtype, lora_dtype, fused, input_precision
-    ):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_dtype, lora_dtype, design, prec):
         y, h = torch.ops.lora_fast.triton_lora_forward(
-            x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_dtype, lora_dtype, fused, input_precision
+            x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_dtype, lora_dtype, design, prec
         )
         ctx.save_for_backward(x, weight, lora_A, lora_B, h)
-        ctx.args = (scaling, dropout_p, seed, base_dtype, lora_dtype, fused, input_precision)
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.args = (scaling, dropout_p, seed, base_dtype, lora_dtype)
+        ctx.bias_dtype = base_dtype if bias is None else bias.dtype
+        ctx.options = (design, prec)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, h = ctx.saved_tensors
-        need_dx, _, need_bias, need_dA, need_dB = ctx.needs_input_grad[:5]
-        dx = d_bias = dA = dB = None
-        if need_dx or need_dA or need_dB:
-            dx, dA, dB = torch.ops.lora_fast.triton_lora_backward(
-                grad_y, x, weight, lora_A, lora_B, h, *ctx.args, need_dx, need_dA, need_dB
-            )
+        need_dx, need_dW, need_dbias, need_dA, need_dB = ctx.needs_input_grad[:5]
+        dx = dW = dbias = dA = dB = None
+        if need_dx or need_dA or need_dB or need_dbias:
+            dx, dA, dB, dbias = torch.ops.lora_fast.triton_lora_backward(
+                grad_y, x, weight, lora_A, lora_B, h, *ctx.args, ctx.bias_dtype, *ctx.options,
+                need_dx, need_dA, need_dB, need_dbias,
+            )  # fmt: skip
             dx, dA, dB = (dx if need_dx else None), (dA if need_dA else None), (dB if need_dB else None)
-        if need_bias and ctx.bias_dtype is not None:
-            # Summed over M in fp32 by torch (a plain reduction, deterministic), cast once to bias's dtype.
-            d_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return dx, None, d_bias, dA, dB, None, None, None, None, None, None, None
+            dbias = dbias if need_dbias else None
+        if need_dW:
+            # A base weight the caller made trainable: dW = gᵀ x in W's (N, K) layout (autograd routes it through
+            # a Conv1D's .t() view to the stored (K, N) parameter); a plain matmul in the base dtype.
+            base_dtype = ctx.args[3]
+            g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(base_dtype)
+            dW = (g2.t() @ x.reshape(-1, x.shape[-1]).to(base_dtype)).to(weight.dtype)
+        return dx, dW, dbias, dA, dB, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------- entry point
@@ -263,19 +241,9 @@ def triton_lora_linear(
     """
     check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     check_triton_inputs(x, weight, bias, lora_A, lora_B, float(dropout_p), seed)
-    base_dtype, lora_dtype = _compute_dtypes(x, lora_A)
+    base_dtype, lora_dtype = compute_dtypes(x, lora_A)
     p = float(dropout_p)
     return _TritonLoRAFunction.apply(
-        x,
-        weight,
-        bias,
-        lora_A,
-        lora_B,
-        float(scaling),
-        p,
-        int(seed) if p > 0 else 0,
-        base_dtype,
-        lora_dtype,
-        bool(config.fused),
-        config.fp32_precision,
-    )
+        x, weight, bias, lora_A, lora_B, float(scaling), p, int(seed) if p > 0 else 0,
+        base_dtype, lora_dtype, config.design, config.fp32_precision,
+    )  # fmt: skip

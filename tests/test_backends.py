@@ -164,3 +164,20 @@ def test_unknown_backend():
         lora_linear(
             torch.randn(2, 3), torch.randn(4, 3), None, torch.randn(2, 3), torch.randn(4, 2), 1.0, backend="cuda"
         )
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+def test_trainable_base_weight_and_bias_get_their_gradients(backend, layout):
+    """A user who unfreezes W (and the bias) gets dW = gᵀ x in the stored parameter's layout, never None."""
+    x, weight, b, lora_A, lora_B = _inputs(4, True, layout, lead=(3, 5), k=7, n=6)
+    stored = weight.t().detach().clone() if layout == "conv1d" else weight.detach().clone()
+    stored.requires_grad_()
+    w = stored.t() if layout == "conv1d" else stored  # the (N, K) view a Conv1D layer passes
+    y = lora_linear(x, w, b, lora_A, lora_B, 0.5, dropout_p=0.2, seed=4, backend=backend)
+    g = torch.randn_like(y)
+    y.backward(g)
+    g2, x2 = g.reshape(-1, 6), x.detach().reshape(-1, 7)
+    dW = g2.t() @ x2
+    torch.testing.assert_close(stored.grad, dW.t() if layout == "conv1d" else dW, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b.grad, g2.sum(0), rtol=1e-12, atol=1e-12)

@@ -3,13 +3,15 @@
 Two tiers. The CPU tier runs the kernels under ``TRITON_INTERPRET=1`` (set by conftest) at small, odd shapes. What it
 cannot check, the CUDA tier (``-m cuda``, skipped visibly without a GPU) does at realistic sizes: the real bf16
 ``tl.dot`` (the interpreter widens bf16 tiles to fp32 before its dot, triton #11584, so on CPU bf16 covers the
-roundings of loads and stores but not the tensor-core product), TF32 for fp32, the autotuned tile shapes, compiled
+roundings of loads and stores but not the tensor-core product), TF32 for fp32, the pinned GPU tile shapes, compiled
 (not interpreted) dropout, and int64 offsets past 2³¹ elements.
 """
 
+import os
+
 import pytest
 import torch
-from lora_fast.kernels import interpreting, lora_backward, lora_dropout_mask, lora_forward
+from lora_fast.kernels import configs, interpreting, lora_backward, lora_dropout_mask, lora_forward
 
 from lora_fast import lora_linear, reference
 from lora_fast.triton_backend import config, triton_lora_linear
@@ -27,7 +29,7 @@ cpu_tier = pytest.mark.skipif(not interpreting(), reason="CPU tier: runs only un
 def _ieee_fused(monkeypatch):
     """Exact fp32 dots and the fused design unless a test says otherwise."""
     monkeypatch.setattr(config, "fp32_precision", "ieee")
-    monkeypatch.setattr(config, "fused", True)
+    monkeypatch.setattr(config, "design", "fused")
 
 
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -57,7 +59,7 @@ def _make(M, K, N, R, dtype, bias, layout, contiguous, device, lora_dtype=None, 
 def _check_against_reference(
     M, K, N, R, dtype, bias, layout, contiguous, p, fused, device, lora_dtype=None, tol=None, lead=()
 ):
-    config.fused = fused
+    config.design = "fused" if fused else "split"
     x, weight, b, A, B = _make(M, K, N, R, dtype, bias, layout, contiguous, device, lora_dtype, lead)
     s, seed = 0.75, 1234
     y = lora_linear(x, weight, b, A, B, s, dropout_p=p, seed=seed, backend="triton")
@@ -142,20 +144,23 @@ def test_launchers_write_every_element(fused):
     )
     y = torch.full((M, N), float("nan"))
     h = torch.full((M, R), float("nan"))
-    lora_forward(x, weight, b, A, B, s, 0.2, 99, fused=fused, input_precision="ieee", out=y, h_out=h)
+    design = "fused" if fused else "split"
+    lora_forward(x, weight, b, A, B, s, 0.2, 99, design=design, input_precision="ieee", out=y, h_out=h)
     mask = lora_dropout_mask(M, K, 0.2, 99, "cpu")
     y_ref, h_ref = reference.lora_forward(
         x.double(), weight.double(), b.double(), A.double(), B.double(), s, mask.double()
     )
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.double(), s * h_ref, rtol=1e-5, atol=1e-5)  # h_s: the scaling folded in
     g = torch.randn(M, N)
     dx = torch.full((M, K), float("nan"))
-    _, dA, dB = lora_backward(g, x, weight, A, B, h, s, 0.2, 99, fused=fused, input_precision="ieee", dx_out=dx)
+    _, dA, dB, dbias = lora_backward(
+        g, x, weight, A, B, h, s, 0.2, 99, need_dbias=True, design=design, input_precision="ieee", dx_out=dx
+    )
     dx_ref, dA_ref, dB_ref = reference.lora_backward(
         g.double(), x.double(), weight.double(), A.double(), B.double(), s, mask.double()
     )
-    for got, ref in ((dx, dx_ref), (dA, dA_ref), (dB, dB_ref)):
+    for got, ref in ((dx, dx_ref), (dA, dA_ref), (dB, dB_ref), (dbias, g.double().sum(0))):
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -185,6 +190,28 @@ def test_empty_batch_returns_without_launching():
     assert x0.grad.shape == x0.shape
     assert torch.equal(A.grad, torch.zeros_like(A)) and torch.equal(B.grad, torch.zeros_like(B))
     assert torch.equal(b.grad, torch.zeros_like(b))
+
+
+@cpu_tier
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_trainable_base_weight_and_bias_match_reference(layout, fused):
+    """W unfrozen by the user: dW = gᵀ x reaches the stored parameter (through Conv1D's .t() view); dbias from the
+    kernels' partials. Both against the reference backend's autograd in fp64."""
+    config.design = "fused" if fused else "split"
+    x, weight, b, A, B = _make(9, 48, 40, 8, torch.float32, True, layout, True, "cpu")
+    stored = (weight.t() if layout == "conv1d" else weight).detach().clone().requires_grad_()
+    grads, g = {}, torch.randn(9, 40)
+    for backend in ("triton", "reference"):
+        d = (lambda t: t) if backend == "triton" else (lambda t: t.detach().double().requires_grad_())
+        xs, ws, bs, As, Bs = d(x), d(stored), d(b), d(A), d(B)
+        w = ws.t() if layout == "conv1d" else ws
+        y = lora_linear(xs, w, bs, As, Bs, 0.5, dropout_p=0.0, backend=backend)
+        y.backward(g.to(y.dtype))
+        grads[backend] = (ws.grad, bs.grad, xs.grad)
+    for got, ref in zip(grads["triton"], grads["reference"], strict=True):
+        assert got is not None
+        assert _rel(got, ref) <= TOL[torch.float32]
 
 
 # ---------------------------------------------------------------- CPU tier: dropout and determinism
@@ -224,8 +251,8 @@ def test_dropout_same_seed_same_results_different_seed_differs():
 @cpu_tier
 @pytest.mark.parametrize("fused", [True, False])
 def test_backward_is_bitwise_deterministic(fused):
-    """dA/dB sum fp32 partials over two M splits (under the interpreter) in a fixed order: two runs agree bitwise."""
-    config.fused = fused
+    """dA/dB/dbias sum fp32 partials over row blocks in a fixed order: two runs agree bitwise."""
+    config.design = "fused" if fused else "split"
     x, weight, b, A, B = _make(40, 48, 40, 16, torch.float32, True, "conv1d", True, "cpu")
     g = torch.randn(40, 40)
     grads = []
@@ -266,30 +293,15 @@ def test_clear_errors_before_launch(monkeypatch):
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) impls against the real kernels, and AOT dispatch, by torch.library.opcheck."""
     x, weight, b, A, B = (t.detach() for t in _make(6, 48, 40, 8, torch.float32, True, "conv1d", True, "cpu"))
-    fwd_args = (x, weight, b, A, B, 0.5, 0.1, 3, torch.float32, torch.float32, True, "ieee")
+    fwd_args = (x, weight, b, A, B, 0.5, 0.1, 3, torch.float32, torch.float32, "fused", "ieee")
     torch.library.opcheck(torch.ops.lora_fast.triton_lora_forward.default, fwd_args)
     _, h = torch.ops.lora_fast.triton_lora_forward(*fwd_args)
-    bwd_args = (
-        torch.randn(6, 40),
-        x,
-        weight,
-        A,
-        B,
-        h,
-        0.5,
-        0.1,
-        3,
-        torch.float32,
-        torch.float32,
-        True,
-        "ieee",
-        True,
-        True,
-        False,
-    )
-    torch.library.opcheck(torch.ops.lora_fast.triton_lora_backward.default, bwd_args)
-    dx, dA, dB = torch.ops.lora_fast.triton_lora_backward(*bwd_args)
-    assert dx.shape == x.shape and dA.shape == A.shape and dB.numel() == 0
+    g = torch.randn(6, 40)
+    for design, needs in (("fused", (True, True, False, True)), ("split", (False, True, True, True))):
+        bwd_args = (g, x, weight, A, B, h, 0.5, 0.1, 3, torch.float32, torch.float32, torch.float32, design, "ieee")
+        torch.library.opcheck(torch.ops.lora_fast.triton_lora_backward.default, (*bwd_args, *needs))
+        dx, dA, dB, dbias = torch.ops.lora_fast.triton_lora_backward(*bwd_args, *needs)
+        assert [t.numel() > 0 for t in (dx, dA, dB, dbias)] == list(needs)
 
 
 @cpu_tier
@@ -322,6 +334,10 @@ CUDA_CASES = [
     (1, 768, 3072, 16, torch.bfloat16, True, "conv1d", True, 0.1, True),
     (2048, 768, 768, 16, torch.float32, True, "conv1d", True, 0.1, True),
 ]
+# LORA_FAST_CUDA_QUICK=1 (bench/device_check.sh): the cases that compile distinct kernels for the headline dtypes,
+# so one device check stays within its time; odd shapes, fp16 and M = 1 run in the full tier.
+if os.environ.get("LORA_FAST_CUDA_QUICK") == "1":
+    CUDA_CASES = [CUDA_CASES[i] for i in (0, 1, 2, 6)]
 
 
 @pytest.mark.cuda
@@ -391,3 +407,22 @@ def test_int64_offsets_cuda():
     mask = lora_dropout_mask(M, K, 0.1, 9, "cuda")[tail].double()
     y_ref, _ = reference.lora_forward(x[tail].double(), weight.double(), None, A.double(), B.double(), 0.5, mask)
     assert _rel(y[tail], y_ref) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_without_dx_and_first_candidates_fit_cuda():
+    """x frozen (split path without dx), then: every configuration chosen so far in this process was its list's
+    first, as the offline compile tier predicts for this GPU (sm_90: nothing fell back to a smaller tile)."""
+    x, weight, b, A, B = _make(2048, 768, 2304, 16, torch.bfloat16, True, "conv1d", True, "cuda")
+    x.requires_grad_(False)
+    y = lora_linear(x, weight, b, A, B, 0.5, dropout_p=0.1, seed=5, backend="triton")
+    g = torch.randn_like(y)
+    y.backward(g)
+    mask = lora_dropout_mask(2048, 768, 0.1, 5, "cuda").double()
+    d = lambda t: t.detach().double()  # noqa: E731
+    _, dA_ref, dB_ref = reference.lora_backward(g.double(), d(x), d(weight), d(A), d(B), 0.5, mask)
+    assert x.grad is None
+    assert _rel(A.grad, dA_ref) <= TOL[torch.bfloat16] and _rel(B.grad, dB_ref) <= TOL[torch.bfloat16]
+    if torch.cuda.get_device_capability() >= (9, 0):
+        assert configs._CHOSEN and set(configs._CHOSEN.values()) == {0}, configs._CHOSEN

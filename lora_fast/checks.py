@@ -1,0 +1,80 @@
+"""What every backend of :func:`lora_fast.lora_linear` shares before it computes: the input checks and the rule
+for the compute dtypes."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_lora_inputs", "compute_dtypes"]
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_lora_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+) -> None:
+    """Raise a clear error naming the tensor and the expected/actual value when the inputs do not fit together.
+
+    Expected: ``x (..., K)``, ``weight (N, K)``, ``bias (N,)`` or None, ``lora_A (R, K)`` with R ≥ 1,
+    ``lora_B (N, R)``; all on one device; ``x``, ``weight`` and ``bias`` of one floating dtype (``lora_A``/``lora_B``
+    may differ: fp32 masters beside bf16 activations are the usual mixed-precision set-up).
+    """
+    tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        tensors["bias"] = bias
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least one dimension (..., in_features), got {_describe(x)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got {_describe(weight)}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"x has {x.shape[-1]} features in its last dimension but weight (out_features, in_features) = {(n, k)} "
+            f"expects {k}; for a transformers Conv1D pass conv1d.weight.t() (got x {_describe(x)})"
+        )
+    if lora_A.dim() != 2 or lora_A.shape[1] != k:
+        raise ValueError(f"lora_A must be (r, in_features) = (r, {k}), got {_describe(lora_A)}")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"LoRA rank r must be >= 1, got lora_A {_describe(lora_A)}")
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (n, r):
+        raise ValueError(f"lora_B must be (out_features, r) = ({n}, {r}), got {_describe(lora_B)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
+        raise ValueError(f"bias must be (out_features,) = ({n},), got {_describe(bias)}")
+    for name, t in tensors.items():
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
+    for name in ("weight", "bias"):
+        t = tensors.get(name)
+        if t is not None and t.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match (or run under torch.autocast)"
+            )
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a Python number, got {type(scaling).__name__}")
+
+
+def compute_dtypes(x: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(base dtype, LoRA dtype). Under autocast both are the autocast dtype, as nn.Linear would do; otherwise the base
+    GEMM runs in x's dtype and the LoRA branch in A's (PEFT casts x to lora_A's dtype the same way)."""
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        return dt, dt
+    return x.dtype, lora_A.dtype

@@ -1,0 +1,56 @@
+"""bench/device_check.sh, the one script a lent GPU runs, kept working on a CPU machine: ``DRY_RUN=1`` runs every
+step (tiny shapes, Triton's interpreter, the CUDA tier collected and skipped, the main job for 2 steps), and a
+failing step must make the script fail."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from tests.helpers import DATA_DIR, ROOT, TOKENIZER_DIR
+
+SCRIPT = ROOT / "bench" / "device_check.sh"
+
+
+def _env(tmp_path: pathlib.Path, **extra) -> dict:
+    env = dict(os.environ, OUT=str(tmp_path / "out"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
+    # python3 must be this interpreter (the virtual environment with the checkout installed).
+    env["PATH"] = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@pytest.mark.slow
+def test_dry_run_runs_every_step(tmp_path):
+    if not (DATA_DIR.is_dir() and TOKENIZER_DIR.is_dir()):
+        pytest.fail(f"the real data is missing: {DATA_DIR}, {TOKENIZER_DIR}")
+    env = _env(tmp_path, DRY_RUN="1", DEVICE_DATA=str(DATA_DIR.parent))
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = tmp_path / "out"
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "device check: all steps passed" in proc.stdout
+    timing = json.loads((out / "kernel_timing.json").read_text())
+    assert len(timing["rows"]) == 2 and all(r["triton"]["wall_ms"] > 0 for r in timing["rows"])
+    suite = ET.parse(out / "pytest_cuda.xml").getroot().find("testsuite")
+    assert int(suite.get("tests")) > 0 and int(suite.get("skipped")) == int(suite.get("tests"))  # collected, skipped
+    assert json.loads((out / "train_summary.json").read_text())
+    assert json.loads((out / "bench.json").read_text())
+    log = (out / "device_check.log").read_text()
+    assert log.count("exit 0 after") == 6, log[-2000:]  # import, timing, pytest, tiny model, train, bench
+
+
+def test_failing_import_stops_the_script_with_failure(tmp_path):
+    """pipefail and the exit status are honest: a python3 that fails makes the script stop and exit 1."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\necho 'ImportError: no lora_fast' >&2\nexit 3\n")
+    (fake / "python3").chmod(0o755)
+    env = _env(tmp_path, DRY_RUN="1")
+    env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "does not import; stopping" in proc.stderr
+    assert "== import: exit 3" in (tmp_path / "out" / "device_check.log").read_text()

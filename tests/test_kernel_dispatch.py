@@ -1,0 +1,142 @@
+"""How the kernels are launched: launch counts per pass and design, nothing but allocations between launches, the
+shared-memory pruner, and the design choice of the cost model.
+
+Launches are counted where Triton's interpreter runs each grid (CPU tier); every torch op dispatched outside a
+launch is recorded with a ``TorchDispatchMode`` and must be an allocation or a view.
+"""
+
+import contextlib
+from unittest import mock
+
+import pytest
+import torch
+from lora_fast.kernels import backward_design, configs, forward_design, interpreting, lora_backward, lora_forward
+from torch.utils._python_dispatch import TorchDispatchMode
+
+cpu_tier = pytest.mark.skipif(not interpreting(), reason="CPU tier: launches are counted in Triton's interpreter")
+
+# Allocations and views: what may run between two launches.
+ALLOWED_OPS = {
+    "aten.empty.memory_format",
+    "aten.empty_strided.default",
+    "aten.new_empty.default",
+    "aten.t.default",
+    "aten.view.default",
+    "aten._reshape_alias.default",
+    "aten.transpose.int",
+    "aten.as_strided.default",
+}
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Yields ``(launches, ops)``: kernel names in launch order, and the torch ops run outside any launch."""
+    from triton.runtime import interpreter
+
+    launches, ops, inside = [], [], []
+    original = interpreter.GridExecutor.__call__
+
+    def counted(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        inside.append(True)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside:
+                ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with mock.patch.object(interpreter.GridExecutor, "__call__", counted), Ops():
+        yield launches, ops
+
+
+def _inputs(M=40, K=48, N=72, R=8):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=gen)
+    weight = torch.randn(K, N, generator=gen).t()  # Conv1D layout
+    A, B = torch.randn(R, K, generator=gen), torch.randn(N, R, generator=gen)
+    g = torch.randn(M, N, generator=gen)
+    return x, weight, torch.randn(N, generator=gen), A, B, g
+
+
+@cpu_tier
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("design, forward_launches, backward_launches", [("fused", 1, 2), ("split", 2, 3)])
+def test_launch_counts_and_nothing_but_allocations_between(design, forward_launches, backward_launches, p):
+    """Forward ≤ 1 launch fused / 2 split; backward with dx, dA, dB and dbias ≤ 2 fused / 3 split, split-sum and
+    casts included. A stray torch op (a .sum, a .to, a .contiguous) between launches fails the op check."""
+    x, weight, bias, A, B, g = _inputs()
+    with count_launches() as (launches, ops):
+        _, h = lora_forward(x, weight, bias, A, B, 0.5, p, 7, design=design, input_precision="ieee")
+    assert len(launches) == forward_launches, launches
+    assert set(ops) <= ALLOWED_OPS, sorted(set(ops) - ALLOWED_OPS)
+    with count_launches() as (launches, ops):
+        lora_backward(g, x, weight, A, B, h, 0.5, p, 7, need_dbias=True, design=design, input_precision="ieee")
+    assert len(launches) == backward_launches, launches
+    assert set(ops) <= ALLOWED_OPS, sorted(set(ops) - ALLOWED_OPS)
+
+
+@cpu_tier
+def test_backward_without_dx_launches_at_most_three():
+    """x frozen (the first LoRA layer of a model): u, the partials and the split-sum, nothing else."""
+    x, weight, bias, A, B, g = _inputs()
+    _, h = lora_forward(x, weight, bias, A, B, 0.5, 0.1, 7, input_precision="ieee")
+    with count_launches() as (launches, ops):
+        dx, dA, dB, dbias = lora_backward(g, x, weight, A, B, h, 0.5, 0.1, 7, need_dx=False, input_precision="ieee")
+    assert dx is None and dA is not None and dB is not None and dbias is None
+    assert len(launches) <= 3, launches
+    assert set(ops) <= ALLOWED_OPS, sorted(set(ops) - ALLOWED_OPS)
+
+
+class _FakeKernel:
+    """Stands in for a Triton kernel: refuses (OutOfResources) every configuration with BLOCK_M above ``limit``."""
+
+    def __init__(self, limit):
+        self.limit, self.tried, self.__name__ = limit, [], "fake"
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.tried.append(kwargs["BLOCK_M"])
+            if kwargs["BLOCK_M"] > self.limit:
+                raise configs.OutOfResources(kwargs["BLOCK_M"] * 1024, self.limit * 1024, "shared memory")
+
+        return run
+
+
+def test_pruner_skips_what_does_not_fit_and_remembers_the_choice():
+    candidates = [configs.cfg(BLOCK_M=b) for b in (256, 128, 64)]
+    kernel = _FakeKernel(limit=128)
+    assert configs.launch(kernel, lambda c: (1,), (), {}, candidates)["BLOCK_M"] == 128
+    assert configs.launch(kernel, lambda c: (1,), (), {}, candidates)["BLOCK_M"] == 128
+    assert kernel.tried == [256, 128, 128]  # the second call starts at the configuration that loaded
+    with pytest.raises(RuntimeError, match="no configuration fits"):
+        configs.launch(_FakeKernel(limit=32), lambda c: (1,), (), {}, candidates)
+
+
+def test_every_candidate_list_ends_with_the_fallback(monkeypatch):
+    """On a GPU each GEMM list ends with the small tile that fits everywhere (the compile tier checks it does)."""
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    for dtype, prec in ((torch.bfloat16, "tf32"), (torch.float32, "tf32"), (torch.float32, "ieee")):
+        for fused in (False, True):
+            for dropout in (False, True):
+                for info in (None, configs.DeviceInfo(108, (8, 0))):
+                    assert configs.forward_configs(dtype, prec, fused, dropout, info)[-1] == configs._FALLBACK_GEMM
+                    assert configs.dx_configs(dtype, prec, fused, dropout, 16, info)[-1] == configs._FALLBACK_GEMM
+
+
+def test_auto_design_follows_the_counts():
+    """768→2304, M = 8192, bf16: the fused forward only without dropout (with it, the mask would be drawn once per N
+    tile); the fused backward at small rank, the split one at R = 128 (u repeated per K tile, large partials)."""
+    shape = (8192, 2304, 768)
+    bf16 = (torch.bfloat16, "tf32")
+    assert forward_design("auto", *shape, 16, 0.0, *bf16) == "fused"
+    assert forward_design("auto", *shape, 16, 0.1, *bf16) == "split"
+    assert backward_design("auto", *shape, 16, 0.1, *bf16) == "fused"
+    assert backward_design("auto", *shape, 128, 0.1, *bf16) == "split"
+    assert forward_design("split", *shape, 16, 0.0, *bf16) == "split"
+    with pytest.raises(ValueError, match="design must be"):
+        forward_design("fastest", *shape, 16, 0.0, *bf16)
