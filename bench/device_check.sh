@@ -57,7 +57,7 @@ DRY_RUN="${DRY_RUN:-0}"
 failed=()
 
 # ---------------------------------------------------------------- the commands a user runs (one place)
-# The study's CLI and the tiny-model helper may move (e.g. to lora_fast.study.*): change them here only.
+# The main job as a user runs it (train_sentiment.py, lora_fast.study.tiny, bench/run.py): change it here only.
 TINY="$WORK/tiny-gpt2"
 if [ "$DRY_RUN" = "1" ]; then
     export TRITON_INTERPRET=1
@@ -71,11 +71,11 @@ else
     TIMING_ARGS=(--device cuda --rows headline)
     BENCH_ARGS=(--quick --device cuda --model-only)
 fi
-MAKE_TINY=(python3 -m lora_fast.tiny "$TINY" --tokenizer "$DATA/gpt2-tokenizer")
+MAKE_TINY=(python3 -m lora_fast.study.tiny "$TINY" --tokenizer "$DATA/gpt2-tokenizer")
 TRAIN=(python3 train_sentiment.py --fused --device "$DEVICE" --model "$TINY" --data-dir "$DATA/rotten_tomatoes"
     --max-steps "$TRAIN_STEPS" --batch-size 8 --grad-accum 1 --eval-every "$TRAIN_STEPS" --max-val 64 --max-test 64
     --out "$WORK/train")
-BENCH=(python3 bench/run.py "${BENCH_ARGS[@]}" --json "$OUT/bench.json")
+BENCH=(python3 bench/run.py "${BENCH_ARGS[@]}" --json "$OUT/bench.json" --md "$OUT/bench.md" --plot "$OUT/plots")
 # ----------------------------------------------------------------
 
 # run NAME LIMIT_S CMD...: the command's output goes to the terminal and to $LOG; a failure (or a timeout, status
