@@ -170,7 +170,7 @@ def prepare_model(cfg: Config, device: torch.device, log=print):
     """Load --model, then give it --method's trainable parts (or, with --eval-only, --adapter's saved ones); the
     model comes back on ``device``, in training mode unless --eval-only."""
     model, tokenizer = load_causal_lm(cfg.model, cfg.tokenizer, dropout=cfg.dropout, gguf_file=cfg.gguf_file)
-    if cfg.method == "lora" and cfg.targets is None:
+    if cfg.method == "lora" and cfg.targets is None and not cfg.eval_only:
         cfg = dataclasses.replace(cfg, targets=default_targets(model.config.model_type))
     if cfg.fused_gelu:
         use_fused_gelu(model)

@@ -135,6 +135,9 @@ def test_prepare_model_picks_the_model_types_targets(model_folders):
     given = train_sentiment.parse_config(["--model", str(model_folders / "neo"), "--targets", "q_proj", "v_proj"])
     model, _ = train_sentiment.prepare_model(given, torch.device("cpu"))
     assert len(list(lora_modules(model))) == 4
+    zero_shot = train_sentiment.parse_config(["--model", str(model_folders / "neo"), "--eval-only"])
+    model, _ = train_sentiment.prepare_model(zero_shot, torch.device("cpu"))  # no LoRA, so no targets needed
+    assert not list(lora_modules(model))
 
 
 @pytest.mark.slow
