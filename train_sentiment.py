@@ -30,12 +30,13 @@ from tqdm import tqdm
 from lora_fast import BACKENDS, AdapterError
 from lora_fast.io import atomic_write_json
 from lora_fast.study import distributed
-from lora_fast.study.causal_lm import LastTokenLM, load_causal_lm, use_fused_gelu
+from lora_fast.study.causal_lm import LastTokenLM, default_targets, load_causal_lm, use_fused_gelu
 from lora_fast.study.checkpoint import require_finite, resume, save_checkpoint
 from lora_fast.study.cli import dataclass_parser, opt, parse_flags, report_errors
 from lora_fast.study.data import load_splits, subset
 from lora_fast.study.errors import NonFiniteError, UsageError
 from lora_fast.study.evaluate import score_split, val_loss
+from lora_fast.study.gguf import split_gguf
 from lora_fast.study.prompts import INSTRUCTIONS, encode_split, resolve_instruction
 from lora_fast.study.registry import METHODS
 from lora_fast.study.report import (
@@ -58,7 +59,8 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 @dataclass
 class Config:
     # model and data
-    model: str = opt("gpt2", "hub name (gpt2, gpt2-medium, ...) or a local folder with weights and tokenizer")
+    model: str = opt("gpt2", "hub name (gpt2, gpt2-medium, ...), a folder with weights and tokenizer, or a .gguf file")
+    gguf_file: str | None = opt(None, "the GGUF file to load from --model's folder (or hub repository), dequantised")
     tokenizer: str | None = opt(None, "tokenizer folder or hub name, when --model's folder has none")
     data_dir: str | None = opt(None, "local folder: train/validation/test as .jsonl or .parquet (default: the hub)")
     dataset: str = opt("rotten_tomatoes", "hub dataset name, used without --data-dir")
@@ -71,7 +73,12 @@ class Config:
     r: int = opt(16, "LoRA rank")
     alpha: float = opt(64.0, "LoRA alpha; scaling = alpha / r (alpha / sqrt(r) with --rslora)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA branch's input")
-    targets: list = opt(["attn.c_attn", "attn.c_proj"], "modules to wrap with LoRA (PEFT suffix rule)", nargs="+")
+    targets: list | None = opt(
+        None,
+        "modules to wrap with LoRA (PEFT suffix rule); default per model type: GPT-2 attn.c_attn attn.c_proj; "
+        "Llama, Mistral, Qwen2/3 q_proj k_proj v_proj o_proj",
+        nargs="+",
+    )
     rslora: bool = opt(False, "rank-stabilised scaling alpha / sqrt(r)")
     backend: str = opt(
         "torch",
@@ -120,14 +127,23 @@ class Config:
     resume: bool = opt(False, "continue the run in --out from its checkpoint (a finished run is skipped)")
     overwrite: bool = opt(False, "start afresh in an --out that holds a run: its run files are replaced")
     stop_after_step: int | None = opt(None, "testing: exit after this step's checkpoint, as if killed")
-    preset: str | None = opt(None, "'study': the study's hyper-parameters; explicit flags override", choices=("study",))
+    preset: str | None = opt(
+        None,
+        "'study': the study's hyper-parameters; 'study-cpu': the same sized for a ~135M model on a 2-core CPU "
+        "(docs/TRAINING.md); explicit flags override",
+        choices=("study", "study-cpu"),
+    )
     sweep: str | None = opt(None, "sub-runs in --out, one process each, resumable; a table", choices=tuple(SWEEPS))
 
 
+STUDY = dict(method="lora", r=128, alpha=512.0, lora_dropout=0.05, lr=2.5e-4, betas=[0.9, 0.95], weight_decay=0.1,
+             grad_clip=1.0, train_subset=5000, seed=42, prompt="default", warmup_steps=0)  # fmt: skip
 PRESETS = {
-    "study": dict(model="gpt2-medium", method="lora", r=128, alpha=512.0, lora_dropout=0.05, lr=2.5e-4,
-                  betas=[0.9, 0.95], weight_decay=0.1, grad_clip=1.0, batch_size=32, grad_accum=4, max_steps=80,
-                  train_subset=5000, seed=42, eval_every=5, prompt="default", warmup_steps=0),
+    "study": dict(**STUDY, model="gpt2-medium", batch_size=32, grad_accum=4, max_steps=80, eval_every=5),
+    # 40 steps of 32 (1,280 examples), validation on 256 every 10 steps: a training row with the default prompt takes
+    # ~13-15 min on 2 CPU cores (SmolLM2-135M; docs/TRAINING.md has the measurements).
+    "study-cpu": dict(**STUDY, batch_size=32, grad_accum=1, max_steps=40, eval_every=10, max_val=256,
+                      checkpoint_every=20),
 }  # fmt: skip
 
 
@@ -192,6 +208,7 @@ def check_config(cfg: Config, world: int, device: torch.device) -> None:
             f"--out {out} holds a run already ({', '.join(held)}): pass --resume to continue it (a finished run is "
             f"skipped), --overwrite to start it afresh, or another --out"
         )
+    split_gguf(cfg.model, cfg.gguf_file)  # --model X.gguf, or --gguf-file NAME in --model's folder: it must be there
 
 
 # ---------------------------------------------------------------- set-up
@@ -210,7 +227,9 @@ def amp_setup(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, to
 def prepare_model(cfg: Config, device: torch.device, log=print):
     """Load --model, then give it --method's trainable parts and, with --adapter, its saved weights (with --eval-only
     only the saved ones); the model comes back on ``device``, in training mode unless --eval-only."""
-    model, tokenizer = load_causal_lm(cfg.model, cfg.tokenizer, dropout=cfg.dropout)
+    model, tokenizer = load_causal_lm(cfg.model, cfg.tokenizer, dropout=cfg.dropout, gguf_file=cfg.gguf_file)
+    if cfg.method == "lora" and cfg.targets is None and not cfg.eval_only:
+        cfg = dataclasses.replace(cfg, targets=default_targets(model.config.model_type))
     if cfg.fused_gelu:
         use_fused_gelu(model)
     if cfg.backend == "auto" and device.type != "cuda":

@@ -1,8 +1,11 @@
-"""One GPT-2 training step (forward, backward, gradient clipping, AdamW), five ways, one configuration per process.
+"""One training step (forward, backward, gradient clipping, AdamW) of a causal LM, five ways, one configuration per
+process, and the floor: the work no LoRA method can skip.
 
-Rows (every row runs the same model: GPT-2 small, 124M parameters, random weights since no hub is reached; the
-config's own dropout, 0.1 on residual, embedding and attention; SDPA attention; fp32 on CPU, fp32 weights under bf16
-autocast on CUDA; LoRA r=16, alpha=32, LoRA dropout 0.05 on ``attn.c_attn`` + ``attn.c_proj``):
+The model: GPT-2 small (124M parameters, random weights since no hub is reached; the config's own dropout, 0.1 on
+residual, embedding and attention), or with ``--model`` a real one (a folder, hub name or ``.gguf`` file, e.g.
+SmolLM2-135M: its config's dropout). SDPA attention; fp32 on CPU, fp32 weights under bf16 autocast on CUDA; LoRA
+r=16, alpha=32, LoRA dropout 0.05 on the model type's default targets (``lora_fast.study.causal_lm.default_targets``:
+GPT-2 ``attn.c_attn`` + ``attn.c_proj``; Llama, Mistral, Qwen ``q_proj k_proj v_proj o_proj``). Rows (``ROWS``):
 
 - ``full_ft``: every parameter trains; HF's ``model(input_ids, labels=labels).loss`` (logits at all positions).
 - ``peft``: HF PEFT as commonly used: ``get_peft_model`` and HF's loss over logits at all positions.
@@ -10,16 +13,24 @@ autocast on CUDA; LoRA r=16, alpha=32, LoRA dropout 0.05 on ``attn.c_attn`` + ``
   through ``lora_linear``, ``auto`` backend); everything else as ``peft``.
 - ``peft_label_logits``: the same PEFT model, logits only at the label position (HF's ``logits_to_keep``).
 - ``lora_fast``: the training step of ``train_sentiment.py``: ``lora_fast.apply_lora`` (``auto`` backend),
-  ``use_fused_gelu`` (GPT-2's six-op ``gelu_new`` as one ``F.gelu(approximate="tanh")``, equal to
-  ~1e-6), ``LastTokenLM`` (LM head at the label position only) and ``train_step`` (``lora_fast.study``).
+  ``use_fused_gelu`` (GPT-2's six-op ``gelu_new`` as one ``F.gelu(approximate="tanh")``, equal to ~1e-6; nothing to
+  swap on SiLU models), ``LastTokenLM`` (LM head at the label position only; on GPT-2 the last block at the label
+  rows only) and ``train_step`` (``lora_fast.study``).
+- ``floor``: the same model frozen, run as ``lora_fast`` runs it (fused GELU, ``LastTokenLM``), forward plus backward
+  down to the gradient of its input embeddings (a hook makes the embedding output a leaf that requires grad); no
+  LoRA, no optimizer. Any LoRA step does at least this work: ``lora_fast / floor`` is its overhead over the limit.
+
+A new row is one builder ``(cfg, model) -> step`` in ``BUILDERS``; ``ROWS`` and ``bench/run.py --rows`` follow it.
 
 The task is label-token classification: each sequence of T tokens ends with its label token, and the loss is the LM
 loss on that one token (HF rows: ``labels`` are -100 everywhere but the last position; label-logit rows: the logits
 at position T-2, which predict it). So every row processes the same B·T tokens and computes the same loss.
 
-Run one row: ``python -m bench.model_step --row peft`` (prints a ``RESULT {json}`` line). ``bench/run.py`` starts one
-process per row, so each row's peak memory (CPU: ``ru_maxrss``, the resident-set high-water; CUDA:
-``torch.cuda.max_memory_allocated``) is its own.
+Run one row: ``python -m bench.model_step --row peft [--model DIR]`` (prints a ``RESULT {json}`` line).
+``bench/run.py`` starts one process per row, so each row's peak memory is its own: on CUDA
+``torch.cuda.max_memory_allocated``; on CPU the resident-set high-water of the timed steps (Linux's ``VmHWM``, reset
+after the model is built, so loading a GGUF file or building PEFT's wrappers does not count; the process's
+``ru_maxrss`` where it cannot be reset).
 """
 
 from __future__ import annotations
@@ -27,24 +38,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ROWS", "StepConfig", "run_row"]
-
-ROWS = ("full_ft", "peft", "peft_patched", "peft_label_logits", "lora_fast")
-TARGETS = ["attn.c_attn", "attn.c_proj"]
-
 
 @dataclass
 class StepConfig:
     device: str = "cpu"
+    model: str | None = None  # None: GPT-2 small, random weights; else a folder, hub name or .gguf file
     batch: int = 8
     seq: int = 128
     r: int = 16
@@ -58,18 +67,50 @@ class StepConfig:
     seed: int = 0
 
 
+# ---------------------------------------------------------------- memory
+
+
 def _rss_mib() -> float:
     """Resident-set high-water of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _build_gpt2(cfg: StepConfig):
+def _reset_rss_peak() -> bool:
+    """Reset Linux's per-process resident-set high-water (``VmHWM``); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _vm_hwm_mib() is not None
+    except OSError:
+        return False
+
+
+def _vm_hwm_mib() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            found = re.search(r"VmHWM:\s+(\d+) kB", f.read())
+    except OSError:
+        return None
+    return int(found.group(1)) / 1024 if found else None
+
+
+# ---------------------------------------------------------------- the model and the batch
+
+
+def build_model(cfg: StepConfig):
+    """``(model, targets)``: the row's model in training mode on ``cfg.device`` and its LoRA targets."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
+    from lora_fast.study.causal_lm import default_targets, load_causal_lm
+
     torch.manual_seed(cfg.seed)
-    config = GPT2Config()  # GPT-2 small: 12 layers, 768 wide, 50,257 tokens; dropout 0.1, gelu_new
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
-    return model.to(cfg.device).train()
+    if cfg.model is None:
+        config = GPT2Config()  # GPT-2 small: 12 layers, 768 wide, 50,257 tokens; dropout 0.1, gelu_new
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+    else:
+        model, _ = load_causal_lm(cfg.model, dropout=None)
+        model.set_attn_implementation(cfg.attn_implementation)
+    return model.to(cfg.device).train(), default_targets(model.config.model_type)
 
 
 def _batch(cfg: StepConfig, vocab: int):
@@ -84,66 +125,34 @@ def _batch(cfg: StepConfig, vocab: int):
     return input_ids.to(d), attention_mask.to(d), position_ids.to(d), labels.to(d), target.to(d)
 
 
-def build_step(row: str, cfg: StepConfig):
-    """``(step_fn, model, description)`` for ``row``; ``step_fn()`` runs one full optimizer step, returns the loss."""
-    from lora_fast.study.causal_lm import LastTokenLM, use_fused_gelu
-    from lora_fast.study.training import make_optimizer, train_step
+def _label_batch(cfg: StepConfig, input_ids, attention_mask, position_ids) -> dict[str, torch.Tensor]:
+    """``LastTokenLM``'s inputs: the label is predicted at position T-2."""
+    last_index = torch.full((cfg.batch,), cfg.seq - 2, dtype=torch.long, device=cfg.device)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "last_index": last_index}  # fmt: skip
 
-    model = _build_gpt2(cfg)
-    vocab = model.config.vocab_size
-    input_ids, attention_mask, position_ids, labels, target = _batch(cfg, vocab)
+
+def _autocast(cfg: StepConfig):
     amp = torch.bfloat16 if cfg.device == "cuda" else None
-    autocast = lambda: torch.autocast(cfg.device, dtype=amp, enabled=amp is not None)
-    notes = []
+    return amp, (lambda: torch.autocast(cfg.device, dtype=amp, enabled=amp is not None))
 
-    if row == "lora_fast":
-        from lora_fast import apply_lora
 
-        notes.append(f"fused GELU on {use_fused_gelu(model)} modules")
-        apply_lora(model, TARGETS, cfg.r, cfg.alpha, cfg.lora_dropout, backend="auto")
-        module = LastTokenLM(model)
-        optimizer = make_optimizer(model, cfg.lr)
-        last_index = torch.full((cfg.batch,), cfg.seq - 2, dtype=torch.long, device=cfg.device)
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "position_ids": position_ids,
-            "last_index": last_index,
-        }
+# ---------------------------------------------------------------- the rows: (cfg, model, targets, notes) -> step()
 
-        def step():
-            return train_step(module, optimizer, [batch], [target], amp_dtype=amp, grad_clip=cfg.grad_clip).loss
 
-        return step, model, notes
+def _hf_step(cfg: StepConfig, model, label_logits_only: bool) -> Callable[[], float]:
+    """HF's forward (all positions, or ``logits_to_keep`` at T-2), HF's loss, clip, AdamW."""
+    from lora_fast.study.training import make_optimizer
 
-    if row in ("peft", "peft_patched", "peft_label_logits"):
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.r,
-                lora_alpha=cfg.alpha,
-                lora_dropout=cfg.lora_dropout,
-                target_modules=TARGETS,
-                fan_in_fan_out=True,
-                task_type="CAUSAL_LM",
-            ),
-        )
-        if row == "peft_patched":
-            from lora_fast import patch_peft
-
-            report = patch_peft(model, backend="auto", verbose=False)
-            notes.append(f"patch_peft: {len(report.fast)} of {len(report.rows)} LoRA layers through lora_linear")
-    elif row != "full_ft":
-        raise ValueError(f"unknown row {row!r}; choose one of {ROWS}")
+    input_ids, attention_mask, _, labels, target = _batch(cfg, model.config.vocab_size)
     optimizer = make_optimizer(model, cfg.lr)
     params = [p for p in model.parameters() if p.requires_grad]
     keep = torch.tensor([cfg.seq - 2], device=cfg.device)
+    autocast = _autocast(cfg)[1]
 
     def step():
         with autocast():
-            if row == "peft_label_logits":
+            if label_logits_only:
                 logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
                 loss = F.cross_entropy(logits[:, -1].float(), target)
             else:
@@ -152,14 +161,120 @@ def build_step(row: str, cfg: StepConfig):
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
+    return step
+
+
+def _peft(cfg: StepConfig, model, targets: list[str]):
+    from peft import LoraConfig, get_peft_model
+
+    fan_in_fan_out = model.config.model_type == "gpt2"  # GPT-2's Conv1D stores (K, N)
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+                        fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM")  # fmt: skip
+    return get_peft_model(model, config)
+
+
+def full_ft_row(cfg, model, targets, notes):
+    return model, _hf_step(cfg, model, label_logits_only=False)
+
+
+def peft_row(cfg, model, targets, notes):
+    model = _peft(cfg, model, targets)
+    return model, _hf_step(cfg, model, label_logits_only=False)
+
+
+def peft_patched_row(cfg, model, targets, notes):
+    from lora_fast import patch_peft
+
+    model = _peft(cfg, model, targets)
+    report = patch_peft(model, backend="auto", verbose=False)
+    notes.append(f"patch_peft: {len(report.fast)} of {len(report.rows)} LoRA layers through lora_linear")
+    return model, _hf_step(cfg, model, label_logits_only=False)
+
+
+def peft_label_logits_row(cfg, model, targets, notes):
+    model = _peft(cfg, model, targets)
+    return model, _hf_step(cfg, model, label_logits_only=True)
+
+
+def lora_fast_row(cfg, model, targets, notes):
+    from lora_fast import apply_lora
+    from lora_fast.study.causal_lm import LastTokenLM, use_fused_gelu
+    from lora_fast.study.training import make_optimizer, train_step
+
+    notes.append(f"fused GELU on {use_fused_gelu(model)} modules")
+    apply_lora(model, targets, cfg.r, cfg.alpha, cfg.lora_dropout, backend="auto")
+    module = LastTokenLM(model)
+    optimizer = make_optimizer(model, cfg.lr)
+    input_ids, attention_mask, position_ids, _, target = _batch(cfg, model.config.vocab_size)
+    batch = _label_batch(cfg, input_ids, attention_mask, position_ids)
+    amp = _autocast(cfg)[0]
+
+    def step():
+        return train_step(module, optimizer, [batch], [target], amp_dtype=amp, grad_clip=cfg.grad_clip).loss
+
+    return model, step
+
+
+def floor_row(cfg, model, targets, notes):
+    """The frozen model through ``lora_fast``'s forward; backward to the input embeddings' gradient only."""
+    from lora_fast.study.causal_lm import LastTokenLM, use_fused_gelu
+
+    notes.append(f"fused GELU on {use_fused_gelu(model)} modules; frozen, gradient of the input embeddings only")
+    model.requires_grad_(False)
+    module = LastTokenLM(model)
+    input_ids, attention_mask, position_ids, _, target = _batch(cfg, model.config.vocab_size)
+    batch = _label_batch(cfg, input_ids, attention_mask, position_ids)
+    leaves = []
+
+    def as_leaf(_module, _args, out):  # the embedding output becomes the leaf the backward ends at
+        leaves.append(out.detach().requires_grad_())
+        return leaves[-1]
+
+    model.get_input_embeddings().register_forward_hook(as_leaf)
+    autocast = _autocast(cfg)[1]
+
+    def step():
+        leaves.clear()
+        with autocast():
+            logits = module(**batch)
+        loss = F.cross_entropy(logits.float(), target)
+        loss.backward()
+        assert leaves and leaves[0].grad is not None, "the backward did not reach the input embeddings"
+        return float(loss.detach())
+
+    return model, step
+
+
+# A new row: one builder here. Each gets a fresh model and returns (the model as timed, step).
+BUILDERS = {
+    "full_ft": full_ft_row,
+    "peft": peft_row,
+    "peft_patched": peft_patched_row,
+    "peft_label_logits": peft_label_logits_row,
+    "lora_fast": lora_fast_row,
+    "floor": floor_row,
+}
+ROWS = tuple(BUILDERS)
+__all__ = ["ROWS", "BUILDERS", "StepConfig", "build_model", "build_step", "run_row"]
+
+
+def build_step(row: str, cfg: StepConfig):
+    """``(step_fn, model, notes)`` for ``row``; ``step_fn()`` runs one step (an optimizer step, or the floor's
+    forward and backward) and returns the loss."""
+    if row not in BUILDERS:
+        raise ValueError(f"unknown row {row!r}; choose one of {ROWS}")
+    model, targets = build_model(cfg)
+    notes = [f"model type {model.config.model_type}, LoRA targets {targets}"]
+    model, step = BUILDERS[row](cfg, model, targets, notes)
     return step, model, notes
 
 
 def run_row(row: str, cfg: StepConfig, profile: bool = False) -> dict:
     """Build ``row``, run ``cfg.warmup`` untimed and ``cfg.steps`` timed steps; return the measurements."""
     from lora_fast import count_parameters
+    from lora_fast.study.causal_lm import default_targets
 
     step, model, notes = build_step(row, cfg)
     trainable, total = count_parameters(model)
@@ -167,6 +282,7 @@ def run_row(row: str, cfg: StepConfig, profile: bool = False) -> dict:
     rss_before = _rss_mib()
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    steps_only = cfg.device == "cpu" and _reset_rss_peak()
     losses, times = [], []
     for i in range(cfg.warmup + cfg.steps):
         sync()
@@ -182,10 +298,15 @@ def run_row(row: str, cfg: StepConfig, profile: bool = False) -> dict:
     med = statistics.median(times)
     if cfg.device == "cuda":
         peak, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_max_memory_allocated"
+    elif steps_only:
+        peak, kind = _vm_hwm_mib(), "cpu_vmhwm_steps"
     else:
         peak, kind = _rss_mib(), "cpu_ru_maxrss"
+    model_type = getattr(model.config, "model_type", None)
     return {
         "name": row,
+        "model_type": model_type,
+        "targets": default_targets(model_type),
         "s_per_step": med,
         "s_p25": q[0],
         "s_p75": q[2],
@@ -221,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--row", required=True, choices=ROWS, help="which training set-up to time")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--model", help="a model folder, hub name or .gguf file (default: GPT-2 small, random weights)")
     ap.add_argument("--batch", type=int, help="sequences per step (default 8 on CPU, 16 on CUDA)")
     ap.add_argument("--seq", type=int, help="tokens per sequence (default 128 on CPU, 512 on CUDA)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
@@ -230,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     cuda = args.device == "cuda"
     cfg = StepConfig(
         device=args.device,
+        model=args.model,
         batch=args.batch or (16 if cuda else 8),
         seq=args.seq or (512 if cuda else 128),
         warmup=args.warmup,

@@ -7,12 +7,16 @@ applies the LM head to those ``B`` rows only: ``(B, vocab)`` logits instead of H
 batch 32 and 128 tokens that is 0.8 GB of fp32 logits and their gradient that are never written). The loss equals HF's
 ``model(input_ids, labels=labels).loss`` with every position but the label masked (see ``prompts.encode_example``).
 For GPT-2 the last transformer block, too, runs past its keys and values on those ``B`` rows only (see
-``LastTokenLM``). A new model family needs a loader that ``load_causal_lm`` handles (any ``AutoModelForCausalLM``) and,
-for the rows-only last block, its own branch beside ``_gpt2_last_block_at_rows``; without one it takes the full path.
+``LastTokenLM``). Model families: ``load_causal_lm`` loads any ``AutoModelForCausalLM`` (a hub name, a folder or a
+GGUF file); ``ATTENTION_PROJECTIONS`` gives LoRA's default targets per model type (GPT-2, Llama, Mistral, Qwen2/3);
+``PLAIN_HEAD_MODEL_TYPES`` are the families whose head ``LastTokenLM`` applies itself to the gathered rows (any other
+goes through its own forward with ``logits_to_keep``); the rows-only last block is GPT-2's
+(``_gpt2_last_block_at_rows``), and another family takes the body path until it gets its own branch there.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 
@@ -22,12 +26,49 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.activations import NewGELUActivation
 
-from lora_fast.study.errors import ModelLoadError, first_line
+from lora_fast.study.errors import ModelLoadError, UsageError, first_line
+from lora_fast.study.gguf import load_gguf, split_gguf
 
-__all__ = ["load_causal_lm", "use_fused_gelu", "LastTokenLM", "label_logits"]
+__all__ = [
+    "ATTENTION_PROJECTIONS",
+    "PLAIN_HEAD_MODEL_TYPES",
+    "default_targets",
+    "load_causal_lm",
+    "use_fused_gelu",
+    "LastTokenLM",
+    "label_logits",
+]
 
 
 # ---------------------------------------------------------------- model loading and the GELU swap
+
+
+# LoRA's default targets per model type (``--targets`` overrides them): the attention's input projections, then its
+# output projection. GPT-2 computes query, key and value in one Conv1D; Llama, Mistral and Qwen use nn.Linear each.
+ATTENTION_PROJECTIONS = {
+    "gpt2": (["attn.c_attn"], ["attn.c_proj"]),
+    **{kind: (["q_proj", "k_proj", "v_proj"], ["o_proj"]) for kind in ("llama", "mistral", "qwen2", "qwen3")},
+}
+
+
+def default_targets(model_type: str | None, output_projection: bool = True, flag: str = "--targets") -> list[str]:
+    """LoRA's default target modules for ``model_type`` (``config.model_type``): the attention's query, key and
+    value projections and, with ``output_projection``, its output projection. An unknown type is a UsageError that
+    asks for ``flag``."""
+    if model_type not in ATTENTION_PROJECTIONS:
+        raise UsageError(
+            f"no default LoRA targets for model type {model_type!r} (known: {', '.join(ATTENTION_PROJECTIONS)}): "
+            f"pass {flag} with the names of the modules to wrap, e.g. {flag} q_proj v_proj"
+        )
+    inputs, output = ATTENTION_PROJECTIONS[model_type]
+    return list(inputs) + (list(output) if output_projection else [])
+
+
+def _set_dropout(config, dropout: float | None) -> None:
+    if dropout is not None:
+        for attr in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout"):
+            if hasattr(config, attr):
+                setattr(config, attr, dropout)
 
 
 def load_causal_lm(
@@ -36,34 +77,44 @@ def load_causal_lm(
     dropout: float | None = 0.0,
     dtype: torch.dtype = torch.float32,
     flag: str = "--model",
+    gguf_file: str | None = None,
 ):
-    """``(model, tokenizer)`` from a hub name or a local folder (weights, and the tokenizer unless
-    ``tokenizer_path`` names one). ``dropout`` sets GPT-2's residual, embedding and attention dropout (None keeps
-    the config's). The tokenizer gets ``pad = eos`` when it has no pad token, as GPT-2's has none. Errors are
-    ModelLoadError naming ``flag``, the command-line option the name came from."""
+    """``(model, tokenizer)`` from a hub name, a local folder (weights, and the tokenizer unless ``tokenizer_path``
+    names one) or a GGUF file (``name_or_path`` ending in ``.gguf``, or a folder plus ``gguf_file``: dequantised to
+    ``dtype`` by ``lora_fast.study.gguf.load_gguf``). ``dropout`` sets the model's residual, embedding and attention
+    dropout (None keeps the config's). The tokenizer gets ``pad = eos`` when it has no pad token, as GPT-2's has
+    none. Errors are ModelLoadError naming ``flag``, the command-line option the name came from."""
+    name_or_path, gguf_file = split_gguf(name_or_path, gguf_file, flag)
     looks_local = os.path.sep in name_or_path or name_or_path.startswith(".") or os.path.exists(name_or_path)
     if looks_local and not os.path.isdir(name_or_path):
         raise ModelLoadError(
-            f"{flag} {name_or_path}: no such folder (give a hub name such as gpt2, or a folder with "
-            f"config.json, weights and tokenizer files)"
+            f"{flag} {name_or_path}: no such folder (give a hub name such as gpt2, a folder with config.json, "
+            f"weights and tokenizer files, or a .gguf file)"
         )
+    what = f"{flag} {name_or_path!r}" + (f" / --gguf-file {gguf_file!r}" if gguf_file else "")
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
-        if dropout is not None:
-            for attr in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout"):
-                if hasattr(config, attr):
-                    setattr(config, attr, dropout)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or name_or_path)
+        if gguf_file:
+            model, tokenizer = load_gguf(
+                name_or_path, gguf_file, dtype, lambda c: _set_dropout(c, dropout), tokenizer_path
+            )
+        else:
+            config = AutoConfig.from_pretrained(name_or_path)
+            _set_dropout(config, dropout)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or name_or_path)
+    except ModelLoadError:
+        raise
     except Exception as e:  # hub offline, missing files, unknown architecture: one clear message
         raise ModelLoadError(
-            f"could not load {flag} {name_or_path!r}"
+            f"could not load {what}"
             f"{f' / --tokenizer {tokenizer_path!r}' if tokenizer_path else ''}: {first_line(e)}. "
             f"Offline, pass a local folder; `python -m lora_fast.study.tiny OUT --tokenizer DIR` makes a "
             f"small random GPT-2 one"
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token_id is None:
+        raise ModelLoadError(f"the tokenizer of {what} has neither a pad token nor an end-of-sequence token")
     return model, tokenizer
 
 
@@ -108,16 +159,28 @@ def _gpt2_last_block_ok(model: nn.Module) -> bool:
     return attn is not None and not getattr(attn, "is_cross_attention", False) and hasattr(blocks[-1], "mlp")
 
 
+# Model types whose logits are exactly ``get_output_embeddings()(base_model(...).last_hidden_state)``: the LM head is
+# a plain linear map of the body's output, with no scaling or soft-capping after it (their ``*ForCausalLM.forward`` in
+# transformers 5.x). ``LastTokenLM`` gathers the body's hidden states at the label rows for these; any other model
+# goes through its own forward with ``logits_to_keep``, so that whatever its head does is done.
+PLAIN_HEAD_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+
+
 class LastTokenLM(nn.Module):
     """``forward(...) -> (B, vocab)``, or ``(B, len(label_ids))``: the LM head applied at each sequence's last real
-    token only. A module (not a function) so that DDP can wrap it and see every forward.
+    token only, on every model. A module (not a function) so that DDP can wrap it and see every forward.
 
-    With ``last_block_rows_only`` (default) and a GPT-2 model, the last transformer block also runs at those ``B``
-    rows only: blocks ``0..L-2`` run as HF runs them, then the last block's ``c_attn`` runs over all positions (its
-    keys and values are needed everywhere) while the query, attention output projection, MLP, both layer norms,
-    ``ln_f`` and their backward run on ``B`` rows instead of ``B·T``. The same ops on fewer rows: the logits equal
-    the full path's up to GEMM blocking. Other models (or GPT-2 with ``reorder_and_upcast_attn`` or cross-attention)
-    take the full path, as does ``last_block_rows_only=False``.
+    - Models of ``PLAIN_HEAD_MODEL_TYPES``: the body (``model.base_model``) runs over the prompt, the hidden state at
+      each sequence's last real token is gathered and only those ``B`` rows go through the head (with ``label_ids``,
+      only those rows of the head's weight).
+    - With ``last_block_rows_only`` (default) and a GPT-2 model, the last transformer block also runs at those ``B``
+      rows only: blocks ``0..L-2`` run as HF runs them, then the last block's ``c_attn`` runs over all positions (its
+      keys and values are needed everywhere) while the query, attention output projection, MLP, both layer norms,
+      ``ln_f`` and their backward run on ``B`` rows instead of ``B·T``. The same ops on fewer rows: the logits equal
+      the full path's up to GEMM blocking. GPT-2 with ``reorder_and_upcast_attn`` or cross-attention takes the body
+      path, as does ``last_block_rows_only=False``.
+    - Any other model: its own forward with ``logits_to_keep`` set to the distinct last positions of the batch (one
+      with left padding), so the head runs on at most ``B`` positions per sequence and computes what HF computes.
     """
 
     def __init__(self, model: nn.Module, last_block_rows_only: bool = True):
@@ -134,10 +197,13 @@ class LastTokenLM(nn.Module):
         label_ids: Sequence[int] | None = None,
     ) -> torch.Tensor:
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        if model_type not in PLAIN_HEAD_MODEL_TYPES:
+            return self._own_forward_at_rows(input_ids, attention_mask, position_ids, last_index, rows, label_ids)
         if self.last_block_rows_only and _gpt2_last_block_ok(self.model):
             h = self._gpt2_last_block_at_rows(input_ids, attention_mask, position_ids, last_index, rows)
         else:
-            body = self.model.base_model  # GPT2LMHeadModel.transformer: embeddings, blocks, final layer norm
+            body = self.model.base_model  # GPT-2's transformer, Llama's model: embeddings, blocks, final norm
             hidden = body(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state
@@ -149,6 +215,33 @@ class LastTokenLM(nn.Module):
         weight = head.weight[torch.as_tensor(list(label_ids), device=h.device)]
         bias = None if getattr(head, "bias", None) is None else head.bias[list(label_ids)]
         return F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
+
+    def _own_forward_at_rows(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        last_index: torch.Tensor,
+        rows: torch.Tensor,
+        label_ids: Sequence[int] | None,
+    ) -> torch.Tensor:
+        """The model's own forward, logits kept at the batch's distinct last positions ``(B, U, vocab)``, then each
+        row's own position. A model whose forward takes no ``logits_to_keep`` is refused by name."""
+        if "logits_to_keep" not in inspect.signature(self.model.forward).parameters:
+            raise ValueError(
+                f"{type(self.model).__name__} (model type {getattr(self.model.config, 'model_type', None)!r}) takes "
+                f"no logits_to_keep: LastTokenLM cannot compute its logits at the label position only"
+            )
+        keep = torch.unique(last_index)  # sorted
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=keep,
+        ).logits
+        logits = logits[rows, torch.searchsorted(keep, last_index)]  # (B, vocab)
+        return logits if label_ids is None else logits[:, list(label_ids)]
 
     def _gpt2_last_block_at_rows(
         self,

@@ -3,15 +3,22 @@
 BitFit (Ben Zaken et al., 2022) trains only the bias terms. Here that means the bias of every linear layer (GPT-2's
 ``Conv1D``: ``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``) and of every LayerNorm (``ln_1``,
 ``ln_2``, ``ln_f``); the LayerNorm gains, the embeddings and the LM head stay frozen. For GPT-2 small that is
-``12 · (2304 + 768 + 3072 + 768 + 768 + 768) + 768 = 102,144`` of 124,439,808 parameters (0.082%).
+``12 · (2304 + 768 + 3072 + 768 + 768 + 768) + 768 = 102,144`` of 124,439,808 parameters (0.082%). A model with no
+bias term at all (Llama, Mistral: no linear layer has one and RMSNorm has none) gets a zero bias on every ``nn.Linear``
+except the LM head, and those train: the model starts exactly equal to its base, and BitFit there means "a trainable
+offset on the output of every linear layer". For SmolLM2-135M (30 blocks of q, k, v, o, gate, up, down projections):
+``30 · (576 + 192 + 192 + 576 + 1536 + 1536 + 576) = 155,520`` of 134,515,008 + 155,520 parameters (0.115%). A model
+with some biases (Qwen2: query, key and value) trains those it has, as on GPT-2.
 
 Bottleneck adapters (Houlsby et al., 2019): on the output ``y (M, N)`` of each block's attention output projection
-and MLP output projection, ``y + up(gelu(down(y)))`` with ``down: N -> D`` and ``up: D -> N`` (``D = dim``, biases on
-both). ``up`` starts at zero, so a fresh adapter computes exactly its base model. The adapter enters by explicit
-child replacement: ``block.attn.c_proj`` becomes a ``BottleneckAdapterLayer`` that holds the original projection, and
-the block's residual dropout then acts on the adapted output, as in Houlsby's code. Only the adapters train (Houlsby
-also trained the LayerNorms; we do not). For GPT-2 small with ``D = 4``: ``24 · ((768·4 + 4) + (4·768 + 768)) =
-165,984`` trainable parameters (0.133%).
+and MLP output projection (GPT-2: ``attn.c_proj``, ``mlp.c_proj``; Llama, Mistral, Qwen2/3: ``self_attn.o_proj``,
+``mlp.down_proj``; see ``BLOCK_OUTPUTS``), ``y + up(gelu(down(y)))`` with ``down: N -> D`` and ``up: D -> N``
+(``D = dim``, biases on both). ``up`` starts at zero, so a fresh adapter computes exactly its base model. The adapter
+enters by explicit child replacement: ``block.attn.c_proj`` becomes a ``BottleneckAdapterLayer`` that holds the
+original projection, and GPT-2's residual dropout then acts on the adapted output, as in Houlsby's code. Only the
+adapters train (Houlsby also trained the LayerNorms; we do not). For GPT-2 small with ``D = 4``: ``24 · ((768·4 + 4)
++ (4·768 + 768)) = 165,984`` trainable parameters (0.133%); for SmolLM2-135M, ``60 · (576·4 + 4 + 4·576 + 576) =
+311,280`` (0.231%).
 
 Both methods save to their own folder: one safetensors file plus a JSON config, written atomically, and loaded
 strictly through the library's adapter-file checks (a missing or unexpected key, a wrong shape or dim, a corrupt
@@ -48,11 +55,17 @@ BITFIT_WEIGHTS = "bitfit_biases.safetensors"
 ADAPTER_CONFIG = "bottleneck_config.json"
 ADAPTER_WEIGHTS = "bottleneck_adapters.safetensors"
 
-# (attention output, MLP output) inside one block of ``model.transformer.h``, per architecture family.
+# Where a model keeps its list of transformer blocks, per architecture family.
+BLOCK_LISTS = (
+    "transformer.h",  # GPT-2, GPT-Neo, GPT-J
+    "model.layers",  # Llama, Mistral, Qwen2/3
+)
+# (attention output, MLP output) inside one block, per architecture family.
 BLOCK_OUTPUTS = (
     ("attn.c_proj", "mlp.c_proj"),  # GPT-2
     ("attn.attention.out_proj", "mlp.c_proj"),  # GPT-Neo
     ("attn.out_proj", "mlp.fc_out"),  # GPT-J
+    ("self_attn.o_proj", "mlp.down_proj"),  # Llama, Mistral, Qwen2/3
 )
 
 
@@ -61,22 +74,42 @@ BLOCK_OUTPUTS = (
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _head(model: nn.Module) -> nn.Module | None:
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
+def _bias_names(model: nn.Module) -> list[str]:
+    head = {id(p) for p in _head(model).parameters()} if _head(model) is not None else set()
+    return [n for n, p in model.named_parameters() if n.rpartition(".")[2] == "bias" and id(p) not in head]
+
+
 def bitfit_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters BitFit trains: every parameter called ``bias``, except the LM head's."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_params = {id(p) for p in head.parameters()} if head is not None else set()
-    names = [
-        name
-        for name, param in model.named_parameters()
-        if name.rpartition(".")[2] == "bias" and id(param) not in head_params
-    ]
+    names = _bias_names(model)
     if not names:
         raise ValueError(f"{type(model).__name__} has no bias parameters: BitFit has nothing to train")
     return names
 
 
+def _bias_free_linears(model: nn.Module) -> list[str]:
+    """The ``nn.Linear`` modules without a bias, the LM head excepted: where BitFit adds one on a bias-free model."""
+    head = _head(model)
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and m.bias is None and m is not head]
+
+
+def _add_zero_biases(model: nn.Module, names: Sequence[str]) -> None:
+    for name in names:
+        linear = model.get_submodule(name)
+        w = linear.weight
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=w.dtype, device=w.device))
+    model.bitfit_added_biases = list(names)
+
+
 def prepare_bitfit(model: nn.Module) -> nn.Module:
-    """Freeze every parameter, then let only the bias terms train (see the module docstring for which)."""
+    """Freeze every parameter, then let only the bias terms train (see the module docstring for which); a model with
+    no bias term at all first gets zero biases on its linear layers (recorded in ``model.bitfit_added_biases``)."""
+    if not _bias_names(model):
+        _add_zero_biases(model, _bias_free_linears(model))
     names = set(bitfit_parameter_names(model))
     for name, param in model.named_parameters():
         param.requires_grad_(name in names)
@@ -85,26 +118,54 @@ def prepare_bitfit(model: nn.Module) -> nn.Module:
 
 
 def save_bitfit(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the bias terms (``bitfit_biases.safetensors``) and their names and shapes (``bitfit_config.json``) to
-    ``directory``, atomically. The biases are stored whole, so loading needs the same base model."""
+    """Write the bias terms (``bitfit_biases.safetensors``) and their names and shapes (``bitfit_config.json``, with
+    ``added_biases``: the linear layers that got a bias from ``prepare_bitfit``) to ``directory``, atomically. The
+    biases are stored whole, so loading needs the same base model."""
 
     params = dict(model.named_parameters())
     state = {name: params[name].detach().contiguous() for name in bitfit_parameter_names(model)}
-    return _save_files(model, directory, state, "bitfit", BITFIT_WEIGHTS, BITFIT_CONFIG)
+    added = list(getattr(model, "bitfit_added_biases", []))
+    return _save_files(model, directory, state, "bitfit", BITFIT_WEIGHTS, BITFIT_CONFIG, added_biases=added)
 
 
 def load_bitfit(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load biases saved by ``save_bitfit`` into ``model`` and make it a BitFit model (``prepare_bitfit``).
 
-    Every check runs before the model is touched: the file must hold exactly this model's bias names, with its
-    shapes, finite floating-point values, and agree with its config."""
+    Every check runs before the model is touched: the file's added biases must be exactly the ones
+    ``prepare_bitfit`` adds to this model (its bias-free ``nn.Linear`` layers, on a model with no bias at all) or the
+    ones it has added already, and the file must hold exactly the model's bias names with its shapes, finite
+    floating-point values, and agree with its config."""
     directory = Path(directory)
     config = _read_config(directory, BITFIT_CONFIG, "bitfit")
+    added = config.get("added_biases", [])
+    if not isinstance(added, list) or not all(isinstance(n, str) for n in added):
+        raise AdapterError(f"{directory / BITFIT_CONFIG}: added_biases must be a list of module names")
     state = read_safetensors(directory / BITFIT_WEIGHTS)
     params = dict(model.named_parameters())
-    expected = {name: tuple(params[name].shape) for name in bitfit_parameter_names(model)}
+    expected = {name: tuple(params[name].shape) for name in _bias_names(model)}
+    have = list(getattr(model, "bitfit_added_biases", []))
+    pending = []  # the file's added biases that the model does not have yet
+    if added != have:
+        if have:
+            raise AdapterError(
+                f"{directory / BITFIT_CONFIG}: the file adds biases to {len(added)} layers, the model has added "
+                f"biases to {len(have)} others already"
+            )
+        free = _bias_free_linears(model)
+        if _bias_names(model) or sorted(added) != sorted(free):
+            raise AdapterError(
+                f"{directory / BITFIT_CONFIG}: the file adds biases to {len(added)} linear layers ({added[:2]}, ...), "
+                f"but {type(model).__name__} has {len(_bias_names(model))} biases and {len(free)} bias-free linear "
+                f"layers ({free[:2]}, ...): not the base model the file was trained on"
+            )
+        pending = added
+        modules = dict(model.named_modules())
+        expected |= {f"{n}.bias": (modules[n].out_features,) for n in added}
     _check_state(state, expected, config, directory / BITFIT_WEIGHTS)
+    if pending:
+        _add_zero_biases(model, pending)
     prepare_bitfit(model)
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for name in expected:
             params[name].copy_(state[name])
@@ -151,16 +212,17 @@ def bottleneck_adapter_modules(model: nn.Module) -> dict[str, BottleneckAdapterL
 
 
 def _default_targets(model: nn.Module) -> list[str]:
-    """The attention and MLP output projections of every block of ``model.transformer.h``."""
-    blocks = getattr(getattr(model, "transformer", None), "h", None)
-    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+    """The attention and MLP output projections of every block of the model's block list (``BLOCK_LISTS``)."""
+    modules = dict(model.named_modules())
+    prefix = next((p for p in BLOCK_LISTS if isinstance(modules.get(p), nn.ModuleList) and len(modules[p])), None)
+    if prefix is None:
         raise ValueError(
-            f"{type(model).__name__} has no `transformer.h` list of blocks; bottleneck adapters know GPT-2-style "
-            f"models only (pass modules=[...] to name the output projections yourself)"
+            f"{type(model).__name__} has none of the known lists of blocks {list(BLOCK_LISTS)}; bottleneck adapters "
+            f"know GPT-2-, GPT-Neo-, GPT-J-, Llama-, Mistral- and Qwen-style models only (pass modules=[...] to name "
+            f"the output projections yourself)"
         )
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
     names = []
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(modules[prefix]):
         present = {n for n, _ in block.named_modules()}
         pair = next((p for p in BLOCK_OUTPUTS if p[0] in present and p[1] in present), None)
         if pair is None:
@@ -185,8 +247,8 @@ def apply_bottleneck_adapters(model: nn.Module, dim: int = 4, modules: Sequence[
     """Put a bottleneck adapter of width ``dim`` after the attention and MLP output projections of every block
     (or after each module named in ``modules``), freeze everything else, and return ``model``.
 
-    Raises before changing anything when the model has adapters already, has no ``transformer.h`` blocks with
-    known output projections, or ``dim`` is not a positive integer."""
+    Raises before changing anything when the model has adapters already, has no known list of blocks
+    (``BLOCK_LISTS``) with known output projections (``BLOCK_OUTPUTS``), or ``dim`` is not a positive integer."""
     if bottleneck_adapter_modules(model):
         raise ValueError(f"{type(model).__name__} already has bottleneck adapters; apply them once per model")
     names = list(modules) if modules is not None else _default_targets(model)

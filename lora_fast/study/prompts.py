@@ -1,7 +1,8 @@
 """Prompts for the sentiment task and their tokenisation.
 
 The study's template is ``"Instruction: {instruction}\\nText: {text}\\nLabel: {label}"`` with the label words
-`` positive`` / `` negative`` (GPT-2 ids 3967 / 4633, one token each, leading space included). A prompt here ends at
+`` positive`` / `` negative`` (GPT-2 ids 3967 / 4633, SmolLM2 ids 2731 / 3524: one token each, leading space
+included; ``label_token_ids`` refuses a tokenizer where they are not). A prompt here ends at
 ``"Label:"``; the target is exactly one token, the label word, right after it. The instruction wordings below are
 ours (the study's exact texts are not available); ``docs/TRAINING.md`` lists them.
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from lora_fast.study.errors import UsageError
 
 __all__ = [
     "EncodedSplit",
@@ -69,14 +72,30 @@ def build_prompt(text: str, instruction: str, shots: Sequence[tuple[str, int]] =
 
 
 def label_token_ids(tokenizer) -> tuple[int, int]:
-    """``(negative_id, positive_id)``: the single token of each label word (4633 / 3967 with GPT-2's tokenizer)."""
+    """``(negative_id, positive_id)``: the single token of each label word (4633 / 3967 with GPT-2's tokenizer, 3524 /
+    2731 with SmolLM2's). Each word must be exactly one token, the same one right after ``"Label:"`` as alone (so the
+    prompt and the word tokenised together give the prompt's ids plus that token), and the two must differ;
+    otherwise a UsageError names the word and its tokens."""
+    anchor = tokenizer.encode("Label:", add_special_tokens=False)
     ids = []
     for word in LABEL_WORDS:
         tok = tokenizer.encode(word, add_special_tokens=False)
-        if len(tok) != 1:
-            raise ValueError(f"label word {word!r} is {len(tok)} tokens with this tokenizer; it must be exactly one")
+        after = tokenizer.encode("Label:" + word, add_special_tokens=False)
+        if len(tok) != 1 or after != anchor + tok:
+            raise UsageError(
+                f"label word {word!r} is {len(tok)} token(s) {tokenizer.convert_ids_to_tokens(tok)} with the "
+                f"tokenizer of {_name(tokenizer)}, and 'Label:{word}' is {tokenizer.convert_ids_to_tokens(after)}: "
+                f"the study needs each label word to be exactly one token, the same one after 'Label:'; use a "
+                f"model whose tokenizer has it as one token"
+            )
         ids.append(tok[0])
+    if ids[0] == ids[1]:
+        raise UsageError(f"the label words {LABEL_WORDS} are the same token {ids[0]} with {_name(tokenizer)}")
     return ids[0], ids[1]
+
+
+def _name(tokenizer) -> str:
+    return repr(getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__)
 
 
 def encode_prompt(tokenizer, prompt: str, max_length: int) -> list[int]:

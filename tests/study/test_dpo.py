@@ -231,6 +231,8 @@ def test_train_dpo_end_to_end(tiny_dirs, tmp_path, monkeypatch):
     assert sum(r["event"] == "eval" for r in records) == 3
     policy = load_adapter(GPT2LMHeadModel.from_pretrained(tiny_dirs / "tiny"), out / "adapter")
     assert any(True for _ in lora_modules(policy))
+    # No --targets: GPT-2's query/key/value projection, the model type's default for DPO.
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"] == ["attn.c_attn"]
 
 
 def test_train_dpo_clear_errors(tiny_dirs, tmp_path, capsys):

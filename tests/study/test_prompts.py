@@ -2,6 +2,7 @@
 
 import pytest
 
+from lora_fast.study.errors import UsageError
 from lora_fast.study.prompts import (
     IGNORE_INDEX,
     INSTRUCTIONS,
@@ -58,3 +59,35 @@ def test_instruction_resolution():
     assert "cot" in INSTRUCTIONS and len(set(INSTRUCTIONS.values())) == len(INSTRUCTIONS)
     with pytest.raises(ValueError, match="unknown prompt 'nope'"):
         resolve_instruction("nope")
+
+
+class GreedyTokenizer:
+    """Longest-match tokenisation over a fixed vocabulary (every single character included): a stand-in whose label
+    words can be made one token, several, or one token that merges differently after "Label:"."""
+
+    name_or_path = "greedy"
+
+    def __init__(self, words):
+        chars = sorted({c for w in [*words, "Label: positive negative"] for c in w})
+        self.vocab = [*words, *chars]
+
+    def encode(self, text, add_special_tokens=False):
+        ids = []
+        while text:
+            best = max((w for w in self.vocab if text.startswith(w)), key=len)
+            ids.append(self.vocab.index(best))
+            text = text[len(best) :]
+        return ids
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.vocab[i] for i in ids]
+
+
+def test_label_words_must_be_one_token_also_after_label_colon():
+    assert label_token_ids(GreedyTokenizer(["Label", " positive", " negative"])) == (2, 1)
+    with pytest.raises(UsageError, match=r"label word ' negative' is 2 token\(s\) \[' neg', 'ative'\].*'greedy'"):
+        label_token_ids(GreedyTokenizer(["Label", " positive", " neg", "ative"]))
+    # One token alone, but ":" and " positive" merge after "Label:": training would not see the text the prompt makes.
+    merged = r"label word ' positive' is 1 token\(s\).*'Label: positive' is \['Label', ': positive'\]"
+    with pytest.raises(UsageError, match=merged):
+        label_token_ids(GreedyTokenizer(["Label", " positive", " negative", ": positive"]))

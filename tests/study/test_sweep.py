@@ -30,12 +30,19 @@ def test_study_markdown_puts_the_study_beside_ours_with_deltas():
         "lora-r196-a784": ((None, 0.8000), (0.1, 0.1)),  # a --no-generation run: no generation accuracy
         "full": ((0.8000, 0.8500), (0.8300, 0.8400)),
         "lora-r16-a256": ((0.1, 0.1), (0.8800, 0.9000)),
+        "bitfit": ((0.6000, 0.6500), (0.1, 0.1)),
+        "adapter": ((0.6100, 0.6600), (0.1, 0.1)),
         **{f"prompt-{p}": ((0.7000, 0.7500), (0.1, 0.1)) for p in ("simple1", "simple2", "similar", "complex")},
     }
-    assert set(fabricated) == set(SWEEPS["study"]["runs"])
-    summaries = {n: {"test": {"best": _scores(*b), "last": _scores(*last)}} for n, (b, last) in fabricated.items()}
+    evaluated = {"zero-shot": (0.0500, 0.6000), "few-shot-k4": (0.3000, 0.7000)}  # --eval-only: one set of scores
+    assert set(fabricated) | set(evaluated) == set(SWEEPS["study"]["runs"])
+    cost = {"trainable_params": 1000, "trainable_pct": 0.5, "peak_memory_mb": 900.0, "wall_time_s": 60.0}
+    summaries = {n: {"test": {"eval": _scores(*scores)}, **cost} for n, scores in evaluated.items()}
+    summaries |= {
+        n: {"test": {"best": _scores(*b), "last": _scores(*last)}, **cost} for n, (b, last) in fabricated.items()
+    }
     md = sweep_markdown("study", summaries)
-    rank, alpha, prompt = md.split("## ")[1:]
+    rank, alpha, prompt, baselines, every = md.split("## ")[1:]
     # Deltas are ours - study, worked out by hand: 0.8500 - 0.8424 = +0.0076, 0.8000 - 0.8424 = -0.0424, ...
     assert "| lora-r16-a64 | 0.8424 | 0.8500 | +0.0076 | 0.8000 | -0.0424 |" in rank
     assert "| lora-r128-a512 | 0.8696 | 0.9000 | +0.0304 | 0.8696 | +0.0000 |" in rank
@@ -47,6 +54,28 @@ def test_study_markdown_puts_the_study_beside_ours_with_deltas():
     assert "| full | - | 0.8300 | - | 0.8400 | - |" in alpha  # the study has no number here
     assert "| prompt-simple1 | - | 0.7000 | - | 0.7500 | - |" in prompt
     assert "| lora-r128-a512 | - | 0.9000 | - | 0.8696 | - |" in prompt
+    # Zero-shot: 0.0500 - 0.105 = -0.0550, 0.6000 - 0.105 = +0.4950; the methods the study did not run have no number.
+    assert "| zero-shot | 0.1050 | 0.0500 | -0.0550 | 0.6000 | +0.4950 |" in baselines
+    assert "| few-shot-k4 | - | 0.3000 | - | 0.7000 | - |" in baselines
+    assert "| bitfit | - | 0.6000 | - | 0.6500 | - |" in baselines
+    # Every run with its cost and the flags that make it from the sweep's own (an --eval-only run trains nothing).
+    assert "| zero-shot | 0.6000 | 0.0500 | 0.6000 | 0 | 0.000 | 900 | - | 60.0 | `--eval-only` |" in every
+    assert "| bitfit | 0.6500 | 0.6000 | 0.1000 | 1,000 | 0.500 | 900 | - | 60.0 | " in every
+    assert "`--no-zero-shot --method bitfit --lr 0.001` |" in every
+    assert "`--no-zero-shot --r 16 --alpha 64` |" in every
+
+
+def test_the_cpu_preset_sizes_the_study_sweep():
+    cfg = train_sentiment.parse_config(["--sweep", "study", "--preset", "study-cpu", "--model", "m.gguf"])
+    assert (cfg.model, cfg.method, cfg.r, cfg.alpha, cfg.lr, cfg.train_subset) == ("m.gguf", "lora", 128, 512.0,
+                                                                                    2.5e-4, 5000)  # fmt: skip
+    assert (cfg.batch_size, cfg.grad_accum, cfg.max_steps, cfg.eval_every, cfg.max_val) == (32, 1, 40, 10, 256)
+    assert cfg.max_test is None and cfg.checkpoint_every == 20  # every test row is scored
+    cfg = train_sentiment.parse_config(["--sweep", "study", "--preset", "study-cpu", "--max-steps", "10"])
+    assert cfg.max_steps == 10 and cfg.model == "gpt2"
+    study = train_sentiment.parse_config(["--sweep", "study"])
+    assert (study.model, study.batch_size, study.grad_accum, study.max_steps, study.max_val) == (
+        "gpt2-medium", 32, 4, 80, None)  # fmt: skip
 
 
 # ---------------------------------------------------------------- sub-run flags and failures
