@@ -172,10 +172,9 @@ def test_torchrun_two_processes_match_one_process(tiny, tmp_path):
     proc = subprocess.run(
         [
             "torchrun",
+            "--standalone",  # rendezvous on a free port: two test runs at once do not collide
             "--nproc_per_node",
             "2",
-            "--master_port",
-            "29517",
             str(ROOT / "train_sentiment.py"),
             *base_args(tiny, tmp_path / "two", 6),
             *args,
