@@ -19,9 +19,9 @@ from lora_fast import apply_lora, count_parameters, load_adapter, lora_modules, 
 from lora_fast.study.causal_lm import LastTokenLM, default_targets, load_causal_lm
 from lora_fast.study.data import load_splits, subset
 from lora_fast.study.errors import ModelLoadError
-from lora_fast.study.evaluate import val_loss
+from lora_fast.study.evaluate import predict_split, val_loss
 from lora_fast.study.gguf import save_model_folder
-from lora_fast.study.prompts import INSTRUCTIONS, encode_split, label_token_ids
+from lora_fast.study.prompts import INSTRUCTIONS, encode_prompt, encode_split, label_token_ids
 from lora_fast.study.registry import METHODS
 from lora_fast.study.training import collate, make_optimizer, step_batches, train_step
 from tests.helpers import DATA_DIR, run_script
@@ -212,6 +212,25 @@ def test_short_training_lowers_the_label_token_validation_loss(smollm2):
         train_step(module, optimizer, batches, targets)
     after = val_loss(lora, val.sequences, val.targets, pad, batch_size=16)
     assert after < 0.7 * before, (before, after)
+
+
+def test_one_forward_scores_as_the_two_passes(smollm2):
+    """``predict_split``'s one forward per prompt (label logits from HF's forward, generation continued from its
+    cache) against the two passes (``LastTokenLM``, then ``generate`` over ``prompt + " "``) on 16 test prompts, and
+    one prompt ending in a space, which SmolLM2's tokenizer merges with the appended one: it takes the two passes."""
+    model, tokenizer = smollm2
+    split = encode_split(subset(load_splits(str(DATA_DIR))["test"], 16, 0), tokenizer, INSTRUCTIONS["default"], 256)
+    split.prompts.append(split.prompts[0] + " ")
+    split.sequences.append(encode_prompt(tokenizer, split.prompts[-1], 256))
+    split.labels.append(split.labels[0])
+    split.targets.append(split.targets[0])
+    one = predict_split(model, tokenizer, split, batch_size=8, max_length=256)
+    two = predict_split(model, tokenizer, split, batch_size=8, max_length=256, share=False)
+    assert one.shared == set(range(16))
+    for i in range(17):
+        torch.testing.assert_close(one.label_logits[i], two.label_logits[i], **LOGITS)
+        assert int(one.label_logits[i].argmax()) == int(two.label_logits[i].argmax()), i
+    assert one.generated == two.generated
 
 
 def test_train_sentiment_runs_on_the_converted_folder(smollm2_folder, tmp_path):
