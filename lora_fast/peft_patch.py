@@ -21,14 +21,14 @@ peft), hence deepcopy, pickling / ``torch.save`` of the whole model and ``torch.
 PEFT's ``merge``/``unload`` find; a ``forward`` bound on the instance is what accelerate's hooks use and does not
 survive pickling; a forward hook cannot skip PEFT's computation.
 
-Fallback (PEFT's own forward), decided at every call because the state can change at run time — merged or disabled
+Fallback (PEFT's own forward), decided at every call because the state can change at run time: merged or disabled
 adapters, mixed-batch ``adapter_names`` or any other extra argument, zero or several active adapters, a LoRA variant
 (DoRA, aLoRA, ...), ``lora_bias``, a dropout other than ``nn.Dropout``/``nn.Identity``, a base layer that is not
-exactly ``nn.Linear``/``Conv1D`` (quantized layers, for instance) or whose weight trains (the op has no ``dW``),
-hooks on the base or LoRA modules (DeepSpeed ZeRO-3 gathers parameters in hooks), mismatched dtypes or devices. The
-fast path is an allow-list of what the op computes exactly; anything else keeps PEFT's answer. Only PEFT's exact
-``lora.Linear`` class is patched; its subclasses (torchao, INC) and the other LoRA layers (Embedding, Conv2d,
-bitsandbytes) are reported and left alone.
+exactly ``nn.Linear``/``Conv1D`` (quantized layers, for instance) or whose weight trains (the fast path is for frozen
+bases), hooks on the base or LoRA modules (DeepSpeed ZeRO-3 gathers parameters in hooks), mismatched dtypes or
+devices. The fast path is an allow-list of what the op computes exactly; anything else keeps PEFT's answer. Only
+PEFT's exact ``lora.Linear`` class is patched; its subclasses (torchao, INC) and the other LoRA layers (Embedding,
+Conv2d, bitsandbytes) are reported and left alone.
 
 Numerics: in fp32/fp64 the op computes PEFT's formula with its own (fused) order of operations; in bf16/fp16 with fp32
 adapters PEFT adds the LoRA term in fp32 and rounds once, the op rounds the term to the output dtype first (one rounding
@@ -165,7 +165,7 @@ def _why_peft(layer, x: torch.Tensor | None = None) -> str | None:
     if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
         return f"adapter {name!r}: scaling is a {type(scaling).__name__}, not a number"
     if base.weight.requires_grad:
-        return "base weight trains (lora_linear computes no weight gradient)"
+        return "base weight trains (the fast path is for frozen base weights)"
     for what, module in (("base layer", base), ("lora_A", lora_A), ("lora_B", lora_B), ("dropout", dropout)):
         if _hooked(module):
             return f"{what} has hooks or a replaced forward"
