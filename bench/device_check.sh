@@ -21,8 +21,8 @@
 #      20 steps, then bench/run.py --quick --model-only.
 # Every step runs with one TRITON_CACHE_DIR, so a kernel compiled once is not compiled again.
 #
-# Comes back in $OUT (6 files): device_check.log (every step's output and exit status), kernel_timing.json/.md,
-# pytest_cuda.xml, train_summary.json, bench.json.
+# Comes back in $OUT: device_check.log (every step's output and exit status), kernel_timing.json/.md,
+# pytest_cuda.xml, train_summary.json, bench.json/.md and plots/.
 #
 # Time budget (docs/KERNELS.md, "Device check"): about 40 distinct kernel compiles (1-2.5 s each in bf16, up to 10 s
 # in fp32 "ieee") plus the measurements: about 5 minutes expected. The per-step limits (60 + 30 + 120 + 150 + 30 + 90
