@@ -213,9 +213,9 @@ def _layers(model: nn.Module) -> list[LoRALinear]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight (fp32, then cast). Each layer keeps its pre-merge weight while
-    merged (one extra copy of the targeted weights, on their device) so that ``unmerge_lora`` is exact; to merge for
-    good without that copy use :func:`merge_and_unload`."""
+    """Fold every LoRA update into its base weight (fp32, fp64 for fp64 weights, then cast). Each layer keeps its
+    pre-merge weight while merged (one extra copy of the targeted weights, on their device) so that ``unmerge_lora``
+    is exact; to merge for good without that copy use :func:`merge_and_unload`."""
     for layer in _layers(model):
         layer.merge()
     return model
