@@ -290,6 +290,36 @@ def test_clear_errors_before_launch(monkeypatch):
 
 
 @cpu_tier
+def test_fp32_precision_follows_torch(monkeypatch):
+    """config "auto": the kernels get torch's own fp32 matmul precision at each call ("highest" -> exact "ieee",
+    "high"/"medium" -> "tf32", the newer per-backend setting too); "tf32" or "ieee" force one."""
+    from lora_fast import triton_backend
+
+    x, weight, b, A, B = _make(4, 48, 40, 8, torch.float32, True, "linear", True, "cpu")
+    seen = []
+    monkeypatch.setattr(triton_backend._TritonLoRAFunction, "apply", lambda *args: seen.append(args[-1]))
+    monkeypatch.setattr(config, "fp32_precision", "auto")
+    saved = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision
+    try:
+        for setting, want in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32"), ("highest", "ieee")):
+            torch.set_float32_matmul_precision(setting)
+            triton_lora_linear(x, weight, b, A, B, 0.5, 0.0, None)
+            assert seen[-1] == want, setting
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # torch.get_float32_matmul_precision() raises now
+        triton_lora_linear(x, weight, b, A, B, 0.5, 0.0, None)
+        assert seen[-1] == "tf32"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        for forced in ("tf32", "ieee"):
+            monkeypatch.setattr(config, "fp32_precision", forced)
+            triton_lora_linear(x, weight, b, A, B, 0.5, 0.0, None)
+            assert seen[-1] == forced
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cuda.matmul.fp32_precision = saved[1]
+    assert torch.get_float32_matmul_precision() == saved[0]
+
+
+@cpu_tier
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) impls against the real kernels, and AOT dispatch, by torch.library.opcheck."""
     x, weight, b, A, B = (t.detach() for t in _make(6, 48, 40, 8, torch.float32, True, "conv1d", True, "cpu"))
