@@ -24,6 +24,7 @@ FLOP counts of :mod:`lora_fast.kernels.cost`; "fused" or "split" force one; env 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -130,6 +131,12 @@ def check_triton_inputs(
 # ---------------------------------------------------------------- custom ops (torch.compile sees these)
 
 
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device and its stream: make them the tensors' (cuda:1 while the current
+    device is cuda:0, say). Nothing to switch under the CPU interpreter."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @torch.library.custom_op("lora_fast::triton_lora_forward", mutates_args=())
 def _forward_op(
     x: torch.Tensor,
@@ -149,10 +156,11 @@ def _forward_op(
     # The kernels read any 2-D strides; reshape copies only when the leading dims cannot be flattened into one
     # stride (e.g. a permuted 3-D x), never for a plain non-contiguous 2-D view.
     x2 = x.reshape(-1, x.shape[-1])
-    y, h = lora_forward(
-        x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-        base_dtype=base_dtype, lora_dtype=lora_dtype, design=design, input_precision=input_precision,
-    )  # fmt: skip
+    with _on_device(x.device):
+        y, h = lora_forward(
+            x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+            base_dtype=base_dtype, lora_dtype=lora_dtype, design=design, input_precision=input_precision,
+        )  # fmt: skip
     return y.reshape(*x.shape[:-1], weight.shape[0]), h
 
 
@@ -188,11 +196,12 @@ def _backward_op(
     as an empty tensor."""
     x2 = x.reshape(-1, x.shape[-1])
     g2 = grad_y.reshape(-1, grad_y.shape[-1])
-    dx, dA, dB, dbias = lora_backward(
-        g2, x2, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
-        need_dx=need_dx, need_dA=need_dA, need_dB=need_dB, need_dbias=need_dbias, bias_dtype=bias_dtype,
-        base_dtype=base_dtype, lora_dtype=lora_dtype, design=design, input_precision=input_precision,
-    )  # fmt: skip
+    with _on_device(x.device):
+        dx, dA, dB, dbias = lora_backward(
+            g2, x2, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
+            need_dx=need_dx, need_dA=need_dA, need_dB=need_dB, need_dbias=need_dbias, bias_dtype=bias_dtype,
+            base_dtype=base_dtype, lora_dtype=lora_dtype, design=design, input_precision=input_precision,
+        )  # fmt: skip
     return (
         dx.reshape(x.shape) if need_dx else x.new_empty(0),
         dA if need_dA else lora_A.new_empty(0),

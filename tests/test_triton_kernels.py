@@ -440,6 +440,26 @@ def test_int64_offsets_cuda():
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="CUDA tier: needs two CUDA devices")
+def test_second_device_while_first_is_current_cuda():
+    """Tensors on cuda:1 while cuda:0 is current: the ops launch on the tensors' device and stream, not the current
+    one (whose kernels would read cuda:1's memory), forward and every gradient, both designs."""
+    assert torch.cuda.current_device() == 0
+    _check_against_reference(512, 768, 768, 16, torch.bfloat16, True, "conv1d", True, 0.0, True, "cuda:1")
+    # With dropout (the reference's mask would itself launch on the current device): cuda:1 against cuda:0.
+    config.design = "split"
+    results = []
+    for device in ("cuda:0", "cuda:1"):
+        x, weight, b, A, B = _make(512, 768, 768, 16, torch.bfloat16, True, "linear", False, device)
+        y = lora_linear(x, weight, b, A, B, 0.5, dropout_p=0.1, seed=11, backend="triton")
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=y.dtype))
+        results.append([t.detach().cpu() for t in (y, x.grad, A.grad, B.grad, b.grad)])
+    for got, ref in zip(*reversed(results), strict=True):
+        assert _rel(got, ref) <= TOL[torch.bfloat16]
+    assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.cuda
 @requires_cuda
 def test_without_dx_and_first_candidates_fit_cuda():
     """x frozen (split path without dx), then: every configuration chosen so far in this process was its list's
