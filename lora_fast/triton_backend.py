@@ -271,12 +271,17 @@ def triton_lora_linear(
     scaling: float,
     dropout_p: float,
     seed: int | None,
+    *,
+    check: bool = True,
 ) -> torch.Tensor:
     """``y = x Wᵀ + bias + scaling · (drop(x) Aᵀ) Bᵀ`` by the fused kernels; ``weight (N, K)`` with any strides.
 
-    ``seed`` must be an int when ``dropout_p > 0``. Raises a clear error before any launch on bad inputs.
+    ``seed`` must be an int when ``dropout_p > 0``. Raises a clear error before any launch on bad inputs; ``check``
+    False skips :func:`lora_fast.checks.check_lora_inputs` (:func:`lora_fast.lora_linear` has run it), never
+    :func:`check_triton_inputs`.
     """
-    check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    if check:
+        check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     check_triton_inputs(x, weight, bias, lora_A, lora_B, float(dropout_p), seed)
     base_dtype, lora_dtype = compute_dtypes(x, lora_A)
     p = float(dropout_p)

@@ -320,6 +320,28 @@ def test_fp32_precision_follows_torch(monkeypatch):
 
 
 @cpu_tier
+def test_inputs_checked_once_per_call(monkeypatch):
+    """lora_linear checks the shared conditions once and the triton ones once; triton_lora_linear alone does both."""
+    from lora_fast import functional, triton_backend
+
+    x, weight, b, A, B = _make(4, 48, 40, 8, torch.float32, True, "linear", True, "cpu")
+    calls = []
+
+    def counted(name, check):
+        return lambda *args: (calls.append(name), check(*args))[1]
+
+    monkeypatch.setattr(functional, "check_lora_inputs", counted("lora", functional.check_lora_inputs))
+    monkeypatch.setattr(triton_backend, "check_lora_inputs", counted("lora", triton_backend.check_lora_inputs))
+    monkeypatch.setattr(triton_backend, "check_triton_inputs", counted("triton", triton_backend.check_triton_inputs))
+    monkeypatch.setattr(triton_backend._TritonLoRAFunction, "apply", lambda *args: None)
+    lora_linear(x, weight, b, A, B, 0.5, dropout_p=0.1, seed=3, backend="triton")
+    assert sorted(calls) == ["lora", "triton"]
+    calls.clear()
+    triton_lora_linear(x, weight, b, A, B, 0.5, 0.1, 3)
+    assert sorted(calls) == ["lora", "triton"]
+
+
+@cpu_tier
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) impls against the real kernels, and AOT dispatch, by torch.library.opcheck."""
     x, weight, b, A, B = (t.detach() for t in _make(6, 48, 40, 8, torch.float32, True, "conv1d", True, "cpu"))
