@@ -6,12 +6,16 @@ launch is recorded with a ``TorchDispatchMode`` and must be an allocation or a v
 """
 
 import contextlib
+import subprocess
+import sys
 from unittest import mock
 
 import pytest
 import torch
 from lora_fast.kernels import backward_design, configs, forward_design, interpreting, lora_backward, lora_forward
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.helpers import ROOT
 
 cpu_tier = pytest.mark.skipif(not interpreting(), reason="CPU tier: launches are counted in Triton's interpreter")
 
@@ -140,6 +144,17 @@ def test_auto_design_follows_the_counts():
     assert forward_design("split", *shape, 16, 0.0, *bf16) == "split"
     with pytest.raises(ValueError, match="design must be"):
         forward_design("fastest", *shape, 16, 0.0, *bf16)
+
+
+def test_estimate_table_prints_without_a_runpy_warning():
+    """``python -m lora_fast.kernels`` prints the estimate table docs/KERNELS.md quotes; run as the module that the
+    package itself imports (kernels.cost), runpy warned of a second copy."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_fast.kernels"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("| K→N | R | p | floor fwd µs |") and "Per launch:" in proc.stdout
+    assert "RuntimeWarning" not in proc.stderr, proc.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- int32 offsets
