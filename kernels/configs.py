@@ -14,12 +14,16 @@ Under Triton's interpreter one small tile serves every kernel (each program ther
 ``bench/compile_check.py`` runs the very same launchers on ``meta`` tensors with :func:`capture_launches`: each
 :func:`launch` then hands its kernel, arguments and candidates to a callback that compiles them offline for a chosen
 GPU instead of running them, so the compile tier sees exactly the signatures and configurations the launchers use.
+
+:data:`INT32_LIMIT` bounds the offsets the kernels form in int32; the launchers check their operands against it
+(:func:`check_int32_offsets`) and size the partial buffers by it (:func:`kernels.partials.max_partials`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -217,6 +221,30 @@ def finalize_configs() -> list[KernelConfig]:
     if interpreting():
         return [cfg(BLOCK_C=32, num_warps=4, num_stages=1)]
     return [cfg(BLOCK_C=32, num_warps=4, num_stages=1), cfg(BLOCK_C=16, num_warps=4, num_stages=1)]
+
+
+# ---------------------------------------------------------------- int32 offsets
+
+# Rows and most tile offsets are int64 in the kernels, but some offsets are formed in int32 (a program id times a
+# size in the partial buffers, a column index times a stride): each must stay below this, or it wraps round and the
+# access lands elsewhere, silently. The launchers keep them below it (check_int32_offsets, kernels.partials).
+INT32_LIMIT = 2**31
+
+
+def int32_room(per_item: int) -> int:
+    """How many items of ``per_item`` elements a buffer indexed in int32 holds (its elements below INT32_LIMIT)."""
+    return (INT32_LIMIT - 1) // per_item if per_item > 0 else sys.maxsize
+
+
+def check_int32_offsets(name: str, t: torch.Tensor, *dims: int) -> None:
+    """Refuse ``t`` when the offset the kernels form in int32 over ``dims``, ``Σ (size - 1) · |stride|`` (the index
+    along each dim an int32 position), reaches INT32_LIMIT: say a weight (N, K) of 2³¹ elements read by rows."""
+    extent = sum((t.shape[d] - 1) * abs(t.stride(d)) for d in dims if t.shape[d] > 0)
+    if extent >= INT32_LIMIT:
+        raise ValueError(
+            f"{name} of shape {tuple(t.shape)} and strides {t.stride()} needs offsets up to {extent} along dims "
+            f"{dims}, which the kernels form in int32 (below {INT32_LIMIT}); the torch backend has no such limit"
+        )
 
 
 # ---------------------------------------------------------------- launching

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .configs import dx_tile, forward_tile, reduce_configs
+from .configs import dtype_class, dx_tile, forward_tile, reduce_configs
 from .utils import block_r
 
 # ---------------------------------------------------------------- the machine (H100 SXM, data sheet)
@@ -32,12 +32,6 @@ LAUNCH = 2e-6  # s between dependent launches in one stream
 # SASS instructions per dropout-mask element (Philox-4x32-10, eight 16-bit lanes per call, compare, select), as
 # bench/compile_check.py measures them in the mask probe on sm_90; tests/test_compile_tier.py checks it still holds.
 RNG_INSTR = 12.5
-
-
-def _dtype_class(dtype: torch.dtype, input_precision: str) -> str:
-    if dtype in (torch.float16, torch.bfloat16):
-        return "16"
-    return "tf32" if input_precision == "tf32" else "ieee"
 
 
 @dataclasses.dataclass
@@ -63,7 +57,7 @@ def total_seconds(plan: list[Launch]) -> float:
 
 def floor_plan(M: int, N: int, K: int, dtype: torch.dtype, input_precision: str = "tf32") -> dict[str, list[Launch]]:
     """The frozen layer alone: one GEMM each way (cuBLAS-like, at the same rates)."""
-    e, mma = torch.finfo(dtype).bits // 8, _dtype_class(dtype, input_precision)
+    e, mma = torch.finfo(dtype).bits // 8, dtype_class(dtype, input_precision)
     return {
         "forward": [Launch("x Wᵀ + bias", 2 * M * N * K, e * (M * K + N * K + M * N + N), mma=mma)],
         "backward": [Launch("g W", 2 * M * N * K, e * (M * N + N * K + M * K), mma=mma)],
@@ -74,7 +68,7 @@ def forward_plan(
     M: int, N: int, K: int, R: int, p: float, dtype: torch.dtype, input_precision: str, fused: bool
 ) -> list[Launch]:
     """The forward's launches for one design (dtype: the base and LoRA compute dtype)."""
-    e, mma, rp = torch.finfo(dtype).bits // 8, _dtype_class(dtype, input_precision), block_r(R)
+    e, mma, rp = torch.finfo(dtype).bits // 8, dtype_class(dtype, input_precision), block_r(R)
     base_bytes = e * (M * K + N * K + M * N + N) + e * (R * K + N * R) + 4 * M * R  # + A, B; h_s written
     draws = M * K if p > 0 else 0
     if fused:
@@ -91,7 +85,7 @@ def backward_plan(
     M: int, N: int, K: int, R: int, p: float, dtype: torch.dtype, input_precision: str, fused: bool
 ) -> list[Launch]:
     """The backward's launches for one design, all of dx, dA, dB and dbias asked for."""
-    e, mma, rp = torch.finfo(dtype).bits // 8, _dtype_class(dtype, input_precision), block_r(R)
+    e, mma, rp = torch.finfo(dtype).bits // 8, dtype_class(dtype, input_precision), block_r(R)
     draws = M * K if p > 0 else 0
     small = e * (R * K + N * R)  # A and B
     dx_bytes = e * (M * N + N * K + M * K) + small
@@ -153,7 +147,7 @@ HEADLINE += [(4096, 4096, 16, 0.0), (4096, 4096, 16, 0.1), (768, 2304, 128, 0.1)
 
 def estimate_markdown(M: int = 8192, shapes=HEADLINE) -> str:
     """Per headline shape (bf16, auto design): each launch's FLOPs, bytes, mask draws, mask instructions and
-    predicted µs, then the totals against the floor. ``python -m lora_fast.kernels.cost`` prints it."""
+    predicted µs, then the totals against the floor. ``python -m lora_fast.kernels`` prints it."""
     bf16 = (torch.bfloat16, "tf32")
     lines = [
         "| K→N | R | p | pass | design | launch | GFLOP | MB | mask draws (M) | mask instr (M) | µs |",
@@ -182,7 +176,3 @@ def estimate_markdown(M: int = 8192, shapes=HEADLINE) -> str:
             f"| {1e6 * b1:.1f} | {b1 / b0:.2f} | **{(f1 + b1) / (f0 + b0):.2f}** |"
         )
     return "\n".join(totals) + "\n\nPer launch:\n\n" + "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    print(estimate_markdown())

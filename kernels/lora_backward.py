@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import device_info, dx_configs, finalize_configs, launch
+from .configs import check_int32_offsets, device_info, dx_configs, finalize_configs, launch
 from .cost import backward_design
 from .dropout import _keep_mask, dropout_groups, dropout_threshold
-from .partials import Partials, _finalize_block, finalize_blocks, lora_finalize, lora_reduce
+from .partials import Partials, _finalize_block, finalize_blocks, lora_finalize, lora_reduce, max_partials
 from .skinny import lora_skinny
 from .utils import TL_DTYPES, _dot, _grouped_pid, _rank_update, _to, block_r, interpreting, rank_chunk
 
@@ -245,6 +245,10 @@ def lora_backward(
     ``g (M, N)`` and ``x (M, K)`` are 2-D with any strides; ``h`` is the forward's ``h_s (M, R)`` fp32. Dtypes
     default to x's (base) and lora_A's (LoRA); ``design`` is ``"auto"``, ``"fused"`` or ``"split"``. ``dx_out`` is
     an optional preallocated dx (tests poison it). Launches: 2 fused, 3 split, nothing but allocations in between.
+
+    The partials are indexed in int32 (:func:`kernels.partials.max_partials`): where the fused design's one partial
+    per row block would pass that (long M times wide N or K times R), the split design runs, whatever ``design``
+    asks. Raises ValueError, naming the tensor, where another offset the kernels form in int32 would pass it.
     """
     M, K = x.shape
     N, R = lora_B.shape
@@ -262,13 +266,28 @@ def lora_backward(
         return dx, dA, dB, dbias
     if not (need_dx or need_dA or need_dB or need_dbias):
         return dx, dA, dB, dbias
+    # Columns of g (dx, u, dB), B and A's rows index in int32 (rows of g, x, h, u and dx in int64); W's rows in the
+    # dx GEMM, x's columns in the split reduction.
+    check_int32_offsets("g", g, 1)
+    check_int32_offsets("lora_B", lora_B, 0, 1)
+    check_int32_offsets("lora_A", lora_A, 0)
+    check_int32_offsets("h", h, 1)
+    if need_dx:
+        check_int32_offsets("weight", weight, 0)
+    if need_dA:
+        check_int32_offsets("x", x, 1)
     info = device_info(dev)
     threshold = dropout_threshold(dropout_p)
     scale = scaling / (1.0 - dropout_p)
     BLOCK_R = block_r(R)
     n_groups = dropout_groups(K)
-    fused = need_dx and backward_design(design, M, N, K, R, dropout_p, base_dtype, input_precision) == "fused"
     needs = (need_dA, need_dB, need_dbias)
+    fused = need_dx and backward_design(design, M, N, K, R, dropout_p, base_dtype, input_precision) == "fused"
+    if fused:
+        # One partial per row block of the tile that runs (at most the smallest candidate's); past int32 offsets the
+        # split design's few row splits take over.
+        rows = min(c["BLOCK_M"] for c in dx_configs(base_dtype, input_precision, True, threshold > 0, BLOCK_R, info))
+        fused = triton.cdiv(M, rows) <= max_partials(N, K, R, needs)
     # Placeholders for pointers a launch does not use (its constexpr switches never touch them).
     spare = h
     outputs = (dA if need_dA else spare, dB if need_dB else spare, dbias if need_dbias else spare)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import device_info, forward_configs, launch
+from .configs import check_int32_offsets, device_info, forward_configs, launch
 from .cost import forward_design
 from .dropout import _keep_mask, dropout_groups, dropout_threshold
 from .skinny import lora_skinny
@@ -200,7 +200,8 @@ def lora_forward(
     ``base_dtype``/``lora_dtype`` default to x's and lora_A's dtypes; ``y`` is in ``base_dtype``. ``design`` is
     ``"auto"`` (by the cost model), ``"fused"`` or ``"split"``. ``out``/``h_out`` are optional preallocated outputs
     (tests poison them to catch unwritten elements). Inputs are assumed checked by the caller
-    (:func:`lora_fast.triton_backend.triton_lora_linear` does). Launches: 1 fused, 2 split.
+    (:func:`lora_fast.triton_backend.triton_lora_linear` does), except that a ValueError names the tensor where an
+    offset the kernels form in int32 would pass it. Launches: 1 fused, 2 split.
     """
     M, K = x.shape
     N, R = lora_B.shape
@@ -210,6 +211,11 @@ def lora_forward(
     h = h_out if h_out is not None else torch.empty((M, R), dtype=torch.float32, device=x.device)
     if M == 0:
         return y, h
+    # Columns of x and W, both dims of A and B's rank index in int32 (rows of x, y and h and W's N in int64).
+    check_int32_offsets("x", x, 1)
+    check_int32_offsets("weight", weight, 1)
+    check_int32_offsets("lora_A", lora_A, 0, 1)
+    check_int32_offsets("lora_B", lora_B, 1)
     info = device_info(x.device)
     threshold = dropout_threshold(dropout_p)
     scale = scaling / (1.0 - dropout_p)

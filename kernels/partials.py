@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import finalize_configs, launch, reduce_configs
+from .configs import finalize_configs, int32_room, launch, reduce_configs
 from .dropout import _load_dropped, dropout_groups
 from .utils import TL_DTYPES, _dot, _to, block_r, interpreting
 
@@ -253,6 +253,16 @@ def _lora_finalize_kernel(
 # ---------------------------------------------------------------- launchers
 
 
+def max_partials(N: int, K: int, R: int, needs: tuple[bool, bool, bool]) -> int:
+    """The most partials S (row blocks or splits) whose buffers stay below :data:`kernels.configs.INT32_LIMIT`
+    elements: the producers and the split-sum index them ``(s·C + c)·R + r`` in int32 (s a program id or a loop
+    index), ``S·K·R``, ``S·N·R`` and ``S·N`` for those in ``needs``; the split-sum's dA (R, K) and dB (N, R) stores
+    stay within one partial's offsets. The fused backward hands over to the split one past it, the split one caps
+    its row splits by it, and :meth:`Partials.allocate` refuses what would pass it."""
+    need_da, need_db, need_dbias = needs
+    return int32_room(max(K * R if need_da else 0, N * R if need_db else 0, N if need_dbias else 0))
+
+
 @dataclasses.dataclass
 class Partials:
     """The fp32 partial buffers of one backward: ``a (S, K, R)``, ``b (S, N, R)``, ``bias (S, N)``; a buffer not
@@ -266,6 +276,13 @@ class Partials:
     @classmethod
     def allocate(cls, S: int, N: int, K: int, R: int, needs: tuple[bool, bool, bool], spare: torch.Tensor):
         need_da, need_db, need_dbias = needs
+        if S > max_partials(N, K, R, needs):
+            shapes = (("dA (S, K, R)", (S, K, R)), ("dB (S, N, R)", (S, N, R)), ("dbias (S, N)", (S, N)))
+            asked = ", ".join(f"{name} = {shape}" for (name, shape), need in zip(shapes, needs, strict=True) if need)
+            raise ValueError(
+                f"the fp32 partials of {asked} need offsets past int32, which the kernels index them with: "
+                f"at most {max_partials(N, K, R, needs)} partials fit for N = {N}, K = {K}, R = {R}"
+            )
         f32 = dict(dtype=torch.float32, device=spare.device)
         return cls(
             S,
@@ -284,8 +301,10 @@ def lora_reduce(x, u, g, h, needs, seed, threshold, lora_dtype, input_precision,
 
     def args(c):
         n_blocks = finalize_blocks(N, K, needs[0], needs[1] or needs[2], c["BLOCK_C"])
-        # Enough programs to fill the GPU about four times; each split covers at least one BLOCK_M of rows.
-        n_split = max(1, min(triton.cdiv(M, c["BLOCK_M"]), 4 * info.num_sms // n_blocks))
+        # Enough programs to fill the GPU about four times; each split covers at least one BLOCK_M of rows; no more
+        # splits than int32 offsets index (one alone past them is refused by Partials.allocate).
+        most = max_partials(N, K, R, needs)
+        n_split = max(1, min(triton.cdiv(M, c["BLOCK_M"]), 4 * info.num_sms // n_blocks, most))
         rows = triton.cdiv(triton.cdiv(M, n_split), c["BLOCK_M"]) * c["BLOCK_M"]
         parts[:] = [Partials.allocate(triton.cdiv(M, rows), N, K, R, needs, spare)]
         pointers = (x, u, g, h, parts[0].a, parts[0].b, parts[0].bias)

@@ -3,6 +3,9 @@ for the compute dtypes."""
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 __all__ = ["check_lora_inputs", "compute_dtypes"]
@@ -25,7 +28,8 @@ def check_lora_inputs(
 
     Expected: ``x (..., K)``, ``weight (N, K)``, ``bias (N,)`` or None, ``lora_A (R, K)`` with R ≥ 1,
     ``lora_B (N, R)``; all on one device; ``x``, ``weight`` and ``bias`` of one floating dtype (``lora_A``/``lora_B``
-    may differ: fp32 masters beside bf16 activations are the usual mixed-precision set-up).
+    may differ: fp32 masters beside bf16 activations are the usual mixed-precision set-up); ``scaling`` a finite real
+    number and ``dropout_p`` a real number in [0, 1), neither a bool.
     """
     tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     if bias is not None:
@@ -65,10 +69,16 @@ def check_lora_inputs(
             )
     if lora_A.dtype != lora_B.dtype:
         raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype")
-    if not 0.0 <= float(dropout_p) < 1.0:
+    for name, value in (("scaling", scaling), ("dropout_p", dropout_p)):
+        # bool is an int to Python, but True as a scale or a probability is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(
+                f"{name} must be a real number (int or float, not bool), got {type(value).__name__} {value!r}"
+            )
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling}")
+    if not 0.0 <= dropout_p < 1.0:  # NaN fails both comparisons
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling must be a Python number, got {type(scaling).__name__}")
 
 
 def compute_dtypes(x: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:

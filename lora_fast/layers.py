@@ -74,8 +74,9 @@ def check_lora_hyperparameters(r, alpha, dropout, use_rslora=False) -> None:
 class LoRALinear(nn.Module):
     """``y = base(x) + s · (drop(x) Aᵀ) Bᵀ`` around an existing ``nn.Linear`` or ``Conv1D``.
 
-    ``merge()`` folds ``s · B A`` into the base weight (in fp32, then cast) so inference costs nothing extra;
-    ``unmerge()`` puts the pre-merge weight back bit for bit. Merging is explicit, never a side effect of ``.eval()``.
+    ``merge()`` folds ``s · B A`` into the base weight (in fp32, or fp64 for an fp64 weight, then cast) so inference
+    costs nothing extra; ``unmerge()`` puts the pre-merge weight back bit for bit. Merging is explicit, never a side
+    effect of ``.eval()``.
     """
 
     def __init__(
@@ -139,13 +140,16 @@ class LoRALinear(nn.Module):
         )
 
     def delta_weight(self) -> torch.Tensor:
-        """``s · B A`` in fp32, shaped like the stored base weight (``(K, N)`` for Conv1D)."""
-        delta = self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        """``s · B A`` in fp32 (fp64 for an fp64 base weight), shaped like the stored base weight (``(K, N)`` for
+        Conv1D)."""
+        dt = torch.promote_types(self.base.weight.dtype, torch.float32)
+        delta = self.scaling * (self.lora_B.detach().to(dt) @ self.lora_A.detach().to(dt))
         return delta.t() if self.fan_in_fan_out else delta
 
     @torch.no_grad()
     def merge(self, keep_original: bool = True) -> None:
-        """Fold the LoRA update into the base weight (computed in fp32, then cast). A merged layer is left alone.
+        """Fold the LoRA update into the base weight (computed in fp32, fp64 for an fp64 weight, then cast). A merged
+        layer is left alone.
 
         With ``keep_original`` (the default) a copy of the pre-merge weight is held until ``unmerge()``, which then
         restores it exactly: one extra copy of this weight, on its device, while merged. ``merge_and_unload`` merges
@@ -156,7 +160,8 @@ class LoRALinear(nn.Module):
         w = self.base.weight
         if keep_original:
             self.premerge_weight = w.detach().clone()
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        delta = self.delta_weight()
+        w.copy_((w.to(delta.dtype) + delta).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()

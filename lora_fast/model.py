@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from lora_fast.functional import BACKENDS
 from lora_fast.layers import LoRALinear, check_lora_hyperparameters, is_linear_layer
 
 __all__ = [
@@ -213,9 +214,9 @@ def _layers(model: nn.Module) -> list[LoRALinear]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight (fp32, then cast). Each layer keeps its pre-merge weight while
-    merged (one extra copy of the targeted weights, on their device) so that ``unmerge_lora`` is exact; to merge for
-    good without that copy use :func:`merge_and_unload`."""
+    """Fold every LoRA update into its base weight (fp32, fp64 for fp64 weights, then cast). Each layer keeps its
+    pre-merge weight while merged (one extra copy of the targeted weights, on their device) so that ``unmerge_lora``
+    is exact; to merge for good without that copy use :func:`merge_and_unload`."""
     for layer in _layers(model):
         layer.merge()
     return model
@@ -243,7 +244,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Switch every LoRA layer of ``model`` to ``backend`` (``auto``, ``reference``, ``torch``, ``triton``)."""
+    """Switch every LoRA layer of ``model`` to ``backend`` (``auto``, ``reference``, ``torch``, ``triton``); another
+    name raises before any layer changes."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     for layer in _layers(model):
         layer.backend = backend
     return model

@@ -33,8 +33,8 @@ Conv2d, bitsandbytes) are reported and left alone.
 Numerics: in fp32/fp64 the op computes PEFT's formula with its own (fused) order of operations; in bf16/fp16 with fp32
 adapters PEFT adds the LoRA term in fp32 and rounds once, the op rounds the term to the output dtype first (one rounding
 step apart). With ``backend="auto"`` on CUDA the triton backend is used where its precision matches what PEFT would do:
-fp16/bf16 compute, or fp32 when torch itself allows TF32 matmuls (``torch.set_float32_matmul_precision("high")``) or
-the triton backend is set to exact fp32; otherwise the ``torch`` backend (cuBLAS, torch's precision setting).
+fp16/bf16 compute, or fp32 when the kernels round fp32 as torch's own matmuls do (their default, ``"auto"``) or run
+exact fp32; otherwise the ``torch`` backend (cuBLAS, torch's precision setting).
 
 Dropout masks come from a seed drawn from torch's CPU generator at each call, so ``torch.utils.checkpoint``
 (which restores that generator's state before recomputing) regenerates the same mask; a different mask than PEFT's
@@ -205,15 +205,13 @@ def _backend_for(backend: str, x: torch.Tensor, lora_A: torch.Tensor) -> str:
 
 def _triton_matches_peft(dtypes: tuple[torch.dtype, torch.dtype]) -> bool:
     """Whether the triton backend computes at the precision PEFT's layers would, for (base, LoRA) compute dtypes:
-    fp16/bf16, or fp32 when the kernels run exact fp32 or torch itself allows TF32 matmuls."""
+    fp16/bf16, or fp32 when the kernels run exact fp32 or round as torch's own fp32 matmuls do."""
     from lora_fast.kernels import TL_DTYPES
-    from lora_fast.triton_backend import config
+    from lora_fast.triton_backend import fp32_precision, torch_fp32_precision
 
     if any(dt not in TL_DTYPES for dt in dtypes):
         return False
-    if torch.float32 not in dtypes or config.fp32_precision == "ieee":
-        return True
-    return torch.get_float32_matmul_precision() != "highest"
+    return torch.float32 not in dtypes or fp32_precision() in ("ieee", torch_fp32_precision())
 
 
 # ---------------------------------------------------------------- the report

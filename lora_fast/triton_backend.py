@@ -16,13 +16,15 @@ base dtype, ``dx`` in x's dtype, ``dA``/``dB``/``dbias`` in A's/B's/bias's dtype
 the ops, so the ops themselves take explicit dtypes and behave the same inside and outside an autocast region.
 A base weight the caller made trainable gets ``dW = gᵀ x`` (a plain matmul beside the kernels).
 
-Settings (:data:`config`): ``fp32_precision`` ("tf32" by default, "ieee" for exact fp32; env
+Settings (:data:`config`): ``fp32_precision`` ("auto" by default: fp32 operands round as torch's own fp32 matmuls do
+under the user's setting, see :func:`torch_fp32_precision`; "tf32" or "ieee", exact fp32, force one; env
 ``LORA_FAST_FP32_PRECISION``) and ``design`` ("auto" by default: fused or split per pass and shape from the byte and
 FLOP counts of :mod:`lora_fast.kernels.cost`; "fused" or "split" force one; env ``LORA_FAST_DESIGN``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -32,20 +34,47 @@ import torch
 from lora_fast.checks import check_lora_inputs, compute_dtypes
 from lora_fast.kernels import INPUT_PRECISIONS, TL_DTYPES, dropout_threshold, interpreting, lora_backward, lora_forward
 
-__all__ = ["DESIGNS", "TritonConfig", "config", "triton_lora_linear", "check_triton_inputs"]
+__all__ = [
+    "DESIGNS",
+    "FP32_PRECISIONS",
+    "TritonConfig",
+    "config",
+    "fp32_precision",
+    "torch_fp32_precision",
+    "triton_lora_linear",
+    "check_triton_inputs",
+]
 
 DESIGNS = ("auto", "fused", "split")
+FP32_PRECISIONS = ("auto", *INPUT_PRECISIONS)
 
 
 @dataclasses.dataclass
 class TritonConfig:
     """Process-wide settings of the triton backend (read at every call)."""
 
-    fp32_precision: str = os.environ.get("LORA_FAST_FP32_PRECISION", "tf32")
+    fp32_precision: str = os.environ.get("LORA_FAST_FP32_PRECISION", "auto")
     design: str = os.environ.get("LORA_FAST_DESIGN", "auto")
 
 
 config = TritonConfig()
+
+
+# Evaluated when torch.compile traces a call: Dynamo cannot trace torch's precision getters, and its global-state
+# guard recompiles when the setting changes.
+@torch.compiler.assume_constant_result
+def torch_fp32_precision() -> str:
+    """The ``tl.dot`` precision that rounds fp32 operands as torch's own fp32 CUDA matmuls do now: "ieee" under
+    ``torch.set_float32_matmul_precision("highest")`` (torch's default), "tf32" under "high" or "medium" (or the newer
+    ``torch.backends.cuda.matmul.fp32_precision = "tf32"``)."""
+    # The per-backend setting reflects both APIs; torch.get_float32_matmul_precision() raises once they are mixed.
+    return "tf32" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "ieee"
+
+
+def fp32_precision() -> str:
+    """The ``tl.dot`` precision the next call gives fp32 operands: ``config.fp32_precision``, "auto" meaning
+    :func:`torch_fp32_precision`."""
+    return torch_fp32_precision() if config.fp32_precision == "auto" else config.fp32_precision
 
 
 # ---------------------------------------------------------------- input checks beyond check_lora_inputs
@@ -90,9 +119,9 @@ def check_triton_inputs(
         if not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"dropout needs an integer seed in [0, 2**63), got {seed!r}")
         dropout_threshold(dropout_p)  # refuses a p that rounds to 1 at the mask's 2^-16 resolution
-    if config.fp32_precision not in INPUT_PRECISIONS:
+    if config.fp32_precision not in FP32_PRECISIONS:
         raise ValueError(
-            f"lora_fast.triton_backend.config.fp32_precision must be one of {INPUT_PRECISIONS}, "
+            f"lora_fast.triton_backend.config.fp32_precision must be one of {FP32_PRECISIONS}, "
             f"got {config.fp32_precision!r}"
         )
     if config.design not in DESIGNS:
@@ -100,6 +129,12 @@ def check_triton_inputs(
 
 
 # ---------------------------------------------------------------- custom ops (torch.compile sees these)
+
+
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device and its stream: make them the tensors' (cuda:1 while the current
+    device is cuda:0, say). Nothing to switch under the CPU interpreter."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @torch.library.custom_op("lora_fast::triton_lora_forward", mutates_args=())
@@ -121,10 +156,11 @@ def _forward_op(
     # The kernels read any 2-D strides; reshape copies only when the leading dims cannot be flattened into one
     # stride (e.g. a permuted 3-D x), never for a plain non-contiguous 2-D view.
     x2 = x.reshape(-1, x.shape[-1])
-    y, h = lora_forward(
-        x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-        base_dtype=base_dtype, lora_dtype=lora_dtype, design=design, input_precision=input_precision,
-    )  # fmt: skip
+    with _on_device(x.device):
+        y, h = lora_forward(
+            x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+            base_dtype=base_dtype, lora_dtype=lora_dtype, design=design, input_precision=input_precision,
+        )  # fmt: skip
     return y.reshape(*x.shape[:-1], weight.shape[0]), h
 
 
@@ -160,11 +196,12 @@ def _backward_op(
     as an empty tensor."""
     x2 = x.reshape(-1, x.shape[-1])
     g2 = grad_y.reshape(-1, grad_y.shape[-1])
-    dx, dA, dB, dbias = lora_backward(
-        g2, x2, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
-        need_dx=need_dx, need_dA=need_dA, need_dB=need_dB, need_dbias=need_dbias, bias_dtype=bias_dtype,
-        base_dtype=base_dtype, lora_dtype=lora_dtype, design=design, input_precision=input_precision,
-    )  # fmt: skip
+    with _on_device(x.device):
+        dx, dA, dB, dbias = lora_backward(
+            g2, x2, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
+            need_dx=need_dx, need_dA=need_dA, need_dB=need_dB, need_dbias=need_dbias, bias_dtype=bias_dtype,
+            base_dtype=base_dtype, lora_dtype=lora_dtype, design=design, input_precision=input_precision,
+        )  # fmt: skip
     return (
         dx.reshape(x.shape) if need_dx else x.new_empty(0),
         dA if need_dA else lora_A.new_empty(0),
@@ -234,16 +271,21 @@ def triton_lora_linear(
     scaling: float,
     dropout_p: float,
     seed: int | None,
+    *,
+    check: bool = True,
 ) -> torch.Tensor:
     """``y = x Wᵀ + bias + scaling · (drop(x) Aᵀ) Bᵀ`` by the fused kernels; ``weight (N, K)`` with any strides.
 
-    ``seed`` must be an int when ``dropout_p > 0``. Raises a clear error before any launch on bad inputs.
+    ``seed`` must be an int when ``dropout_p > 0``. Raises a clear error before any launch on bad inputs; ``check``
+    False skips :func:`lora_fast.checks.check_lora_inputs` (:func:`lora_fast.lora_linear` has run it), never
+    :func:`check_triton_inputs`.
     """
-    check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    if check:
+        check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     check_triton_inputs(x, weight, bias, lora_A, lora_B, float(dropout_p), seed)
     base_dtype, lora_dtype = compute_dtypes(x, lora_A)
     p = float(dropout_p)
     return _TritonLoRAFunction.apply(
         x, weight, bias, lora_A, lora_B, float(scaling), p, int(seed) if p > 0 else 0,
-        base_dtype, lora_dtype, config.design, config.fp32_precision,
+        base_dtype, lora_dtype, config.design, fp32_precision(),
     )  # fmt: skip

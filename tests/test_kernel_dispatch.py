@@ -6,12 +6,16 @@ launch is recorded with a ``TorchDispatchMode`` and must be an allocation or a v
 """
 
 import contextlib
+import subprocess
+import sys
 from unittest import mock
 
 import pytest
 import torch
 from lora_fast.kernels import backward_design, configs, forward_design, interpreting, lora_backward, lora_forward
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.helpers import ROOT
 
 cpu_tier = pytest.mark.skipif(not interpreting(), reason="CPU tier: launches are counted in Triton's interpreter")
 
@@ -140,3 +144,93 @@ def test_auto_design_follows_the_counts():
     assert forward_design("split", *shape, 16, 0.0, *bf16) == "split"
     with pytest.raises(ValueError, match="design must be"):
         forward_design("fastest", *shape, 16, 0.0, *bf16)
+
+
+def test_estimate_table_prints_without_a_runpy_warning():
+    """``python -m lora_fast.kernels`` prints the estimate table docs/KERNELS.md quotes; run as the module that the
+    package itself imports (kernels.cost), runpy warned of a second copy."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_fast.kernels"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("| K→N | R | p | floor fwd µs |") and "Per launch:" in proc.stdout
+    assert "RuntimeWarning" not in proc.stderr, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- int32 offsets
+
+PARTIALS = ("part_a_ptr", "part_b_ptr", "part_bias_ptr")
+
+
+def _captured(run) -> list[tuple[str, dict]]:
+    """``run()`` with every launch handed to a hook instead of running (meta tensors: nothing is allocated, so shapes
+    past 2³¹ elements cost nothing): per launch, the kernel's name and its arguments by parameter name."""
+    launches = []
+
+    def hook(kernel, grid, arguments, constexprs, candidates):
+        config = candidates[0]
+        launches.append((kernel.__name__, dict(zip(kernel.arg_names, arguments(config), strict=False), **constexprs)))
+        return config
+
+    with configs.capture_launches(hook, configs.DeviceInfo(132, (9, 0))):
+        run()
+    return launches
+
+
+def _meta_backward(M, N, K, R, design="fused", layout="conv1d"):
+    """``lora_backward`` on meta tensors (bf16, every gradient), ready to run inside :func:`_captured`."""
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    x, g = torch.empty(M, K, **meta), torch.empty(M, N, **meta)
+    weight = torch.empty(K, N, **meta).t() if layout == "conv1d" else torch.empty(N, K, **meta)
+    A, B = torch.empty(R, K, **meta), torch.empty(N, R, **meta)
+    h = torch.empty(M, R, device="meta", dtype=torch.float32)
+    return lambda: lora_backward(g, x, weight, A, B, h, 0.5, 0.1, 3, need_dbias=True, design=design)
+
+
+def _largest_partial(launches) -> int:
+    return max(args[name].numel() for _, args in launches for name in PARTIALS if name in args)
+
+
+def test_fused_backward_hands_over_to_split_where_partials_pass_int32():
+    """One fp32 partial per row block: 2²² tokens of a 4096→4096 layer at R = 16 make dB's partials (S, N, R) 2³²
+    elements, which the kernels index in int32. The split design's few row splits run instead; 2¹⁶ tokens stay fused."""
+    launches = _captured(_meta_backward(2**16, 4096, 4096, 16))
+    assert [name for name, _ in launches] == ["_lora_dx_kernel", "_lora_finalize_kernel"]
+    launches = _captured(_meta_backward(2**22, 4096, 4096, 16))
+    assert [name for name, _ in launches] == ["_lora_skinny_kernel", "_lora_reduce_kernel", "_lora_dx_kernel"]
+    assert not launches[-1][1]["FUSE_U"]
+    assert _largest_partial(launches) < 2**31
+
+
+def test_operands_past_int32_offsets_are_refused_by_name():
+    """A 16384 → 262144 projection (W holds 2³² elements): the dx GEMM reads W's rows at int32 offsets
+    n · stride_wn, the forward reads the Conv1D view's columns at k · stride_wk."""
+    with pytest.raises(ValueError, match=r"weight of shape \(262144, 16384\) .* int32"):
+        _captured(_meta_backward(64, 262144, 16384, 16, layout="linear"))
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    x, weight = torch.empty(64, 16384, **meta), torch.empty(16384, 262144, **meta).t()
+    A, B = torch.empty(16, 16384, **meta), torch.empty(262144, 16, **meta)
+    with pytest.raises(ValueError, match=r"weight of shape \(262144, 16384\) and strides \(1, 262144\)"):
+        _captured(lambda: lora_forward(x, weight, None, A, B, 0.5))
+
+
+@cpu_tier
+def test_int32_limit_picks_the_path_caps_the_splits_and_refuses(monkeypatch):
+    """The same guard at a small limit (interpreter tiles: BLOCK_M 32 for dx, 16 for the reduction). M = 40, N = 72,
+    R = 8: one partial of dB is N·R = 576 elements, the largest operand offset (B's) 575."""
+    monkeypatch.setattr(configs, "INT32_LIMIT", 1153)  # two partials fit, not three
+    launches = _captured(_meta_backward(40, 72, 48, 8))  # fused would keep cdiv(40, 32) = 2 partials: fits
+    assert [name for name, _ in launches] == ["_lora_dx_kernel", "_lora_finalize_kernel"]
+    launches = _captured(_meta_backward(40, 72, 48, 8, design="split"))  # three splits of 16 rows would not
+    reduce = dict(launches)["_lora_reduce_kernel"]
+    assert reduce["part_b_ptr"].shape == (2, 72, 8) and reduce["rows_per_split"] == 32
+    monkeypatch.setattr(configs, "INT32_LIMIT", 1000)  # one partial fits: the fused design's two do not
+    launches = _captured(_meta_backward(40, 72, 48, 8))
+    assert [name for name, _ in launches] == ["_lora_skinny_kernel", "_lora_reduce_kernel", "_lora_dx_kernel"]
+    assert _largest_partial(launches) == 576
+    monkeypatch.setattr(configs, "INT32_LIMIT", 576)  # not even one
+    with pytest.raises(ValueError, match=r"dB \(S, N, R\) = \(1, 72, 8\).* past int32.*at most 0 partials"):
+        _captured(_meta_backward(40, 72, 48, 8))
+    monkeypatch.setattr(configs, "INT32_LIMIT", 575)  # B itself
+    with pytest.raises(ValueError, match=r"lora_B of shape \(72, 8\) and strides \(8, 1\) needs offsets up to 575"):
+        _captured(_meta_backward(40, 72, 48, 8))

@@ -157,6 +157,16 @@ def test_backends_agree_on_gpt2(gpt2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_set_backend_refuses_unknown_names_before_changing_a_layer(gpt2):
+    apply_lora(gpt2, ["c_attn", "c_proj"], r=2, alpha=2, backend="torch")
+    for name in ("cuda", "Triton", None):
+        with pytest.raises(ValueError, match=rf"unknown backend {name!r}; choose one of \('auto', 'reference',"):
+            lora_fast.set_backend(gpt2, name)
+    assert {layer.backend for _, layer in lora_fast.lora_modules(gpt2)} == {"torch"}
+    assert lora_fast.set_backend(gpt2, "reference") is gpt2
+    assert {layer.backend for _, layer in lora_fast.lora_modules(gpt2)} == {"reference"}
+
+
 def test_print_trainable_parameters_gpt2_small(capsys):
     from transformers import GPT2Config
 

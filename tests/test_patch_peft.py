@@ -453,9 +453,13 @@ def test_auto_takes_triton_only_where_its_precision_is_peft_s(monkeypatch):
     from lora_fast.triton_backend import config
 
     bf16, fp32, fp64 = torch.bfloat16, torch.float32, torch.float64
-    monkeypatch.setattr(config, "fp32_precision", "tf32")
     precision = torch.get_float32_matmul_precision()
     try:
+        monkeypatch.setattr(config, "fp32_precision", "auto")  # the default: the kernels round as torch's matmuls
+        for setting in ("highest", "high"):
+            torch.set_float32_matmul_precision(setting)
+            assert pp._triton_matches_peft((fp32, fp32)) and pp._triton_matches_peft((bf16, fp32))
+        monkeypatch.setattr(config, "fp32_precision", "tf32")
         torch.set_float32_matmul_precision("highest")
         assert pp._triton_matches_peft((bf16, bf16))
         assert not pp._triton_matches_peft((bf16, fp32))  # fp32 adapters: PEFT runs the branch in exact fp32
@@ -554,10 +558,10 @@ def test_torch_compile_training_with_dropout_matches_eager():
 
 
 # (model dtype, autocast dtype, the backend auto must pick): bf16 weights get fp32 adapters from PEFT, whose LoRA branch
-# then runs in exact fp32, so auto keeps the torch backend there (TF32 is off by default).
+# then runs in fp32 at torch's precision, as the kernels do by default, so auto takes the triton backend everywhere.
 CUDA_CASES = {
-    "fp32": (torch.float32, None, "torch"),
-    "bf16": (torch.bfloat16, None, "torch"),
+    "fp32": (torch.float32, None, "triton"),
+    "bf16": (torch.bfloat16, None, "triton"),
     "fp32_autocast_bf16": (torch.float32, torch.bfloat16, "triton"),
 }
 

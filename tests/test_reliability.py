@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
+from transformers.pytorch_utils import Conv1D
 
 import lora_fast
 from lora_fast import AdapterError, LoRALinear, apply_lora, load_adapter, save_adapter
@@ -419,6 +420,21 @@ def test_unmerge_restores_the_weights_bit_for_bit(dtype):
     assert all(torch.equal(layer.base.weight, before[n]) for n, layer in lora_fast.lora_modules(model))
     assert all(layer.premerge_weight is None for _, layer in lora_fast.lora_modules(model))  # no copy once unmerged
     assert torch.equal(_logits(model), base)
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+def test_fp64_merge_stays_fp64(conv1d):
+    # The update is computed in the weight's own precision: an fp64 layer merged through fp32 would move by ~1e-8.
+    torch.manual_seed(0)
+    base = Conv1D(48, 64) if conv1d else nn.Linear(64, 48)
+    layer = LoRALinear(base.double(), r=8, alpha=16).eval()
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn_like(layer.lora_B))
+    x = torch.randn(5, 64, dtype=torch.float64)
+    before = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), before, rtol=1e-12, atol=1e-12)
+    assert layer.delta_weight().dtype == torch.float64
 
 
 # ---------------------------------------------------------------- bad arguments, partial targets

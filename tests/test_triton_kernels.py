@@ -290,6 +290,58 @@ def test_clear_errors_before_launch(monkeypatch):
 
 
 @cpu_tier
+def test_fp32_precision_follows_torch(monkeypatch):
+    """config "auto": the kernels get torch's own fp32 matmul precision at each call ("highest" -> exact "ieee",
+    "high"/"medium" -> "tf32", the newer per-backend setting too); "tf32" or "ieee" force one."""
+    from lora_fast import triton_backend
+
+    x, weight, b, A, B = _make(4, 48, 40, 8, torch.float32, True, "linear", True, "cpu")
+    seen = []
+    monkeypatch.setattr(triton_backend._TritonLoRAFunction, "apply", lambda *args: seen.append(args[-1]))
+    monkeypatch.setattr(config, "fp32_precision", "auto")
+    saved = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision
+    try:
+        for setting, want in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32"), ("highest", "ieee")):
+            torch.set_float32_matmul_precision(setting)
+            triton_lora_linear(x, weight, b, A, B, 0.5, 0.0, None)
+            assert seen[-1] == want, setting
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # torch.get_float32_matmul_precision() raises now
+        triton_lora_linear(x, weight, b, A, B, 0.5, 0.0, None)
+        assert seen[-1] == "tf32"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        for forced in ("tf32", "ieee"):
+            monkeypatch.setattr(config, "fp32_precision", forced)
+            triton_lora_linear(x, weight, b, A, B, 0.5, 0.0, None)
+            assert seen[-1] == forced
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cuda.matmul.fp32_precision = saved[1]
+    assert torch.get_float32_matmul_precision() == saved[0]
+
+
+@cpu_tier
+def test_inputs_checked_once_per_call(monkeypatch):
+    """lora_linear checks the shared conditions once and the triton ones once; triton_lora_linear alone does both."""
+    from lora_fast import functional, triton_backend
+
+    x, weight, b, A, B = _make(4, 48, 40, 8, torch.float32, True, "linear", True, "cpu")
+    calls = []
+
+    def counted(name, check):
+        return lambda *args: (calls.append(name), check(*args))[1]
+
+    monkeypatch.setattr(functional, "check_lora_inputs", counted("lora", functional.check_lora_inputs))
+    monkeypatch.setattr(triton_backend, "check_lora_inputs", counted("lora", triton_backend.check_lora_inputs))
+    monkeypatch.setattr(triton_backend, "check_triton_inputs", counted("triton", triton_backend.check_triton_inputs))
+    monkeypatch.setattr(triton_backend._TritonLoRAFunction, "apply", lambda *args: None)
+    lora_linear(x, weight, b, A, B, 0.5, dropout_p=0.1, seed=3, backend="triton")
+    assert sorted(calls) == ["lora", "triton"]
+    calls.clear()
+    triton_lora_linear(x, weight, b, A, B, 0.5, 0.1, 3)
+    assert sorted(calls) == ["lora", "triton"]
+
+
+@cpu_tier
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) impls against the real kernels, and AOT dispatch, by torch.library.opcheck."""
     x, weight, b, A, B = (t.detach() for t in _make(6, 48, 40, 8, torch.float32, True, "conv1d", True, "cpu"))
@@ -407,6 +459,26 @@ def test_int64_offsets_cuda():
     mask = lora_dropout_mask(M, K, 0.1, 9, "cuda")[tail].double()
     y_ref, _ = reference.lora_forward(x[tail].double(), weight.double(), None, A.double(), B.double(), 0.5, mask)
     assert _rel(y[tail], y_ref) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="CUDA tier: needs two CUDA devices")
+def test_second_device_while_first_is_current_cuda():
+    """Tensors on cuda:1 while cuda:0 is current: the ops launch on the tensors' device and stream, not the current
+    one (whose kernels would read cuda:1's memory), forward and every gradient, both designs."""
+    assert torch.cuda.current_device() == 0
+    _check_against_reference(512, 768, 768, 16, torch.bfloat16, True, "conv1d", True, 0.0, True, "cuda:1")
+    # With dropout (the reference's mask would itself launch on the current device): cuda:1 against cuda:0.
+    config.design = "split"
+    results = []
+    for device in ("cuda:0", "cuda:1"):
+        x, weight, b, A, B = _make(512, 768, 768, 16, torch.bfloat16, True, "linear", False, device)
+        y = lora_linear(x, weight, b, A, B, 0.5, dropout_p=0.1, seed=11, backend="triton")
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=y.dtype))
+        results.append([t.detach().cpu() for t in (y, x.grad, A.grad, B.grad, b.grad)])
+    for got, ref in zip(*reversed(results), strict=True):
+        assert _rel(got, ref) <= TOL[torch.bfloat16]
+    assert torch.cuda.current_device() == 0
 
 
 @pytest.mark.cuda
