@@ -171,8 +171,8 @@ class LastTokenLM(nn.Module):
     token only, on every model. A module (not a function) so that DDP can wrap it and see every forward.
 
     - Models of ``PLAIN_HEAD_MODEL_TYPES``: the body (``model.base_model``) runs over the prompt, the hidden state at
-      each sequence's last real token is gathered and only those ``B`` rows go through the head (with ``label_ids``,
-      only those rows of the head's weight).
+      each sequence's last real token is gathered and only those ``B`` rows go through the head (with ``label_ids``
+      and a plain ``nn.Linear`` head, only those rows of its weight; a wrapped head, e.g. with LoRA, runs whole).
     - With ``last_block_rows_only`` (default) and a GPT-2 model, the last transformer block also runs at those ``B``
       rows only: blocks ``0..L-2`` run as HF runs them, then the last block's ``c_attn`` runs over all positions (its
       keys and values are needed everywhere) while the query, attention output projection, MLP, both layer norms,
@@ -211,7 +211,9 @@ class LastTokenLM(nn.Module):
         head = self.model.get_output_embeddings()
         if label_ids is None:
             return head(h)
-        # Only the label rows of the head: (B, C) @ (C, 2).
+        if type(head) is not nn.Linear:  # a wrapper (LoRALinear, ...) adds to its weight: its own forward, then pick
+            return head(h)[:, list(label_ids)]
+        # Only the label rows of a plain head: (B, C) @ (C, 2).
         weight = head.weight[torch.as_tensor(list(label_ids), device=h.device)]
         bias = None if getattr(head, "bias", None) is None else head.bias[list(label_ids)]
         return F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
