@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from lora_fast import apply_lora, count_parameters, load_adapter, lora_modules, save_adapter
-from lora_fast.io import atomic_write_json
+from lora_fast.io import atomic_write_json, recover_directory
 from lora_fast.study.causal_lm import default_targets, load_causal_lm
 from lora_fast.study.cli import dataclass_parser, opt, parse_flags, report_errors
 from lora_fast.study.data import load_splits
@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg: DPOConfig) -> int:
     device = resolve_device(cfg.device)
+    recover_directory(cfg.scorer)  # a scorer folder a killed save left aside
     if not (Path(cfg.scorer) / "adapter_config.json").is_file():
         raise UsageError(f"--scorer {cfg.scorer}: no adapter_config.json there; train one with train_sentiment.py")
     splits = load_splits(cfg.data_dir)

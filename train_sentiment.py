@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from lora_fast import BACKENDS, AdapterError
-from lora_fast.io import atomic_write_json
+from lora_fast.io import atomic_write_json, recover_directory
 from lora_fast.study import distributed
 from lora_fast.study.causal_lm import LastTokenLM, default_targets, load_causal_lm, use_fused_gelu
 from lora_fast.study.checkpoint import require_finite, resume, save_checkpoint
@@ -195,7 +195,7 @@ def check_config(cfg: Config, world: int, device: torch.device) -> None:
                 f"--backend triton on {device}: the Triton kernels need a CUDA device (or TRITON_INTERPRET=1, "
                 f"Triton's slow CPU interpreter); --backend auto takes them where CUDA is present"
             )
-    if cfg.adapter and not Path(cfg.adapter).is_dir():
+    if cfg.adapter and not (recover_directory(cfg.adapter) or Path(cfg.adapter).is_dir()):  # put back, or there
         raise UsageError(f"--adapter {cfg.adapter}: no such folder")
     if cfg.overwrite and (cfg.resume or cfg.sweep):
         raise UsageError(f"--overwrite starts a run afresh; {'--resume' if cfg.resume else '--sweep'} resumes one")
@@ -273,8 +273,10 @@ def describe(cfg: Config, model, splits: list, device: torch.device, world: int)
 
 def open_run_folder(cfg: Config, out: Path, log) -> None:
     """The run folder, made once the model and data have loaded (a mistake before leaves none behind): with
-    --overwrite the old run's files go first (others stay), then config.json; the folder is printed."""
+    --overwrite the old run's files go first (others stay; a folder a killed save left aside is put back, then goes
+    too, so no later load finds the old run's weights), then config.json; the folder is printed."""
     for name in RUN_FILES if cfg.overwrite else ():
+        recover_directory(out / name)
         shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
     atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
     log(f"run folder: {out}")

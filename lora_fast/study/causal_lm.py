@@ -26,6 +26,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.activations import NewGELUActivation
 
+from lora_fast.io import recover_directory
 from lora_fast.study.errors import ModelLoadError, UsageError, first_line
 from lora_fast.study.gguf import load_gguf, split_gguf
 
@@ -83,7 +84,10 @@ def load_causal_lm(
     names one) or a GGUF file (``name_or_path`` ending in ``.gguf``, or a folder plus ``gguf_file``: dequantised to
     ``dtype`` by ``lora_fast.study.gguf.load_gguf``). ``dropout`` sets the model's residual, embedding and attention
     dropout (None keeps the config's). The tokenizer gets ``pad = eos`` when it has no pad token, as GPT-2's has
-    none. Errors are ModelLoadError naming ``flag``, the command-line option the name came from."""
+    none. Errors are ModelLoadError naming ``flag``, the command-line option the name came from. A model folder that a
+    killed save (``--method full``, ``gguf.save_model_folder``) left aside is put back first."""
+    if not name_or_path.endswith(".gguf"):
+        recover_directory(name_or_path)  # a no-op unless a hidden ".<name>.<random>.old/<name>/" is there
     name_or_path, gguf_file = split_gguf(name_or_path, gguf_file, flag)
     looks_local = os.path.sep in name_or_path or name_or_path.startswith(".") or os.path.exists(name_or_path)
     if looks_local and not os.path.isdir(name_or_path):

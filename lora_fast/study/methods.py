@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from lora_fast.adapters import AdapterError, base_model_name, check_tensors, read_json_config, read_safetensors
-from lora_fast.io import atomic_save_tensors
+from lora_fast.io import atomic_save_tensors, recover_directory
 from lora_fast.layers import in_out_features, is_linear_layer
 
 __all__ = [
@@ -357,6 +357,7 @@ def _save_files(
 
 
 def _read_config(directory: Path, filename: str, method: str) -> dict:
+    recover_directory(directory)  # a folder a killed whole-folder save left aside
     if not directory.is_dir():
         raise AdapterError(f"folder {directory} does not exist")
     path = directory / filename

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from lora_fast import AdapterError, apply_lora, find_targets, load_adapter, save_adapter
-from lora_fast.io import atomic_directory
+from lora_fast.io import atomic_directory, recover_directory
 from lora_fast.model import check_untied
 from lora_fast.study.errors import UsageError, first_line
 from lora_fast.study.methods import (
@@ -59,7 +59,9 @@ def _save_full(model: nn.Module, tokenizer, directory: PathLike) -> None:
 
 def _load_full(model: nn.Module, directory: PathLike, cfg: Any) -> nn.Module:
     """Every weight of ``model`` from the folder ``_save_full`` wrote (one file or shards), strictly: a key missing,
-    unexpected or of another shape is an AdapterError and ``model`` is left as it was."""
+    unexpected or of another shape is an AdapterError and ``model`` is left as it was. A folder a killed save left
+    aside (``lora_fast.io.recover_directory``) is put back first."""
+    recover_directory(directory)
     try:
         saved, info = type(model).from_pretrained(
             str(directory), config=copy.deepcopy(model.config), dtype=model.dtype, output_loading_info=True

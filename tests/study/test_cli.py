@@ -217,6 +217,23 @@ def test_overwrite_starts_afresh_and_keeps_other_files(tiny_gpt2, finished_run, 
     assert (out / "stdout.txt").is_file()  # not a run file: left alone
 
 
+def test_an_adapter_folder_left_aside_by_a_killed_save_is_accepted(tmp_path):
+    (tmp_path / ".adapter_best.a1b2c3d4.old" / "adapter_best").mkdir(parents=True)
+    cfg = train_sentiment.parse_config(["--adapter", str(tmp_path / "adapter_best")])
+    assert train_sentiment.check_config(cfg, 1, torch.device("cpu")) is None  # not "no such folder": it is back
+    assert (tmp_path / "adapter_best").is_dir()
+
+
+def test_overwrite_also_removes_a_run_folder_a_killed_save_left_aside(tmp_path):
+    out = tmp_path / "run"
+    (out / ".adapter_best.a1b2c3d4.old" / "adapter_best").mkdir(parents=True)  # the old run's best weights
+    (out / "config.json").write_text("{}")
+    cfg = train_sentiment.parse_config(["--overwrite", "--out", str(out)])
+    train_sentiment.open_run_folder(cfg, out, log=lambda *args: None)
+    # No loader of the new run can put the old run's weights back as its own adapter_best/.
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
 def test_resume_without_a_checkpoint_says_so_and_starts_afresh(tiny_gpt2, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_sentiment.main(list(map(str, short_run(tiny_gpt2, out, "--max-steps", 1, "--resume")))) == 0
@@ -338,3 +355,27 @@ def test_atomic_writes_follow_the_umask_and_leave_it_as_it_was(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o664
     assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o775
+
+
+def test_the_umask_is_read_without_setting_it_where_proc_reports_it(tmp_path, monkeypatch):
+    import lora_fast.io as io
+
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nUmask:\t0077\nState:\tR (running)\n")
+    calls = []
+    real_umask = os.umask
+    monkeypatch.setattr(io.os, "umask", lambda mask: calls.append(mask) or real_umask(mask))
+    monkeypatch.setattr(io, "_PROC_STATUS", str(status))
+    old = real_umask(0o027)
+    try:
+        assert io._umask() == 0o077 and calls == []  # the status line, not the set-and-restore
+        io.atomic_write_text(tmp_path / "a.txt", "x")
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o600  # 0o666 & ~0o077
+        monkeypatch.setattr(io, "_PROC_STATUS", str(tmp_path / "no-such-file"))
+        assert io._umask() == 0o027 and calls == [0o022, 0o027]  # elsewhere: set, then put straight back
+        if os.path.isfile("/proc/self/status"):
+            monkeypatch.setattr(io, "_PROC_STATUS", "/proc/self/status")
+            calls.clear()
+            assert io._umask() == 0o027 and calls == []
+    finally:
+        real_umask(old)

@@ -95,6 +95,27 @@ def test_conversion_refuses_a_missing_file_and_a_used_folder(tmp_path, capsys):
     assert (tmp_path / "used" / "keep.txt").read_text() == "mine"
 
 
+def _strand(folder, holder):
+    """Move ``folder`` where a kill between atomic_directory's two renames leaves it: ``holder/<its name>``."""
+    holder.mkdir()
+    folder.rename(holder / folder.name)
+
+
+def test_a_model_folder_left_aside_by_a_killed_save_is_put_back_not_overwritten(tmp_path, gpt2_tokenizer):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_gpt2_config()).eval()
+    gguf.save_model_folder(model, gpt2_tokenizer, tmp_path / "m")
+    _strand(tmp_path / "m", tmp_path / ".m.a1b2c3d4.old")
+    with pytest.raises(ModelLoadError, match="not an empty folder"):  # it is back, so it is not written over
+        gguf.save_model_folder(GPT2LMHeadModel(tiny_gpt2_config()), gpt2_tokenizer, tmp_path / "m")
+    _strand(tmp_path / "m", tmp_path / ".m.e5f6g7h8.old")
+    loaded, _ = load_causal_lm(str(tmp_path / "m"))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 # ---------------------------------------------------------------- LoRA's default targets
 
 

@@ -43,6 +43,20 @@ def test_round_trip_gives_back_the_trained_model(name, tmp_path, gpt2_tokenizer)
     assert METHODS[name].load(model, tmp_path / "saved", CFG) is model
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_folder_left_aside_by_a_killed_save_is_put_back_and_loads(name, tmp_path, gpt2_tokenizer):
+    model = trained(name)
+    METHODS[name].save(model, gpt2_tokenizer, tmp_path / "stash")
+    holder = tmp_path / ".adapter_best.q1w2e3r4.old"  # where atomic_directory moves the old folder before the new
+    holder.mkdir()
+    (tmp_path / "stash").rename(holder / "adapter_best")
+    loaded = METHODS[name].load(fresh() if name != "full" else fresh(seed=1), tmp_path / "adapter_best", CFG)
+    ids = torch.tensor([[464, 3290, 318, 257, 1332]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_best"]
+
+
 def test_lora_loads_through_load_adapter_checks(tmp_path, gpt2_tokenizer):
     METHODS["lora"].save(trained("lora"), gpt2_tokenizer, tmp_path / "a")
     state = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
