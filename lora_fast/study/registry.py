@@ -9,7 +9,8 @@ prepared one as training's starting point, and the best-checkpoint score).
   files too) and refused unless every weight of the model is in it and nothing else;
 - ``bitfit``: the biases; ``adapter``: the bottleneck adapters (``methods``' strict files).
 
-Every folder is written atomically, so a run killed mid-save keeps the previous one. ``lora``'s ``prepare`` checks
+Every save is atomic (``full``: the whole folder, swapped in; the others: each of their two files, weights first),
+so a run killed mid-save keeps the previous one, or a pair of files the loader checks. ``lora``'s ``prepare`` checks
 ``--targets`` against the model first: a target list that hits nothing, or hits a layer LoRA cannot wrap or a tied
 weight, is a one-line ``UsageError`` naming the flag (``check_config`` has refused bad ranks and dropouts already).
 ``cfg`` is the run's config (``train_sentiment.Config``): each method reads the fields it needs. A new method is one
