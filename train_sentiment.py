@@ -32,7 +32,7 @@ from lora_fast.io import atomic_write_json, recover_directory
 from lora_fast.study import distributed
 from lora_fast.study.causal_lm import LastTokenLM, default_targets, load_causal_lm, use_fused_gelu
 from lora_fast.study.checkpoint import require_finite, resume, save_checkpoint
-from lora_fast.study.cli import dataclass_parser, opt, parse_flags, report_errors
+from lora_fast.study.cli import check_numbers, dataclass_parser, opt, parse_flags, report_errors
 from lora_fast.study.data import load_splits, subset
 from lora_fast.study.errors import NonFiniteError, UsageError
 from lora_fast.study.evaluate import score_split, val_loss
@@ -160,8 +160,8 @@ LEAST = dict(r=1, max_length=1, batch_size=1, grad_accum=1, max_steps=1, eval_ev
              warmup_steps=0, seed=0)  # fmt: skip
 # Real flags: (low, whether low itself is allowed, high (never allowed)); NaN and inf never are.
 INTERVALS = {"lr": (0, False, math.inf), "alpha": (-math.inf, False, math.inf), "lora_dropout": (0, True, 1),
-             "dropout": (0, True, 1), "weight_decay": (0, True, math.inf),
-             "grad_clip": (0, True, math.inf)}  # fmt: skip
+             "dropout": (0, True, 1), "weight_decay": (0, True, math.inf), "grad_clip": (0, True, math.inf),
+             "betas": (0, True, 1)}  # fmt: skip
 # What a run writes to --out: an --out holding any of them holds a run.
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "val_loss.png", "adapter_best",
              "adapter_last")  # fmt: skip
@@ -170,17 +170,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "v
 def check_config(cfg: Config, world: int, device: torch.device) -> None:
     """Refuse a bad flag or combination before anything loads: a UsageError naming the flag, what it must be and what
     it is. (``--targets`` needs the model: the lora method checks it right after loading, before any evaluation.)"""
-    flag = lambda name: "--" + name.replace("_", "-")
-    for name, least in LEAST.items():
-        if getattr(cfg, name) is not None and getattr(cfg, name) < least:
-            raise UsageError(f"{flag(name)} {getattr(cfg, name)}: must be at least {least}")
-    for name, (low, closed, high) in INTERVALS.items():
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and (low < value or (closed and value == low)) and value < high):
-            where = f" in {'[('[not closed]}{low:g}, {high:g})" if low > -math.inf else ""
-            raise UsageError(f"{flag(name)} {value}: must be a finite number{where}")
-    if not all(0 <= b < 1 for b in cfg.betas):
-        raise UsageError(f"--betas {' '.join(map(str, cfg.betas))}: each must be in [0, 1)")
+    check_numbers(cfg, LEAST, INTERVALS)
     if cfg.grad_accum % world:
         raise UsageError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes")
     if cfg.stop_after_step is not None and cfg.stop_after_step > cfg.max_steps:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -27,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.activations import NewGELUActivation
 
 from lora_fast.io import recover_directory
+from lora_fast.model import check_untied, find_targets
 from lora_fast.study.errors import ModelLoadError, UsageError, first_line
 from lora_fast.study.gguf import load_gguf, split_gguf
 
@@ -34,6 +36,7 @@ __all__ = [
     "ATTENTION_PROJECTIONS",
     "PLAIN_HEAD_MODEL_TYPES",
     "default_targets",
+    "check_targets",
     "load_causal_lm",
     "use_fused_gelu",
     "LastTokenLM",
@@ -63,6 +66,18 @@ def default_targets(model_type: str | None, output_projection: bool = True, flag
         )
     inputs, output = ATTENTION_PROJECTIONS[model_type]
     return list(inputs) + (list(output) if output_projection else [])
+
+
+def check_targets(model: nn.Module, targets: Sequence[str], flag: str = "--targets") -> None:
+    """The checks of LoRA's target list that need the model (``find_targets``: each hits an ``nn.Linear``/``Conv1D``,
+    something is hit; ``check_untied``: no tied weight), with their refusals as one-line UsageErrors naming ``flag``:
+    they are the user's to fix. Run right after the model loads, so ``apply_lora``, later, raises only on a bug."""
+    try:
+        with warnings.catch_warnings():  # a partly unmatched list warns once, from apply_lora
+            warnings.simplefilter("ignore")
+            check_untied(model, find_targets(model, targets))
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{flag} {' '.join(map(str, targets))}: {first_line(exc, 400)}") from None
 
 
 def _set_dropout(config, dropout: float | None) -> None:

@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import copy
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from torch import nn
 
-from lora_fast import AdapterError, apply_lora, find_targets, load_adapter, save_adapter
+from lora_fast import AdapterError, apply_lora, load_adapter, save_adapter
 from lora_fast.io import atomic_directory, recover_directory
-from lora_fast.model import check_untied
-from lora_fast.study.errors import UsageError, first_line
+from lora_fast.study.causal_lm import check_targets
+from lora_fast.study.errors import first_line
 from lora_fast.study.methods import (
     apply_bottleneck_adapters,
     load_bitfit,
@@ -77,15 +76,9 @@ def _load_full(model: nn.Module, directory: PathLike, cfg: Any) -> nn.Module:
 
 
 def _prepare_lora(model: nn.Module, cfg: Any) -> nn.Module:
-    """``apply_lora`` with the flags, after the checks of ``--targets`` that need the model (``find_targets``,
-    ``check_untied``): their refusals are the user's to fix, so they become one-line UsageErrors; anything
-    ``apply_lora`` raises after them is a bug and keeps its traceback."""
-    try:
-        with warnings.catch_warnings():  # a partly unmatched list warns once, from apply_lora below
-            warnings.simplefilter("ignore")
-            check_untied(model, find_targets(model, cfg.targets))
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"--targets {' '.join(map(str, cfg.targets))}: {first_line(exc, 400)}") from None
+    """``apply_lora`` with the flags, after the checks of ``--targets`` that need the model (``check_targets``: their
+    refusals are one-line UsageErrors); anything ``apply_lora`` raises after them is a bug and keeps its traceback."""
+    check_targets(model, cfg.targets)
     return apply_lora(model, cfg.targets, cfg.r, cfg.alpha, cfg.lora_dropout, cfg.rslora, cfg.backend)
 
 

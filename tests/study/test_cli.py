@@ -54,7 +54,7 @@ def test_a_bad_flag_is_one_line_before_anything_loads_and_leaves_no_folder(tiny_
         (["--lora-dropout", "1.5"], "--lora-dropout 1.5: must be a finite number in [0, 1)"),
         (["--lr", "0"], "--lr 0.0: must be a finite number in (0, inf)"),
         (["--alpha", "nan"], "--alpha nan: must be a finite number"),
-        (["--betas", "0.9", "1"], "--betas 0.9 1.0: each must be in [0, 1)"),
+        (["--betas", "0.9", "1"], "--betas 0.9 1.0: each must be a finite number in [0, 1)"),
         (["--adapter", "/nonexistent/adapter"], "--adapter /nonexistent/adapter: no such folder"),
         (["--resume", "--overwrite"], "--overwrite starts a run afresh; --resume resumes one"),
         (["--device", "gpu"], "--device 'gpu': expected auto, cpu, cuda or cuda:N"),
