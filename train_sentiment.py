@@ -30,7 +30,7 @@ from tqdm import tqdm
 from lora_fast import BACKENDS, AdapterError
 from lora_fast.io import atomic_write_json, recover_directory
 from lora_fast.study import distributed
-from lora_fast.study.causal_lm import LastTokenLM, default_targets, load_causal_lm, use_fused_gelu
+from lora_fast.study.causal_lm import LastTokenLM, default_targets, load_causal_lm, max_positions, use_fused_gelu
 from lora_fast.study.checkpoint import require_finite, resume, save_checkpoint
 from lora_fast.study.cli import check_numbers, dataclass_parser, opt, parse_flags, report_errors
 from lora_fast.study.data import load_splits, subset
@@ -67,7 +67,9 @@ class Config:
     prompt: str = opt("default", "instruction wording (see docs/TRAINING.md)", choices=tuple(INSTRUCTIONS))
     instruction: str | None = opt(None, "instruction text to use instead of --prompt's")
     shots: int = opt(0, "k labelled train examples placed in every prompt (in-context few-shot)")
-    max_length: int = opt(256, "prompt tokens kept (cut from the left, so 'Label:' stays)")
+    max_length: int = opt(
+        256, "prompt tokens kept (cut from the left, so 'Label:' stays), at most the model's positions"
+    )
     # method
     method: str = opt("lora", "lora, full (everything), bitfit (biases), adapter (bottleneck)", choices=tuple(METHODS))
     r: int = opt(16, "LoRA rank")
@@ -173,6 +175,11 @@ def check_config(cfg: Config, world: int, device: torch.device) -> None:
     check_numbers(cfg, LEAST, INTERVALS)
     if cfg.grad_accum % world:
         raise UsageError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes")
+    if cfg.generation and cfg.max_length <= cfg.gen_tokens:
+        raise UsageError(
+            f"--max-length {cfg.max_length}: must be more than --gen-tokens {cfg.gen_tokens} (the generation metric "
+            f"keeps max-length - gen-tokens prompt tokens; --no-generation turns it off)"
+        )
     if cfg.stop_after_step is not None and cfg.stop_after_step > cfg.max_steps:
         raise UsageError(f"--stop-after-step {cfg.stop_after_step}: past --max-steps {cfg.max_steps}")
     if cfg.dtype in ("bf16", "fp16") and device.type != "cuda":
@@ -241,12 +248,26 @@ def prepare_model(cfg: Config, device: torch.device, log=print):
     return model.to(device).train(not cfg.eval_only), tokenizer
 
 
-def encode_data(cfg: Config, splits: dict, tokenizer, n_positions: int) -> list:
-    """[train, val, test] as prompts and token ids: seeded subsets, the instruction, the few-shot examples."""
+def prompt_length(cfg: Config, model) -> int:
+    """--max-length, at most the model's positions (``max_positions``): the length training's prompts, the validation
+    loss's and both metrics' are cut to. A model too short to leave the generation metric room for a prompt after
+    --gen-tokens is a UsageError."""
+    limit = max_positions(model.config)
+    max_length = cfg.max_length if limit is None else min(cfg.max_length, limit)
+    if cfg.generation and max_length <= cfg.gen_tokens:
+        raise UsageError(
+            f"--gen-tokens {cfg.gen_tokens}: the model has {limit} positions, which leaves no room for the prompt "
+            f"(pass fewer --gen-tokens, or --no-generation)"
+        )
+    return max_length
+
+
+def encode_data(cfg: Config, splits: dict, tokenizer, max_length: int) -> list:
+    """[train, val, test] as prompts and token ids (cut to ``max_length``, ``prompt_length``'s): seeded subsets, the
+    instruction, the few-shot examples."""
     instruction = resolve_instruction(cfg.prompt, cfg.instruction)
     shots = [(r["text"], r["label"]) for r in subset(splits["train"], cfg.shots, cfg.seed + 1)] if cfg.shots else []
     sizes = {"train": cfg.train_subset, "validation": cfg.max_val, "test": cfg.max_test}
-    max_length = min(cfg.max_length, n_positions)
     return [
         encode_split(subset(splits[s], n, cfg.seed), tokenizer, instruction, max_length, shots)
         for s, n in sizes.items()
@@ -272,9 +293,10 @@ def open_run_folder(cfg: Config, out: Path, log) -> None:
     log(f"run folder: {out}")
 
 
-def scorers(cfg: Config, model, tokenizer, val, test, device: torch.device, amp_dtype):
+def scorers(cfg: Config, model, tokenizer, val, test, device: torch.device, amp_dtype, max_length: int):
     """``validate()``: the validation loss (a NaN or inf one is a NonFiniteError: the weights diverged); ``score()``:
-    the test split's label-logit accuracy and, with --generation, the study's generation metric."""
+    the test split's label-logit accuracy and, with --generation, the study's generation metric, whose prompts are cut
+    to ``max_length`` (``prompt_length``'s, as training's) less --gen-tokens."""
     batching = {"device": device, "amp_dtype": amp_dtype, "padding_side": cfg.padding_side}
     pad, batch_size = tokenizer.pad_token_id, cfg.eval_batch_size
 
@@ -293,7 +315,7 @@ def scorers(cfg: Config, model, tokenizer, val, test, device: torch.device, amp_
         **batching,
         generation=cfg.generation,
         gen_tokens=cfg.gen_tokens,
-        max_length=cfg.max_length,
+        max_length=max_length,
     )
     return validate, score
 
@@ -338,11 +360,12 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     # --- data, model, the run folder (only once both have loaded), metrics
     splits = load_splits(cfg.data_dir, cfg.dataset)
     model, tokenizer = prepare_model(cfg, device, log)
-    train, val, test = encode_data(cfg, splits, tokenizer, getattr(model.config, "n_positions", cfg.max_length))
+    max_length = prompt_length(cfg, model)
+    train, val, test = encode_data(cfg, splits, tokenizer, max_length)
     if main:
         open_run_folder(cfg, out, log)
     amp_dtype, scaler = amp_setup(cfg, device)
-    validate, score = scorers(cfg, model, tokenizer, val, test, device, amp_dtype)
+    validate, score = scorers(cfg, model, tokenizer, val, test, device, amp_dtype, max_length)
     summary = describe(cfg, model, [train, val, test], device, world)
     if cfg.eval_only:
         return finish(out, {**summary, "test": {"eval": score()}}, t_start, device, main)

@@ -38,6 +38,7 @@ __all__ = [
     "default_targets",
     "check_targets",
     "load_causal_lm",
+    "max_positions",
     "use_fused_gelu",
     "LastTokenLM",
     "label_logits",
@@ -135,6 +136,15 @@ def load_causal_lm(
     if tokenizer.pad_token_id is None:
         raise ModelLoadError(f"the tokenizer of {what} has neither a pad token nor an end-of-sequence token")
     return model, tokenizer
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's positions cover (GPT-2's ``n_positions``, Llama's and most others'
+    ``max_position_embeddings``), or None when the config names no limit."""
+    for attr in ("n_positions", "max_position_embeddings"):
+        if isinstance(getattr(config, attr, None), int):
+            return getattr(config, attr)
+    return None
 
 
 def use_fused_gelu(model: nn.Module) -> int:

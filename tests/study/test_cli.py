@@ -59,6 +59,7 @@ def test_a_bad_flag_is_one_line_before_anything_loads_and_leaves_no_folder(tiny_
         (["--resume", "--overwrite"], "--overwrite starts a run afresh; --resume resumes one"),
         (["--device", "gpu"], "--device 'gpu': expected auto, cpu, cuda or cuda:N"),
         (["--stop-after-step", "5"], "--stop-after-step 5: past --max-steps 2"),
+        (["--generation", "--max-length", "3", "--gen-tokens", "3"], "--max-length 3: must be more than --gen-tok"),
         (["--r", "two"], "argument --r: invalid int value: 'two'"),
     ],
 )
@@ -73,6 +74,32 @@ def test_bad_flags_are_refused_by_name_before_loading(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert code == 2 and err.strip().splitlines() == [err.strip()] and message in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_max_length_is_cut_to_the_models_positions_for_training_and_both_metrics(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from lora_fast.study.tiny import make_tiny_gpt2
+    from tests.helpers import TOKENIZER_DIR
+
+    cfg = train_sentiment.parse_config(["--max-length", "256", "--gen-tokens", "3"])
+    for config, expected in [({"n_positions": 128}, 128), ({"max_position_embeddings": 64}, 64), ({}, 256)]:
+        assert train_sentiment.prompt_length(cfg, SimpleNamespace(config=SimpleNamespace(**config))) == expected
+    short = SimpleNamespace(config=SimpleNamespace(n_positions=3))
+    with pytest.raises(UsageError, match="--gen-tokens 3: the model has 3 positions, which leaves no room"):
+        train_sentiment.prompt_length(cfg, short)
+    no_generation = train_sentiment.parse_config(["--max-length", "256", "--gen-tokens", "3", "--no-generation"])
+    assert train_sentiment.prompt_length(no_generation, short) == 3
+    assert train_sentiment.check_config(no_generation, 1, torch.device("cpu")) is None  # no metric to leave room for
+
+    # A 32-position GPT-2 scored with --max-length 256 on reviews longer than 32 tokens: the generation metric's
+    # prompts are cut to 32 - 3 as well, not to 256 - 3 (past the position table).
+    model = make_tiny_gpt2(tmp_path / "short", TOKENIZER_DIR, n_positions=32)
+    argv = ["--model", model, "--data-dir", DATA_DIR, "--eval-only", "--generation", "--no-zero-shot", "--max-test", 4,
+            "--eval-batch-size", 4, "--out", tmp_path / "run"]  # fmt: skip
+    assert train_sentiment.main(list(map(str, argv))) == 0, capsys.readouterr().err[-2000:]
+    test = json.loads((tmp_path / "run" / "summary.json").read_text())["test"]["eval"]
+    assert set(test) == {"label_acc", "gen_acc", "gen_invalid"}
 
 
 def test_backend_triton_on_cpu_without_the_interpreter_is_refused(tmp_path, capsys, monkeypatch):
