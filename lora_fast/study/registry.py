@@ -5,8 +5,8 @@ prepared one as training's starting point, and the best-checkpoint score).
 
 - ``lora``: an HF PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``), loaded by
   ``lora_fast.load_adapter`` with all of its checks;
-- ``full``: the whole model and its tokenizer (a folder usable as ``--model``), loaded by ``from_pretrained`` (sharded
-  files too) and refused unless every weight of the model is in it and nothing else;
+- ``full``: the whole model and its tokenizer (``gguf.write_model_folder``: a folder usable as ``--model``), loaded by
+  ``from_pretrained`` (sharded files too) and refused unless every weight of the model is in it and nothing else;
 - ``bitfit``: the biases; ``adapter``: the bottleneck adapters (``methods``' strict files).
 
 Every save is atomic (``full``: the whole folder, swapped in; the others: each of their two files, weights first),
@@ -28,9 +28,10 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from lora_fast import AdapterError, apply_lora, load_adapter, save_adapter
-from lora_fast.io import atomic_directory, recover_directory
+from lora_fast.io import recover_directory
 from lora_fast.study.causal_lm import check_targets
 from lora_fast.study.errors import first_line
+from lora_fast.study.gguf import write_model_folder
 from lora_fast.study.methods import (
     apply_bottleneck_adapters,
     load_bitfit,
@@ -51,16 +52,10 @@ class Method(NamedTuple):
     load: Callable[[nn.Module, PathLike, Any], nn.Module]  # (fresh or prepared model, folder, cfg) -> the model
 
 
-def _save_full(model: nn.Module, tokenizer, directory: PathLike) -> None:
-    with atomic_directory(directory) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-
 def _load_full(model: nn.Module, directory: PathLike, cfg: Any) -> nn.Module:
-    """Every weight of ``model`` from the folder ``_save_full`` wrote (one file or shards), strictly: a key missing,
-    unexpected or of another shape is an AdapterError and ``model`` is left as it was. A folder a killed save left
-    aside (``lora_fast.io.recover_directory``) is put back first."""
+    """Every weight of ``model`` from the folder ``write_model_folder`` wrote (one file or shards), strictly: a key
+    missing, unexpected or of another shape is an AdapterError and ``model`` is left as it was. A folder a killed save
+    left aside (``lora_fast.io.recover_directory``) is put back first."""
     recover_directory(directory)
     try:
         saved, info = type(model).from_pretrained(
@@ -88,7 +83,7 @@ METHODS: dict[str, Method] = {
         save=lambda model, tokenizer, directory: save_adapter(model, directory),
         load=lambda model, directory, cfg: load_adapter(model, directory, backend=cfg.backend),
     ),
-    "full": Method(prepare=lambda model, cfg: model, save=_save_full, load=_load_full),
+    "full": Method(prepare=lambda model, cfg: model, save=write_model_folder, load=_load_full),
     "bitfit": Method(
         prepare=lambda model, cfg: prepare_bitfit(model),
         save=lambda model, tokenizer, directory: save_bitfit(model, directory),

@@ -27,18 +27,18 @@ from lora_fast.study.methods import (
     save_bottleneck_adapters,
 )
 from lora_fast.study.training import collate
-from tests.helpers import DATA_DIR, TOKENIZER_DIR, run_script, tiny_gpt2_config
+from tests.helpers import DATA_DIR, TOKENIZER_DIR, run_script, tiny_gpt2_config, tiny_llama_config
 
 SEQS = [[5, 17, 300, 4, 9, 11, 2], [7, 8, 9], [40, 41, 42, 43, 44]]  # three lengths: three distinct last positions
 
 
 def tiny_llama(vocab: int = 1000, seed: int = 0, **overrides) -> LlamaForCausalLM:
-    """A small random Llama with tied embeddings, as SmolLM2 has; no bias anywhere."""
+    """``tests.helpers``' small random Llama with tied embeddings, as SmolLM2 has (no bias anywhere), four query heads
+    sharing two key/value heads, and weights large enough (std 0.3) that a wrong head or row changes the logits."""
     torch.manual_seed(seed)
-    kw = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    kw = dict(vocab_size=vocab, num_attention_heads=4, max_position_embeddings=512, tie_word_embeddings=True,
               initializer_range=0.3)  # fmt: skip
-    return LlamaForCausalLM(LlamaConfig(**{**kw, **overrides})).eval()
+    return LlamaForCausalLM(tiny_llama_config(**{**kw, **overrides})).eval()
 
 
 def head_rows(model: nn.Module) -> list[int]:
