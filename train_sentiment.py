@@ -223,7 +223,8 @@ def amp_setup(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, to
 
 def prepare_model(cfg: Config, device: torch.device, log=print):
     """Load --model, then give it --method's trainable parts and, with --adapter, its saved weights (with --eval-only
-    only the saved ones); the model comes back on ``device``, in training mode unless --eval-only."""
+    only the saved ones); the model comes back on ``device``, in training mode unless --eval-only, when every
+    parameter is frozen (nothing trains, and the summary counts 0 trainable parameters)."""
     model, tokenizer = load_causal_lm(cfg.model, cfg.tokenizer, dropout=cfg.dropout, gguf_file=cfg.gguf_file)
     if cfg.method == "lora" and cfg.targets is None and not cfg.eval_only:
         cfg = dataclasses.replace(cfg, targets=default_targets(model.config.model_type))
@@ -243,6 +244,8 @@ def prepare_model(cfg: Config, device: torch.device, log=print):
             raise AdapterError(f"--adapter {cfg.adapter}: {exc}") from None
         if not cfg.eval_only:
             log(f"--adapter {cfg.adapter}: training starts from its weights, with a fresh optimizer and schedule")
+    if cfg.eval_only:
+        model.requires_grad_(False)  # loading an adapter leaves its weights trainable, and a bare model all of its own
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device).train(not cfg.eval_only), tokenizer

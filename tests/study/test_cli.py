@@ -102,6 +102,22 @@ def test_max_length_is_cut_to_the_models_positions_for_training_and_both_metrics
     assert set(test) == {"label_acc", "gen_acc", "gen_invalid"}
 
 
+@pytest.mark.parametrize("method", [None, "lora", "bitfit", "full"])
+def test_eval_only_freezes_the_model_so_the_summary_counts_nothing_trainable(tiny_gpt2, tmp_path, method):
+    from lora_fast.study.registry import METHODS
+    from lora_fast.study.report import parameter_summary
+
+    flags = ["--model", str(tiny_gpt2), "--eval-only"]
+    if method is not None:  # an adapter of the method, saved from a model prepared for training
+        cfg = train_sentiment.parse_config([*flags[:2], "--method", method, "--r", "4"])
+        model, tokenizer = train_sentiment.prepare_model(cfg, torch.device("cpu"), log=lambda *args: None)
+        METHODS[method].save(model, tokenizer, tmp_path / "adapter")
+        flags += ["--method", method, "--adapter", str(tmp_path / "adapter")]
+    model, _ = train_sentiment.prepare_model(train_sentiment.parse_config(flags), torch.device("cpu"))
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert parameter_summary(model)["trainable_params"] == 0 and parameter_summary(model)["trainable_pct"] == 0
+
+
 def test_backend_triton_on_cpu_without_the_interpreter_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
