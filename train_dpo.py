@@ -9,7 +9,9 @@
 4. Before and after: the mean P(positive) of sampled generations and the sampled sequence-level KL to the reference.
 
 Writes to ``--out``: ``config.json``, ``metrics.jsonl`` (one line per step and per evaluation), ``summary.json``,
-``adapter/`` (PEFT format, the ``--beta`` run), ``adapters/beta_<β>/`` (every run), ``reward_vs_kl.png``.
+``adapter/`` (PEFT format, the ``--beta`` run), ``adapters/beta_<β>/`` (every run), ``reward_vs_kl.png``. Every flag
+is checked before anything loads (``--targets`` right after the models have), and the run folder is written only once
+they have loaded; an ``--out`` that holds a run already is refused unless ``--overwrite`` says to start it afresh.
 
     python train_sentiment.py --model gpt2 --data-dir path/to/rotten_tomatoes --out runs/sentiment
     python train_dpo.py --model gpt2 --scorer runs/sentiment/adapter_best --data-dir path/to/rotten_tomatoes \\
@@ -19,6 +21,8 @@ Writes to ``--out``: ``config.json``, ``metrics.jsonl`` (one line per step and p
 from __future__ import annotations
 
 import dataclasses
+import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -28,9 +32,9 @@ import torch
 from tqdm import tqdm
 
 from lora_fast import apply_lora, count_parameters, load_adapter, lora_modules, save_adapter
-from lora_fast.io import atomic_write_json
-from lora_fast.study.causal_lm import default_targets, load_causal_lm
-from lora_fast.study.cli import dataclass_parser, opt, parse_flags, report_errors
+from lora_fast.io import atomic_write_json, recover_directory
+from lora_fast.study.causal_lm import check_targets, default_targets, load_causal_lm
+from lora_fast.study.cli import check_numbers, dataclass_parser, opt, parse_flags, report_errors
 from lora_fast.study.data import load_splits
 from lora_fast.study.distributed import resolve_device
 from lora_fast.study.dpo import (
@@ -82,18 +86,54 @@ class DPOConfig:
     seed: int = opt(0, "seed of prompts, sampling, LoRA init and batch order")
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when present)")
     out: str = opt("runs/dpo", "output folder")
+    overwrite: bool = opt(False, "start afresh in an --out that holds a run: its run files are replaced")
 
 
 def parse_args(argv: list[str] | None = None) -> DPOConfig:
-    parser = dataclass_parser(DPOConfig, __doc__)
-    cfg = DPOConfig(**parse_flags(parser, DPOConfig, argv))
-    if cfg.samples_per_prompt < 2:
-        parser.error("--samples-per-prompt must be at least 2: a pair needs two continuations")
+    return DPOConfig(**parse_flags(dataclass_parser(DPOConfig, __doc__), DPOConfig, argv))
+
+
+# Integer flags and their least value (a list's each element): a preference pair needs two continuations.
+LEAST = dict(num_prompts=1, samples_per_prompt=2, num_eval_prompts=1, eval_samples=1, prompt_tokens=1, max_new_tokens=1,
+             steps=1, batch_size=1, r=1, seed=0)  # fmt: skip
+# Real flags: (low, whether low itself is allowed, high (never allowed)); NaN and inf never are.
+INTERVALS = {"lr": (0, False, math.inf), "alpha": (-math.inf, False, math.inf), "beta": (0, False, math.inf),
+             "betas": (0, False, math.inf)}  # fmt: skip
+# What a run writes to --out: an --out holding any of them holds a run.
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "reward_vs_kl.png", "adapter", "adapters")
+
+
+def check_config(cfg: DPOConfig) -> None:
+    """Refuse a bad flag or combination before anything loads: a UsageError naming the flag, what it must be and what
+    it is. (``--targets`` needs the model: it is checked right after the models load, before any sampling.)"""
+    check_numbers(cfg, LEAST, INTERVALS)
+    lo, hi = cfg.prompt_tokens
+    if lo > hi:
+        raise UsageError(f"--prompt-tokens {lo} {hi}: MIN must be at most MAX")
     if cfg.scorer is None:
-        parser.error("--scorer DIR is required: a sentiment LoRA adapter saved by train_sentiment.py")
-    if any(b <= 0 for b in [cfg.beta, *(cfg.betas or [])]):
-        parser.error("betas must be > 0")
-    return cfg
+        raise UsageError("--scorer DIR is required: a sentiment LoRA adapter saved by train_sentiment.py")
+    recover_directory(cfg.scorer)  # a scorer folder a killed save left aside
+    if not (Path(cfg.scorer) / "adapter_config.json").is_file():
+        raise UsageError(f"--scorer {cfg.scorer}: no adapter_config.json there; train one with train_sentiment.py")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not cfg.overwrite:
+        raise UsageError(
+            f"--out {out} holds a run already ({', '.join(held)}): pass --overwrite to start it afresh, or another "
+            f"--out"
+        )
+
+
+def open_run_folder(cfg: DPOConfig, out: Path) -> None:
+    """The run folder, made once the models have loaded (a mistake before leaves none behind): with --overwrite the
+    old run's files go first (others stay; a folder a killed save left aside is put back, then goes too), then
+    config.json."""
+    for name in RUN_FILES if cfg.overwrite else ():
+        recover_directory(out / name)
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+    atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
 
 
 def load_models(cfg: DPOConfig, device: torch.device):
@@ -160,16 +200,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg: DPOConfig) -> int:
     device = resolve_device(cfg.device)
-    if not (Path(cfg.scorer) / "adapter_config.json").is_file():
-        raise UsageError(f"--scorer {cfg.scorer}: no adapter_config.json there; train one with train_sentiment.py")
+    check_config(cfg)
     splits = load_splits(cfg.data_dir)
 
-    # --- models, the run folder (once they have loaded), preference pairs
+    # --- models, the run folder (once they have loaded and --targets fits the policy), preference pairs
     torch.manual_seed(cfg.seed)
     policy, tokenizer, score = load_models(cfg, device)
+    targets = cfg.targets or default_targets(policy.config.model_type, output_projection=False)
+    check_targets(policy, targets)
     out = Path(cfg.out)
-    atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    open_run_folder(cfg, out)
     log = lambda record: append_metrics(out / "metrics.jsonl", record)
     print(f"run folder: {out}", flush=True)
     eos, (lo, hi) = tokenizer.eos_token_id, cfg.prompt_tokens
@@ -180,7 +220,6 @@ def run(cfg: DPOConfig) -> int:
 
     # --- a fresh LoRA, the reference log-probs (LoRA disabled), and the base model's reward and KL
     torch.manual_seed(cfg.seed)
-    targets = cfg.targets or default_targets(policy.config.model_type, output_projection=False)
     apply_lora(policy, targets, r=cfg.r, alpha=cfg.alpha)
     trainable, total = count_parameters(policy)
     init_state = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in lora_modules(policy)}

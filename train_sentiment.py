@@ -28,11 +28,11 @@ import torch
 from tqdm import tqdm
 
 from lora_fast import BACKENDS, AdapterError
-from lora_fast.io import atomic_write_json
+from lora_fast.io import atomic_write_json, recover_directory
 from lora_fast.study import distributed
-from lora_fast.study.causal_lm import LastTokenLM, default_targets, load_causal_lm, use_fused_gelu
+from lora_fast.study.causal_lm import LastTokenLM, default_targets, load_causal_lm, max_positions, use_fused_gelu
 from lora_fast.study.checkpoint import require_finite, resume, save_checkpoint
-from lora_fast.study.cli import dataclass_parser, opt, parse_flags, report_errors
+from lora_fast.study.cli import check_numbers, dataclass_parser, opt, parse_flags, report_errors
 from lora_fast.study.data import load_splits, subset
 from lora_fast.study.errors import NonFiniteError, UsageError
 from lora_fast.study.evaluate import score_split, val_loss
@@ -67,7 +67,9 @@ class Config:
     prompt: str = opt("default", "instruction wording (see docs/TRAINING.md)", choices=tuple(INSTRUCTIONS))
     instruction: str | None = opt(None, "instruction text to use instead of --prompt's")
     shots: int = opt(0, "k labelled train examples placed in every prompt (in-context few-shot)")
-    max_length: int = opt(256, "prompt tokens kept (cut from the left, so 'Label:' stays)")
+    max_length: int = opt(
+        256, "prompt tokens kept (cut from the left, so 'Label:' stays), at most the model's positions"
+    )
     # method
     method: str = opt("lora", "lora, full (everything), bitfit (biases), adapter (bottleneck)", choices=tuple(METHODS))
     r: int = opt(16, "LoRA rank")
@@ -160,8 +162,8 @@ LEAST = dict(r=1, max_length=1, batch_size=1, grad_accum=1, max_steps=1, eval_ev
              warmup_steps=0, seed=0)  # fmt: skip
 # Real flags: (low, whether low itself is allowed, high (never allowed)); NaN and inf never are.
 INTERVALS = {"lr": (0, False, math.inf), "alpha": (-math.inf, False, math.inf), "lora_dropout": (0, True, 1),
-             "dropout": (0, True, 1), "weight_decay": (0, True, math.inf),
-             "grad_clip": (0, True, math.inf)}  # fmt: skip
+             "dropout": (0, True, 1), "weight_decay": (0, True, math.inf), "grad_clip": (0, True, math.inf),
+             "betas": (0, True, 1)}  # fmt: skip
 # What a run writes to --out: an --out holding any of them holds a run.
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "val_loss.png", "adapter_best",
              "adapter_last")  # fmt: skip
@@ -170,19 +172,14 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "v
 def check_config(cfg: Config, world: int, device: torch.device) -> None:
     """Refuse a bad flag or combination before anything loads: a UsageError naming the flag, what it must be and what
     it is. (``--targets`` needs the model: the lora method checks it right after loading, before any evaluation.)"""
-    flag = lambda name: "--" + name.replace("_", "-")
-    for name, least in LEAST.items():
-        if getattr(cfg, name) is not None and getattr(cfg, name) < least:
-            raise UsageError(f"{flag(name)} {getattr(cfg, name)}: must be at least {least}")
-    for name, (low, closed, high) in INTERVALS.items():
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and (low < value or (closed and value == low)) and value < high):
-            where = f" in {'[('[not closed]}{low:g}, {high:g})" if low > -math.inf else ""
-            raise UsageError(f"{flag(name)} {value}: must be a finite number{where}")
-    if not all(0 <= b < 1 for b in cfg.betas):
-        raise UsageError(f"--betas {' '.join(map(str, cfg.betas))}: each must be in [0, 1)")
+    check_numbers(cfg, LEAST, INTERVALS)
     if cfg.grad_accum % world:
         raise UsageError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes")
+    if cfg.generation and cfg.max_length <= cfg.gen_tokens:
+        raise UsageError(
+            f"--max-length {cfg.max_length}: must be more than --gen-tokens {cfg.gen_tokens} (the generation metric "
+            f"keeps max-length - gen-tokens prompt tokens; --no-generation turns it off)"
+        )
     if cfg.stop_after_step is not None and cfg.stop_after_step > cfg.max_steps:
         raise UsageError(f"--stop-after-step {cfg.stop_after_step}: past --max-steps {cfg.max_steps}")
     if cfg.dtype in ("bf16", "fp16") and device.type != "cuda":
@@ -195,7 +192,7 @@ def check_config(cfg: Config, world: int, device: torch.device) -> None:
                 f"--backend triton on {device}: the Triton kernels need a CUDA device (or TRITON_INTERPRET=1, "
                 f"Triton's slow CPU interpreter); --backend auto takes them where CUDA is present"
             )
-    if cfg.adapter and not Path(cfg.adapter).is_dir():
+    if cfg.adapter and not (recover_directory(cfg.adapter) or Path(cfg.adapter).is_dir()):  # put back, or there
         raise UsageError(f"--adapter {cfg.adapter}: no such folder")
     if cfg.overwrite and (cfg.resume or cfg.sweep):
         raise UsageError(f"--overwrite starts a run afresh; {'--resume' if cfg.resume else '--sweep'} resumes one")
@@ -226,7 +223,8 @@ def amp_setup(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, to
 
 def prepare_model(cfg: Config, device: torch.device, log=print):
     """Load --model, then give it --method's trainable parts and, with --adapter, its saved weights (with --eval-only
-    only the saved ones); the model comes back on ``device``, in training mode unless --eval-only."""
+    only the saved ones); the model comes back on ``device``, in training mode unless --eval-only, when every
+    parameter is frozen (nothing trains, and the summary counts 0 trainable parameters)."""
     model, tokenizer = load_causal_lm(cfg.model, cfg.tokenizer, dropout=cfg.dropout, gguf_file=cfg.gguf_file)
     if cfg.method == "lora" and cfg.targets is None and not cfg.eval_only:
         cfg = dataclasses.replace(cfg, targets=default_targets(model.config.model_type))
@@ -246,17 +244,33 @@ def prepare_model(cfg: Config, device: torch.device, log=print):
             raise AdapterError(f"--adapter {cfg.adapter}: {exc}") from None
         if not cfg.eval_only:
             log(f"--adapter {cfg.adapter}: training starts from its weights, with a fresh optimizer and schedule")
+    if cfg.eval_only:
+        model.requires_grad_(False)  # loading an adapter leaves its weights trainable, and a bare model all of its own
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device).train(not cfg.eval_only), tokenizer
 
 
-def encode_data(cfg: Config, splits: dict, tokenizer, n_positions: int) -> list:
-    """[train, val, test] as prompts and token ids: seeded subsets, the instruction, the few-shot examples."""
+def prompt_length(cfg: Config, model) -> int:
+    """--max-length, at most the model's positions (``max_positions``): the length training's prompts, the validation
+    loss's and both metrics' are cut to. A model too short to leave the generation metric room for a prompt after
+    --gen-tokens is a UsageError."""
+    limit = max_positions(model.config)
+    max_length = cfg.max_length if limit is None else min(cfg.max_length, limit)
+    if cfg.generation and max_length <= cfg.gen_tokens:
+        raise UsageError(
+            f"--gen-tokens {cfg.gen_tokens}: the model has {limit} positions, which leaves no room for the prompt "
+            f"(pass fewer --gen-tokens, or --no-generation)"
+        )
+    return max_length
+
+
+def encode_data(cfg: Config, splits: dict, tokenizer, max_length: int) -> list:
+    """[train, val, test] as prompts and token ids (cut to ``max_length``, ``prompt_length``'s): seeded subsets, the
+    instruction, the few-shot examples."""
     instruction = resolve_instruction(cfg.prompt, cfg.instruction)
     shots = [(r["text"], r["label"]) for r in subset(splits["train"], cfg.shots, cfg.seed + 1)] if cfg.shots else []
     sizes = {"train": cfg.train_subset, "validation": cfg.max_val, "test": cfg.max_test}
-    max_length = min(cfg.max_length, n_positions)
     return [
         encode_split(subset(splits[s], n, cfg.seed), tokenizer, instruction, max_length, shots)
         for s, n in sizes.items()
@@ -273,16 +287,19 @@ def describe(cfg: Config, model, splits: list, device: torch.device, world: int)
 
 def open_run_folder(cfg: Config, out: Path, log) -> None:
     """The run folder, made once the model and data have loaded (a mistake before leaves none behind): with
-    --overwrite the old run's files go first (others stay), then config.json; the folder is printed."""
+    --overwrite the old run's files go first (others stay; a folder a killed save left aside is put back, then goes
+    too, so no later load finds the old run's weights), then config.json; the folder is printed."""
     for name in RUN_FILES if cfg.overwrite else ():
+        recover_directory(out / name)
         shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
     atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
     log(f"run folder: {out}")
 
 
-def scorers(cfg: Config, model, tokenizer, val, test, device: torch.device, amp_dtype):
+def scorers(cfg: Config, model, tokenizer, val, test, device: torch.device, amp_dtype, max_length: int):
     """``validate()``: the validation loss (a NaN or inf one is a NonFiniteError: the weights diverged); ``score()``:
-    the test split's label-logit accuracy and, with --generation, the study's generation metric."""
+    the test split's label-logit accuracy and, with --generation, the study's generation metric, whose prompts are cut
+    to ``max_length`` (``prompt_length``'s, as training's) less --gen-tokens."""
     batching = {"device": device, "amp_dtype": amp_dtype, "padding_side": cfg.padding_side}
     pad, batch_size = tokenizer.pad_token_id, cfg.eval_batch_size
 
@@ -301,7 +318,7 @@ def scorers(cfg: Config, model, tokenizer, val, test, device: torch.device, amp_
         **batching,
         generation=cfg.generation,
         gen_tokens=cfg.gen_tokens,
-        max_length=cfg.max_length,
+        max_length=max_length,
     )
     return validate, score
 
@@ -346,11 +363,12 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     # --- data, model, the run folder (only once both have loaded), metrics
     splits = load_splits(cfg.data_dir, cfg.dataset)
     model, tokenizer = prepare_model(cfg, device, log)
-    train, val, test = encode_data(cfg, splits, tokenizer, getattr(model.config, "n_positions", cfg.max_length))
+    max_length = prompt_length(cfg, model)
+    train, val, test = encode_data(cfg, splits, tokenizer, max_length)
     if main:
         open_run_folder(cfg, out, log)
     amp_dtype, scaler = amp_setup(cfg, device)
-    validate, score = scorers(cfg, model, tokenizer, val, test, device, amp_dtype)
+    validate, score = scorers(cfg, model, tokenizer, val, test, device, amp_dtype, max_length)
     summary = describe(cfg, model, [train, val, test], device, world)
     if cfg.eval_only:
         return finish(out, {**summary, "test": {"eval": score()}}, t_start, device, main)

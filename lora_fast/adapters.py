@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_fast.io import atomic_save_tensors
+from lora_fast.io import atomic_save_tensors, recover_directory
 from lora_fast.layers import in_out_features, is_linear_layer, lora_dtype, lora_scaling
 from lora_fast.model import (
     PEFT_PREFIX,
@@ -198,6 +198,7 @@ def save_adapter(
 def read_adapter_config(directory: str | os.PathLike) -> dict:
     """Read and check ``adapter_config.json``: a LoRA adapter this package implements exactly, or an AdapterError
     naming every field (and its value) that it does not (see :data:`PEFT_LORA_FIELDS`)."""
+    recover_directory(directory)
     path = Path(directory) / CONFIG_NAME
     config = read_json_config(path, "an adapter")
     if config.get("peft_type") != "LORA":
@@ -337,9 +338,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, backend: str = 
     The file's tensors are copied into the LoRA weights, whose dtype is ``apply_lora``'s (fp32 on an fp16/bf16 base,
     as PEFT's ``autocast_adapter_dtype``): an fp16 file loads into fp32 LoRA weights, and a file more precise than the
     LoRA weights is refused. Target names that match nothing are reported with ``warnings.warn`` (PEFT accepts them)
-    unless nothing matches. Everything is checked before the model is touched.
+    unless nothing matches. Everything is checked before the model is touched. A folder that a killed whole-folder
+    save left aside is put back first (``lora_fast.io.recover_directory``).
     """
     directory = Path(directory)
+    recover_directory(directory)
     if not directory.is_dir():
         raise AdapterError(f"adapter folder {directory} does not exist")
     config = read_adapter_config(directory)

@@ -2,11 +2,13 @@
 
 Each write goes to a temporary file beside the target (``.<name>.<random>.tmp``), is flushed to disk, then renamed
 over the target (``os.replace`` is atomic on POSIX and Windows). A whole folder (:func:`atomic_directory`) is written
-into a temporary sibling and swapped in. A weights file and its config (:func:`atomic_save_tensors`) are either such a
-folder, or two atomic files in a folder whose other files are left alone. Temporaries a killed process left behind
-are removed by the next successful write of the same target: one writer per target at a time. Files and folders get
-the modes a plain ``open``/``mkdir`` would give them under the process's umask (``tempfile`` makes its temporaries
-private, 0600 and 0700; they are widened to ``0o666 & ~umask`` and ``0o777 & ~umask`` before they replace the target).
+into a temporary sibling and swapped in; a kill between the swap's two renames leaves the old folder in a hidden
+sibling, which the next write of that folder, or :func:`recover_directory` (loaders call it), puts back. A weights
+file and its config (:func:`atomic_save_tensors`) are either such a folder, or two atomic files in a folder whose
+other files are left alone. Temporaries a killed process left behind are removed by the next successful write of the
+same target: one writer per target at a time. Files and folders get the modes a plain ``open``/``mkdir`` would give
+them under the process's umask (``tempfile`` makes its temporaries private, 0600 and 0700; they are widened to
+``0o666 & ~umask`` and ``0o777 & ~umask`` before they replace the target).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "atomic_torch_save",
     "atomic_directory",
     "atomic_save_tensors",
+    "recover_directory",
 ]
 
 
@@ -40,24 +43,62 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+# Linux (4.7 and later) reports the umask here, so it can be read without changing it.
+_PROC_STATUS = "/proc/self/status"
+
+
 def _umask() -> int:
-    """The process's umask (read by setting it and putting it straight back: there is no read-only call)."""
+    """The process's umask: the ``Umask:`` line of ``/proc/self/status`` where there is one; elsewhere by setting it
+    and putting it straight back (there is no read-only call; a file another thread creates in between gets 0o022's
+    modes)."""
+    with contextlib.suppress(OSError, ValueError), open(_PROC_STATUS) as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-def _remove_stale(path: Path, suffixes: tuple[str, ...] = ("tmp",)) -> None:
-    """Remove the temporaries of our own naming (``.<name>.<8 random chars>.<suffix>``, files or folders) that a
-    killed write of ``path`` left beside it."""
+def _ours(path: Path, suffixes: tuple[str, ...]) -> Iterator[Path]:
+    """The temporaries of our own naming (``.<name>.<8 random chars>.<suffix>``, files or folders) beside ``path``."""
     pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.(?:{'|'.join(suffixes)})")
     with contextlib.suppress(OSError):
-        for stale in path.parent.iterdir():
-            if pattern.fullmatch(stale.name):
-                if stale.is_dir() and not stale.is_symlink():
-                    shutil.rmtree(stale, ignore_errors=True)
-                else:
-                    stale.unlink(missing_ok=True)
+        yield from (p for p in path.parent.iterdir() if pattern.fullmatch(p.name))
+
+
+def _remove_stale(path: Path, suffixes: tuple[str, ...] = ("tmp",)) -> None:
+    """Remove the temporaries that a killed write of ``path`` left beside it."""
+    for stale in list(_ours(path, suffixes)):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def recover_directory(path: str | os.PathLike) -> bool:
+    """Put back the folder ``path`` when a write by :func:`atomic_directory` was killed between its two renames: the
+    old folder then sits alone in a hidden ``.<name>.<random>.old/`` beside ``path``, and ``path`` is missing. Returns
+    whether a folder was put back. Called by every atomic write of a folder before it starts, and by loaders before
+    they read; it moves a folder, so it too is a writer of ``path`` (not to be run while another process writes it)."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        return False
+    holders = [old for old in _ours(path, ("old",)) if (old / path.name).is_dir()]
+    if not holders:
+        return False
+    # The newest, should there be several: a holder's mtime is when the old folder was renamed into it.
+    holder = max(holders, key=lambda p: p.stat().st_mtime)
+    try:
+        os.replace(holder / path.name, path)
+    except OSError:
+        if path.is_dir():  # another process (a DDP rank loading the same folder) put it back first
+            return False
+        raise
+    with contextlib.suppress(OSError):  # now empty; the next write of ``path`` removes any other holder
+        holder.rmdir()
+    _fsync_dir(path.parent)
+    return True
 
 
 @contextlib.contextmanager
@@ -105,10 +146,13 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it replaces ``path`` (any old folder there is removed only after
-    the new one is in place). On error the temporary folder is removed and ``path`` is untouched."""
+    the new one is in place). On error the temporary folder is removed and ``path`` is untouched. A kill between the
+    two renames leaves the old folder in a hidden ``.old`` sibling: :func:`recover_directory` (run here first, and by
+    loaders) puts it back."""
     path = Path(path)
     _check_folder_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
@@ -163,6 +207,7 @@ def atomic_save_tensors(
             (tmp / config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return directory
     _check_folder_path(directory)
+    recover_directory(directory)  # a folder a killed whole-folder write left aside: its other files are kept too
     directory.mkdir(parents=True, exist_ok=True)
     with _atomic_file(directory / config_name) as config_tmp, _atomic_file(directory / weights_name) as weights_tmp:
         save_file(tensors, str(weights_tmp), metadata=metadata)

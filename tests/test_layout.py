@@ -1,8 +1,10 @@
 """The package's rooms and the direction of their imports: ``kernels/`` (installed as ``lora_fast.kernels``) imports
 torch and triton only, never ``lora_fast``; the library (``lora_fast/`` without ``study/``) never imports the study;
-and the library works with nothing installed but its own dependencies (torch, triton, safetensors)."""
+and the library works with nothing installed but its own dependencies (torch, triton, safetensors). The test files
+that the docs and sources name are where they say (the study's in ``tests/study/``)."""
 
 import ast
+import re
 import subprocess
 import sys
 import textwrap
@@ -91,3 +93,12 @@ def test_the_library_runs_without_the_study_dependencies(tmp_path):
         [sys.executable, "-c", code, str(tmp_path / "adapter")], cwd=tmp_path, capture_output=True, text=True
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_every_test_file_the_docs_and_comments_name_exists():
+    # The study's tests live in tests/study/, the library's in tests/: a path to a test file that moved is stale.
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *KERNELS, *LIBRARY, ROOT / "setup.py"]
+    texts += sorted((ROOT / "bench").glob("*.sh")) + sorted((ROOT / "bench").glob("*.py"))
+    named = {m for path in texts for m in re.findall(r"\btests/[\w/]*test_\w+\.py", path.read_text(encoding="utf-8"))}
+    assert len(named) >= 5  # the pattern finds the references it guards
+    assert sorted(name for name in named if not (ROOT / name).is_file()) == []

@@ -374,6 +374,49 @@ def test_stale_temporaries_are_removed_by_the_next_save(tmp_path):
     assert all(f.read_bytes() == b"user file" for f in keep)
 
 
+def test_a_kill_between_a_folder_swaps_renames_is_put_back(tmp_path, monkeypatch):
+    from lora_fast.io import atomic_directory, recover_directory
+
+    path = tmp_path / "best"
+    with atomic_directory(path) as tmp:
+        (tmp / "weights.bin").write_bytes(b"old")
+    _crash_on_replace(monkeypatch, 2)  # 1: the old folder into its hidden holder, 2: the new one into place
+    with pytest.raises(KeyboardInterrupt), atomic_directory(path) as tmp:
+        (tmp / "weights.bin").write_bytes(b"new")
+    monkeypatch.undo()
+    holders = [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
+    assert not path.exists() and len(holders) == 1 and (holders[0] / "best" / "weights.bin").read_bytes() == b"old"
+    (tmp_path / ".best.not-ours.old" / "best").mkdir(parents=True)  # not our naming: "-" is never drawn
+    assert recover_directory(path) is True
+    assert (path / "weights.bin").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".best.not-ours.old", "best"]  # its holder is gone
+    assert recover_directory(path) is False  # there already: nothing to do
+    assert recover_directory(tmp_path / "never") is False and not (tmp_path / "never").exists()
+
+
+def test_a_folder_write_after_a_kill_starts_from_the_old_folder(tmp_path):
+    from lora_fast.io import atomic_directory
+
+    path = tmp_path / "best"
+    (tmp_path / ".best.a1b2c3d4.old" / "best").mkdir(parents=True)
+    (tmp_path / ".best.a1b2c3d4.old" / "best" / "weights.bin").write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="failed"), atomic_directory(path):
+        raise RuntimeError("the write failed")
+    assert (path / "weights.bin").read_bytes() == b"old"  # a failed write keeps the old folder, put back first
+    with atomic_directory(path) as tmp:
+        (tmp / "weights.bin").write_bytes(b"new")
+    assert (path / "weights.bin").read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_a_lora_adapter_left_aside_by_a_kill_loads(tmp_path):
+    model = _tuned(1)
+    save_adapter(model, tmp_path / "stash")
+    (tmp_path / ".adapter.k2j4h1x9.old").mkdir()
+    (tmp_path / "stash").rename(tmp_path / ".adapter.k2j4h1x9.old" / "adapter")
+    assert torch.equal(_logits(load_adapter(_gpt2(), tmp_path / "adapter")), _logits(model))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
 # ---------------------------------------------------------------- half-precision adapter files
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +27,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.activations import NewGELUActivation
 
+from lora_fast.io import recover_directory
+from lora_fast.model import check_untied, find_targets
 from lora_fast.study.errors import ModelLoadError, UsageError, first_line
 from lora_fast.study.gguf import load_gguf, split_gguf
 
@@ -33,7 +36,9 @@ __all__ = [
     "ATTENTION_PROJECTIONS",
     "PLAIN_HEAD_MODEL_TYPES",
     "default_targets",
+    "check_targets",
     "load_causal_lm",
+    "max_positions",
     "use_fused_gelu",
     "LastTokenLM",
     "label_logits",
@@ -64,6 +69,18 @@ def default_targets(model_type: str | None, output_projection: bool = True, flag
     return list(inputs) + (list(output) if output_projection else [])
 
 
+def check_targets(model: nn.Module, targets: Sequence[str], flag: str = "--targets") -> None:
+    """The checks of LoRA's target list that need the model (``find_targets``: each hits an ``nn.Linear``/``Conv1D``,
+    something is hit; ``check_untied``: no tied weight), with their refusals as one-line UsageErrors naming ``flag``:
+    they are the user's to fix. Run right after the model loads, so ``apply_lora``, later, raises only on a bug."""
+    try:
+        with warnings.catch_warnings():  # a partly unmatched list warns once, from apply_lora
+            warnings.simplefilter("ignore")
+            check_untied(model, find_targets(model, targets))
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{flag} {' '.join(map(str, targets))}: {first_line(exc, 400)}") from None
+
+
 def _set_dropout(config, dropout: float | None) -> None:
     if dropout is not None:
         for attr in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout"):
@@ -83,7 +100,10 @@ def load_causal_lm(
     names one) or a GGUF file (``name_or_path`` ending in ``.gguf``, or a folder plus ``gguf_file``: dequantised to
     ``dtype`` by ``lora_fast.study.gguf.load_gguf``). ``dropout`` sets the model's residual, embedding and attention
     dropout (None keeps the config's). The tokenizer gets ``pad = eos`` when it has no pad token, as GPT-2's has
-    none. Errors are ModelLoadError naming ``flag``, the command-line option the name came from."""
+    none. Errors are ModelLoadError naming ``flag``, the command-line option the name came from. A model folder that a
+    killed save (``--method full``, ``gguf.save_model_folder``) left aside is put back first."""
+    if not name_or_path.endswith(".gguf"):
+        recover_directory(name_or_path)  # a no-op unless a hidden ".<name>.<random>.old/<name>/" is there
     name_or_path, gguf_file = split_gguf(name_or_path, gguf_file, flag)
     looks_local = os.path.sep in name_or_path or name_or_path.startswith(".") or os.path.exists(name_or_path)
     if looks_local and not os.path.isdir(name_or_path):
@@ -116,6 +136,15 @@ def load_causal_lm(
     if tokenizer.pad_token_id is None:
         raise ModelLoadError(f"the tokenizer of {what} has neither a pad token nor an end-of-sequence token")
     return model, tokenizer
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's positions cover (GPT-2's ``n_positions``, Llama's and most others'
+    ``max_position_embeddings``), or None when the config names no limit."""
+    for attr in ("n_positions", "max_position_embeddings"):
+        if isinstance(getattr(config, attr, None), int):
+            return getattr(config, attr)
+    return None
 
 
 def use_fused_gelu(model: nn.Module) -> int:
@@ -171,8 +200,8 @@ class LastTokenLM(nn.Module):
     token only, on every model. A module (not a function) so that DDP can wrap it and see every forward.
 
     - Models of ``PLAIN_HEAD_MODEL_TYPES``: the body (``model.base_model``) runs over the prompt, the hidden state at
-      each sequence's last real token is gathered and only those ``B`` rows go through the head (with ``label_ids``,
-      only those rows of the head's weight).
+      each sequence's last real token is gathered and only those ``B`` rows go through the head (with ``label_ids``
+      and a plain ``nn.Linear`` head, only those rows of its weight; a wrapped head, e.g. with LoRA, runs whole).
     - With ``last_block_rows_only`` (default) and a GPT-2 model, the last transformer block also runs at those ``B``
       rows only: blocks ``0..L-2`` run as HF runs them, then the last block's ``c_attn`` runs over all positions (its
       keys and values are needed everywhere) while the query, attention output projection, MLP, both layer norms,
@@ -211,7 +240,9 @@ class LastTokenLM(nn.Module):
         head = self.model.get_output_embeddings()
         if label_ids is None:
             return head(h)
-        # Only the label rows of the head: (B, C) @ (C, 2).
+        if type(head) is not nn.Linear:  # a wrapper (LoRALinear, ...) adds to its weight: its own forward, then pick
+            return head(h)[:, list(label_ids)]
+        # Only the label rows of a plain head: (B, C) @ (C, 2).
         weight = head.weight[torch.as_tensor(list(label_ids), device=h.device)]
         bias = None if getattr(head, "bias", None) is None else head.bias[list(label_ids)]
         return F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))

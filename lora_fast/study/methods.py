@@ -20,9 +20,12 @@ adapters train (Houlsby also trained the LayerNorms; we do not). For GPT-2 small
 + (4·768 + 768)) = 165,984`` trainable parameters (0.133%); for SmolLM2-135M, ``60 · (576·4 + 4 + 4·576 + 576) =
 311,280`` (0.231%).
 
-Both methods save to their own folder: one safetensors file plus a JSON config, written atomically, and loaded
-strictly through the library's adapter-file checks (a missing or unexpected key, a wrong shape or dim, a corrupt
-file: an ``AdapterError`` naming the problem, and the model left exactly as it was).
+Both methods save to their own folder: one safetensors file plus a JSON config, each written atomically as
+``save_adapter`` writes LoRA's (the weights first, then the config; other files in the folder are left alone, and the
+folder itself is never missing), and loaded strictly through the library's adapter-file checks (a missing or
+unexpected key, a wrong shape or dim, a corrupt file: an ``AdapterError`` naming the problem, and the model left
+exactly as it was). After a kill between the two renames the new weights sit beside the previous config: they load
+when the two agree (names, shapes, dim, added biases: always so for two saves of one run) and are refused otherwise.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 from torch import nn
 
 from lora_fast.adapters import AdapterError, base_model_name, check_tensors, read_json_config, read_safetensors
-from lora_fast.io import atomic_save_tensors
+from lora_fast.io import atomic_save_tensors, recover_directory
 from lora_fast.layers import in_out_features, is_linear_layer
 
 __all__ = [
@@ -347,16 +350,17 @@ def _save_files(
     model: nn.Module, directory, state: dict[str, torch.Tensor], method: str, weights: str, config: str, **fields
 ) -> Path:
     """``state`` as the safetensors file ``weights`` and its JSON ``config`` (the method, the base model, ``fields``,
-    every tensor's shape, the parameter count), one folder written atomically."""
+    every tensor's shape, the parameter count) in ``directory``, each file written atomically, the weights first."""
     meta = {"method": method, "base_model_name_or_path": base_model_name(model), **fields}
     meta |= {
         "shapes": {k: list(t.shape) for k, t in state.items()},
         "num_parameters": sum(t.numel() for t in state.values()),
     }
-    return atomic_save_tensors(directory, state, weights, config, meta)
+    return atomic_save_tensors(directory, state, weights, config, meta, whole_folder=False)
 
 
 def _read_config(directory: Path, filename: str, method: str) -> dict:
+    recover_directory(directory)  # a folder a killed whole-folder save left aside
     if not directory.is_dir():
         raise AdapterError(f"folder {directory} does not exist")
     path = directory / filename

@@ -5,11 +5,12 @@ prepared one as training's starting point, and the best-checkpoint score).
 
 - ``lora``: an HF PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``), loaded by
   ``lora_fast.load_adapter`` with all of its checks;
-- ``full``: the whole model and its tokenizer (a folder usable as ``--model``), loaded by ``from_pretrained`` (sharded
-  files too) and refused unless every weight of the model is in it and nothing else;
+- ``full``: the whole model and its tokenizer (``gguf.write_model_folder``: a folder usable as ``--model``), loaded by
+  ``from_pretrained`` (sharded files too) and refused unless every weight of the model is in it and nothing else;
 - ``bitfit``: the biases; ``adapter``: the bottleneck adapters (``methods``' strict files).
 
-Every folder is written atomically, so a run killed mid-save keeps the previous one. ``lora``'s ``prepare`` checks
+Every save is atomic (``full``: the whole folder, swapped in; the others: each of their two files, weights first),
+so a run killed mid-save keeps the previous one, or a pair of files the loader checks. ``lora``'s ``prepare`` checks
 ``--targets`` against the model first: a target list that hits nothing, or hits a layer LoRA cannot wrap or a tied
 weight, is a one-line ``UsageError`` naming the flag (``check_config`` has refused bad ranks and dropouts already).
 ``cfg`` is the run's config (``train_sentiment.Config``): each method reads the fields it needs. A new method is one
@@ -20,17 +21,17 @@ from __future__ import annotations
 
 import copy
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from torch import nn
 
-from lora_fast import AdapterError, apply_lora, find_targets, load_adapter, save_adapter
-from lora_fast.io import atomic_directory
-from lora_fast.model import check_untied
-from lora_fast.study.errors import UsageError, first_line
+from lora_fast import AdapterError, apply_lora, load_adapter, save_adapter
+from lora_fast.io import recover_directory
+from lora_fast.study.causal_lm import check_targets
+from lora_fast.study.errors import first_line
+from lora_fast.study.gguf import write_model_folder
 from lora_fast.study.methods import (
     apply_bottleneck_adapters,
     load_bitfit,
@@ -51,15 +52,11 @@ class Method(NamedTuple):
     load: Callable[[nn.Module, PathLike, Any], nn.Module]  # (fresh or prepared model, folder, cfg) -> the model
 
 
-def _save_full(model: nn.Module, tokenizer, directory: PathLike) -> None:
-    with atomic_directory(directory) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-
 def _load_full(model: nn.Module, directory: PathLike, cfg: Any) -> nn.Module:
-    """Every weight of ``model`` from the folder ``_save_full`` wrote (one file or shards), strictly: a key missing,
-    unexpected or of another shape is an AdapterError and ``model`` is left as it was."""
+    """Every weight of ``model`` from the folder ``write_model_folder`` wrote (one file or shards), strictly: a key
+    missing, unexpected or of another shape is an AdapterError and ``model`` is left as it was. A folder a killed save
+    left aside (``lora_fast.io.recover_directory``) is put back first."""
+    recover_directory(directory)
     try:
         saved, info = type(model).from_pretrained(
             str(directory), config=copy.deepcopy(model.config), dtype=model.dtype, output_loading_info=True
@@ -74,15 +71,9 @@ def _load_full(model: nn.Module, directory: PathLike, cfg: Any) -> nn.Module:
 
 
 def _prepare_lora(model: nn.Module, cfg: Any) -> nn.Module:
-    """``apply_lora`` with the flags, after the checks of ``--targets`` that need the model (``find_targets``,
-    ``check_untied``): their refusals are the user's to fix, so they become one-line UsageErrors; anything
-    ``apply_lora`` raises after them is a bug and keeps its traceback."""
-    try:
-        with warnings.catch_warnings():  # a partly unmatched list warns once, from apply_lora below
-            warnings.simplefilter("ignore")
-            check_untied(model, find_targets(model, cfg.targets))
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"--targets {' '.join(map(str, cfg.targets))}: {first_line(exc, 400)}") from None
+    """``apply_lora`` with the flags, after the checks of ``--targets`` that need the model (``check_targets``: their
+    refusals are one-line UsageErrors); anything ``apply_lora`` raises after them is a bug and keeps its traceback."""
+    check_targets(model, cfg.targets)
     return apply_lora(model, cfg.targets, cfg.r, cfg.alpha, cfg.lora_dropout, cfg.rslora, cfg.backend)
 
 
@@ -92,7 +83,7 @@ METHODS: dict[str, Method] = {
         save=lambda model, tokenizer, directory: save_adapter(model, directory),
         load=lambda model, directory, cfg: load_adapter(model, directory, backend=cfg.backend),
     ),
-    "full": Method(prepare=lambda model, cfg: model, save=_save_full, load=_load_full),
+    "full": Method(prepare=lambda model, cfg: model, save=write_model_folder, load=_load_full),
     "bitfit": Method(
         prepare=lambda model, cfg: prepare_bitfit(model),
         save=lambda model, tokenizer, directory: save_bitfit(model, directory),

@@ -3,7 +3,9 @@ software versions stamped into ``summary.json``, the loss plot, and the summary 
 
 A record is ``{"step", "train_loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb"}`` plus ``"val_loss"`` on
 evaluation steps. ``plot_val_loss`` draws one run (train and validation loss) or several (validation loss each, as a
-sweep's combined plot) from those files.
+sweep's combined plot) from those files. A record is appended as one write of one line; a run killed in that write
+leaves its last line cut short, which ``read_metrics`` skips with a warning (and ``trim_metrics``, on ``--resume``,
+drops from the file); any other line that is not a JSON object is refused, naming the file and the line.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,6 +22,7 @@ from torch import nn
 
 from lora_fast import count_parameters
 from lora_fast.io import atomic_write_text
+from lora_fast.study.errors import StudyError
 
 __all__ = [
     "versions",
@@ -54,9 +58,30 @@ def parameter_summary(model: nn.Module) -> dict:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a ``metrics.jsonl``, in order; none when the file does not exist."""
+    """The records of a ``metrics.jsonl``, in order; none when the file does not exist. A last line without its
+    newline that is not a record (a run killed while appending it) is skipped with a warning; any other line that is
+    not a JSON object is a StudyError naming the file and the line."""
     path = Path(path)
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.is_file() else []
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            record, problem = None, f"not JSON ({exc})"
+        else:
+            problem = f"a JSON {type(record).__name__}, not an object"
+        if isinstance(record, dict):
+            records.append(record)
+        elif lineno == len(lines):  # no newline after it: the write of this line never finished
+            warnings.warn(f"{path}:{lineno}: the last line is cut short (a killed write); skipped", stacklevel=2)
+        else:
+            raise StudyError(f"{path}:{lineno}: {problem}; the file is corrupt (remove that line to go on)")
+    return records
 
 
 def append_metrics(path: str | os.PathLike, record: dict) -> None:

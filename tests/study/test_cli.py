@@ -54,11 +54,12 @@ def test_a_bad_flag_is_one_line_before_anything_loads_and_leaves_no_folder(tiny_
         (["--lora-dropout", "1.5"], "--lora-dropout 1.5: must be a finite number in [0, 1)"),
         (["--lr", "0"], "--lr 0.0: must be a finite number in (0, inf)"),
         (["--alpha", "nan"], "--alpha nan: must be a finite number"),
-        (["--betas", "0.9", "1"], "--betas 0.9 1.0: each must be in [0, 1)"),
+        (["--betas", "0.9", "1"], "--betas 0.9 1.0: each must be a finite number in [0, 1)"),
         (["--adapter", "/nonexistent/adapter"], "--adapter /nonexistent/adapter: no such folder"),
         (["--resume", "--overwrite"], "--overwrite starts a run afresh; --resume resumes one"),
         (["--device", "gpu"], "--device 'gpu': expected auto, cpu, cuda or cuda:N"),
         (["--stop-after-step", "5"], "--stop-after-step 5: past --max-steps 2"),
+        (["--generation", "--max-length", "3", "--gen-tokens", "3"], "--max-length 3: must be more than --gen-tok"),
         (["--r", "two"], "argument --r: invalid int value: 'two'"),
     ],
 )
@@ -73,6 +74,48 @@ def test_bad_flags_are_refused_by_name_before_loading(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert code == 2 and err.strip().splitlines() == [err.strip()] and message in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_max_length_is_cut_to_the_models_positions_for_training_and_both_metrics(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from lora_fast.study.tiny import make_tiny_gpt2
+    from tests.helpers import TOKENIZER_DIR
+
+    cfg = train_sentiment.parse_config(["--max-length", "256", "--gen-tokens", "3"])
+    for config, expected in [({"n_positions": 128}, 128), ({"max_position_embeddings": 64}, 64), ({}, 256)]:
+        assert train_sentiment.prompt_length(cfg, SimpleNamespace(config=SimpleNamespace(**config))) == expected
+    short = SimpleNamespace(config=SimpleNamespace(n_positions=3))
+    with pytest.raises(UsageError, match="--gen-tokens 3: the model has 3 positions, which leaves no room"):
+        train_sentiment.prompt_length(cfg, short)
+    no_generation = train_sentiment.parse_config(["--max-length", "256", "--gen-tokens", "3", "--no-generation"])
+    assert train_sentiment.prompt_length(no_generation, short) == 3
+    assert train_sentiment.check_config(no_generation, 1, torch.device("cpu")) is None  # no metric to leave room for
+
+    # A 32-position GPT-2 scored with --max-length 256 on reviews longer than 32 tokens: the generation metric's
+    # prompts are cut to 32 - 3 as well, not to 256 - 3 (past the position table).
+    model = make_tiny_gpt2(tmp_path / "short", TOKENIZER_DIR, n_positions=32)
+    argv = ["--model", model, "--data-dir", DATA_DIR, "--eval-only", "--generation", "--no-zero-shot", "--max-test", 4,
+            "--eval-batch-size", 4, "--out", tmp_path / "run"]  # fmt: skip
+    assert train_sentiment.main(list(map(str, argv))) == 0, capsys.readouterr().err[-2000:]
+    test = json.loads((tmp_path / "run" / "summary.json").read_text())["test"]["eval"]
+    assert set(test) == {"label_acc", "gen_acc", "gen_invalid"}
+
+
+@pytest.mark.parametrize("method", [None, "lora", "bitfit", "full"])
+def test_eval_only_freezes_the_model_so_the_summary_counts_nothing_trainable(tiny_gpt2, tmp_path, method):
+    from lora_fast.study.registry import METHODS
+    from lora_fast.study.report import parameter_summary
+
+    flags = ["--model", str(tiny_gpt2), "--eval-only"]
+    if method is not None:  # an adapter of the method, saved from a model prepared for training
+        cfg = train_sentiment.parse_config([*flags[:2], "--method", method, "--r", "4"])
+        model, tokenizer = train_sentiment.prepare_model(cfg, torch.device("cpu"), log=lambda *args: None)
+        METHODS[method].save(model, tokenizer, tmp_path / "adapter")
+        flags += ["--method", method, "--adapter", str(tmp_path / "adapter")]
+    model, _ = train_sentiment.prepare_model(train_sentiment.parse_config(flags), torch.device("cpu"))
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert parameter_summary(model)["trainable_params"] == 0 and parameter_summary(model)["trainable_pct"] == 0
 
 
 def test_backend_triton_on_cpu_without_the_interpreter_is_refused(tmp_path, capsys, monkeypatch):
@@ -217,6 +260,23 @@ def test_overwrite_starts_afresh_and_keeps_other_files(tiny_gpt2, finished_run, 
     assert (out / "stdout.txt").is_file()  # not a run file: left alone
 
 
+def test_an_adapter_folder_left_aside_by_a_killed_save_is_accepted(tmp_path):
+    (tmp_path / ".adapter_best.a1b2c3d4.old" / "adapter_best").mkdir(parents=True)
+    cfg = train_sentiment.parse_config(["--adapter", str(tmp_path / "adapter_best")])
+    assert train_sentiment.check_config(cfg, 1, torch.device("cpu")) is None  # not "no such folder": it is back
+    assert (tmp_path / "adapter_best").is_dir()
+
+
+def test_overwrite_also_removes_a_run_folder_a_killed_save_left_aside(tmp_path):
+    out = tmp_path / "run"
+    (out / ".adapter_best.a1b2c3d4.old" / "adapter_best").mkdir(parents=True)  # the old run's best weights
+    (out / "config.json").write_text("{}")
+    cfg = train_sentiment.parse_config(["--overwrite", "--out", str(out)])
+    train_sentiment.open_run_folder(cfg, out, log=lambda *args: None)
+    # No loader of the new run can put the old run's weights back as its own adapter_best/.
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
 def test_resume_without_a_checkpoint_says_so_and_starts_afresh(tiny_gpt2, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_sentiment.main(list(map(str, short_run(tiny_gpt2, out, "--max-steps", 1, "--resume")))) == 0
@@ -338,3 +398,27 @@ def test_atomic_writes_follow_the_umask_and_leave_it_as_it_was(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o664
     assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o775
+
+
+def test_the_umask_is_read_without_setting_it_where_proc_reports_it(tmp_path, monkeypatch):
+    import lora_fast.io as io
+
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nUmask:\t0077\nState:\tR (running)\n")
+    calls = []
+    real_umask = os.umask
+    monkeypatch.setattr(io.os, "umask", lambda mask: calls.append(mask) or real_umask(mask))
+    monkeypatch.setattr(io, "_PROC_STATUS", str(status))
+    old = real_umask(0o027)
+    try:
+        assert io._umask() == 0o077 and calls == []  # the status line, not the set-and-restore
+        io.atomic_write_text(tmp_path / "a.txt", "x")
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o600  # 0o666 & ~0o077
+        monkeypatch.setattr(io, "_PROC_STATUS", str(tmp_path / "no-such-file"))
+        assert io._umask() == 0o027 and calls == [0o022, 0o027]  # elsewhere: set, then put straight back
+        if os.path.isfile("/proc/self/status"):
+            monkeypatch.setattr(io, "_PROC_STATUS", "/proc/self/status")
+            calls.clear()
+            assert io._umask() == 0o027 and calls == []
+    finally:
+        real_umask(old)

@@ -239,12 +239,11 @@ def test_train_dpo_clear_errors(tiny_dirs, tmp_path, capsys):
     import train_dpo
 
     base = ["--model", str(tiny_dirs / "tiny"), "--data-dir", str(DATA_DIR), "--out", str(tmp_path / "o")]
-    with pytest.raises(SystemExit):
-        train_dpo.main(base)
-    assert "--scorer DIR is required" in capsys.readouterr().err
     scorer, tiny, data = ["--scorer", str(tiny_dirs / "scorer")], str(tiny_dirs / "tiny"), str(DATA_DIR)
     for argv, message, code in [
+        (base, "--scorer DIR is required", 2),
         ([*base, "--scorer", str(tmp_path / "nowhere")], "no adapter_config.json", 2),
+        ([*scorer, "--model", tiny, "--data-dir", data, "--targets", "attn.q_proj"], "--targets attn.q_proj: ", 2),
         ([*scorer, "--model", tiny, "--data-dir", str(tmp_path / "nodata")], "no such folder", 1),
         ([*scorer, "--model", str(tmp_path / "nomodel"), "--data-dir", data], "--model", 1),
         ([*scorer, "--model", tiny, "--scorer-model", str(tmp_path / "x"), "--data-dir", data], "--scorer-model", 1),
@@ -257,6 +256,62 @@ def test_train_dpo_clear_errors(tiny_dirs, tmp_path, capsys):
         assert not (tmp_path / "o").exists()  # the run folder comes after the models have loaded
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--samples-per-prompt", "1"], "--samples-per-prompt 1: must be at least 2"),
+        (["--num-prompts", "0"], "--num-prompts 0: must be at least 1"),
+        (["--steps", "0"], "--steps 0: must be at least 1"),
+        (["--batch-size", "-1"], "--batch-size -1: must be at least 1"),
+        (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+        (["--r", "0"], "--r 0: must be at least 1"),
+        (["--prompt-tokens", "0", "8"], "--prompt-tokens 0 8: each must be at least 1"),
+        (["--prompt-tokens", "6", "2"], "--prompt-tokens 6 2: MIN must be at most MAX"),
+        (["--lr", "0"], "--lr 0.0: must be a finite number in (0, inf)"),
+        (["--lr", "inf"], "--lr inf: must be a finite number in (0, inf)"),
+        (["--alpha", "nan"], "--alpha nan: must be a finite number"),
+        (["--beta", "0"], "--beta 0.0: must be a finite number in (0, inf)"),
+        (["--betas", "0.1", "-1"], "--betas 0.1 -1.0: each must be a finite number in (0, inf)"),
+        (["--device", "gpu"], "--device 'gpu': expected auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_bad_flags_are_refused_by_name_before_loading(tiny_dirs, tmp_path, capsys, flags, message):
+    import train_dpo
+
+    # A --model that would fail to load and a --data-dir that does not exist: the flag is refused before either.
+    argv = ["--model", tmp_path / "no-model", "--scorer", tiny_dirs / "scorer", "--data-dir", tmp_path / "no-data"]
+    code = train_dpo.main([*map(str, argv), "--out", str(tmp_path / "o"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines() == [f"error: {message}"], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_out_holding_a_run_is_refused_unless_overwrite(tiny_dirs, tmp_path, capsys):
+    import train_dpo
+
+    out = tmp_path / "run"
+    (out / "adapters" / "beta_0.1").mkdir(parents=True)
+    (out / "summary.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    argv = ["--model", str(tmp_path / "no-model"), "--scorer", str(tiny_dirs / "scorer"), "--out", str(out)]
+    assert train_dpo.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out {out} holds a run already (summary.json, adapters): pass --overwrite to start it " \
+        "afresh, or another --out", err  # fmt: skip
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (tmp_path / "file").write_text("x")
+    assert train_dpo.main([*argv[:-1], str(tmp_path / "file")]) == 2
+    assert f"--out {tmp_path / 'file'} is a file" in capsys.readouterr().err
+    # --overwrite passes the check; the old run's files go once the models have loaded, other files stay.
+    cfg = train_dpo.parse_args([*argv, "--overwrite"])
+    assert train_dpo.check_config(cfg) is None
+    (out / ".adapter.a1b2c3d4.old" / "adapter").mkdir(parents=True)  # the old run's adapter/, left aside by a kill
+    train_dpo.open_run_folder(cfg, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
+    assert json.loads((out / "config.json").read_text())["overwrite"] is True
+
+
 def test_script_help_lists_every_flag(capsys):
     import train_dpo
 
@@ -265,7 +320,7 @@ def test_script_help_lists_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ["--model", "--scorer", "--scorer-model", "--data-dir", "--num-prompts", "--samples-per-prompt",
                  "--max-new-tokens", "--steps", "--batch-size", "--lr", "--r", "--alpha", "--beta", "--betas",
-                 "--seed", "--device", "--out"]:  # fmt: skip
+                 "--seed", "--device", "--out", "--overwrite"]:  # fmt: skip
         assert flag in text
 
 

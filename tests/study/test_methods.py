@@ -264,11 +264,61 @@ def test_bitfit_round_trip_and_refusals(tmp_path, ids):
         assert all(p.requires_grad for p in target.parameters())
 
 
-def test_saves_are_small_and_replace_old_folder(tmp_path):
+def test_saves_are_small_and_leave_other_files_alone(tmp_path):
     model = trained_adapters()
     (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "stale.txt").write_text("old")
+    (tmp_path / "a" / "notes.txt").write_text("mine")
     save_bottleneck_adapters(model, tmp_path / "a")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS])
-    saved = sum(p.stat().st_size for p in (tmp_path / "a").iterdir())
+    save_bottleneck_adapters(trained_adapters(seed=1), tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, "notes.txt"])
+    assert (tmp_path / "a" / "notes.txt").read_text() == "mine"
+    saved = sum(p.stat().st_size for p in (tmp_path / "a").iterdir() if p.name != "notes.txt")
     assert saved < 4 * count_parameters(model)[0] + 8192  # adapters only, not the base model
+
+
+def _kill_at_rename(monkeypatch, call):
+    """os.replace raises on its ``call``-th use, as a kill at that moment would (per-file saves: 1 the weights, 2 the
+    config; a whole-folder swap: 1 the old folder aside, 2 the new one in)."""
+    import lora_fast.io
+
+    calls, real = [], lora_fast.io.os.replace
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == call:
+            raise KeyboardInterrupt("killed")
+        return real(src, dst)
+
+    monkeypatch.setattr(lora_fast.io.os, "replace", replace)
+
+
+def _trained(prepare, seed):
+    """The same base (``tiny()``) with the method's trainable parts drawn from ``seed``."""
+    model, g = prepare(tiny()), torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+SAVES = {
+    "bitfit": (prepare_bitfit, save_bitfit, load_bitfit),
+    "adapter": (apply_bottleneck_adapters, save_bottleneck_adapters, load_bottleneck_adapters),
+}
+
+
+@pytest.mark.parametrize("kill_at", [1, 2], ids=["before_any_rename", "between_the_renames"])
+@pytest.mark.parametrize("method", sorted(SAVES))
+def test_a_save_killed_at_any_rename_leaves_a_folder_that_loads(tmp_path, monkeypatch, ids, method, kill_at):
+    prepare, save, load = SAVES[method]
+    old, new = _trained(prepare, 1), _trained(prepare, 2)
+    save(old, tmp_path / "best")
+    _kill_at_rename(monkeypatch, kill_at)
+    with pytest.raises(KeyboardInterrupt):
+        save(new, tmp_path / "best")
+    monkeypatch.undo()
+    assert (tmp_path / "best").is_dir()  # never missing, not even between the renames
+    with torch.no_grad():
+        got, want = load(tiny(), tmp_path / "best")(ids).logits, (old if kill_at == 1 else new)(ids).logits
+    assert torch.equal(got, want)

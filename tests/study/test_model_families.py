@@ -27,18 +27,18 @@ from lora_fast.study.methods import (
     save_bottleneck_adapters,
 )
 from lora_fast.study.training import collate
-from tests.helpers import DATA_DIR, TOKENIZER_DIR, run_script, tiny_gpt2_config
+from tests.helpers import DATA_DIR, TOKENIZER_DIR, run_script, tiny_gpt2_config, tiny_llama_config
 
 SEQS = [[5, 17, 300, 4, 9, 11, 2], [7, 8, 9], [40, 41, 42, 43, 44]]  # three lengths: three distinct last positions
 
 
 def tiny_llama(vocab: int = 1000, seed: int = 0, **overrides) -> LlamaForCausalLM:
-    """A small random Llama with tied embeddings, as SmolLM2 has; no bias anywhere."""
+    """``tests.helpers``' small random Llama with tied embeddings, as SmolLM2 has (no bias anywhere), four query heads
+    sharing two key/value heads, and weights large enough (std 0.3) that a wrong head or row changes the logits."""
     torch.manual_seed(seed)
-    kw = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    kw = dict(vocab_size=vocab, num_attention_heads=4, max_position_embeddings=512, tie_word_embeddings=True,
               initializer_range=0.3)  # fmt: skip
-    return LlamaForCausalLM(LlamaConfig(**{**kw, **overrides})).eval()
+    return LlamaForCausalLM(tiny_llama_config(**{**kw, **overrides})).eval()
 
 
 def head_rows(model: nn.Module) -> list[int]:
@@ -93,6 +93,27 @@ def test_conversion_refuses_a_missing_file_and_a_used_folder(tmp_path, capsys):
     assert gguf.main([str(tmp_path / "used"), "--gguf", str(tmp_path / "m.gguf")]) == 1
     assert "not an empty folder" in capsys.readouterr().err
     assert (tmp_path / "used" / "keep.txt").read_text() == "mine"
+
+
+def _strand(folder, holder):
+    """Move ``folder`` where a kill between atomic_directory's two renames leaves it: ``holder/<its name>``."""
+    holder.mkdir()
+    folder.rename(holder / folder.name)
+
+
+def test_a_model_folder_left_aside_by_a_killed_save_is_put_back_not_overwritten(tmp_path, gpt2_tokenizer):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_gpt2_config()).eval()
+    gguf.save_model_folder(model, gpt2_tokenizer, tmp_path / "m")
+    _strand(tmp_path / "m", tmp_path / ".m.a1b2c3d4.old")
+    with pytest.raises(ModelLoadError, match="not an empty folder"):  # it is back, so it is not written over
+        gguf.save_model_folder(GPT2LMHeadModel(tiny_gpt2_config()), gpt2_tokenizer, tmp_path / "m")
+    _strand(tmp_path / "m", tmp_path / ".m.e5f6g7h8.old")
+    loaded, _ = load_causal_lm(str(tmp_path / "m"))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
 # ---------------------------------------------------------------- LoRA's default targets

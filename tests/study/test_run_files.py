@@ -13,7 +13,8 @@ import train_sentiment
 from lora_fast import apply_lora
 from lora_fast.io import atomic_torch_save
 from lora_fast.study.checkpoint import load_checkpoint, nonfinite_entries, save_checkpoint
-from lora_fast.study.errors import CheckpointError, NonFiniteError
+from lora_fast.study.errors import CheckpointError, NonFiniteError, StudyError
+from lora_fast.study.report import read_metrics, trim_metrics
 from lora_fast.study.training import make_optimizer, make_scheduler
 from tests.helpers import DATA_DIR, error_lines, tiny_gpt2_config
 
@@ -32,6 +33,40 @@ def the_error(capsys) -> str:
 
 def steps_in(out):
     return [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- metrics.jsonl after a kill
+
+
+RECORDS = [{"step": 1, "train_loss": 0.7}, {"step": 2, "train_loss": 0.6, "val_loss": 0.65}]
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_skipped_with_a_warning_and_dropped_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    whole = "".join(json.dumps(r) + "\n" for r in RECORDS)
+    for tail in ['{"step": 3, "train_lo', "\x00\x00\x00"]:  # a write cut mid-line; a block the crash left zeroed
+        path.write_text(whole + tail)
+        with pytest.warns(UserWarning, match=r"metrics\.jsonl:3: the last line is cut short"):
+            assert read_metrics(path) == RECORDS
+    with pytest.warns(UserWarning):
+        trim_metrics(path, 2)  # --resume from step 2
+    assert path.read_text() == whole
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"step": 1}\n{"step": 2, "train_lo\n{"step": 3}\n', "2: not JSON"),  # cut short, but not the last line
+        ('{"step": 1}\n[1, 2]\n', "2: a JSON list, not an object"),
+        ('{"step": 1}\n{"step": 2, "train_lo\n', "2: not JSON"),  # the last line, but whole: its newline was written
+    ],
+    ids=["middle", "not_an_object", "last_with_newline"],
+)
+def test_a_corrupt_metrics_line_is_refused_naming_file_and_line(tmp_path, text, problem):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(text)
+    with pytest.raises(StudyError, match=rf"^{re.escape(str(path))}:{re.escape(problem)}.*the file is corrupt"):
+        read_metrics(path)
 
 
 # ---------------------------------------------------------------- a diverging run (item 5)

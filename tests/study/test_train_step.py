@@ -12,7 +12,7 @@ from lora_fast.study.causal_lm import LastTokenLM, label_logits, use_fused_gelu
 from lora_fast.study.errors import NonFiniteError
 from lora_fast.study.prompts import INSTRUCTIONS, build_prompt, encode_example
 from lora_fast.study.training import collate, make_optimizer, micro_batches, step_indices, train_step
-from tests.helpers import tiny_gpt2_config
+from tests.helpers import tiny_gpt2_config, tiny_llama_config
 
 TEXTS = [
     "a gorgeous , witty , seductive movie .",
@@ -260,18 +260,11 @@ def test_reorder_and_upcast_attn_takes_the_full_path():
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_non_gpt2_model_falls_back_and_works(side):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.3,
+    config = tiny_llama_config(
+        vocab_size=1000, num_attention_heads=4, max_position_embeddings=64, initializer_range=0.3
     )
     m = LlamaForCausalLM(config).eval()
     apply_lora(m, ["self_attn.q_proj", "self_attn.v_proj"], r=4, alpha=8)
@@ -313,3 +306,26 @@ def test_grad_scaler_skips_a_non_finite_gradient_step(model, gpt2_tokenizer):
     res = run()  # fp16 training's path: the scaler skips the step and lowers its scale, the run goes on
     assert not math.isfinite(res.grad_norm) and scaler.get_scale() == 512.0
     assert all(torch.equal(a, b) for a, b in zip(before, [p for p in m.parameters() if p.requires_grad], strict=True))
+
+
+def test_label_logits_include_lora_on_the_lm_head():
+    # An untied Llama with LoRA on q_proj and lm_head: the label rows must come from the head's whole forward (base
+    # weight plus its LoRA term), as training's head(h) computes them, not from the base weight's rows alone.
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=False)).eval()
+    apply_lora(m, ["q_proj", "lm_head"], r=4, alpha=8)
+    for _, p in m.named_parameters():  # non-zero B, so the head's LoRA term is there
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.5)
+    seqs = [[s % 100 for s in seq] for seq in UNEVEN]
+    batch = collate(seqs, 0, "right")
+    label_ids = (7, 42)
+    with torch.no_grad():
+        two = LastTokenLM(m)(**batch, label_ids=label_ids)
+        full = LastTokenLM(m)(**batch)
+        torch.testing.assert_close(two, full[:, list(label_ids)], atol=1e-6, rtol=1e-6)
+        for i, ids in enumerate(seqs):
+            ref = m(torch.tensor([ids])).logits[0, -1, list(label_ids)]
+            torch.testing.assert_close(two[i], ref, atol=1e-5, rtol=1e-5)
