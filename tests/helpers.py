@@ -94,3 +94,19 @@ def error_lines(stderr: str) -> list[str]:
     """The lines of ``stderr`` that report an error (``error: ...``), after a carriage return where a progress bar
     shares the line."""
     return [ln.split("\r")[-1] for ln in stderr.splitlines() if ln.split("\r")[-1].startswith("error:")]
+
+
+def kill_at_rename(monkeypatch, call):
+    """``os.replace`` in :mod:`lora_fast.io` raises on its ``call``-th use, as a kill at that moment would (per-file
+    saves: 1 the weights, 2 the config; a whole-folder swap: 1 the old folder aside, 2 the new one in)."""
+    import lora_fast.io
+
+    calls, real = [], lora_fast.io.os.replace
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == call:
+            raise KeyboardInterrupt("killed")
+        return real(src, dst)
+
+    monkeypatch.setattr(lora_fast.io.os, "replace", replace)

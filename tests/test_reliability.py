@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lora_fast
 from lora_fast import AdapterError, LoRALinear, apply_lora, load_adapter, save_adapter
-from tests.helpers import model_snapshot, tiny_gpt2_config, tiny_llama_config, unchanged_since
+from tests.helpers import kill_at_rename, model_snapshot, tiny_gpt2_config, tiny_llama_config, unchanged_since
 
 peft = pytest.importorskip("peft", reason="HF PEFT is a dev dependency: pip install -e '.[dev]'")
 
@@ -316,28 +316,12 @@ def test_save_adapter_leaves_other_files_alone_and_refuses_a_file(tmp_path):
     assert target.read_text() == "keep me"
 
 
-def _crash_on_replace(monkeypatch, call):
-    """os.replace raises on its ``call``-th use (1: the weights, 2: the config), as a kill at that moment would."""
-    import lora_fast.io
-
-    calls = []
-    real = lora_fast.io.os.replace
-
-    def replace(src, dst):
-        calls.append(dst)
-        if len(calls) == call:
-            raise KeyboardInterrupt("killed")
-        return real(src, dst)
-
-    monkeypatch.setattr(lora_fast.io.os, "replace", replace)
-
-
 @pytest.mark.parametrize("crash_at", [1, 2], ids=["before_any_rename", "between_the_renames"])
 def test_a_crash_during_save_leaves_an_adapter_that_loads(tmp_path, monkeypatch, crash_at):
     path = tmp_path / "adapter"
     old, new = _tuned(1), _tuned(2)
     save_adapter(old, path)
-    _crash_on_replace(monkeypatch, crash_at)
+    kill_at_rename(monkeypatch, crash_at)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(new, path)
     monkeypatch.undo()
@@ -348,7 +332,7 @@ def test_a_crash_during_save_leaves_an_adapter_that_loads(tmp_path, monkeypatch,
 def test_a_crash_between_the_renames_with_a_new_config_is_refused_not_misread(tmp_path, monkeypatch):
     path = tmp_path / "adapter"
     save_adapter(_tuned(1, alpha=8), path)
-    _crash_on_replace(monkeypatch, 2)
+    kill_at_rename(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(_tuned(2, alpha=32), path)
     monkeypatch.undo()
@@ -380,7 +364,7 @@ def test_a_kill_between_a_folder_swaps_renames_is_put_back(tmp_path, monkeypatch
     path = tmp_path / "best"
     with atomic_directory(path) as tmp:
         (tmp / "weights.bin").write_bytes(b"old")
-    _crash_on_replace(monkeypatch, 2)  # 1: the old folder into its hidden holder, 2: the new one into place
+    kill_at_rename(monkeypatch, 2)  # 1: the old folder into its hidden holder, 2: the new one into place
     with pytest.raises(KeyboardInterrupt), atomic_directory(path) as tmp:
         (tmp / "weights.bin").write_bytes(b"new")
     monkeypatch.undo()

@@ -22,7 +22,7 @@ from lora_fast.study.methods import (
     save_bitfit,
     save_bottleneck_adapters,
 )
-from tests.helpers import tiny_gpt2_config
+from tests.helpers import kill_at_rename, tiny_gpt2_config
 
 GPT2_SMALL_TOTAL = 124_439_808  # wte 50257·768 + wpe 1024·768 + 12 blocks · 7,087,872 + ln_f 1536 (lm_head tied)
 
@@ -276,22 +276,6 @@ def test_saves_are_small_and_leave_other_files_alone(tmp_path):
     assert saved < 4 * count_parameters(model)[0] + 8192  # adapters only, not the base model
 
 
-def _kill_at_rename(monkeypatch, call):
-    """os.replace raises on its ``call``-th use, as a kill at that moment would (per-file saves: 1 the weights, 2 the
-    config; a whole-folder swap: 1 the old folder aside, 2 the new one in)."""
-    import lora_fast.io
-
-    calls, real = [], lora_fast.io.os.replace
-
-    def replace(src, dst):
-        calls.append(dst)
-        if len(calls) == call:
-            raise KeyboardInterrupt("killed")
-        return real(src, dst)
-
-    monkeypatch.setattr(lora_fast.io.os, "replace", replace)
-
-
 def _trained(prepare, seed):
     """The same base (``tiny()``) with the method's trainable parts drawn from ``seed``."""
     model, g = prepare(tiny()), torch.Generator().manual_seed(seed)
@@ -314,7 +298,7 @@ def test_a_save_killed_at_any_rename_leaves_a_folder_that_loads(tmp_path, monkey
     prepare, save, load = SAVES[method]
     old, new = _trained(prepare, 1), _trained(prepare, 2)
     save(old, tmp_path / "best")
-    _kill_at_rename(monkeypatch, kill_at)
+    kill_at_rename(monkeypatch, kill_at)
     with pytest.raises(KeyboardInterrupt):
         save(new, tmp_path / "best")
     monkeypatch.undo()
