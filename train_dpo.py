@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from lora_fast.study.dpo import (
 )
 from lora_fast.study.errors import NonFiniteError, UsageError
 from lora_fast.study.prompts import INSTRUCTIONS, build_prompt, label_token_ids, resolve_instruction
-from lora_fast.study.report import append_metrics, plot_reward_vs_kl
+from lora_fast.study.report import append_metrics, plot_reward_vs_kl, start_run_folder
 
 
 @dataclass
@@ -127,13 +126,9 @@ def check_config(cfg: DPOConfig) -> None:
 
 
 def open_run_folder(cfg: DPOConfig, out: Path) -> None:
-    """The run folder, made once the models have loaded (a mistake before leaves none behind): with --overwrite the
-    old run's files go first (others stay; a folder a killed save left aside is put back, then goes too), then
-    config.json."""
-    for name in RUN_FILES if cfg.overwrite else ():
-        recover_directory(out / name)
-        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
-    atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
+    """The run folder, made once the models have loaded (a mistake before leaves none behind): config.json, with
+    --overwrite after the old run's files are gone (``start_run_folder``)."""
+    start_run_folder(out, dataclasses.asdict(cfg), RUN_FILES, cfg.overwrite)
 
 
 def load_models(cfg: DPOConfig, device: torch.device):

@@ -18,7 +18,6 @@ import functools
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from lora_fast.study.report import (
     parameter_summary,
     plot_val_loss,
     print_summary,
+    start_run_folder,
     trim_metrics,
     versions,
 )
@@ -286,13 +286,9 @@ def describe(cfg: Config, model, splits: list, device: torch.device, world: int)
 
 
 def open_run_folder(cfg: Config, out: Path, log) -> None:
-    """The run folder, made once the model and data have loaded (a mistake before leaves none behind): with
-    --overwrite the old run's files go first (others stay; a folder a killed save left aside is put back, then goes
-    too, so no later load finds the old run's weights), then config.json; the folder is printed."""
-    for name in RUN_FILES if cfg.overwrite else ():
-        recover_directory(out / name)
-        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
-    atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
+    """The run folder, made once the model and data have loaded (a mistake before leaves none behind): config.json,
+    with --overwrite after the old run's files are gone (``start_run_folder``); the folder is printed."""
+    start_run_folder(out, dataclasses.asdict(cfg), RUN_FILES, cfg.overwrite)
     log(f"run folder: {out}")
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,10 +23,11 @@ import transformers
 from torch import nn
 
 from lora_fast import count_parameters
-from lora_fast.io import atomic_write_text
+from lora_fast.io import atomic_write_json, atomic_write_text, recover_directory
 from lora_fast.study.errors import StudyError
 
 __all__ = [
+    "start_run_folder",
     "versions",
     "parameter_summary",
     "read_metrics",
@@ -35,6 +38,16 @@ __all__ = [
     "format_scores",
     "print_summary",
 ]
+
+
+def start_run_folder(out: Path, config: dict, run_files: Sequence[str], overwrite: bool) -> None:
+    """Write ``config`` as ``out/config.json``; with ``overwrite`` the old run's ``run_files`` go first (other files
+    stay; a folder of them a killed save left aside is put back, then goes too, so no later load finds the old run's
+    weights)."""
+    for name in run_files if overwrite else ():
+        recover_directory(out / name)
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+    atomic_write_json(out / "config.json", config)
 
 
 def versions() -> dict[str, str]:
