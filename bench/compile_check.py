@@ -47,15 +47,16 @@ os.environ["TRITON_ALWAYS_COMPILE"] = "1"
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from lora_fast.kernels import configs, cost  # noqa: E402
-from lora_fast.kernels.dropout import _keep_mask  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from lora_fast import kernels  # noqa: E402
+from lora_fast.kernels import configs, cost  # noqa: E402
+from lora_fast.kernels.dropout import _keep_mask  # noqa: E402
+from lora_fast.kernels.lora_backward import lora_backward  # noqa: E402
+from lora_fast.kernels.lora_forward import lora_forward  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "compile_tier.json"
@@ -235,9 +236,9 @@ def run_case(dtype_name: str, R: int, p: float, design: str, arch: int, cache: d
     g = torch.empty(M, N, **meta)
     kw = dict(design=design, input_precision=precision)
     with configs.capture_launches(recorder, info):
-        _, h = kernels.lora_forward(x, weight, bias, A, B, 2.0, p, 1234, **kw)
+        _, h = lora_forward(x, weight, bias, A, B, 2.0, p, 1234, **kw)
         n_forward = len(recorder.launches)
-        kernels.lora_backward(g, x, weight, A, B, h, 2.0, p, 1234, need_dbias=True, bias_dtype=dtype, **kw)
+        lora_backward(g, x, weight, A, B, h, 2.0, p, 1234, need_dbias=True, bias_dtype=dtype, **kw)
     for i, launch in enumerate(recorder.launches):
         launch["pass"] = "forward" if i < n_forward else "backward"
     return dict(dtype=dtype_name, R=R, p=p, design=design, arch=arch, launches=recorder.launches, keys=recorder.used)

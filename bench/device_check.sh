@@ -14,7 +14,7 @@
 #
 # Steps, each with its own time limit; the headline timing rows come first, so a cut-short run still has them:
 #   1. offline install of this checkout (no index, no dependencies, no build isolation); stop at once if
-#      `import lora_fast.kernels` fails;
+#      the kernel modules (`lora_fast.kernels.lora_forward`, `.lora_backward`) do not import;
 #   2. kernel timing, headline rows (bench/kernel_timing.py; its JSON is rewritten after every row);
 #   3. the CUDA test tier with the reduced case list (LORA_FAST_CUDA_QUICK=1), JUnit XML into $OUT;
 #   4. the main job as a user runs it: train_sentiment.py --fused on a small random GPT-2 with the real data for
@@ -98,7 +98,7 @@ if [ "$DRY_RUN" = "1" ]; then
 else
     run install 60 env PIP_NO_INDEX=1 python3 -m pip install -q --no-deps --no-build-isolation -e .
 fi
-if ! run import 30 python3 -c "import lora_fast.kernels, torch, triton; print('torch', torch.__version__, 'triton', \
+if ! run import 30 python3 -c "import lora_fast.kernels.lora_forward, lora_fast.kernels.lora_backward, torch, triton; print('torch', torch.__version__, 'triton', \
 triton.__version__, 'cuda', torch.cuda.is_available())"; then
     echo "device check: lora_fast.kernels does not import; stopping" >&2
     exit 1

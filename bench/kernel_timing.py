@@ -37,9 +37,10 @@ if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from lora_fast.kernels import backward_design, cost, forward_design  # noqa: E402
 
 from lora_fast import lora_linear  # noqa: E402
+from lora_fast.kernels import cost  # noqa: E402
+from lora_fast.kernels.cost import backward_design, forward_design  # noqa: E402
 from lora_fast.triton_backend import config  # noqa: E402
 
 HEADLINE = [(768, 2304, 16, 0.0), (768, 2304, 16, 0.1), (3072, 768, 16, 0.0), (3072, 768, 16, 0.1)]

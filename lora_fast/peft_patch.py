@@ -206,7 +206,7 @@ def _backend_for(backend: str, x: torch.Tensor, lora_A: torch.Tensor) -> str:
 def _triton_matches_peft(dtypes: tuple[torch.dtype, torch.dtype]) -> bool:
     """Whether the triton backend computes at the precision PEFT's layers would, for (base, LoRA) compute dtypes:
     fp16/bf16, or fp32 when the kernels run exact fp32 or round as torch's own fp32 matmuls do."""
-    from lora_fast.kernels import TL_DTYPES
+    from lora_fast.kernels.utils import TL_DTYPES
     from lora_fast.triton_backend import fp32_precision, torch_fp32_precision
 
     if any(dt not in TL_DTYPES for dt in dtypes):

@@ -32,7 +32,10 @@ import os
 import torch
 
 from lora_fast.checks import check_lora_inputs, compute_dtypes
-from lora_fast.kernels import INPUT_PRECISIONS, TL_DTYPES, dropout_threshold, interpreting, lora_backward, lora_forward
+from lora_fast.kernels.dropout import dropout_threshold
+from lora_fast.kernels.lora_backward import lora_backward
+from lora_fast.kernels.lora_forward import lora_forward
+from lora_fast.kernels.utils import INPUT_PRECISIONS, TL_DTYPES, interpreting
 
 __all__ = [
     "DESIGNS",

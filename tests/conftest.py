@@ -13,8 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Triton fixes a kernel's mode (interpreted or compiled) when the kernel is defined: import them now, so that a test
 # which later unsets TRITON_INTERPRET (to check the refusal without it) cannot leave them compiled for a missing GPU.
-import lora_fast.kernels  # noqa: E402, F401
-
+import lora_fast.kernels.lora_backward  # noqa: E402, F401
+import lora_fast.kernels.lora_forward  # noqa: E402, F401  (the two import every other kernel module)
 from tests.helpers import TOKENIZER_DIR  # noqa: E402  (after the interpreter switch)
 
 

@@ -12,9 +12,13 @@ from unittest import mock
 
 import pytest
 import torch
-from lora_fast.kernels import backward_design, configs, forward_design, interpreting, lora_backward, lora_forward
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lora_fast.kernels import configs
+from lora_fast.kernels.cost import backward_design, forward_design
+from lora_fast.kernels.lora_backward import lora_backward
+from lora_fast.kernels.lora_forward import lora_forward
+from lora_fast.kernels.utils import interpreting
 from tests.helpers import ROOT
 
 cpu_tier = pytest.mark.skipif(not interpreting(), reason="CPU tier: launches are counted in Triton's interpreter")

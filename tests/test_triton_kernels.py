@@ -11,9 +11,13 @@ import os
 
 import pytest
 import torch
-from lora_fast.kernels import configs, interpreting, lora_backward, lora_dropout_mask, lora_forward
 
 from lora_fast import lora_linear, reference
+from lora_fast.kernels import configs
+from lora_fast.kernels.dropout import lora_dropout_mask
+from lora_fast.kernels.lora_backward import lora_backward
+from lora_fast.kernels.lora_forward import lora_forward
+from lora_fast.kernels.utils import interpreting
 from lora_fast.triton_backend import config, triton_lora_linear
 from tests.helpers import requires_cuda
 

@@ -9,10 +9,10 @@ import copy
 
 import pytest
 import torch
-from lora_fast.kernels import interpreting
 from transformers import GPT2LMHeadModel
 
 from lora_fast import apply_lora
+from lora_fast.kernels.utils import interpreting
 from lora_fast.triton_backend import config
 from tests.helpers import tiny_gpt2_config
 
