@@ -15,16 +15,60 @@ if not torch.cuda.is_available():
 # which later unsets TRITON_INTERPRET (to check the refusal without it) cannot leave them compiled for a missing GPU.
 import lora_fast.kernels.lora_backward  # noqa: E402, F401
 import lora_fast.kernels.lora_forward  # noqa: E402, F401  (the two import every other kernel module)
-from tests.helpers import TOKENIZER_DIR  # noqa: E402  (after the interpreter switch)
+from tests import synthetic  # noqa: E402  (after the interpreter switch)
+from tests.helpers import require_data  # noqa: E402
+
+# Fixtures of the data tier: a test that asks for one of them needs the real files (tests.helpers.require_data).
+DATA_TIER_FIXTURES = {"real_data_dir", "real_tokenizer_dir", "gpt2_tokenizer"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark the data tier's tests ``data`` (``pytest -m data`` runs the tier alone)."""
+    for item in items:
+        if DATA_TIER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.data)
 
 
 @pytest.fixture(scope="session")
-def gpt2_tokenizer():
-    """The real GPT-2 BPE tokenizer (``helpers.TOKENIZER_DIR``, 50,257 tokens)."""
-    if not TOKENIZER_DIR.is_dir():
-        pytest.fail(f"the GPT-2 tokenizer folder is missing: {TOKENIZER_DIR}")
+def real_data_dir():
+    """The real Rotten Tomatoes splits (data tier)."""
+    return require_data()[0]
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_dir():
+    """The real GPT-2 BPE tokenizer's folder (data tier)."""
+    return require_data()[1]
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(real_tokenizer_dir):
+    """The real GPT-2 BPE tokenizer (50,257 tokens; data tier), padding with its eos."""
     from transformers import GPT2TokenizerFast
 
-    tok = GPT2TokenizerFast.from_pretrained(str(TOKENIZER_DIR))
+    tok = GPT2TokenizerFast.from_pretrained(str(real_tokenizer_dir))
     tok.pad_token = tok.eos_token
     return tok
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer trained in the session (``tests.synthetic``): for tests that need *a* tokenizer."""
+    return synthetic.make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    """The session's synthetic tokenizer, padding with its eos (as the study pads GPT-2)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Made-up labelled reviews as train/validation/test.jsonl (``tests.synthetic``): for tests that need *some*
+    labelled text."""
+    return synthetic.make_splits(tmp_path_factory.mktemp("data"))

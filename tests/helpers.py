@@ -1,4 +1,4 @@
-"""What several test modules share: the paths of the real data, the CUDA-tier marker, small model configs.
+"""What several test modules share: the data tier's paths, the CUDA-tier marker, small model configs.
 
 Imported as ``from tests.helpers import ...`` everywhere (the repository root is on ``sys.path``, see pyproject's
 ``pythonpath``); ``conftest.py`` holds only the session set-up and fixtures.
@@ -13,9 +13,30 @@ import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-TOKENIZER_DIR = SHARED / "data" / "gpt2-tokenizer"
-DATA_DIR = SHARED / "data" / "rotten_tomatoes"
+
+# The data tier: the real GPT-2 tokenizer and the real Rotten Tomatoes splits, found through one variable naming a
+# folder that holds `gpt2-tokenizer/` (HF format) and `rotten_tomatoes/` (train/validation/test.jsonl). Without it,
+# the tier's tests are skipped with that reason; with LORA_FAST_DATA_TIER=require (CI) a missing folder is a failure.
+DATA_ENV = "LORA_FAST_DATA"
+DATA_ROOT = pathlib.Path(os.environ[DATA_ENV]).expanduser() if os.environ.get(DATA_ENV) else None
+TOKENIZER_DIR = DATA_ROOT / "gpt2-tokenizer" if DATA_ROOT else None
+DATA_DIR = DATA_ROOT / "rotten_tomatoes" if DATA_ROOT else None
+
+
+def require_data() -> tuple[pathlib.Path, pathlib.Path]:
+    """``(DATA_DIR, TOKENIZER_DIR)`` for a data-tier test, or its skip (a failure under LORA_FAST_DATA_TIER=require)
+    naming what is missing."""
+    if DATA_ROOT is None:
+        reason = f"data tier: set {DATA_ENV} to a folder holding gpt2-tokenizer/ and rotten_tomatoes/ (README, tests)"
+    else:
+        missing = [str(d) for d in (TOKENIZER_DIR, DATA_DIR) if not d.is_dir()]
+        reason = f"data tier: {DATA_ENV}={DATA_ROOT} lacks {' and '.join(missing)}" if missing else None
+    if reason is None:
+        return DATA_DIR, TOKENIZER_DIR
+    if os.environ.get("LORA_FAST_DATA_TIER") == "require":
+        pytest.fail(f"{reason}, and LORA_FAST_DATA_TIER=require")
+    pytest.skip(reason)
+
 
 # A script run in a test: no hub access (fail fast instead of retrying the network), one thread (a shared machine).
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
