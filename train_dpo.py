@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from lora_fast import apply_lora, count_parameters, load_adapter, lora_modules, save_adapter
 from lora_fast.io import atomic_write_json, recover_directory
@@ -46,6 +45,9 @@ from lora_fast.study.dpo import (
     sentiment_scores,
 )
 from lora_fast.study.errors import NonFiniteError, UsageError
+from lora_fast.study.hub import check_hub_inputs
+from lora_fast.study.interrupt import INTERRUPTED_EXIT_CODE
+from lora_fast.study.progress import phase, progress
 from lora_fast.study.prompts import INSTRUCTIONS, build_prompt, label_token_ids, resolve_instruction
 from lora_fast.study.report import append_metrics, plot_reward_vs_kl, start_run_folder
 
@@ -123,6 +125,8 @@ def check_config(cfg: DPOConfig) -> None:
             f"--out {out} holds a run already ({', '.join(held)}): pass --overwrite to start it afresh, or another "
             f"--out"
         )
+    check_hub_inputs([("--model", cfg.model, "model"), ("--scorer-model", cfg.scorer_model, "model"),
+                      ("--data-dir", None if cfg.data_dir else "rotten_tomatoes", "dataset")])  # fmt: skip
 
 
 def open_run_folder(cfg: DPOConfig, out: Path) -> None:
@@ -169,7 +173,7 @@ def train_beta(cfg: DPOConfig, policy, pairs: list, refs: tuple, beta: float, eo
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     order = torch.Generator().manual_seed(cfg.seed)
     perm, cursor, tokens, t0 = [], 0, 0, time.time()
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"DPO β={beta:g}", dynamic_ncols=True)
+    bar = progress(range(1, cfg.steps + 1), desc=f"DPO β={beta:g}", unit="step")
     for step in bar:
         idx = []
         while len(idx) < min(cfg.batch_size, len(pairs)):  # an epoch's permutation, then a fresh one
@@ -190,17 +194,24 @@ def train_beta(cfg: DPOConfig, policy, pairs: list, refs: tuple, beta: float, eo
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    return report_errors(lambda: run(cfg))
+    try:
+        return report_errors(lambda: run(cfg))
+    except KeyboardInterrupt:  # a DPO run keeps no checkpoint: what it has written stays, the rest starts again
+        print(f"\ninterrupted; a DPO run does not resume: run the command again with --overwrite (--out {cfg.out})",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return INTERRUPTED_EXIT_CODE
 
 
 def run(cfg: DPOConfig) -> int:
     device = resolve_device(cfg.device)
     check_config(cfg)
-    splits = load_splits(cfg.data_dir)
+    with phase(f"loading the data ({cfg.data_dir or 'rotten_tomatoes'})"):
+        splits = load_splits(cfg.data_dir)
 
     # --- models, the run folder (once they have loaded and --targets fits the policy), preference pairs
     torch.manual_seed(cfg.seed)
-    policy, tokenizer, score = load_models(cfg, device)
+    with phase(f"loading the policy ({cfg.model}) and the scorer ({cfg.scorer})"):
+        policy, tokenizer, score = load_models(cfg, device)
     targets = cfg.targets or default_targets(policy.config.model_type, output_projection=False)
     check_targets(policy, targets)
     out = Path(cfg.out)
@@ -246,7 +257,8 @@ def run(cfg: DPOConfig) -> int:
                "total_parameters": total, "before": before, "runs": runs, "adapter_beta": cfg.beta}  # fmt: skip
     atomic_write_json(out / "summary.json", summary)
     plot_reward_vs_kl(summary, out / "reward_vs_kl.png")
-    print(f"wrote {out}/summary.json, {out}/reward_vs_kl.png, {out}/adapter")
+    print(f"results: {(out / 'summary.json').resolve()}, {(out / 'reward_vs_kl.png').resolve()}, "
+          f"{(out / 'adapter').resolve()}")  # fmt: skip
     return 0
 
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from lora_fast import BACKENDS, AdapterError
 from lora_fast.io import atomic_write_json, recover_directory
@@ -36,6 +35,9 @@ from lora_fast.study.data import load_splits, subset
 from lora_fast.study.errors import NonFiniteError, UsageError
 from lora_fast.study.evaluate import score_split, val_loss
 from lora_fast.study.gguf import split_gguf
+from lora_fast.study.hub import check_hub_inputs
+from lora_fast.study.interrupt import INTERRUPTED_EXIT_CODE, StopRequest, resume_command
+from lora_fast.study.progress import phase, progress
 from lora_fast.study.prompts import INSTRUCTIONS, encode_split, resolve_instruction
 from lora_fast.study.registry import METHODS
 from lora_fast.study.report import (
@@ -206,6 +208,11 @@ def check_config(cfg: Config, world: int, device: torch.device) -> None:
             f"skipped), --overwrite to start it afresh, or another --out"
         )
     split_gguf(cfg.model, cfg.gguf_file)  # --model X.gguf, or --gguf-file NAME in --model's folder: it must be there
+    check_hub_inputs([  # hub names need the hub or the local cache: one check, naming every flag it fails for
+        ("--model", cfg.model, f"gguf:{cfg.gguf_file}" if cfg.gguf_file else "model"),
+        ("--tokenizer", cfg.tokenizer, "tokenizer"),
+        ("--data-dir", None if cfg.data_dir else cfg.dataset, "dataset"),
+    ])  # fmt: skip
 
 
 # ---------------------------------------------------------------- set-up
@@ -357,10 +364,13 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     log = functools.partial(print, flush=True) if main else (lambda *args: None)
 
     # --- data, model, the run folder (only once both have loaded), metrics
-    splits = load_splits(cfg.data_dir, cfg.dataset)
-    model, tokenizer = prepare_model(cfg, device, log)
+    with phase(f"loading the data ({cfg.data_dir or cfg.dataset})", main):
+        splits = load_splits(cfg.data_dir, cfg.dataset)
+    with phase(f"loading the model ({cfg.model})", main):
+        model, tokenizer = prepare_model(cfg, device, log)
     max_length = prompt_length(cfg, model)
-    train, val, test = encode_data(cfg, splits, tokenizer, max_length)
+    with phase("writing the prompts as token ids", main):
+        train, val, test = encode_data(cfg, splits, tokenizer, max_length)
     if main:
         open_run_folder(cfg, out, log)
     amp_dtype, scaler = amp_setup(cfg, device)
@@ -387,9 +397,12 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
         trim_metrics(metrics_path, step)
 
     # --- the loop: one optimizer step, its record, validation (keeping the best weights), the checkpoint; a NaN or
-    # inf (loss, gradient, validation loss, weights) stops it before anything holding one is applied or written
+    # inf (loss, gradient, validation loss, weights) stops it before anything holding one is applied or written; a
+    # Ctrl-C (StopRequest) stops it after the step in flight, with a checkpoint of that step
     tokens_seen, train_time, saved = 0, 0.0, step or None  # saved: the step of the last good checkpoint on disk
-    with tqdm(total=cfg.max_steps, initial=step, disable=not main, dynamic_ncols=True) as bar:
+    extra = lambda: {"data_order": data_order, "best": best, "zero_shot": zero_shot}  # noqa: E731
+    bar = progress(desc="training", total=cfg.max_steps, initial=step, unit="step", main=main)
+    with bar, StopRequest() as stop:
         while step < cfg.max_steps:
             t0, at = time.time(), step + 1
             batches, targets = step_batches(
@@ -408,9 +421,9 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
                         save_weights(cfg, model, tokenizer, out / "adapter_best", main)
                 if main:
                     append_metrics(metrics_path, record)
-                if step % (cfg.checkpoint_every or cfg.eval_every) == 0 or step == cfg.max_steps:
-                    extra = {"data_order": data_order, "best": best, "zero_shot": zero_shot}
-                    save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, extra, write=main)
+                stopping = distributed.any_rank(stop.requested, device)
+                if step % (cfg.checkpoint_every or cfg.eval_every) == 0 or step == cfg.max_steps or stopping:
+                    save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, extra(), write=main)
                     saved = step
                     distributed.barrier()
             except NonFiniteError as e:
@@ -420,6 +433,8 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
             if cfg.stop_after_step == step:
                 log(f"--stop-after-step {step}: stopped after the checkpoint")
                 return {"stopped_at": step}
+            if stopping:
+                return {"stopped_at": step, "interrupted": True, "checkpoint": str(ckpt_path.resolve())}
 
     # --- final scores: the last weights, then the best ones
     save_weights(cfg, model, tokenizer, out / "adapter_last", main)
@@ -436,35 +451,52 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
 # ---------------------------------------------------------------- entry point
 
 
-def start(cfg: Config) -> int:
-    """Check the flags, then run (or skip a finished run, or run a sweep) and print the summary table."""
+def start(cfg: Config, argv: list[str]) -> int:
+    """Check the flags, then run (or skip a finished run, or run a sweep) and print the summary table and where the
+    results are. A Ctrl-C stops with the command that continues the run (exit code 130)."""
     world, device = distributed.launched_world_size(), distributed.resolve_device(cfg.device)
     check_config(cfg, 1 if cfg.sweep else world, device)  # a sweep's sub-runs are one process each
     if cfg.sweep:  # the parent only starts sub-runs (each in its own process) and gathers their summaries
-        run_sweep(cfg, Path(__file__).resolve())
-        return 0
+        return run_sweep(cfg, Path(__file__).resolve(), argv)
     rank, world, device = distributed.setup(device)
     if cfg.out is None:
         stamp = [time.strftime("%Y%m%d-%H%M%S")]
         if world > 1:
             torch.distributed.broadcast_object_list(stamp, src=0)
         cfg = dataclasses.replace(cfg, out=str(Path("runs") / stamp[0]))
-    done = Path(cfg.out) / "summary.json"
-    if cfg.resume and done.is_file():  # a sweep re-run skips its finished sub-runs
-        summary = json.loads(done.read_text())
+    out = Path(cfg.out).resolve()
+    again = resume_command(sys.argv[0], argv, str(out), world=world)
+    done = out / "summary.json"
+    try:
+        if cfg.resume and done.is_file():  # a sweep re-run skips its finished sub-runs
+            summary = json.loads(done.read_text())
+            if rank == 0:
+                print(f"{cfg.out}: finished already, skipped", flush=True)
+        else:
+            summary = run(cfg, rank, world, device)
+    except KeyboardInterrupt:
         if rank == 0:
-            print(f"{cfg.out}: finished already, skipped", flush=True)
-    else:
-        summary = run(cfg, rank, world, device)
+            ckpt = out / "checkpoint.pt"
+            where = f"the last checkpoint is {ckpt}" if ckpt.is_file() else "no checkpoint was written yet"
+            print(f"\ninterrupted; {where}. Continue with:\n  {again}", file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT_CODE
+    if summary.get("interrupted"):
+        if rank == 0:
+            print(f"interrupted after step {summary['stopped_at']}; checkpoint {summary['checkpoint']}. Continue "
+                  f"with:\n  {again}", file=sys.stderr, flush=True)  # fmt: skip
+        return INTERRUPTED_EXIT_CODE
     if rank == 0 and "test" in summary:
         print_summary(summary)
+        files = [out / "summary.json", out / "val_loss.png", out / "adapter_best"]
+        print("results: " + ", ".join(str(f) for f in files if f.exists()), flush=True)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(argv)
     try:
-        return report_errors(lambda: start(cfg))
+        return report_errors(lambda: start(cfg, argv))
     finally:
         distributed.cleanup()
 

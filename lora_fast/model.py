@@ -108,10 +108,10 @@ def report_unmatched(model: nn.Module, unmatched: Sequence[str], hits: Sequence[
         warnings.warn(f"{line}. LoRA goes on the {len(hits)} modules the other targets hit", stacklevel=3)
 
 
-def find_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+def find_targets(model: nn.Module, targets: str | Sequence[str], strict: bool = False) -> list[str]:
     """The names of the modules ``targets`` hits (PEFT's suffix rule), checked: only ``nn.Linear``/``Conv1D`` may be
     hit, and something must be. A target that hits nothing while others do is reported with ``warnings.warn`` (PEFT
-    accepts such lists); errors and warnings list close candidates."""
+    accepts such lists), or, with ``strict``, is a ValueError as well; errors and warnings list close candidates."""
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets:
         raise ValueError("targets is empty: name at least one module, e.g. ['attn.c_attn']")
@@ -119,7 +119,7 @@ def find_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     if bad:
         raise TypeError(f"targets must be non-empty module names (str), got {bad}")
     hits, unmatched = match_targets(model, targets)
-    report_unmatched(model, unmatched, hits)
+    report_unmatched(model, unmatched, [] if strict and unmatched else hits)  # with no hits it raises
     for n in hits:
         m = model.get_submodule(n)
         if isinstance(m, LoRALinear):

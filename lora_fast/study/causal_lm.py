@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +30,7 @@ from lora_fast.io import recover_directory
 from lora_fast.model import check_untied, find_targets
 from lora_fast.study.errors import ModelLoadError, UsageError, first_line
 from lora_fast.study.gguf import load_gguf, split_gguf
+from lora_fast.study.hub import looks_local
 
 __all__ = [
     "ATTENTION_PROJECTIONS",
@@ -70,13 +70,13 @@ def default_targets(model_type: str | None, output_projection: bool = True, flag
 
 
 def check_targets(model: nn.Module, targets: Sequence[str], flag: str = "--targets") -> None:
-    """The checks of LoRA's target list that need the model (``find_targets``: each hits an ``nn.Linear``/``Conv1D``,
-    something is hit; ``check_untied``: no tied weight), with their refusals as one-line UsageErrors naming ``flag``:
-    they are the user's to fix. Run right after the model loads, so ``apply_lora``, later, raises only on a bug."""
+    """The checks of LoRA's target list that need the model (``find_targets``: each hits an ``nn.Linear``/``Conv1D``;
+    ``check_untied``: no tied weight), with their refusals as one-line UsageErrors naming ``flag``: they are the
+    user's to fix. Stricter than the library, which follows PEFT in only warning about a target that hits nothing
+    while others hit something: on a command line that is a typo, and training on fewer modules than asked is a
+    silent wrong run. Run right after the model loads, so ``apply_lora``, later, raises only on a bug."""
     try:
-        with warnings.catch_warnings():  # a partly unmatched list warns once, from apply_lora
-            warnings.simplefilter("ignore")
-            check_untied(model, find_targets(model, targets))
+        check_untied(model, find_targets(model, targets, strict=True))
     except (ValueError, TypeError) as exc:
         raise UsageError(f"{flag} {' '.join(map(str, targets))}: {first_line(exc, 400)}") from None
 
@@ -105,8 +105,7 @@ def load_causal_lm(
     if not name_or_path.endswith(".gguf"):
         recover_directory(name_or_path)  # a no-op unless a hidden ".<name>.<random>.old/<name>/" is there
     name_or_path, gguf_file = split_gguf(name_or_path, gguf_file, flag)
-    looks_local = os.path.sep in name_or_path or name_or_path.startswith(".") or os.path.exists(name_or_path)
-    if looks_local and not os.path.isdir(name_or_path):
+    if looks_local(name_or_path) and not os.path.isdir(name_or_path):
         raise ModelLoadError(
             f"{flag} {name_or_path}: no such folder (give a hub name such as gpt2, a folder with config.json, "
             f"weights and tokenizer files, or a .gguf file)"

@@ -14,6 +14,7 @@ from torch import nn
 from lora_fast.study.errors import UsageError
 
 __all__ = [
+    "any_rank",
     "launched_world_size",
     "resolve_device",
     "setup",
@@ -77,6 +78,11 @@ def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any process (a Ctrl-C seen by one rank stops them all at the same step)."""
+    return all_sum([float(flag)], device)[0] > 0
 
 
 def barrier() -> None:

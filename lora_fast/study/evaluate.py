@@ -18,7 +18,7 @@ with a generation config that this is not exact for takes two passes, as ``label
 ``generation_accuracy`` run them. Both give the same predictions up to rounding (left padding and batch shapes).
 
 Under ``torch.distributed`` each rank scores every ``world``-th example and the sums are all-reduced. Each pass shows
-a progress bar on the main process when its stderr is a terminal (tqdm's own rule); a log file gets none.
+its progress on the main process: a bar on a terminal, a line every 30 s with the time left in a log.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from lora_fast.study.causal_lm import PLAIN_HEAD_MODEL_TYPES, LastTokenLM
 from lora_fast.study.distributed import all_sum, rank_and_world
+from lora_fast.study.progress import progress
 from lora_fast.study.prompts import LABEL_WORDS, EncodedSplit, label_token_ids
 from lora_fast.study.training import collate
 
@@ -65,16 +65,15 @@ def _batches(
     groups: Mapping[int, int] | None = None,
 ) -> Iterable[list[int]]:
     """``indices`` (default: this process's share) sorted by length (less padding) and cut into batches, each batch
-    within one value of ``groups[i]`` when given, behind a progress bar named ``desc`` (main process only; on a
-    terminal only: ``disable=None`` is tqdm's is-a-TTY test)."""
+    within one value of ``groups[i]`` when given, behind progress named ``desc`` (main process only: a bar on a
+    terminal, lines with the time left elsewhere, ``lora_fast.study.progress``)."""
     group = (lambda i: groups[i]) if groups is not None else (lambda i: 0)
     mine = sorted(_shard(len(lengths)) if indices is None else indices, key=lambda i: (group(i), -lengths[i]))
     batches = []
     for _, run in itertools.groupby(mine, key=group):
         run = list(run)
         batches += [run[i : i + batch_size] for i in range(0, len(run), batch_size)]
-    main = rank_and_world()[0] == 0
-    return tqdm(batches, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None if main else True)
+    return progress(batches, desc=desc, unit="batch", main=rank_and_world()[0] == 0, leave=False)
 
 
 def _ratio(correct: float, n: float) -> float:

@@ -34,6 +34,7 @@ from lora_fast.io import atomic_write_text
 from lora_fast.study.cli import config_argv
 from lora_fast.study.distributed import launched_world_size
 from lora_fast.study.errors import SweepError
+from lora_fast.study.interrupt import INTERRUPTED_EXIT_CODE, resume_command, sigint_ignored
 from lora_fast.study.report import plot_val_loss
 
 __all__ = ["SWEEPS", "SweepError", "sweep_markdown", "run_sweep"]
@@ -180,10 +181,12 @@ def sweep_markdown(name: str, summaries: dict[str, dict]) -> str:
 # ---------------------------------------------------------------- running it
 
 
-def run_sweep(cfg, script: str | os.PathLike) -> dict[str, dict] | None:
+def run_sweep(cfg, script: str | os.PathLike, argv: list[str] | None = None) -> int:
     """Run ``cfg.sweep``'s sub-runs under ``cfg.out`` (default ``runs/<timestamp>``), each as its own process of
-    ``script`` (train_sentiment.py), then write the table and the combined plot. Returns the summaries by sub-run
-    name, or None when a sub-run stopped early (``--stop-after-step``); raises ``SweepError`` when one fails."""
+    ``script`` (train_sentiment.py), then write the table and the combined plot. Returns the exit code: 0, also when
+    a sub-run stopped early (``--stop-after-step``), or 130 when a Ctrl-C stopped one (the sweep's own ``argv`` then
+    give the command that continues it); raises ``SweepError`` when one fails. Ctrl-C reaches the running sub-run,
+    which stops cleanly after its step; this process ignores it meanwhile."""
     if launched_world_size() > 1:
         raise SweepError(
             "--sweep runs its sub-runs one after another in their own processes: start it with python, not torchrun "
@@ -201,14 +204,19 @@ def run_sweep(cfg, script: str | os.PathLike) -> dict[str, dict] | None:
             sub = dataclasses.replace(cfg, **{**overrides, "out": str(out), "sweep": None, "resume": True})
             cmd = [sys.executable, str(script), *config_argv(sub)]
             print(f"\n=== {cfg.sweep} sweep: {name} ({overrides})\n{shlex.join(cmd)}", flush=True)
-            code = subprocess.run(cmd).returncode
+            with sigint_ignored():
+                code = subprocess.run(cmd).returncode
+            if code == INTERRUPTED_EXIT_CODE:
+                again = resume_command(sys.argv[0], argv or [], str(root.resolve()), resume_flag=False)
+                print(f"=== {cfg.sweep} sweep interrupted in {name}; continue it with:\n  {again}", flush=True)
+                return INTERRUPTED_EXIT_CODE
             if code != 0:
                 raise SweepError(f"sub-run {name} failed (exit code {code}); re-running the sweep resumes it")
             if not summary_path.is_file():  # --stop-after-step: interrupted on purpose, resumable
                 print(f"=== {cfg.sweep} sweep: {name} stopped before its end; re-run the sweep to resume", flush=True)
-                return None
+                return 0
         summaries[name] = json.loads(summary_path.read_text())
     atomic_write_text(root / spec["file"], sweep_markdown(cfg.sweep, summaries))
     plot_val_loss({n: root / n / "metrics.jsonl" for n in summaries}, root / "val_loss.png")
-    print(f"\nwrote {root / spec['file']} and {root / 'val_loss.png'}")
-    return summaries
+    print(f"\nwrote {(root / spec['file']).resolve()} and {(root / 'val_loss.png').resolve()}")
+    return 0

@@ -88,7 +88,10 @@ def test_max_length_is_cut_to_the_models_positions_for_training_and_both_metrics
     short = SimpleNamespace(config=SimpleNamespace(n_positions=3))
     with pytest.raises(UsageError, match="--gen-tokens 3: the model has 3 positions, which leaves no room"):
         train_sentiment.prompt_length(cfg, short)
-    no_generation = train_sentiment.parse_config(["--max-length", "256", "--gen-tokens", "3", "--no-generation"])
+    local = ["--model", str(tmp_path), "--data-dir", str(tmp_path)]  # no hub names: check_config asks no hub
+    no_generation = train_sentiment.parse_config(
+        ["--max-length", "256", "--gen-tokens", "3", "--no-generation", *local]
+    )
     assert train_sentiment.prompt_length(no_generation, short) == 3
     assert train_sentiment.check_config(no_generation, 1, torch.device("cpu")) is None  # no metric to leave room for
 
@@ -126,7 +129,13 @@ def test_backend_triton_on_cpu_without_the_interpreter_is_refused(tmp_path, caps
     assert "--backend triton on cpu: the Triton kernels need a CUDA device" in one_error(capsys.readouterr().err)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter is a choice: then the check passes
     assert (
-        train_sentiment.check_config(train_sentiment.parse_config(["--backend", "triton"]), 1, torch.device("cpu"))
+        train_sentiment.check_config(
+            train_sentiment.parse_config(
+                ["--backend", "triton", "--model", str(tmp_path), "--data-dir", str(tmp_path)]
+            ),
+            1,
+            torch.device("cpu"),
+        )
         is None
     )
 
@@ -262,7 +271,9 @@ def test_overwrite_starts_afresh_and_keeps_other_files(tiny_gpt2, finished_run, 
 
 def test_an_adapter_folder_left_aside_by_a_killed_save_is_accepted(tmp_path):
     (tmp_path / ".adapter_best.a1b2c3d4.old" / "adapter_best").mkdir(parents=True)
-    cfg = train_sentiment.parse_config(["--adapter", str(tmp_path / "adapter_best")])
+    cfg = train_sentiment.parse_config(
+        ["--adapter", str(tmp_path / "adapter_best"), "--model", str(tmp_path), "--data-dir", str(tmp_path)]
+    )
     assert train_sentiment.check_config(cfg, 1, torch.device("cpu")) is None  # not "no such folder": it is back
     assert (tmp_path / "adapter_best").is_dir()
 
@@ -312,7 +323,7 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_evaluation_shows_a_progress_bar_on_a_terminal(monkeypatch, gpt2_tokenizer):
+def test_evaluation_shows_a_progress_bar_on_a_terminal_and_lines_elsewhere(monkeypatch, gpt2_tokenizer):
     from transformers import GPT2LMHeadModel
 
     from lora_fast.study.evaluate import label_accuracy, val_loss
@@ -326,7 +337,11 @@ def test_evaluation_shows_a_progress_bar_on_a_terminal(monkeypatch, gpt2_tokeniz
         val_loss(model, seqs, [3, 4, 5], gpt2_tokenizer.pad_token_id, batch_size=1)
         label_accuracy(model, seqs, [0, 1, 0], (4633, 3967), gpt2_tokenizer.pad_token_id, batch_size=2)
         text = stderr.getvalue()
-        assert ("validation loss: " in text and "label-logit accuracy: " in text) == tty, text
+        assert "validation loss: " in text and "label-logit accuracy: " in text, text
+        if tty:  # tqdm's bar: one line rewritten
+            assert "\r" in text and "|" in text, text
+        else:  # a log: whole lines, the last of each pass at 100%
+            assert "\r" not in text and "validation loss: 3/3 batches (100%)" in text, text
 
 
 @pytest.mark.parametrize(

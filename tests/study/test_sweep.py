@@ -93,7 +93,8 @@ def test_sub_run_flags_give_back_the_sub_run_config(sweep):
 
 def test_sweep_refuses_torchrun(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert train_sentiment.main(["--sweep", "methods", "--out", str(tmp_path / "s")]) == 1
+    local = ["--model", str(tmp_path), "--data-dir", str(tmp_path)]
+    assert train_sentiment.main(["--sweep", "methods", "--out", str(tmp_path / "s"), *local]) == 1
     assert "not torchrun" in capsys.readouterr().err and not (tmp_path / "s").exists()
 
 
