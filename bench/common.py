@@ -64,14 +64,9 @@ def time_fn(fn: Callable[[], object], device: str, min_run_time: float = 0.5, wa
 
 def environment(device: str) -> dict:
     """Device name and library versions, stamped into every result file."""
-    import importlib.metadata as md
+    from lora_fast.study.report import versions as library_versions
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("triton", "transformers", "peft", "lora-fast"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
+    versions = library_versions()
     versions["git_commit"] = _git_commit()
     if device == "cuda":
         name = torch.cuda.get_device_name()

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import transformers
 from torch import nn
 
 from lora_fast import count_parameters
@@ -50,15 +49,22 @@ def start_run_folder(out: Path, config: dict, run_files: Sequence[str], overwrit
     atomic_write_json(out / "config.json", config)
 
 
-def versions() -> dict[str, str]:
-    """Python, torch, transformers and (when installed) triton versions, and the GPU's name when there is one."""
-    v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        import triton
+# The distributions whose versions a run and a benchmark record (requirements/tested.txt has every one).
+VERSIONED = ("torch", "triton", "transformers", "tokenizers", "safetensors", "huggingface_hub", "datasets", "peft",
+             "accelerate", "gguf", "kernels", "numpy", "lora-fast")  # fmt: skip
 
-        v["triton"] = triton.__version__
-    except ImportError:
-        pass
+
+def versions() -> dict[str, str | None]:
+    """Python's version, each of ``VERSIONED`` (None where not installed), and the GPU's name when there is one."""
+    import importlib.metadata as md
+
+    v: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            v[name] = md.version(name)
+        except md.PackageNotFoundError:
+            v[name] = None
+    v["torch"] = torch.__version__  # the build too (2.13.0+cpu)
     if torch.cuda.is_available():
         v["gpu"] = torch.cuda.get_device_name()
     return v
