@@ -19,7 +19,7 @@ from lora_fast.study.errors import UsageError, first_line
 
 __all__ = ["check_hub_inputs", "hub_reachable", "looks_local"]
 
-OFFLINE_HELP = "pass local copies instead (README, 'Offline')"
+OFFLINE_HELP = "pass local copies instead (README, 'Offline, on a CPU'; docs/TRAINING.md, 'Offline use')"
 TRUE = {"1", "ON", "YES", "TRUE"}
 
 

@@ -14,7 +14,7 @@ def test_without_the_hub_both_flags_are_named_in_one_error_before_anything_loads
     assert proc.returncode != 0
     (line,) = error_lines(proc.stderr)
     assert "hub is unreachable (HF_HUB_OFFLINE=1)" in line and "--model" in line and "--data-dir" in line
-    assert "'Offline'" in line and "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+    assert "'Offline use'" in line and "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
 def test_train_dpo_names_its_hub_inputs_too(tmp_path):
