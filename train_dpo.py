@@ -32,7 +32,15 @@ import torch
 from lora_fast import apply_lora, count_parameters, load_adapter, lora_modules, save_adapter
 from lora_fast.io import atomic_write_json, recover_directory
 from lora_fast.study.causal_lm import check_targets, default_targets, load_causal_lm
-from lora_fast.study.cli import check_numbers, dataclass_parser, opt, parse_flags, report_errors
+from lora_fast.study.cli import (
+    NONZERO,
+    check_numbers,
+    dataclass_parser,
+    opt,
+    parse_flags,
+    report_errors,
+    require_modules,
+)
 from lora_fast.study.data import load_splits
 from lora_fast.study.distributed import resolve_device
 from lora_fast.study.dpo import (
@@ -49,7 +57,7 @@ from lora_fast.study.hub import check_hub_inputs
 from lora_fast.study.interrupt import INTERRUPTED_EXIT_CODE
 from lora_fast.study.progress import phase, progress
 from lora_fast.study.prompts import INSTRUCTIONS, build_prompt, label_token_ids, resolve_instruction
-from lora_fast.study.report import append_metrics, plot_reward_vs_kl, start_run_folder
+from lora_fast.study.report import append_metrics, check_out, plot_reward_vs_kl, start_run_folder
 
 
 @dataclass
@@ -107,7 +115,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "reward_vs_kl.png",
 def check_config(cfg: DPOConfig) -> None:
     """Refuse a bad flag or combination before anything loads: a UsageError naming the flag, what it must be and what
     it is. (``--targets`` needs the model: it is checked right after the models load, before any sampling.)"""
-    check_numbers(cfg, LEAST, INTERVALS)
+    check_numbers(cfg, LEAST, INTERVALS, NONZERO)
     lo, hi = cfg.prompt_tokens
     if lo > hi:
         raise UsageError(f"--prompt-tokens {lo} {hi}: MIN must be at most MAX")
@@ -116,15 +124,9 @@ def check_config(cfg: DPOConfig) -> None:
     recover_directory(cfg.scorer)  # a scorer folder a killed save left aside
     if not (Path(cfg.scorer) / "adapter_config.json").is_file():
         raise UsageError(f"--scorer {cfg.scorer}: no adapter_config.json there; train one with train_sentiment.py")
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder")
-    held = [name for name in RUN_FILES if (out / name).exists()]
-    if held and not cfg.overwrite:
-        raise UsageError(
-            f"--out {out} holds a run already ({', '.join(held)}): pass --overwrite to start it afresh, or another "
-            f"--out"
-        )
+    check_out(Path(cfg.out), RUN_FILES, cfg.overwrite, "--overwrite to start it afresh")
+    gguf = any(m and m.endswith(".gguf") for m in (cfg.model, cfg.scorer_model))
+    require_modules("reward_vs_kl.png", None if cfg.data_dir else "rotten_tomatoes", gguf)
     check_hub_inputs([("--model", cfg.model, "model"), ("--scorer-model", cfg.scorer_model, "model"),
                       ("--data-dir", None if cfg.data_dir else "rotten_tomatoes", "dataset")])  # fmt: skip
 

@@ -29,8 +29,16 @@ from lora_fast import BACKENDS, AdapterError
 from lora_fast.io import atomic_write_json, recover_directory
 from lora_fast.study import distributed
 from lora_fast.study.causal_lm import LastTokenLM, default_targets, load_causal_lm, max_positions, use_fused_gelu
-from lora_fast.study.checkpoint import require_finite, resume, save_checkpoint
-from lora_fast.study.cli import check_numbers, dataclass_parser, opt, parse_flags, report_errors
+from lora_fast.study.checkpoint import check_resume_config, require_finite, resume, save_checkpoint
+from lora_fast.study.cli import (
+    NONZERO,
+    check_numbers,
+    dataclass_parser,
+    opt,
+    parse_flags,
+    report_errors,
+    require_modules,
+)
 from lora_fast.study.data import load_splits, subset
 from lora_fast.study.errors import NonFiniteError, UsageError
 from lora_fast.study.evaluate import score_split, val_loss
@@ -42,6 +50,7 @@ from lora_fast.study.prompts import INSTRUCTIONS, encode_split, resolve_instruct
 from lora_fast.study.registry import METHODS
 from lora_fast.study.report import (
     append_metrics,
+    check_out,
     format_scores,
     parameter_summary,
     plot_val_loss,
@@ -166,6 +175,12 @@ LEAST = dict(r=1, max_length=1, batch_size=1, grad_accum=1, max_steps=1, eval_ev
 INTERVALS = {"lr": (0, False, math.inf), "alpha": (-math.inf, False, math.inf), "lora_dropout": (0, True, 1),
              "dropout": (0, True, 1), "weight_decay": (0, True, math.inf), "grad_clip": (0, True, math.inf),
              "betas": (0, True, 1)}  # fmt: skip
+# Flags a resume may change: when the run stops and how often it checkpoints, how the test split is scored, where and
+# how it computes (the same math). Every other flag shapes the training and must be what the run started with
+# (docs/TRAINING.md, "Robustness").
+RESUME_MAY_CHANGE = {"max_steps", "stop_after_step", "checkpoint_every", "eval_batch_size", "max_test", "generation",
+                     "gen_tokens", "zero_shot", "device", "backend", "grad_checkpointing", "resume", "overwrite", "out",
+                     "preset", "sweep"}  # fmt: skip
 # What a run writes to --out: an --out holding any of them holds a run.
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "val_loss.png", "adapter_best",
              "adapter_last")  # fmt: skip
@@ -174,7 +189,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "v
 def check_config(cfg: Config, world: int, device: torch.device) -> None:
     """Refuse a bad flag or combination before anything loads: a UsageError naming the flag, what it must be and what
     it is. (``--targets`` needs the model: the lora method checks it right after loading, before any evaluation.)"""
-    check_numbers(cfg, LEAST, INTERVALS)
+    check_numbers(cfg, LEAST, INTERVALS, NONZERO if cfg.method == "lora" else {})
     if cfg.grad_accum % world:
         raise UsageError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes")
     if cfg.generation and cfg.max_length <= cfg.gen_tokens:
@@ -198,16 +213,15 @@ def check_config(cfg: Config, world: int, device: torch.device) -> None:
         raise UsageError(f"--adapter {cfg.adapter}: no such folder")
     if cfg.overwrite and (cfg.resume or cfg.sweep):
         raise UsageError(f"--overwrite starts a run afresh; {'--resume' if cfg.resume else '--sweep'} resumes one")
-    out = Path(cfg.out) if cfg.out else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder")
-    held = [name for name in RUN_FILES if out is not None and (out / name).exists()]
-    if held and not (cfg.resume or cfg.overwrite or cfg.sweep):
-        raise UsageError(
-            f"--out {out} holds a run already ({', '.join(held)}): pass --resume to continue it (a finished run is "
-            f"skipped), --overwrite to start it afresh, or another --out"
-        )
+    if cfg.out is not None:
+        reuse = "--resume to continue it (a finished run is skipped), --overwrite to start it afresh"
+        check_out(Path(cfg.out), RUN_FILES, cfg.resume or cfg.overwrite or bool(cfg.sweep), reuse)
+        if cfg.resume and (Path(cfg.out) / "checkpoint.pt").is_file() and (Path(cfg.out) / "config.json").is_file():
+            run_config = json.loads((Path(cfg.out) / "config.json").read_text())
+            check_resume_config(Path(cfg.out) / "checkpoint.pt", run_config, dataclasses.asdict(cfg), RESUME_MAY_CHANGE)
     split_gguf(cfg.model, cfg.gguf_file)  # --model X.gguf, or --gguf-file NAME in --model's folder: it must be there
+    gguf = bool(cfg.gguf_file) or cfg.model.endswith(".gguf")
+    require_modules(None if cfg.eval_only else "val_loss.png", None if cfg.data_dir else cfg.dataset, gguf)
     check_hub_inputs([  # hub names need the hub or the local cache: one check, naming every flag it fails for
         ("--model", cfg.model, f"gguf:{cfg.gguf_file}" if cfg.gguf_file else "model"),
         ("--tokenizer", cfg.tokenizer, "tokenizer"),
@@ -294,8 +308,11 @@ def describe(cfg: Config, model, splits: list, device: torch.device, world: int)
 
 def open_run_folder(cfg: Config, out: Path, log) -> None:
     """The run folder, made once the model and data have loaded (a mistake before leaves none behind): config.json,
-    with --overwrite after the old run's files are gone (``start_run_folder``); the folder is printed."""
-    start_run_folder(out, dataclasses.asdict(cfg), RUN_FILES, cfg.overwrite)
+    with --overwrite after the old run's files are gone (``start_run_folder``); the folder is printed. A resume from
+    a checkpoint keeps the run's config.json: it describes the run as it started, and a resume may not change it
+    (``RESUME_MAY_CHANGE``)."""
+    if not (cfg.resume and (out / "checkpoint.pt").is_file() and (out / "config.json").is_file()):
+        start_run_folder(out, dataclasses.asdict(cfg), RUN_FILES, cfg.overwrite)
     log(f"run folder: {out}")
 
 
@@ -386,7 +403,10 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     method, ckpt_path, metrics_path = METHODS[cfg.method], out / "checkpoint.pt", out / "metrics.jsonl"
     pad, global_batch = tokenizer.pad_token_id, cfg.batch_size * cfg.grad_accum
     data_order = {"seed": cfg.seed, "global_batch": global_batch, "n_train": len(train)}
-    step, state = resume(ckpt_path, model, optimizer, scheduler, scaler, data_order) if cfg.resume else (0, {})
+    run_config = dataclasses.asdict(cfg)
+    step, state = (0, {})
+    if cfg.resume:
+        step, state = resume(ckpt_path, model, optimizer, scheduler, scaler, data_order, run_config, RESUME_MAY_CHANGE)
     if cfg.resume:
         log(f"resumed from {ckpt_path} at step {step}" if step else f"--resume: no checkpoint in {out}, so step 0")
     best, zero_shot = state.get("best", {"val_loss": math.inf, "step": None}), state.get("zero_shot")
@@ -400,7 +420,7 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     # inf (loss, gradient, validation loss, weights) stops it before anything holding one is applied or written; a
     # Ctrl-C (StopRequest) stops it after the step in flight, with a checkpoint of that step
     tokens_seen, train_time, saved = 0, 0.0, step or None  # saved: the step of the last good checkpoint on disk
-    extra = lambda: {"data_order": data_order, "best": best, "zero_shot": zero_shot}  # noqa: E731
+    extra = lambda: {"data_order": data_order, "best": best, "zero_shot": zero_shot, "config": run_config}  # noqa: E731
     bar = progress(desc="training", total=cfg.max_steps, initial=step, unit="step", main=main)
     with bar, StopRequest() as stop:
         while step < cfg.max_steps:

@@ -96,7 +96,7 @@ PEFT_LORA_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "ensure_weight_tying": (_anything, "any (LoRA on a tied weight is refused)"),
     # Plain LoRA, implemented exactly.
     "r": (lambda v: type(v) is int and v >= 1, "an integer >= 1"),
-    "lora_alpha": (lambda v: type(v) in (int, float) and math.isfinite(v), "a finite number"),
+    "lora_alpha": (lambda v: type(v) in (int, float) and math.isfinite(v) and v != 0, "a finite non-zero number"),
     "lora_dropout": (lambda v: v is None or (type(v) in (int, float) and 0 <= v < 1), "a number in [0, 1)"),
     "use_rslora": (_is(True, False), "true or false"),
     "target_modules": (_targets_ok, "a list of module names or a regex string, not 'all-linear'"),
@@ -155,9 +155,10 @@ def save_adapter(
     """Write ``model``'s LoRA weights and config into the folder ``directory`` in HF PEFT's format.
 
     Like PEFT, only ``adapter_config.json`` and ``adapter_model.safetensors`` are written; other files in the folder
-    are left alone, and a path that is a file is refused. Each file is replaced atomically, the weights first; the
-    weights' metadata records the config fields they depend on, so a crash between the two renames leaves a pair that
-    ``load_adapter`` either loads as the new adapter (the fields agree) or refuses with a message, never misreads.
+    are kept, and a path that is a file is refused. The two change together (``lora_fast.io.atomic_save_tensors``:
+    the folder is swapped whole), so a save killed at any moment leaves the previous adapter or the new one, never
+    a mix, for this package and for PEFT alike; the weights' metadata also records the config fields they depend on,
+    and ``load_adapter`` refuses a pair where they disagree.
     """
     config = get_lora_config(model)
     layers = dict(lora_modules(model))
@@ -191,7 +192,6 @@ def save_adapter(
         CONFIG_NAME,
         peft_config,
         metadata={BINDING_KEY: binding},
-        whole_folder=False,
     )
 
 
@@ -242,6 +242,13 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     if not path.is_file():
         raise AdapterError(f"no {path.name} in {path.parent}")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise AdapterError(
+            f"{path} cannot be read: permission denied (the file is there, this user may not read it)"
+        ) from None
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

@@ -28,8 +28,8 @@ def check_lora_inputs(
 
     Expected: ``x (..., K)``, ``weight (N, K)``, ``bias (N,)`` or None, ``lora_A (R, K)`` with R ≥ 1,
     ``lora_B (N, R)``; all on one device; ``x``, ``weight`` and ``bias`` of one floating dtype (``lora_A``/``lora_B``
-    may differ: fp32 masters beside bf16 activations are the usual mixed-precision set-up); ``scaling`` a finite real
-    number and ``dropout_p`` a real number in [0, 1), neither a bool.
+    may differ: fp32 masters beside bf16 activations are the usual mixed-precision set-up); ``scaling`` a finite
+    non-zero real number and ``dropout_p`` a real number in [0, 1), neither a bool.
     """
     tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     if bias is not None:
@@ -75,8 +75,8 @@ def check_lora_inputs(
             raise TypeError(
                 f"{name} must be a real number (int or float, not bool), got {type(value).__name__} {value!r}"
             )
-    if not math.isfinite(scaling):
-        raise ValueError(f"scaling must be finite, got {scaling}")
+    if not math.isfinite(scaling) or scaling == 0:
+        raise ValueError(f"scaling must be finite and non-zero (at 0 the LoRA weights get no gradient), got {scaling}")
     if not 0.0 <= dropout_p < 1.0:  # NaN fails both comparisons
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 

@@ -4,11 +4,15 @@ Each write goes to a temporary file beside the target (``.<name>.<random>.tmp``)
 over the target (``os.replace`` is atomic on POSIX and Windows). A whole folder (:func:`atomic_directory`) is written
 into a temporary sibling and swapped in; a kill between the swap's two renames leaves the old folder in a hidden
 sibling, which the next write of that folder, or :func:`recover_directory` (loaders call it), puts back. A weights
-file and its config (:func:`atomic_save_tensors`) are either such a folder, or two atomic files in a folder whose
-other files are left alone. Temporaries a killed process left behind are removed by the next successful write of the
-same target: one writer per target at a time. Files and folders get the modes a plain ``open``/``mkdir`` would give
-them under the process's umask (``tempfile`` makes its temporaries private, 0600 and 0700; they are widened to
-``0o666 & ~umask`` and ``0o777 & ~umask`` before they replace the target).
+file and its config (:func:`atomic_save_tensors`) are written as such a folder, which carries over every other file
+already in the old one (hard links), so a reader sees the old pair or the new pair, never one file of each.
+
+Writers of the targets in one folder take turns: each holds an exclusive lock on that folder (``flock`` on its file
+descriptor; POSIX only) while it writes, so two processes saving into one folder both succeed, the second after the
+first, and the temporaries a killed writer left behind can be removed by the next write without touching a live
+writer's. Files and folders get the modes a plain ``open``/``mkdir`` would give them under the process's umask
+(``tempfile`` makes its temporaries private, 0600 and 0700; they are widened to ``0o666 & ~umask`` and
+``0o777 & ~umask`` before they replace the target).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ __all__ = [
     "atomic_torch_save",
     "atomic_directory",
     "atomic_save_tensors",
+    "folder_problem",
     "recover_directory",
 ]
 
@@ -60,6 +65,40 @@ def _umask() -> int:
     return mask
 
 
+_held: dict[str, int] = {}  # folders this process holds the writer lock of, and how many times (nested writes)
+
+
+@contextlib.contextmanager
+def _writer_lock(folder: Path) -> Iterator[None]:
+    """Hold the writer lock of ``folder`` (made if missing) for the block: other processes wait for it; this process
+    may take it again inside (a folder write whose own steps write). A no-op where ``fcntl`` does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; one writer per folder is then the caller's to keep
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    key = str(folder.resolve())
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _held[key] = 1
+        try:
+            yield
+        finally:
+            del _held[key]
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def _ours(path: Path, suffixes: tuple[str, ...]) -> Iterator[Path]:
     """The temporaries of our own naming (``.<name>.<8 random chars>.<suffix>``, files or folders) beside ``path``."""
     pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.(?:{'|'.join(suffixes)})")
@@ -84,20 +123,18 @@ def recover_directory(path: str | os.PathLike) -> bool:
     path = Path(path)
     if path.exists() or path.is_symlink():
         return False
-    holders = [old for old in _ours(path, ("old",)) if (old / path.name).is_dir()]
-    if not holders:
+    if not any((old / path.name).is_dir() for old in _ours(path, ("old",))):
         return False
-    # The newest, should there be several: a holder's mtime is when the old folder was renamed into it.
-    holder = max(holders, key=lambda p: p.stat().st_mtime)
-    try:
-        os.replace(holder / path.name, path)
-    except OSError:
-        if path.is_dir():  # another process (a DDP rank loading the same folder) put it back first
+    with _writer_lock(path.parent):  # a writer between its two renames finishes first
+        holders = [old for old in _ours(path, ("old",)) if (old / path.name).is_dir()]
+        if path.exists() or not holders:  # that writer, or another loader, has put a folder there meanwhile
             return False
-        raise
-    with contextlib.suppress(OSError):  # now empty; the next write of ``path`` removes any other holder
-        holder.rmdir()
-    _fsync_dir(path.parent)
+        # The newest, should there be several: a holder's mtime is when the old folder was renamed into it.
+        holder = max(holders, key=lambda p: p.stat().st_mtime)
+        os.replace(holder / path.name, path)
+        with contextlib.suppress(OSError):  # now empty; the next write of ``path`` removes any other holder
+            holder.rmdir()
+        _fsync_dir(path.parent)
     return True
 
 
@@ -105,22 +142,22 @@ def recover_directory(path: str | os.PathLike) -> bool:
 def _atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``, on error remove it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; refusing to replace it with a file")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _remove_stale(path)
+    with _writer_lock(path.parent):
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder; refusing to replace it with a file")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _remove_stale(path)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -151,32 +188,70 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     loaders) puts it back."""
     path = Path(path)
     _check_folder_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover_directory(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.chmod(tmp, 0o777 & ~_umask())
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    _remove_stale(path, ("tmp", "old"))
+    with _writer_lock(path.parent):
+        recover_directory(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            yield tmp
+            for f in tmp.rglob("*"):
+                if f.is_file() and not f.is_symlink():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            os.chmod(tmp, 0o777 & ~_umask())
+            old = None
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+                os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        _remove_stale(path, ("tmp", "old"))
+
+
+def folder_problem(path: str | os.PathLike) -> str | None:
+    """Why no folder can be written at ``path`` (it is a file; its nearest existing ancestor is a file, or a folder
+    this process cannot write), or None: what a caller checks before hours of work that end with the write."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file"
+    ancestor = next(p for p in (path, *path.parents) if p.exists())  # the root always exists
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, so no folder can be made under it"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{ancestor} is not writable by this user"
+    return None
 
 
 def _check_folder_path(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} is a file, not a folder; refusing to replace it: choose a folder path")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link of ``src`` at ``dst`` (no bytes copied), or a copy where the file system has no hard links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_over(old: Path, new: Path, skip: set[str]) -> None:
+    """Every entry of the folder ``old`` but ``skip`` (and our hidden temporaries) into the empty folder ``new``:
+    files as hard links, folders as trees of them, symbolic links as links."""
+    temporary = re.compile(r"\..+\.[a-z0-9_]{8}\.(?:tmp|old)")
+    for entry in old.iterdir():
+        if entry.name in skip or temporary.fullmatch(entry.name):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), new / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(entry), str(new / entry.name))
 
 
 def atomic_save_tensors(
@@ -186,32 +261,19 @@ def atomic_save_tensors(
     config_name: str,
     config: dict,
     metadata: dict[str, str] | None = None,
-    whole_folder: bool = True,
 ) -> Path:
-    """Write ``tensors`` (safetensors, with ``metadata``) and ``config`` (JSON) as the folder ``directory``.
-
-    ``whole_folder``: the folder is written whole and swapped in (:func:`atomic_directory`), so it holds these two
-    files only. Otherwise the two files are written into ``directory`` and other files there are left alone: both
-    are written in full before either replaces its target, the weights first, the config second, so a reader sees
-    the old pair, the new pair, or (after a crash between the two renames) the new weights beside the old config;
-    loaders check that the two fit together (shapes; for adapters, the fields recorded in the weights' metadata).
-    Either way a ``directory`` that is a file is refused.
-    """
+    """Write ``tensors`` (safetensors, with ``metadata``) and ``config`` (JSON) into the folder ``directory`` as one
+    change: a new folder holding both, and every other file of the old folder (``_carry_over``: hard links), is
+    swapped in (:func:`atomic_directory`). A reader sees the old pair or the new pair, never the new weights beside
+    the old config; a kill leaves the old folder, or (between the swap's two renames) the old folder aside, which
+    :func:`recover_directory` puts back. A ``directory`` that is a file is refused."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     metadata = {"format": "pt", **(metadata or {})}
-    if whole_folder:
-        with atomic_directory(directory) as tmp:
-            save_file(tensors, str(tmp / weights_name), metadata=metadata)
-            (tmp / config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        return directory
-    _check_folder_path(directory)
-    recover_directory(directory)  # a folder a killed whole-folder write left aside: its other files are kept too
-    directory.mkdir(parents=True, exist_ok=True)
-    with _atomic_file(directory / config_name) as config_tmp, _atomic_file(directory / weights_name) as weights_tmp:
-        save_file(tensors, str(weights_tmp), metadata=metadata)
-        config_tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    # Folders a killed whole-folder write of this path left beside it (".<name>.<random>.tmp/.old").
-    _remove_stale(directory, ("tmp", "old"))
+    with atomic_directory(directory) as tmp:
+        if directory.is_dir():
+            _carry_over(directory, tmp, {weights_name, config_name})
+        save_file(tensors, str(tmp / weights_name), metadata=metadata)
+        (tmp / config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory

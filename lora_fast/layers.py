@@ -59,12 +59,15 @@ def lora_dtype(base_dtype: torch.dtype) -> torch.dtype:
 
 
 def check_lora_hyperparameters(r, alpha, dropout, use_rslora=False) -> None:
-    """Raise naming the argument unless ``r`` is an int >= 1, ``alpha`` a finite real number, ``dropout`` a real number
+    """Raise naming the argument unless ``r`` is an int >= 1, ``alpha`` a finite non-zero number, ``dropout`` a number
     in [0, 1) and ``use_rslora`` a bool (``bool`` is refused where a number is meant: ``r=True`` is a mistake)."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r} ({type(r).__name__})")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"LoRA alpha must be a finite real number, got {alpha!r} ({type(alpha).__name__})")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
+        raise ValueError(
+            f"LoRA alpha must be a finite non-zero real number (alpha 0 makes the scaling 0: the LoRA weights would "
+            f"get no gradient and train nothing), got {alpha!r} ({type(alpha).__name__})"
+        )
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be a real number in [0, 1), got {dropout!r} ({type(dropout).__name__})")
     if not isinstance(use_rslora, bool):
@@ -188,8 +191,11 @@ class LoRALinear(nn.Module):
 
 
 # The state_dict of a LoRALinear named ``p`` holds ``p.weight``/``p.bias`` (the wrapped layer's own keys, not
-# ``p.base.weight``) and ``p.lora_A``/``p.lora_B``; ``lora_merged`` in its metadata says whether ``p.weight`` holds the
-# merged update, so such a weight is never loaded under LoRA a second time.
+# ``p.base.weight``) and ``p.lora_A``/``p.lora_B``; while merged also ``p.lora_merged`` (a bool scalar), which says that
+# ``p.weight`` holds the merged update, so such a weight is never loaded under LoRA a second time. It is a key, not
+# only the state_dict's metadata (also recorded), because safetensors files (``save_pretrained``) drop metadata. A
+# model without LoRA ignores it as an unexpected key, as it ignores the LoRA weights, and gets the merged weights.
+MERGED_KEY = "lora_merged"
 
 
 def _state_dict_base_keys(module: LoRALinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -199,16 +205,19 @@ def _state_dict_base_keys(module: LoRALinear, state_dict: dict, prefix: str, loc
     base_first = sorted(entries, key=lambda k: k.startswith(prefix + "lora_"))
     for key in base_first:
         state_dict[key] = entries[key]
+    if module.merged:
+        state_dict[prefix + MERGED_KEY] = torch.ones((), dtype=torch.bool)
     local_metadata["lora_merged"] = module.merged
 
 
 def _load_state_dict_base_keys(
     module: LoRALinear, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
 ) -> None:
+    flag = state_dict.pop(prefix + MERGED_KEY, None)  # ours to read: never an unexpected key of a LoRA layer
     if module.merged:
         error_msgs.append(f"{prefix}: the LoRA layer is merged; call unmerge_lora before load_state_dict")
         return
-    if local_metadata.get("lora_merged"):
+    if local_metadata.get("lora_merged") or (flag is not None and bool(flag)):
         error_msgs.append(
             f"{prefix}: the state_dict was saved from a merged LoRA layer (its weight holds the update); loading it "
             "under LoRA would apply the update twice. Load it into a model without LoRA, or save it unmerged"

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import torch
@@ -164,6 +165,8 @@ def _why_peft(layer, x: torch.Tensor | None = None) -> str | None:
     scaling = layer.scaling[name]
     if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
         return f"adapter {name!r}: scaling is a {type(scaling).__name__}, not a number"
+    if scaling == 0 or not math.isfinite(scaling):
+        return f"adapter {name!r}: scaling {scaling} (lora_linear refuses a zero or non-finite one)"
     if base.weight.requires_grad:
         return "base weight trains (the fast path is for frozen base weights)"
     for what, module in (("base layer", base), ("lora_A", lora_A), ("lora_B", lora_B), ("dropout", dropout)):

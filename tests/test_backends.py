@@ -144,8 +144,15 @@ def test_autocast_cpu():
         (dict(dropout_p=False), "dropout_p must be a real number (int or float, not bool), got bool False"),
         (dict(dropout_p="0.1"), "dropout_p must be a real number (int or float, not bool), got str '0.1'"),
         (dict(dropout_p=None), "dropout_p must be a real number (int or float, not bool), got NoneType None"),
-        (dict(scaling=float("nan")), "scaling must be finite, got nan"),
-        (dict(scaling=float("-inf")), "scaling must be finite, got -inf"),
+        (
+            dict(scaling=float("nan")),
+            "scaling must be finite and non-zero (at 0 the LoRA weights get no gradient), got nan",
+        ),
+        (
+            dict(scaling=float("-inf")),
+            "scaling must be finite and non-zero (at 0 the LoRA weights get no gradient), got -inf",
+        ),
+        (dict(scaling=0.0), "scaling must be finite and non-zero (at 0 the LoRA weights get no gradient), got 0.0"),
         (dict(scaling=True), "scaling must be a real number (int or float, not bool), got bool True"),
         (dict(scaling=torch.tensor(2.0)), "scaling must be a real number (int or float, not bool), got Tensor"),
         (dict(weight=torch.randn(7, 5)), "x has 7 features"),

@@ -337,6 +337,7 @@ FALLBACKS = {
     "lora_bias": (dict(lora_bias=True), None, "lora_bias"),
     "hooked_base": ({}, _hook_base_layers, "base layer has hooks"),
     "trainable_base": ({}, _train_base_weights, "base weight trains"),
+    "alpha_zero": (dict(lora_alpha=0), None, "scaling 0.0 (lora_linear refuses a zero or non-finite one)"),
 }
 
 

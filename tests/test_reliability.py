@@ -276,11 +276,18 @@ def test_wrapped_model_state_dict_keeps_the_original_keys(tmp_path):
     model.save_pretrained(tmp_path / "wrapped")
     reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "wrapped").eval()
     assert torch.equal(_logits(reloaded), _logits(model))
-    # ... but a merged state_dict never goes under LoRA again (the update would count twice).
+    # ... but a merged state_dict never goes under LoRA again (the update would count twice), neither from memory nor
+    # from the safetensors file save_pretrained wrote (which keeps no state_dict metadata: the flag is a key).
     with pytest.raises(RuntimeError, match="saved from a merged LoRA layer"):
         apply_lora(_gpt2(), ["c_attn"], r=4, alpha=8).load_state_dict(model.state_dict())
+    from_file = load_file(str(tmp_path / "wrapped" / "model.safetensors"))
+    assert all(bool(from_file[f"transformer.h.{i}.attn.c_attn.lora_merged"]) for i in (0, 1))
+    with pytest.raises(RuntimeError, match="saved from a merged LoRA layer"):
+        apply_lora(_gpt2(), ["c_attn"], r=4, alpha=8).load_state_dict(from_file, strict=False)
     with pytest.raises(RuntimeError, match="unmerge_lora before load_state_dict"):
         model.load_state_dict(other.state_dict())
+    lora_fast.unmerge_lora(model)
+    assert set(model.state_dict()) == keys  # unmerged: no flag key
 
 
 # ---------------------------------------------------------------- saving beside other files, crashes
@@ -316,28 +323,29 @@ def test_save_adapter_leaves_other_files_alone_and_refuses_a_file(tmp_path):
     assert target.read_text() == "keep me"
 
 
-@pytest.mark.parametrize("crash_at", [1, 2], ids=["before_any_rename", "between_the_renames"])
-def test_a_crash_during_save_leaves_an_adapter_that_loads(tmp_path, monkeypatch, crash_at):
+@pytest.mark.parametrize("crash_at", [1, 2], ids=["old_folder_aside", "new_folder_in"])
+def test_a_crash_during_save_leaves_the_previous_adapter_whole(tmp_path, monkeypatch, crash_at):
+    """The pair is swapped in as one folder: a kill at either rename leaves the previous adapter (put back from its
+    hidden holder by the loader), with its own config (alpha 8, not the new save's 32), for us and for PEFT."""
     path = tmp_path / "adapter"
-    old, new = _tuned(1), _tuned(2)
+    old, new = _tuned(1, alpha=8), _tuned(2, alpha=32)
     save_adapter(old, path)
     kill_at_rename(monkeypatch, crash_at)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(new, path)
     monkeypatch.undo()
-    loaded = _logits(load_adapter(_gpt2(), path))
-    assert torch.equal(loaded, _logits(old if crash_at == 1 else new))
+    assert torch.equal(_logits(load_adapter(_gpt2(), path)), _logits(old))
+    assert json.loads((path / "adapter_config.json").read_text())["lora_alpha"] == 8
 
 
-def test_a_crash_between_the_renames_with_a_new_config_is_refused_not_misread(tmp_path, monkeypatch):
-    path = tmp_path / "adapter"
-    save_adapter(_tuned(1, alpha=8), path)
-    kill_at_rename(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        save_adapter(_tuned(2, alpha=32), path)
-    monkeypatch.undo()
+def test_weights_from_another_save_than_the_config_are_refused_not_misread(tmp_path):
+    """Two files of different saves (copied by hand, or written by an older version one at a time) are refused."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    save_adapter(_tuned(1, alpha=8), one)
+    save_adapter(_tuned(2, alpha=32), two)
+    (two / "adapter_config.json").write_bytes((one / "adapter_config.json").read_bytes())
     with pytest.raises(AdapterError, match="come from different saves .*lora_alpha=8 in the config but 32"):
-        load_adapter(_gpt2(), path)
+        load_adapter(_gpt2(), two)
 
 
 def test_stale_temporaries_are_removed_by_the_next_save(tmp_path):
@@ -472,9 +480,10 @@ def test_fp64_merge_stays_fp64(conv1d):
     [
         ({"r": True}, "rank r must be an integer >= 1, got True"),
         ({"r": 2.0}, "rank r must be an integer"),
-        ({"alpha": math.nan}, "alpha must be a finite real number, got nan"),
-        ({"alpha": math.inf}, "alpha must be a finite real number, got inf"),
-        ({"alpha": "8"}, "alpha must be a finite real number, got '8'"),
+        ({"alpha": math.nan}, r"alpha must be a finite non-zero real number .*, got nan"),
+        ({"alpha": math.inf}, r"alpha must be a finite non-zero real number .*, got inf"),
+        ({"alpha": "8"}, r"alpha must be a finite non-zero real number .*, got '8'"),
+        ({"alpha": 0}, r"alpha must be a finite non-zero real number \(alpha 0 makes the scaling 0.*got 0"),
         ({"dropout": 1.5}, r"dropout must be a real number in \[0, 1\), got 1.5"),
         ({"dropout": math.nan}, "dropout must be a real number"),
         ({"dropout": "0.1"}, "dropout must be a real number"),
@@ -502,3 +511,22 @@ def test_apply_lora_follows_peft_on_partly_matching_targets():
     ]
     with pytest.raises(ValueError, match=r"'q_proj' matches no module.*'v_proj' matches no module"):
         apply_lora(_gpt2(), ["q_proj", "v_proj"], r=4, alpha=8)
+
+
+def test_an_unreadable_weights_file_is_named_as_such(tmp_path, monkeypatch):
+    """Permission denied is not "corrupt or truncated" (as root, the denial is simulated at open)."""
+    import builtins
+
+    save_adapter(_tuned(1), tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    real_open = builtins.open
+
+    def denied(file, *args, **kwargs):
+        if str(file) == str(weights):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(AdapterError, match="cannot be read: permission denied") as err:
+        load_adapter(_gpt2(), tmp_path / "adapter")
+    assert "corrupt" not in str(err.value)

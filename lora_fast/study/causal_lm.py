@@ -88,6 +88,11 @@ def _set_dropout(config, dropout: float | None) -> None:
                 setattr(config, attr, dropout)
 
 
+# Any of these in a model folder means it carries its tokenizer (fast, GPT-2 BPE, SentencePiece, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+                   "vocab.txt")  # fmt: skip
+
+
 def load_causal_lm(
     name_or_path: str,
     tokenizer_path: str | None = None,
@@ -110,6 +115,12 @@ def load_causal_lm(
             f"{flag} {name_or_path}: no such folder (give a hub name such as gpt2, a folder with config.json, "
             f"weights and tokenizer files, or a .gguf file)"
         )
+    if os.path.isdir(name_or_path) and not gguf_file and not tokenizer_path:
+        if not any(os.path.isfile(os.path.join(name_or_path, f)) for f in TOKENIZER_FILES):
+            raise ModelLoadError(
+                f"{flag} {name_or_path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): pass "
+                f"--tokenizer DIR, or save the tokenizer into the folder"
+            )
     what = f"{flag} {name_or_path!r}" + (f" / --gguf-file {gguf_file!r}" if gguf_file else "")
     try:
         if gguf_file:

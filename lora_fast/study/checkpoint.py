@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lora_fast.io import atomic_torch_save
+from lora_fast.study.cli import flag_differences, flag_name
 from lora_fast.study.errors import CheckpointError, NonFiniteError, first_line
 
 __all__ = [
@@ -116,7 +117,13 @@ def save_checkpoint(
     }
     require_finite({k: state[k] for k in ("trainable", "optimizer", "scaler")}, f"the checkpoint of step {step}")
     if write:
-        atomic_torch_save(state, path)
+        try:
+            atomic_torch_save(state, path)
+        except (OSError, RuntimeError) as exc:  # torch's writer reports a full disk as RuntimeError("enforce fail...")
+            raise CheckpointError(
+                f"the checkpoint of step {step} could not be written to {path} ({first_line(exc, 160)}): is the disk "
+                f"full or the folder read-only? The previous checkpoint there is unchanged"
+            ) from None
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -145,7 +152,10 @@ def load_checkpoint(
     must match the model's exactly (a run resumed with another method or rank is refused), and a checkpoint holding
     NaN or inf values (one an older version wrote) is refused; either way before the model is touched."""
     path = Path(path)
-    state = _read(path)
+    return _restore(path, _read(path), model, optimizer, scheduler, scaler)
+
+
+def _restore(path: Path, state: dict, model: nn.Module, optimizer, scheduler, scaler) -> dict[str, Any]:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = state["trainable"]
     if set(saved) != set(params):
@@ -171,15 +181,40 @@ def load_checkpoint(
     return {"step": state["step"], "extra": state["extra"]}
 
 
+def check_resume_config(path: Path, run: dict | None, now: dict, may_change: set[str]) -> None:
+    """Refuse (CheckpointError naming each flag and both values) to resume the run whose config was ``run`` with a
+    config ``now`` that differs in a field outside ``may_change``: the run would go on as a mix of two
+    configurations. A missing ``run`` (a checkpoint of an older version) is not checked."""
+    differ = [] if run is None else flag_differences(run, now, may_change)
+    if differ:
+        may = ", ".join(flag_name(k) for k in sorted(may_change))
+        raise CheckpointError(
+            f"--resume: the run in {path.parent} was started with other values of {len(differ)} flag(s): "
+            f"{'; '.join(differ)}. A resume continues the run as it started (these may change: {may}); start a new "
+            f"run with --overwrite or another --out"
+        )
+
+
 def resume(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, data_order: dict
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler,
+    data_order: dict,
+    config: dict | None = None,
+    may_change: set[str] = frozenset(),
 ) -> tuple[int, dict[str, Any]]:
     """``(step, extra)`` restored from the checkpoint at ``path``, or ``(0, {})`` when there is none. A checkpoint
-    written with another data order (seed, step size, train examples) is refused: resuming it would not finish the
-    run it started."""
+    written with another data order (seed, step size, train examples), or with a ``config`` that differs outside
+    ``may_change`` (``check_resume_config``), is refused before the model is touched: resuming it would not finish
+    the run it started."""
     if not path.is_file():
         return 0, {}
-    state = load_checkpoint(path, model, optimizer, scheduler, scaler)
+    saved = _read(path)
+    if config is not None:
+        check_resume_config(path, saved["extra"].get("config"), config, may_change)
+    state = _restore(path, saved, model, optimizer, scheduler, scaler)
     if state["extra"].get("data_order") != data_order:
         raise CheckpointError(
             f"--resume: {path} was written with data order {state['extra'].get('data_order')}, this run has "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import sys
 import typing
@@ -18,7 +19,18 @@ from collections.abc import Callable
 from lora_fast import AdapterError
 from lora_fast.study.errors import StudyError, UsageError
 
-__all__ = ["opt", "dataclass_parser", "parse_flags", "config_argv", "flag_name", "check_numbers", "report_errors"]
+__all__ = [
+    "NONZERO",
+    "opt",
+    "dataclass_parser",
+    "parse_flags",
+    "config_argv",
+    "flag_differences",
+    "flag_name",
+    "check_numbers",
+    "report_errors",
+    "require_modules",
+]
 
 _SCALARS = {"int": int, "float": float, "str": str}
 
@@ -101,16 +113,35 @@ def config_argv(cfg) -> list[str]:
     return argv
 
 
+def flag_differences(run: dict, now: dict, may_change: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """``"--flag <now> (the run has <run>)"`` for each field of two configs (``dataclasses.asdict``) that differs,
+    fields in ``may_change`` and fields only one side has aside."""
+    return [
+        f"{flag_name(k)} {_words(now[k])} (the run has {_words(run[k])})"
+        for k in sorted(set(run) & set(now) - set(may_change))
+        if run[k] != now[k]
+    ]
+
+
 def flag_name(field: str) -> str:
     """The command-line flag of a config field: ``max_length`` -> ``--max-length``."""
     return "--" + field.replace("_", "-")
 
 
-def check_numbers(cfg, least: dict[str, int], intervals: dict[str, tuple[float, bool, float]]) -> None:
+# Real flags that must not be 0, and why.
+NONZERO = {"alpha": "the scaling alpha / r would be 0, so LoRA would train nothing"}
+
+
+def check_numbers(
+    cfg, least: dict[str, int], intervals: dict[str, tuple[float, bool, float]], nonzero: dict[str, str] | None = None
+) -> None:
     """Refuse, with a UsageError naming the flag, what it must be and what it is, a field of ``cfg`` below its least
-    value in ``least`` (integers), or outside its interval in ``intervals`` (reals: ``(low, whether low itself is
-    allowed, high (never allowed))``; NaN and inf never are). A list field is checked element by element; a None (where
-    a field allows one: "all", "off" or "not given") passes."""
+    value in ``least`` (integers), outside its interval in ``intervals`` (reals: ``(low, whether low itself is
+    allowed, high (never allowed))``; NaN and inf never are), or 0 where ``nonzero`` names it (with the reason). A list
+    field is checked element by element; a None (where a field allows one: "all", "off" or "not given") passes."""
+    for name, why in (nonzero or {}).items():
+        if getattr(cfg, name) == 0:
+            raise UsageError(f"{flag_name(name)} 0: must be non-zero ({why})")
     for name, bound in least.items():
         value = getattr(cfg, name)
         if value is not None and any(v < bound for v in _elements(value)):
@@ -136,6 +167,21 @@ def _each(value) -> str:
 def _words(value) -> str:
     """A flag's value as it would be typed: a list as its words."""
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def require_modules(plot: str | None = None, hub_dataset: str | None = None, gguf: bool = False) -> None:
+    """Refuse a run that will need an optional package later before anything loads, in one UsageError listing every
+    one missing: matplotlib for the ``plot`` it draws at its end, datasets to read ``hub_dataset`` from the hub, gguf
+    to read a GGUF model."""
+    study = "pip install -e '.[study]'"
+    needed = {"matplotlib": f"{plot} at the end of the run: {study}"} if plot else {}
+    if hub_dataset:
+        needed["datasets"] = f"the hub's {hub_dataset} without --data-dir: {study}"
+    if gguf:
+        needed["gguf"] = "a GGUF model: pip install gguf"
+    missing = [f"{module} ({why})" for module, why in needed.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UsageError(f"this run needs what is not installed: {'; '.join(missing)}")
 
 
 def report_errors(body: Callable[[], int]) -> int:

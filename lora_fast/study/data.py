@@ -21,17 +21,43 @@ __all__ = ["DataError", "SPLITS", "load_splits", "load_local", "load_hub", "subs
 SPLITS = ("train", "validation", "test")
 
 
+LABELS = (0, 1)  # negative, positive: the index into prompts.LABEL_WORDS
+
+
+def _row(text, label, where: str) -> dict:
+    """``{"text", "label"}`` after checking them: a str text and an int label in ``LABELS`` (a bool, a float such
+    as 0.7 or 1.0, a -1 or a 2 is refused: each would otherwise train as some label); a DataError names ``where``."""
+    if not isinstance(text, str):
+        raise DataError(f"{where}: 'text' must be a string, got {type(text).__name__} {str(text)[:40]!r}")
+    if type(label) is not int or label not in LABELS:
+        raise DataError(f"{where}: 'label' must be 0 (negative) or 1 (positive), got {type(label).__name__} {label!r}")
+    return {"text": text, "label": label}
+
+
 def _read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file, each checked (``_row``); a line that is not UTF-8 or not an object with
+    'text' and 'label' is a DataError naming the file and the line."""
     rows = []
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
     # Split on "\n" only: the texts hold U+0085, which str.splitlines() would treat as a line end.
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-            rows.append({"text": str(obj["text"]), "label": int(obj["label"])})
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{path}:{lineno}: expected a JSON object with 'text' and 'label' ({e})") from None
+        except ValueError as e:
+            raise DataError(f"{where}: not a JSON object ({e})") from None
+        if not isinstance(obj, dict) or "text" not in obj or "label" not in obj:
+            raise DataError(f"{where}: expected a JSON object with 'text' and 'label'")
+        rows.append(_row(obj["text"], obj["label"], where))
     return rows
 
 
@@ -40,8 +66,14 @@ def _read_parquet(paths: list[Path]) -> list[dict]:
 
     rows = []
     for path in paths:
-        table = pq.read_table(path, columns=["text", "label"]).to_pydict()
-        rows += [{"text": str(t), "label": int(y)} for t, y in zip(table["text"], table["label"], strict=False)]
+        try:
+            table = pq.read_table(path, columns=["text", "label"]).to_pydict()
+        except Exception as e:  # pyarrow's errors: a missing column, a corrupt or unreadable file
+            raise DataError(
+                f"{path}: not a parquet file with 'text' and 'label' columns ({first_line(e, 200)})"
+            ) from None
+        pairs = zip(table["text"], table["label"], strict=True)
+        rows += [_row(t, y, f"{path}: row {i}") for i, (t, y) in enumerate(pairs)]
     return rows
 
 
@@ -77,12 +109,16 @@ def load_hub(name: str = "rotten_tomatoes") -> dict[str, list[dict]]:
         import datasets
 
         ds = datasets.load_dataset(name)
-        return {s: [{"text": str(r["text"]), "label": int(r["label"])} for r in ds[s]] for s in SPLITS}
+        rows = {s: list(ds[s]) for s in SPLITS}
     except Exception as e:  # offline, hub errors, missing splits: all mean "use a local copy"
         raise DataError(
             f"could not load {name!r} from the Hugging Face hub ({first_line(e, 200)}); pass --data-dir DIR "
             f"with train/validation/test .jsonl or .parquet files"
         ) from None
+    return {
+        s: [_row(r.get("text"), r.get("label"), f"{name} {s}: row {i}") for i, r in enumerate(rs)]
+        for s, rs in rows.items()
+    }
 
 
 def load_splits(data_dir: str | os.PathLike | None = None, name: str = "rotten_tomatoes") -> dict[str, list[dict]]:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from lora_fast.io import atomic_directory, recover_directory
+from lora_fast.io import atomic_directory, folder_problem, recover_directory
 from lora_fast.study.errors import ModelLoadError, first_line
 from lora_fast.study.progress import phase
 
@@ -126,7 +126,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike) -> Path:
 def _check_new_folder(out: str | os.PathLike) -> None:
     out = Path(out)
     recover_directory(out)  # a folder a killed write left aside is back, and so refused below: it is not lost
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    problem = folder_problem(out)
+    if problem:
+        raise ModelLoadError(f"{out}: {problem}: choose another output folder")
+    if out.exists() and any(out.iterdir()):
         raise ModelLoadError(f"{out} exists and is not an empty folder: choose another output folder")
 
 

@@ -356,7 +356,7 @@ def _save_files(
         "shapes": {k: list(t.shape) for k, t in state.items()},
         "num_parameters": sum(t.numel() for t in state.values()),
     }
-    return atomic_save_tensors(directory, state, weights, config, meta, whole_folder=False)
+    return atomic_save_tensors(directory, state, weights, config, meta)
 
 
 def _read_config(directory: Path, filename: str, method: str) -> dict:

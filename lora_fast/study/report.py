@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from lora_fast import count_parameters
-from lora_fast.io import atomic_write_json, atomic_write_text, recover_directory
-from lora_fast.study.errors import StudyError
+from lora_fast.io import atomic_write_json, atomic_write_text, folder_problem, recover_directory
+from lora_fast.study.errors import StudyError, UsageError
 
 __all__ = [
     "start_run_folder",
@@ -37,6 +37,18 @@ __all__ = [
     "format_scores",
     "print_summary",
 ]
+
+
+def check_out(out: Path, run_files: Sequence[str], reuse: bool, reuse_flags: str) -> None:
+    """Refuse an ``--out`` where a run cannot be written, before anything loads: a file; a path under a file (its
+    nearest existing ancestor is not a folder) or under a folder this process cannot write; a folder that holds a
+    run (any of ``run_files``) unless ``reuse`` (``reuse_flags`` names the flags that allow it)."""
+    problem = folder_problem(out)
+    if problem:
+        raise UsageError(f"--out {out}: {problem}; give a folder")
+    held = [name for name in run_files if (out / name).exists()]
+    if held and not reuse:
+        raise UsageError(f"--out {out} holds a run already ({', '.join(held)}): pass {reuse_flags}, or another --out")
 
 
 def start_run_folder(out: Path, config: dict, run_files: Sequence[str], overwrite: bool) -> None:

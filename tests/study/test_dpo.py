@@ -302,7 +302,7 @@ def test_an_out_holding_a_run_is_refused_unless_overwrite(tiny_dirs, tmp_path, c
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     (tmp_path / "file").write_text("x")
     assert train_dpo.main([*argv[:-1], str(tmp_path / "file")]) == 2
-    assert f"--out {tmp_path / 'file'} is a file" in capsys.readouterr().err
+    assert f"--out {tmp_path / 'file'}: {tmp_path / 'file'} is a file; give a folder" in capsys.readouterr().err
     # --overwrite passes the check; the old run's files go once the models have loaded, other files stay.
     cfg = train_dpo.parse_args([*argv, "--overwrite"])
     assert train_dpo.check_config(cfg) is None
