@@ -23,7 +23,7 @@ from lora_fast.study.methods import apply_bottleneck_adapters, prepare_bitfit
 from lora_fast.study.packing import Packing, active_dropout, pack_rows, resolve_packing
 from lora_fast.study.prompts import EncodedSplit
 from lora_fast.study.training import collate, make_optimizer, step_batches, train_step
-from tests.helpers import tiny_gpt2_config, tiny_llama_config
+from tests.helpers import requires_cuda, tiny_gpt2_config, tiny_llama_config
 
 EXACT = 1e-10
 
@@ -259,3 +259,25 @@ def test_dropout_draws_are_per_token_under_flat_and_shared_under_prefix(family):
                                         batch["last_index"], row_index=batch.get("row_index"))  # fmt: skip
             same = torch.equal(logits[0], logits[1])
             assert same == (mode == "prefix"), mode
+
+
+@requires_cuda
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_packed_equals_padded_on_cuda(family):
+    """SDPA's CUDA kernels with the boolean 4-D mask: fp32 (TF32 off) logits to 1e-5 and gradients to 1e-4 (CUDA's
+    reductions reorder more), and bf16 autocast's logits to 3e-2."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = with_method(make_model(family), "lora").float().cuda().train()
+    seqs = sequences(seed=6)
+    targets = torch.randint(0, 100, (len(seqs),), generator=torch.Generator().manual_seed(7)).cuda()
+    padded = {k: v.cuda() for k, v in collate(seqs, 0).items()}
+    ref_logits, ref_grads = logits_and_grads(model, padded, targets)
+    packed = pack_rows(seqs, 0, True, 0.1, device="cuda")
+    logits, grads = logits_and_grads(model, packed, targets)
+    assert_same(logits, ref_logits, 1e-5, "logits")
+    for name, grad in grads.items():
+        assert_same(grad, ref_grads[name], 1e-4, name)
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+        low = LastTokenLM(model)(packed["input_ids"], packed["attention_mask"], packed["position_ids"],
+                                 packed["last_index"], row_index=packed["row_index"])  # fmt: skip
+    assert_same(low.float(), ref_logits, 3e-2, "bf16 logits")
