@@ -55,6 +55,7 @@ from lora_fast.study.dpo import (
 from lora_fast.study.errors import NonFiniteError, UsageError
 from lora_fast.study.hub import check_hub_inputs
 from lora_fast.study.interrupt import INTERRUPTED_EXIT_CODE
+from lora_fast.study.packing import PACKING_MODES, resolve_packing
 from lora_fast.study.progress import phase, progress
 from lora_fast.study.prompts import INSTRUCTIONS, build_prompt, label_token_ids, resolve_instruction
 from lora_fast.study.report import append_metrics, check_out, plot_reward_vs_kl, start_run_folder
@@ -93,6 +94,12 @@ class DPOConfig:
         None, "one training per beta, for the reward-vs-KL plot (--beta added)", nargs="+", type=float
     )
     seed: int = opt(0, "seed of prompts, sampling, LoRA init and batch order")
+    packing: str = opt(
+        "auto",
+        "DPO batches without padding: off (padded), flat (rows end to end), prefix (also each pair's prompt computed "
+        "once for both answers), auto (prefix unless dropout is active, then flat); GPT-2 and Llama, others padded",
+        choices=PACKING_MODES,
+    )
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when present)")
     out: str = opt("runs/dpo", "output folder")
     overwrite: bool = opt(False, "start afresh in an --out that holds a run: its run files are replaced")
@@ -170,7 +177,7 @@ def preference_pairs(cfg: DPOConfig, policy, tokenizer, prompts: list[list[int]]
     return pairs
 
 
-def train_beta(cfg: DPOConfig, policy, pairs: list, refs: tuple, beta: float, eos: int, log) -> dict:
+def train_beta(cfg: DPOConfig, policy, pairs: list, refs: tuple, beta: float, eos: int, log, packing=None) -> dict:
     """--steps DPO steps of the policy's LoRA (reset by the caller) at ``beta``; returns the last step's metrics."""
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     order = torch.Generator().manual_seed(cfg.seed)
@@ -184,7 +191,7 @@ def train_beta(cfg: DPOConfig, policy, pairs: list, refs: tuple, beta: float, eo
             idx, cursor = idx + [perm[cursor]], cursor + 1
         batch = [pairs[i] for i in idx]
         try:
-            metrics = dpo_step(policy, optimizer, batch, refs[0][idx], refs[1][idx], beta, eos).metrics()
+            metrics = dpo_step(policy, optimizer, batch, refs[0][idx], refs[1][idx], beta, eos, packing).metrics()
         except NonFiniteError as e:
             raise NonFiniteError(f"DPO step {step} (beta {beta}): {e}; stopped (lower --lr)") from None
         tokens += sum(len(p) + len(c) + len(r) for p, c, r in batch)
@@ -231,7 +238,9 @@ def run(cfg: DPOConfig) -> int:
     apply_lora(policy, targets, r=cfg.r, alpha=cfg.alpha)
     trainable, total = count_parameters(policy)
     init_state = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in lora_modules(policy)}
-    refs = reference_logprobs(policy, pairs, eos)
+    packing = resolve_packing(policy, cfg.packing, training=True)
+    print(f"--packing {cfg.packing}: {packing.mode} ({packing.reason})")
+    refs = reference_logprobs(policy, pairs, eos, packing=packing)
     evaluate = lambda: evaluate_policy(policy, tokenizer, eval_prompts, cfg.eval_samples, cfg.max_new_tokens, score)
     torch.manual_seed(cfg.seed + 2)
     before = evaluate()
@@ -245,7 +254,7 @@ def run(cfg: DPOConfig) -> int:
             for n, m in lora_modules(policy):
                 m.lora_A.copy_(init_state[n][0])
                 m.lora_B.copy_(init_state[n][1])
-        final = train_beta(cfg, policy, pairs, refs, beta, eos, log)
+        final = train_beta(cfg, policy, pairs, refs, beta, eos, log, packing)
         torch.manual_seed(cfg.seed + 2)
         after = evaluate()
         log({"event": "eval", "beta": beta, "step": cfg.steps, **after})

@@ -45,6 +45,7 @@ from lora_fast.study.evaluate import score_split, val_loss
 from lora_fast.study.gguf import split_gguf
 from lora_fast.study.hub import check_hub_inputs
 from lora_fast.study.interrupt import INTERRUPTED_EXIT_CODE, StopRequest, resume_command
+from lora_fast.study.packing import PACKING_MODES, resolve_packing
 from lora_fast.study.progress import phase, progress
 from lora_fast.study.prompts import INSTRUCTIONS, encode_split, resolve_instruction
 from lora_fast.study.registry import METHODS
@@ -56,6 +57,7 @@ from lora_fast.study.report import (
     plot_val_loss,
     print_summary,
     start_run_folder,
+    timed,
     trim_metrics,
     versions,
 )
@@ -133,6 +135,13 @@ class Config:
     grad_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% more time)")
     group_by_length: bool = opt(True, "sort each step's examples by length before cutting micro-batches")
     padding_side: str = opt("right", "pad prompts on the right or the left (same results)", choices=("right", "left"))
+    packing: str = opt(
+        "auto",
+        "batches without padding: off (padded), flat (rows end to end), prefix (also each shared prompt prefix "
+        "computed once), auto (prefix where exact: evaluation, and training with no dropout active; else flat); "
+        "GPT-2 and Llama, other models padded (docs/TRAINING.md)",
+        choices=PACKING_MODES,
+    )
     fused_gelu: bool = opt(True, "replace GPT-2's elementwise gelu_new by torch's tanh GELU (same values)")
     # outputs, robustness, experiments
     out: str | None = opt(None, "run folder (default runs/<timestamp>)")
@@ -316,11 +325,11 @@ def open_run_folder(cfg: Config, out: Path, log) -> None:
     log(f"run folder: {out}")
 
 
-def scorers(cfg: Config, model, tokenizer, val, test, device: torch.device, amp_dtype, max_length: int):
+def scorers(cfg: Config, model, tokenizer, val, test, device: torch.device, amp_dtype, max_length: int, packing):
     """``validate()``: the validation loss (a NaN or inf one is a NonFiniteError: the weights diverged); ``score()``:
     the test split's label-logit accuracy and, with --generation, the study's generation metric, whose prompts are cut
-    to ``max_length`` (``prompt_length``'s, as training's) less --gen-tokens."""
-    batching = {"device": device, "amp_dtype": amp_dtype, "padding_side": cfg.padding_side}
+    to ``max_length`` (``prompt_length``'s, as training's) less --gen-tokens. Both batch as ``packing`` says."""
+    batching = {"device": device, "amp_dtype": amp_dtype, "padding_side": cfg.padding_side, "packing": packing}
     pad, batch_size = tokenizer.pad_token_id, cfg.eval_batch_size
 
     def validate() -> float:
@@ -391,10 +400,16 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     if main:
         open_run_folder(cfg, out, log)
     amp_dtype, scaler = amp_setup(cfg, device)
-    validate, score = scorers(cfg, model, tokenizer, val, test, device, amp_dtype, max_length)
+    packing = {
+        use: resolve_packing(model, cfg.packing, training=use == "training") for use in ("training", "evaluation")
+    }
+    log(f"--packing {cfg.packing}: " + ", ".join(f"{use} {p.mode} ({p.reason})" for use, p in packing.items()))
+    clock = {"validation_s": 0.0, "scoring_s": 0.0}  # the time in each, beside train_steps_s
+    validate, score = scorers(cfg, model, tokenizer, val, test, device, amp_dtype, max_length, packing["evaluation"])
+    validate, score = timed(validate, clock, "validation_s"), timed(score, clock, "scoring_s")
     summary = describe(cfg, model, [train, val, test], device, world)
     if cfg.eval_only:
-        return finish(out, {**summary, "test": {"eval": score()}}, t_start, device, main)
+        return finish(out, {**summary, "test": {"eval": score()}, **clock}, t_start, device, main)
 
     # --- training state: fresh, or restored from the checkpoint
     module = distributed.wrap(LastTokenLM(model), device)
@@ -426,8 +441,9 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
         while step < cfg.max_steps:
             t0, at = time.time(), step + 1
             batches, targets = step_batches(
-                train, step, global_batch, cfg.batch_size, cfg.seed, pad, cfg.padding_side, cfg.group_by_length, device
-            )
+                train, step, global_batch, cfg.batch_size, cfg.seed, pad, cfg.padding_side, cfg.group_by_length, device,
+                packing["training"],
+            )  # fmt: skip
             try:
                 res = train_step(module, optimizer, batches, targets, scheduler, scaler, amp_dtype, cfg.grad_clip)
                 step, dt = step + 1, time.time() - t0
@@ -465,6 +481,7 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     summary["test"] = {"zero_shot": zero_shot, "best": score() if reload else dict(last), "last": last}
     summary.update(steps=step, best_step=best["step"], best_val_loss=best["val_loss"])
     summary["tokens_per_s"] = tokens_seen / train_time if train_time else None
+    summary.update(train_steps_s=train_time, **clock)
     return finish(out, summary, t_start, device, main, plot=True)
 
 

@@ -16,15 +16,26 @@ GPT-2 ``attn.c_attn`` + ``attn.c_proj``; Llama, Mistral, Qwen ``q_proj k_proj v_
   ``use_fused_gelu`` (GPT-2's six-op ``gelu_new`` as one ``F.gelu(approximate="tanh")``, equal to ~1e-6; nothing to
   swap on SiLU models), ``LastTokenLM`` (LM head at the label position only; on GPT-2 the last block at the label
   rows only) and ``train_step`` (``lora_fast.study``).
+- ``lora_fast_packed``: ``lora_fast`` on packed batches (``lora_fast.study.packing``, ``--packing``, default
+  ``auto``: with LoRA dropout 0.05 that is ``flat``, rows end to end without padding; ``prefix`` also computes the
+  batch's shared prompt prefix once).
 - ``floor``: the same model frozen, run as ``lora_fast`` runs it (fused GELU, ``LastTokenLM``), forward plus backward
   down to the gradient of its input embeddings (a hook makes the embedding output a leaf that requires grad); no
   LoRA, no optimizer. Any LoRA step does at least this work: ``lora_fast / floor`` is its overhead over the limit.
 
-A new row is one builder ``(cfg, model) -> step`` in ``BUILDERS``; ``ROWS`` and ``bench/run.py --rows`` follow it.
+A new row is one builder ``(cfg, model, targets, notes, tokenizer) -> (model, step)`` in ``BUILDERS``; ``ROWS`` and
+``bench/run.py --rows`` follow it.
 
 The task is label-token classification: each sequence of T tokens ends with its label token, and the loss is the LM
 loss on that one token (HF rows: ``labels`` are -100 everywhere but the last position; label-logit rows: the logits
-at position T-2, which predict it). So every row processes the same B·T tokens and computes the same loss.
+at position T-2, which predict it; ``lora_fast_packed`` packs the first T-1 tokens). So every row processes the same
+B·T tokens and computes the same loss.
+
+Data mode (``--data DIR``, ``bench/data_batches.py``): the study's real batches instead (Rotten Tomatoes training
+reviews in ``--prompt``'s wording, ``--shots``, drawn as ``train_sentiment.py`` draws its steps, tokenised by the
+model's tokenizer or ``--tokenizer``), for the rows ``lora_fast``, ``lora_fast_packed`` and ``floor`` (the HF rows'
+loss needs the label token inside the batch). Tokens/s counts real prompt tokens; each row records the token rows its
+layout computes per step beside the padded batch's.
 
 Run one row: ``python -m bench.model_step --row peft [--model DIR]`` (prints a ``RESULT {json}`` line).
 ``bench/run.py`` starts one process per row, so each row's peak memory is its own: on CUDA
@@ -36,6 +47,7 @@ after the model is built, so loading a GGUF file or building PEFT's wrappers doe
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -48,6 +60,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
+from bench.data_batches import Workload, data_inputs
 
 
 @dataclass
@@ -65,6 +79,11 @@ class StepConfig:
     steps: int = 5
     attn_implementation: str = "sdpa"
     seed: int = 0
+    data: str | None = None  # data mode: a Rotten Tomatoes folder (bench/data_batches.py)
+    tokenizer: str | None = None  # data mode: the tokenizer (default: the model's)
+    prompt: str = "default"
+    shots: int = 0
+    packing: str = "auto"  # lora_fast_packed's --packing
 
 
 # ---------------------------------------------------------------- memory
@@ -98,19 +117,25 @@ def _vm_hwm_mib() -> float | None:
 
 
 def build_model(cfg: StepConfig):
-    """``(model, targets)``: the row's model in training mode on ``cfg.device`` and its LoRA targets."""
-    from transformers import AutoModelForCausalLM, GPT2Config
+    """``(model, targets, tokenizer)``: the row's model in training mode on ``cfg.device``, its LoRA targets, and
+    ``cfg.tokenizer`` or the model's tokenizer (None for the random GPT-2 small without ``cfg.tokenizer``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
     from lora_fast.study.causal_lm import default_targets, load_causal_lm
 
     torch.manual_seed(cfg.seed)
+    tokenizer = None
     if cfg.model is None:
         config = GPT2Config()  # GPT-2 small: 12 layers, 768 wide, 50,257 tokens; dropout 0.1, gelu_new
         model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
     else:
-        model, _ = load_causal_lm(cfg.model, dropout=None)
+        model, tokenizer = load_causal_lm(cfg.model, dropout=None)
         model.set_attn_implementation(cfg.attn_implementation)
-    return model.to(cfg.device).train(), default_targets(model.config.model_type)
+    if cfg.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    if tokenizer is not None and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(cfg.device).train(), default_targets(model.config.model_type), tokenizer
 
 
 def _batch(cfg: StepConfig, vocab: int):
@@ -130,6 +155,20 @@ def _label_batch(cfg: StepConfig, input_ids, attention_mask, position_ids) -> di
     last_index = torch.full((cfg.batch,), cfg.seq - 2, dtype=torch.long, device=cfg.device)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
             "last_index": last_index}  # fmt: skip
+
+
+def _label_inputs(cfg: StepConfig, model, tokenizer, packing=None):
+    """``LastTokenLM``'s inputs per step, ``[(batch, target)]``, and their ``Workload``: the random batch (one, reused;
+    packed, its first T-1 tokens) or the study's batches (data mode), padded or laid out by ``packing``."""
+    if cfg.data is not None:
+        return data_inputs(cfg, tokenizer, packing)
+    input_ids, attention_mask, position_ids, _, target = _batch(cfg, model.config.vocab_size)
+    if packing is None:
+        batch = _label_batch(cfg, input_ids, attention_mask, position_ids)
+    else:
+        batch = packing.batch(input_ids[:, :-1].tolist(), 0, device=cfg.device)
+    tokens = cfg.batch * cfg.seq
+    return [(batch, target)], Workload(tokens, batch["input_ids"].numel(), tokens)
 
 
 def _autocast(cfg: StepConfig):
@@ -175,16 +214,16 @@ def _peft(cfg: StepConfig, model, targets: list[str]):
     return get_peft_model(model, config)
 
 
-def full_ft_row(cfg, model, targets, notes):
+def full_ft_row(cfg, model, targets, notes, tokenizer=None):
     return model, _hf_step(cfg, model, label_logits_only=False)
 
 
-def peft_row(cfg, model, targets, notes):
+def peft_row(cfg, model, targets, notes, tokenizer=None):
     model = _peft(cfg, model, targets)
     return model, _hf_step(cfg, model, label_logits_only=False)
 
 
-def peft_patched_row(cfg, model, targets, notes):
+def peft_patched_row(cfg, model, targets, notes, tokenizer=None):
     from lora_fast import patch_peft
 
     model = _peft(cfg, model, targets)
@@ -193,39 +232,48 @@ def peft_patched_row(cfg, model, targets, notes):
     return model, _hf_step(cfg, model, label_logits_only=False)
 
 
-def peft_label_logits_row(cfg, model, targets, notes):
+def peft_label_logits_row(cfg, model, targets, notes, tokenizer=None):
     model = _peft(cfg, model, targets)
     return model, _hf_step(cfg, model, label_logits_only=True)
 
 
-def lora_fast_row(cfg, model, targets, notes):
+def lora_fast_row(cfg, model, targets, notes, tokenizer=None, packed=False):
     from lora_fast import apply_lora
     from lora_fast.study.causal_lm import LastTokenLM, use_fused_gelu
+    from lora_fast.study.packing import resolve_packing
     from lora_fast.study.training import make_optimizer, train_step
 
     notes.append(f"fused GELU on {use_fused_gelu(model)} modules")
     apply_lora(model, targets, cfg.r, cfg.alpha, cfg.lora_dropout, backend="auto")
+    packing = resolve_packing(model, cfg.packing, training=True) if packed else None
+    if packing is not None:
+        notes.append(f"--packing {cfg.packing}: {packing.mode} ({packing.reason})")
     module = LastTokenLM(model)
     optimizer = make_optimizer(model, cfg.lr)
-    input_ids, attention_mask, position_ids, _, target = _batch(cfg, model.config.vocab_size)
-    batch = _label_batch(cfg, input_ids, attention_mask, position_ids)
-    amp = _autocast(cfg)[0]
+    inputs, work = _label_inputs(cfg, model, tokenizer, packing)
+    amp, count = _autocast(cfg)[0], itertools.count()
 
     def step():
+        batch, target = inputs[next(count) % len(inputs)]
         return train_step(module, optimizer, [batch], [target], amp_dtype=amp, grad_clip=cfg.grad_clip).loss
 
+    step.workload = work
     return model, step
 
 
-def floor_row(cfg, model, targets, notes):
+def lora_fast_packed_row(cfg, model, targets, notes, tokenizer=None):
+    return lora_fast_row(cfg, model, targets, notes, tokenizer, packed=True)
+
+
+def floor_row(cfg, model, targets, notes, tokenizer=None):
     """The frozen model through ``lora_fast``'s forward; backward to the input embeddings' gradient only."""
     from lora_fast.study.causal_lm import LastTokenLM, use_fused_gelu
 
     notes.append(f"fused GELU on {use_fused_gelu(model)} modules; frozen, gradient of the input embeddings only")
     model.requires_grad_(False)
     module = LastTokenLM(model)
-    input_ids, attention_mask, position_ids, _, target = _batch(cfg, model.config.vocab_size)
-    batch = _label_batch(cfg, input_ids, attention_mask, position_ids)
+    inputs, work = _label_inputs(cfg, model, tokenizer)
+    count = itertools.count()
     leaves = []
 
     def as_leaf(_module, _args, out):  # the embedding output becomes the leaf the backward ends at
@@ -237,6 +285,7 @@ def floor_row(cfg, model, targets, notes):
 
     def step():
         leaves.clear()
+        batch, target = inputs[next(count) % len(inputs)]
         with autocast():
             logits = module(**batch)
         loss = F.cross_entropy(logits.float(), target)
@@ -244,20 +293,24 @@ def floor_row(cfg, model, targets, notes):
         assert leaves and leaves[0].grad is not None, "the backward did not reach the input embeddings"
         return float(loss.detach())
 
+    step.workload = work
     return model, step
 
 
-# A new row: one builder here. Each gets a fresh model and returns (the model as timed, step).
+# A new row: one builder here. Each gets a fresh model and returns (the model as timed, step); a step may carry its
+# Workload (``step.workload``), else it is B·T real tokens and token rows.
 BUILDERS = {
     "full_ft": full_ft_row,
     "peft": peft_row,
     "peft_patched": peft_patched_row,
     "peft_label_logits": peft_label_logits_row,
     "lora_fast": lora_fast_row,
+    "lora_fast_packed": lora_fast_packed_row,
     "floor": floor_row,
 }
 ROWS = tuple(BUILDERS)
-__all__ = ["ROWS", "BUILDERS", "StepConfig", "build_model", "build_step", "run_row"]
+DATA_ROWS = ("lora_fast", "lora_fast_packed", "floor")  # the rows with a data mode
+__all__ = ["ROWS", "DATA_ROWS", "BUILDERS", "StepConfig", "build_model", "build_step", "run_row"]
 
 
 def build_step(row: str, cfg: StepConfig):
@@ -265,9 +318,11 @@ def build_step(row: str, cfg: StepConfig):
     forward and backward) and returns the loss."""
     if row not in BUILDERS:
         raise ValueError(f"unknown row {row!r}; choose one of {ROWS}")
-    model, targets = build_model(cfg)
+    if cfg.data is not None and row not in DATA_ROWS:
+        raise ValueError(f"row {row!r} has no data mode (its loss needs the label token in the batch): {DATA_ROWS}")
+    model, targets, tokenizer = build_model(cfg)
     notes = [f"model type {model.config.model_type}, LoRA targets {targets}"]
-    model, step = BUILDERS[row](cfg, model, targets, notes)
+    model, step = BUILDERS[row](cfg, model, targets, notes, tokenizer)
     return step, model, notes
 
 
@@ -295,6 +350,7 @@ def run_row(row: str, cfg: StepConfig, profile: bool = False) -> dict:
         _profile(step, cfg.device)
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     tokens = cfg.batch * cfg.seq
+    work = getattr(step, "workload", None) or Workload(tokens, tokens, tokens)
     med = statistics.median(times)
     if cfg.device == "cuda":
         peak, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_max_memory_allocated"
@@ -311,7 +367,10 @@ def run_row(row: str, cfg: StepConfig, profile: bool = False) -> dict:
         "s_p25": q[0],
         "s_p75": q[2],
         "steps_timed": len(times),
-        "tokens_per_s": tokens / med,
+        "tokens_per_s": work.real_tokens / med,
+        "real_tokens_per_step": work.real_tokens,
+        "token_rows_per_step": work.token_rows,
+        "padded_token_rows_per_step": work.padded_token_rows,
         "peak_mem_mb": peak,
         "peak_mem_kind": kind,
         "peak_mem_unit": "MiB",
@@ -348,6 +407,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported")
     ap.add_argument("--profile", action="store_true", help="after timing, print torch.profiler's top ops of one step")
+    ap.add_argument("--data", help="data mode: a Rotten Tomatoes folder; the study's batches (module docstring)")
+    ap.add_argument("--tokenizer", help="data mode: the tokenizer folder (default: the model's)")
+    ap.add_argument("--prompt", default="default", help="data mode: the study's instruction (default, complex, ...)")
+    ap.add_argument("--shots", type=int, default=0, help="data mode: solved examples in every prompt")
+    ap.add_argument("--packing", default="auto", choices=("auto", "prefix", "flat", "off"), help="lora_fast_packed's")
+    ap.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (auto packs prefix only at 0)")
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
     cfg = StepConfig(
@@ -357,6 +422,12 @@ def main(argv: list[str] | None = None) -> None:
         seq=args.seq or (512 if cuda else 128),
         warmup=args.warmup,
         steps=args.steps,
+        lora_dropout=args.lora_dropout,
+        data=args.data,
+        tokenizer=args.tokenizer,
+        prompt=args.prompt,
+        shots=args.shots,
+        packing=args.packing,
     )
     print("RESULT " + json.dumps(run_row(args.row, cfg, profile=args.profile)), flush=True)
 

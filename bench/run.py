@@ -3,6 +3,8 @@
     python bench/run.py --quick                      # < 5 min on a 2-core CPU, < 3 on an H100
     python bench/run.py                              # results in bench/out/ (--json, --md, --plot elsewhere)
     python bench/run.py --model-only --model runs/smollm2-135m   # the model table on SmolLM2 (a folder or .gguf)
+    python bench/run.py --model-only --model runs/smollm2-135m --data path/to/rotten_tomatoes --prompt complex
+                                                     # data mode: the study's real batches, padded and packed
 
 Layer table (bench/layer_bench.py): floor (frozen base layer alone), PEFT-style eager LoRA (lora-fast's
 ``reference``), HF PEFT's ``lora.Linear``, lora-fast ``torch`` and ``triton`` (CUDA), phase by phase, with the
@@ -31,7 +33,7 @@ import torch  # noqa: E402
 
 from bench.common import environment, fmt_ratio, markdown_table  # noqa: E402
 from bench.layer_bench import layer_summary, layer_tables, run_layer_bench  # noqa: E402
-from bench.model_step import ROWS  # noqa: E402
+from bench.model_step import DATA_ROWS, ROWS  # noqa: E402
 
 # (name, measured, reference row, limit): lora_fast's ratio must be at or below the limit. The last is the next goal:
 # lora_fast's overhead over the work no LoRA method can skip.
@@ -55,6 +57,7 @@ def run_model_rows(
     batch: int | None,
     seq: int | None,
     model: str | None = None,
+    data_flags: list[str] = (),
 ) -> list[dict]:
     """Each row in its own process, ``rounds`` times with the order reversed every other round (so slow drift of a
     shared machine's load hits the rows alike); step times are pooled, peak memory is the highest seen."""
@@ -80,6 +83,7 @@ def run_model_rows(
                 cmd += ["--seq", str(seq)]
             if model:
                 cmd += ["--model", model]
+            cmd += list(data_flags)
             print(f"  model step: {row} (round {k + 1}/{rounds})", flush=True)
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -102,8 +106,7 @@ def _pool(runs: list[dict]) -> dict:
         out["steps_timed"] = sum(r["steps_timed"] for r in runs)
         out["peak_mem_mb"] = max(r["peak_mem_mb"] for r in runs)
         out["load_avg_1min"] = max(r["load_avg_1min"] for r in runs)
-    cfg = out["config"]
-    out["tokens_per_s"] = cfg["batch"] * cfg["seq"] / out["s_per_step"]
+    out["tokens_per_s"] = out["real_tokens_per_step"] / out["s_per_step"]
     return out
 
 
@@ -124,6 +127,7 @@ def model_table(rows: list[dict], device: str) -> str:
             f"{r['s_per_step']:.3f}",
             f"{r['s_p25']:.3f}–{r['s_p75']:.3f}",
             f"{r['tokens_per_s']:.0f}",
+            fmt_ratio(r["token_rows_per_step"] / r["padded_token_rows_per_step"]),
             f"{r['peak_mem_mb']:.0f}",
             f"{r['trainable_params']:,}",
             fmt_ratio(r["time_vs_peft"]),
@@ -141,6 +145,7 @@ def model_table(rows: list[dict], device: str) -> str:
             "s/step (median)",
             "p25–p75 s",
             "tokens/s",
+            "token rows vs padded",
             mem,
             "trainable params",
             "time vs peft",
@@ -178,6 +183,19 @@ def check_targets(rows: list[dict]) -> list[dict]:
             {"target": f"lora_fast {name} <= {limit}", "ratio": ratio, "limit": limit, "met": ratio <= limit}
         )
     return verdicts
+
+
+def packing_line(rows: list[dict]) -> str | None:
+    """``lora_fast_packed`` against ``lora_fast`` (the same step on padded batches): time, tokens/s, token rows."""
+    by = {r["name"]: r for r in rows}
+    if not {"lora_fast", "lora_fast_packed"} <= set(by):
+        return None
+    packed, padded = by["lora_fast_packed"], by["lora_fast"]
+    return (
+        f"- lora_fast_packed vs lora_fast: time per step {fmt_ratio(packed['s_per_step'] / padded['s_per_step'])}, "
+        f"tokens/s {fmt_ratio(packed['tokens_per_s'] / padded['tokens_per_s'])}, token rows "
+        f"{fmt_ratio(packed['token_rows_per_step'] / padded['token_rows_per_step'])} ({packed['notes'][-1]})"
+    )
 
 
 # ---------------------------------------------------------------- plots
@@ -263,7 +281,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--layer-only", action="store_true", help="only the layer table")
     ap.add_argument("--model-only", action="store_true", help="only the model-step table")
-    ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="model-step rows to run")
+    ap.add_argument(
+        "--rows", nargs="+", choices=ROWS, help="model-step rows (default: all but lora_fast_packed; --data: its rows)"
+    )
+    ap.add_argument("--data", help="data mode: a Rotten Tomatoes folder; the study's real batches (model_step.py)")
+    ap.add_argument("--tokenizer", help="data mode: the tokenizer folder (default: the model's)")
+    ap.add_argument("--prompt", default="default", help="data mode: the study's instruction (default, complex, ...)")
+    ap.add_argument("--shots", type=int, default=0, help="data mode: solved examples in every prompt")
+    ap.add_argument("--packing", default="auto", choices=("auto", "prefix", "flat", "off"), help="lora_fast_packed's")
+    ap.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout of the LoRA rows")
     ap.add_argument(
         "--model", help="model of the model-step table: a folder, hub name or .gguf file (default: GPT-2 small, random)"
     )
@@ -300,6 +326,13 @@ def main(argv: list[str] | None = None) -> dict:
     steps = args.steps or (3 if args.quick else (6 if cpu else 20))
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
     rounds = args.rounds or (1 if args.quick else 2)
+    rows = args.rows or (list(DATA_ROWS) if args.data else [r for r in ROWS if r != "lora_fast_packed"])
+    if args.data and set(rows) - set(DATA_ROWS):
+        ap.error(f"--data: rows {sorted(set(rows) - set(DATA_ROWS))} have no data mode; choose from {DATA_ROWS}")
+    data_flags = ["--packing", args.packing, "--lora-dropout", str(args.lora_dropout)]
+    if args.data:
+        data_flags += ["--data", args.data, "--prompt", args.prompt, "--shots", str(args.shots)]
+        data_flags += ["--tokenizer", args.tokenizer] if args.tokenizer else []
 
     env = environment(args.device)
     command = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -328,11 +361,15 @@ def main(argv: list[str] | None = None) -> dict:
     model: list[dict] = []
     verdicts: list[dict] = []
     if not args.layer_only:
-        model = run_model_rows(args.device, args.rows, warmup, steps, rounds, args.batch, args.seq, args.model)
+        model = run_model_rows(args.device, rows, warmup, steps, rounds, args.batch, args.seq, args.model, data_flags)
         add_model_ratios(model)
         cfg = model[0]["config"]
+        shape = f"batch {cfg['batch']} × {cfg['seq']} tokens"
+        if cfg.get("data"):
+            shots = f", {cfg['shots']}-shot" if cfg["shots"] else ""
+            shape = f"batch {cfg['batch']}, Rotten Tomatoes training batches, prompt {cfg['prompt']}{shots}"
         md.append(
-            f"## {_model_name(cfg)} training step (batch {cfg['batch']} × {cfg['seq']} tokens)\n\n"
+            f"## {_model_name(cfg)} training step ({shape})\n\n"
             f"Same model in every row: {_model_text(model[0])}, SDPA attention, {'fp32' if cpu else 'bf16 autocast'}; "
             f"LoRA r={cfg['r']}, alpha={cfg['alpha']:g}, LoRA dropout {cfg['lora_dropout']} on "
             f"{' + '.join(model[0]['targets'])}; AdamW, grad-norm clip {cfg['grad_clip']}; floor: the frozen model "
@@ -345,9 +382,15 @@ def main(argv: list[str] | None = None) -> dict:
                 else "torch.cuda.max_memory_allocated, each row in a fresh process."
             )
             + f" load avg: the machine's 1-minute load average as the row finished ({os.cpu_count()} cores here; "
-            "above that, other work competed for them)." + "\n\n" + model_table(model, args.device)
+            "above that, other work competed for them). Tokens/s counts real tokens; token rows: the rows the linear "
+            "layers compute per step over those of the batch padded (lora_fast_packed: packed, --packing "
+            f"{args.packing}; its note says the mode)." + "\n\n" + model_table(model, args.device)
         )
         print("\n" + md[-1], flush=True)
+        packed = packing_line(model)
+        if packed:
+            md.append("## Packing (ratios from this run)\n\n" + packed)
+            print("\n" + md[-1], flush=True)
         verdicts = check_targets(model)
         if verdicts:
             lines = [f"- target {v['target']}: {'MET' if v['met'] else 'MISSED'} ({v['ratio']:.2f})" for v in verdicts]

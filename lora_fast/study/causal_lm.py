@@ -31,6 +31,7 @@ from lora_fast.model import check_untied, find_targets
 from lora_fast.study.errors import ModelLoadError, UsageError, first_line
 from lora_fast.study.gguf import load_gguf, split_gguf
 from lora_fast.study.hub import looks_local
+from lora_fast.study.packing import model_mask
 
 __all__ = [
     "ATTENTION_PROJECTIONS",
@@ -220,6 +221,8 @@ class LastTokenLM(nn.Module):
       path, as does ``last_block_rows_only=False``.
     - Any other model: its own forward with ``logits_to_keep`` set to the distinct last positions of the batch (one
       with left padding), so the head runs on at most ``B`` positions per sequence and computes what HF computes.
+    - A packed batch (``packing.pack_rows``: a 4-D ``attention_mask`` and ``row_index``; GPT-2 and Llama only): the
+      same, with each sequence's last token at ``(row_index, last_index)`` of the packed rows.
     """
 
     def __init__(self, model: nn.Module, last_block_rows_only: bool = True):
@@ -234,19 +237,47 @@ class LastTokenLM(nn.Module):
         position_ids: torch.Tensor,
         last_index: torch.Tensor,
         label_ids: Sequence[int] | None = None,
+        row_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        packed = attention_mask.dim() == 4
+        if packed != (row_index is not None):
+            raise ValueError(
+                f"LastTokenLM: a packed batch (4-D attention_mask) comes with row_index and a padded one (2-D) "
+                f"without; got a {attention_mask.dim()}-D mask and row_index {'given' if packed else 'missing'}"
+            )
         model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        if not packed:
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+            if model_type not in PLAIN_HEAD_MODEL_TYPES:
+                return self._own_forward_at_rows(input_ids, attention_mask, position_ids, last_index, rows, label_ids)
+            return self._head_at(self._hidden_at(input_ids, attention_mask, position_ids, last_index, rows), label_ids)
         if model_type not in PLAIN_HEAD_MODEL_TYPES:
-            return self._own_forward_at_rows(input_ids, attention_mask, position_ids, last_index, rows, label_ids)
+            raise ValueError(f"model type {model_type!r}: LastTokenLM takes no packed batch for it")
+        # Sequences ending at one node (equal sequences under prefix sharing) are one computation, as every shared
+        # node is: one dropout draw, and the gradient of their sum.
+        width = input_ids.shape[1]
+        nodes, inverse = torch.unique(row_index * width + last_index, return_inverse=True)
+        h = self._hidden_at(input_ids, attention_mask, position_ids, nodes % width, nodes // width)
+        return self._head_at(h, label_ids)[inverse]
+
+    def _hidden_at(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        last_index: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """The final hidden states ``(B, C)`` at ``(rows, last_index)``: GPT-2's rows-only last block, or the body."""
         if self.last_block_rows_only and _gpt2_last_block_ok(self.model):
-            h = self._gpt2_last_block_at_rows(input_ids, attention_mask, position_ids, last_index, rows)
-        else:
-            body = self.model.base_model  # GPT-2's transformer, Llama's model: embeddings, blocks, final norm
-            hidden = body(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state
-            h = hidden[rows, last_index]  # (B, C)
+            return self._gpt2_last_block_at_rows(input_ids, attention_mask, position_ids, last_index, rows)
+        body = self.model.base_model  # GPT-2's transformer, Llama's model: embeddings, blocks, final norm
+        mask = model_mask(self.model, attention_mask) if attention_mask.dim() == 4 else attention_mask
+        hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        return hidden.last_hidden_state[rows, last_index]  # (B, C)
+
+    def _head_at(self, h: torch.Tensor, label_ids: Sequence[int] | None) -> torch.Tensor:
+        """The LM head on the gathered rows ``h (B, C)``: all of the vocabulary, or the ``label_ids`` columns."""
         head = self.model.get_output_embeddings()
         if label_ids is None:
             return head(h)
@@ -308,9 +339,11 @@ class LastTokenLM(nn.Module):
             hidden = args[0] if args else kwargs["hidden_states"]
             raise _StopBeforeLastBlock(hidden)
 
+        packed = attention_mask.dim() == 4
         handle = block.register_forward_pre_hook(grab, with_kwargs=True)
         try:
-            body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+            mask = model_mask(self.model, attention_mask) if packed else attention_mask
+            body(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
         except _StopBeforeLastBlock as stop:
             hidden = stop.hidden
         else:  # pragma: no cover - the hook always fires when the body runs its blocks
@@ -318,17 +351,24 @@ class LastTokenLM(nn.Module):
         finally:
             handle.remove()
 
-        B, T, C = hidden.shape
+        R, T, C = hidden.shape  # R = B padded rows, or the packed rows
+        B = rows.shape[0]
         H = attn.num_heads
         D = C // H
-        qkv = attn.c_attn(block.ln_1(hidden))  # (B, T, 3C) over all positions: keys and values are needed everywhere
+        qkv = attn.c_attn(block.ln_1(hidden))  # (R, T, 3C) over all positions: keys and values are needed everywhere
         q, k, v = qkv.split(C, dim=2)
         q = q[rows, last_index].view(B, 1, H, D).transpose(1, 2)  # (B, H, 1, D): the label row's query only
-        k = k.view(B, T, H, D).transpose(1, 2)
-        v = v.view(B, T, H, D).transpose(1, 2)
-        # Keys the label row may see: real tokens at or before it (causal + padding mask, either padding side).
-        positions = torch.arange(T, device=hidden.device)
-        allowed = (attention_mask != 0) & (positions[None, :] <= last_index[:, None])  # (B, T)
+        k = k.view(R, T, H, D).transpose(1, 2)
+        v = v.view(R, T, H, D).transpose(1, 2)
+        # Keys the label row may see. Packed: its packed row's keys (B, H, T, D) under its row of the 4-D mask (the
+        # tokens before it in its sequence, shared or not). Padded: real tokens at or before it (causal + padding
+        # mask, either padding side).
+        if packed:
+            k, v = k[rows], v[rows]
+            allowed = attention_mask[rows, 0, last_index]  # (B, T)
+        else:
+            positions = torch.arange(T, device=hidden.device)
+            allowed = (attention_mask != 0) & (positions[None, :] <= last_index[:, None])  # (B, T)
         scale = 1.0
         if attn.scale_attn_weights:
             scale = D**-0.5

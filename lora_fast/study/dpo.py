@@ -35,6 +35,7 @@ from torch import nn
 
 from lora_fast import disable_lora
 from lora_fast.study.errors import NonFiniteError
+from lora_fast.study.packing import Packing, model_mask
 from lora_fast.study.training import collate, grad_norm
 
 __all__ = [
@@ -91,17 +92,46 @@ def dpo_loss(
 
 
 def completion_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` sums of ``log p(input_ids[:, t] | input_ids[:, :t])`` over the completion tokens, in fp32."""
+    """``(B,)`` sums of ``log p(input_ids[:, t] | input_ids[:, :t])`` over the completion tokens, in fp32 (fp64 for
+    fp64 logits)."""
     targets = input_ids[:, 1:]
     # cross_entropy fuses log_softmax and the gather: no (B, T, V) log-prob tensor is kept. Upcast for the sum.
-    token_logp = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+    token_logp = -F.cross_entropy(_upcast(logits[:, :-1]).transpose(1, 2), targets, reduction="none")
     return token_logp.masked_fill(~completion_mask[:, 1:], 0.0).sum(-1)
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``(B,)`` log π(y|x) of a packed batch (right-padded, so positions count from 0 as GPT-2 expects)."""
+    """``(B,)`` log π(y|x) of a batch from ``pack``: right-padded (positions count from 0, as GPT-2 expects), or
+    packed (``packing.pack_rows``), where the LM head runs only at the tokens that predict a completion token, each
+    shared one once."""
+    if batch["attention_mask"].dim() == 4:
+        return _packed_logprobs(model, batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return completion_logprobs(logits, batch["input_ids"], batch["completion_mask"])
+
+
+def _packed_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``sequence_logprobs`` of a packed batch: the body over the packed rows, then for every distinct node that is a
+    completion token (``token_index`` at the rows' completion positions) the log-probability its parent's logits give
+    it, summed along each row."""
+    hidden = model.base_model(
+        input_ids=batch["input_ids"],
+        attention_mask=model_mask(model, batch["attention_mask"]),
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).last_hidden_state.flatten(0, 1)  # (R·T', C)
+    row, t = batch["completion_mask"][:, 1:].nonzero(as_tuple=True)  # the token at t + 1, predicted at t
+    nodes, parents = batch["token_index"][row, t + 1], batch["token_index"][row, t]
+    unique, inverse = torch.unique(nodes, return_inverse=True)
+    parent = torch.empty_like(unique).scatter_(0, inverse, parents)  # a node has one parent, whichever row reads it
+    logits = model.get_output_embeddings()(hidden[parent])  # (U, V)
+    token_logp = -F.cross_entropy(_upcast(logits), batch["input_ids"].flatten()[unique], reduction="none")
+    out = torch.zeros(batch["completion_mask"].shape[0], dtype=token_logp.dtype, device=token_logp.device)
+    return out.index_add(0, row, token_logp[inverse])
 
 
 def token_kl_sum(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -116,16 +146,24 @@ def token_kl_sum(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: to
 
 
 def pack(
-    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, device=None
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    pad_id: int,
+    device=None,
+    packing: Packing | None = None,
 ) -> dict[str, torch.Tensor]:
     """Right-pad ``prompt + completion`` rows (``collate``) into ``input_ids`` and ``attention_mask`` ``(B, T)``, with
-    ``completion_mask (B, T)`` True on each row's completion tokens."""
+    ``completion_mask (B, T)`` True on each row's completion tokens; or, with a ``packing`` other than ``off``, lay
+    them out packed (``packing.pack_rows``: a prompt the rows share is computed once), ``completion_mask`` then
+    indexing each row's tokens as its ``token_index`` does."""
     rows = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
-    batch = collate(rows, pad_id, "right", device or "cpu")
-    cols = torch.arange(batch["input_ids"].shape[1], device=batch["input_ids"].device)
+    batch = (packing or Packing()).batch(rows, pad_id, "right", device or "cpu")
+    cols = torch.arange(max(map(len, rows)), device=batch["input_ids"].device)
     starts = torch.tensor([len(p) for p in prompts], device=cols.device)
     ends = torch.tensor([len(r) for r in rows], device=cols.device)
     completion = (cols[None, :] >= starts[:, None]) & (cols[None, :] < ends[:, None])
+    if batch["attention_mask"].dim() == 4:
+        return {**batch, "completion_mask": completion}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "completion_mask": completion}
 
 
@@ -226,16 +264,16 @@ def make_pairs(
     return pairs
 
 
-def _pair_batch(pairs: Sequence[Pair], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Chosen rows first, then rejected rows: one forward pass for both halves."""
+def _pair_batch(pairs: Sequence[Pair], pad_id: int, device, packing: Packing | None = None) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows: one forward pass for both halves (packed: each pair's prompt once)."""
     prompts = [p for p, _, _ in pairs] * 2
     completions = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
-    return pack(prompts, completions, pad_id, device)
+    return pack(prompts, completions, pad_id, device, packing)
 
 
 @torch.no_grad()
 def reference_logprobs(
-    model: nn.Module, pairs: Sequence[Pair], pad_id: int, batch_size: int = 16
+    model: nn.Module, pairs: Sequence[Pair], pad_id: int, batch_size: int = 16, packing: Packing | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(chosen, rejected)`` log π_ref of every pair, computed once with LoRA disabled (they never change)."""
     device = next(model.parameters()).device
@@ -243,7 +281,7 @@ def reference_logprobs(
     with disable_lora(model):
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
-            logp = sequence_logprobs(model, _pair_batch(chunk, pad_id, device))
+            logp = sequence_logprobs(model, _pair_batch(chunk, pad_id, device, packing))
             chosen.append(logp[: len(chunk)].cpu())
             rejected.append(logp[len(chunk) :].cpu())
     return torch.cat(chosen), torch.cat(rejected)
@@ -257,11 +295,12 @@ def dpo_step(
     ref_rejected: torch.Tensor,
     beta: float,
     pad_id: int,
+    packing: Packing | None = None,
 ) -> DPOOutput:
-    """One optimizer step of DPO on ``pairs`` (with their precomputed reference log-probs). A NaN or inf loss or
-    gradient norm is a ``NonFiniteError`` raised before the optimizer moves."""
+    """One optimizer step of DPO on ``pairs`` (with their precomputed reference log-probs), padded or laid out by
+    ``packing``. A NaN or inf loss or gradient norm is a ``NonFiniteError`` raised before the optimizer moves."""
     device = next(model.parameters()).device
-    logp = sequence_logprobs(model, _pair_batch(pairs, pad_id, device))
+    logp = sequence_logprobs(model, _pair_batch(pairs, pad_id, device, packing))
     out = dpo_loss(logp[: len(pairs)], logp[len(pairs) :], ref_chosen.to(device), ref_rejected.to(device), beta)
     optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(out.loss):

@@ -35,6 +35,7 @@ from torch import nn
 
 from lora_fast.study.causal_lm import PLAIN_HEAD_MODEL_TYPES, LastTokenLM
 from lora_fast.study.distributed import all_sum, rank_and_world
+from lora_fast.study.packing import Packing, prefix_cached_forward, resolve_packing
 from lora_fast.study.progress import progress
 from lora_fast.study.prompts import LABEL_WORDS, EncodedSplit, label_token_ids
 from lora_fast.study.training import collate
@@ -49,6 +50,9 @@ __all__ = [
     "predict_split",
     "score_split",
 ]
+
+
+OFF = Packing()  # padded batches
 
 
 def _shard(n: int) -> list[int]:
@@ -100,12 +104,18 @@ def _scores(
     amp_dtype: torch.dtype | None,
     label_ids: Sequence[int] | None,
     padding_side: str = "right",
+    packing: Packing = OFF,
 ):
     for idx in batches:
-        batch = collate([sequences[i] for i in idx], pad_id, padding_side, device)
+        batch = packing.batch([sequences[i] for i in idx], pad_id, padding_side, device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = head(
-                batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["last_index"], label_ids
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["position_ids"],
+                batch["last_index"],
+                label_ids,
+                row_index=batch.get("row_index"),
             )
         yield idx, logits.float()
 
@@ -120,15 +130,19 @@ def label_accuracy(
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
     padding_side: str = "right",
+    packing: str | Packing = "off",
 ) -> dict[str, float]:
     """``{"acc", "correct", "n"}``: argmax over the two label-token logits at each prompt's last token.
-    ``label_ids`` is ``(negative_id, positive_id)``, so the argmax is the dataset label."""
+    ``label_ids`` is ``(negative_id, positive_id)``, so the argmax is the dataset label. ``packing``: a
+    ``--packing`` choice or a resolved ``Packing`` (``packing.resolve_packing``, for evaluation)."""
     device = torch.device(device)
-    head = LastTokenLM(model)
+    head, packing = LastTokenLM(model), resolve_packing(model, packing, training=False)
     correct = 0
     batches = _batches([len(s) for s in sequences], batch_size, "label-logit accuracy")
     with _eval_mode(model):
-        for idx, logits in _scores(head, sequences, pad_id, batches, device, amp_dtype, label_ids, padding_side):
+        for idx, logits in _scores(
+            head, sequences, pad_id, batches, device, amp_dtype, label_ids, padding_side, packing
+        ):
             pred = logits.argmax(-1).cpu()
             correct += int((pred == torch.as_tensor([labels[i] for i in idx])).sum())
     correct, n = all_sum([correct, len(_shard(len(sequences)))], device)
@@ -144,14 +158,16 @@ def val_loss(
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
     padding_side: str = "right",
+    packing: str | Packing = "off",
 ) -> float:
-    """Mean full-vocabulary cross-entropy of the label token ``targets[i]`` after prompt ``sequences[i]``."""
+    """Mean full-vocabulary cross-entropy of the label token ``targets[i]`` after prompt ``sequences[i]``;
+    ``packing`` as ``label_accuracy``'s."""
     device = torch.device(device)
-    head = LastTokenLM(model)
+    head, packing = LastTokenLM(model), resolve_packing(model, packing, training=False)
     total = 0.0
     batches = _batches([len(s) for s in sequences], batch_size, "validation loss")
     with _eval_mode(model):
-        for idx, logits in _scores(head, sequences, pad_id, batches, device, amp_dtype, None, padding_side):
+        for idx, logits in _scores(head, sequences, pad_id, batches, device, amp_dtype, None, padding_side, packing):
             target = torch.as_tensor([targets[i] for i in idx], device=device)
             total += float(F.cross_entropy(logits, target, reduction="sum"))
     total, n = all_sum([total, len(_shard(len(sequences)))], device)
@@ -308,22 +324,21 @@ def _shared_pass(
     max_new_tokens: int,
     device: torch.device,
     amp_dtype: torch.dtype | None,
+    share_prefix: bool = False,
 ) -> tuple[torch.Tensor, list[str]]:
     """``(label logits (B, 2) in fp32, generated texts)`` of a batch whose generation inputs are its prompts plus
-    tails of one length, from one forward over the prompts. Both are left-padded: with one tail length, the prompts'
+    tails of one length, from one forward over the prompts (``packing.prefix_cached_forward``; with
+    ``share_prefix``, the prompts' common prefix runs once). Both are left-padded: with one tail length, the prompts'
     columns are the first columns of the generation input, so the cache holds what ``generate``'s own first forward
     would compute there, and ``generate`` runs the tail and the new tokens only."""
-    prompt = collate(prompt_ids, pad_id, "left", device)
-    full = collate(generation_ids, pad_id, "left", device)
     name = _cache_name(model)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        out = model(
-            input_ids=prompt["input_ids"],
-            attention_mask=prompt["attention_mask"],
-            position_ids=prompt["position_ids"],
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        out, prompt = prefix_cached_forward(model, prompt_ids, pad_id, name, share_prefix, device)
+    tails = torch.tensor([list(g[len(p) :]) for p, g in zip(prompt_ids, generation_ids, strict=True)], device=device)
+    full = {
+        "input_ids": torch.cat([prompt["input_ids"], tails], 1),
+        "attention_mask": torch.cat([prompt["attention_mask"], torch.ones_like(tails)], 1),
+    }
     logits = out.logits[:, -1, list(label_ids)].float()  # every row's last real token: left padding
     texts = _generate(model, tokenizer, full, pad_id, max_new_tokens, device, amp_dtype, **{name: out[name]})
     return logits, texts
@@ -352,11 +367,16 @@ def predict_split(
     gen_tokens: int = 3,
     max_length: int = 1024,
     share: bool = True,
+    packing: str | Packing = "off",
 ) -> SplitPredictions:
     """Both metrics' raw predictions for this process's examples of ``split``: one forward per prompt where
     ``_shares_forward(model)`` and the example's tokens split as prompt + tail, else (and for every example with
-    ``share=False``) ``label_accuracy``'s pass (``padding_side``) and ``generation_accuracy``'s."""
+    ``share=False``) ``label_accuracy``'s pass (``padding_side``) and ``generation_accuracy``'s. ``packing``
+    (``label_accuracy``'s): ``prefix`` runs each batch's common prefix once in the one forward (its keys and values
+    shared across the batch, for generation too) and packs the label pass; ``flat`` packs the label pass only, as
+    generation needs rows; generation alone is always padded."""
     device = torch.device(device)
+    packing = resolve_packing(model, packing, training=False)
     label_ids, pad_id = label_token_ids(tokenizer), _generation_pad_id(tokenizer)
     generation_ids = _generation_ids(tokenizer, split.prompts, gen_tokens, max_length)
     mine = _shard(len(split))
@@ -371,15 +391,17 @@ def predict_split(
             for idx in batches:
                 prompts, inputs = [split.sequences[i] for i in idx], [generation_ids[i] for i in idx]
                 batch_logits, batch_texts = _shared_pass(
-                    model, tokenizer, prompts, inputs, pad_id, label_ids, gen_tokens, device, amp_dtype
-                )
+                    model, tokenizer, prompts, inputs, pad_id, label_ids, gen_tokens, device, amp_dtype,
+                    share_prefix=packing.mode == "prefix",
+                )  # fmt: skip
                 logits.update(zip(idx, batch_logits.cpu(), strict=True))
                 texts.update(zip(idx, batch_texts, strict=True))
         if alone:
             head = LastTokenLM(model)
             batches = _batches(prompt_lengths, batch_size, "label-logit accuracy", alone)
+            pad = tokenizer.pad_token_id
             for idx, batch_logits in _scores(
-                head, split.sequences, tokenizer.pad_token_id, batches, device, amp_dtype, label_ids, padding_side
+                head, split.sequences, pad, batches, device, amp_dtype, label_ids, padding_side, packing
             ):
                 logits.update(zip(idx, batch_logits.cpu(), strict=True))
             batches = _batches(generation_lengths, batch_size, "generation accuracy", alone)
@@ -402,16 +424,19 @@ def score_split(
     generation: bool = True,
     gen_tokens: int = 3,
     max_length: int = 1024,
+    packing: str | Packing = "off",
 ) -> dict[str, float]:
     """``{"label_acc"}`` on ``split`` and, with ``generation``, the study's ``{"gen_acc", "gen_invalid"}``, both from
-    one forward over each prompt where ``predict_split`` can."""
+    one forward over each prompt where ``predict_split`` can; ``packing`` as ``predict_split``'s."""
     if not generation:
         pad, label_ids = tokenizer.pad_token_id, label_token_ids(tokenizer)
         acc = label_accuracy(
-            model, split.sequences, split.labels, label_ids, pad, batch_size, device, amp_dtype, padding_side
+            model, split.sequences, split.labels, label_ids, pad, batch_size, device, amp_dtype, padding_side, packing
         )
         return {"label_acc": acc["acc"]}
-    batching = dict(batch_size=batch_size, device=device, amp_dtype=amp_dtype, padding_side=padding_side)
+    batching = dict(
+        batch_size=batch_size, device=device, amp_dtype=amp_dtype, padding_side=padding_side, packing=packing
+    )
     pred = predict_split(model, tokenizer, split, **batching, gen_tokens=gen_tokens, max_length=max_length)
     label_correct = sum(int(v.argmax()) == split.labels[i] for i, v in pred.label_logits.items())
     parsed = {i: parse_label(text) for i, text in pred.generated.items()}

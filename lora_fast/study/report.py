@@ -14,8 +14,9 @@ import json
 import os
 import platform
 import shutil
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ __all__ = [
     "trim_metrics",
     "plot_val_loss",
     "plot_reward_vs_kl",
+    "timed",
     "format_scores",
     "print_summary",
 ]
@@ -182,6 +184,19 @@ def plot_reward_vs_kl(summary: dict, path: str | os.PathLike) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     _save(plt, fig, path)
+
+
+def timed(fn: Callable, clock: dict[str, float], key: str) -> Callable:
+    """``fn``, adding the seconds each call takes to ``clock[key]``."""
+
+    def run(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            clock[key] += time.perf_counter() - t0
+
+    return run
 
 
 def format_scores(scores: dict) -> str:

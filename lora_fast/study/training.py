@@ -136,13 +136,16 @@ def step_batches(
     padding_side: str = "right",
     group_by_length: bool = True,
     device: torch.device | str = "cpu",
+    packing=None,
 ) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
     """This process's micro-batches of ``split`` for optimizer step ``step`` (0-based) and their label token ids:
-    ``step_indices``, cut by ``micro_batches``, padded by ``collate``; the inputs of ``train_step``."""
+    ``step_indices``, cut by ``micro_batches``, padded by ``collate`` or, with ``packing`` (a
+    ``packing.Packing``), laid out by its ``batch``; the inputs of ``train_step``."""
     rank, world = rank_and_world()
     indices = step_indices(len(split), global_batch, step, seed)
     chunks = micro_batches(indices, [len(s) for s in split.sequences], batch_size, group_by_length, rank, world)
-    batches = [collate([split.sequences[i] for i in c], pad_id, padding_side, device) for c in chunks]
+    lay_out = collate if packing is None else packing.batch
+    batches = [lay_out([split.sequences[i] for i in c], pad_id, padding_side, device) for c in chunks]
     labels = [torch.tensor([split.targets[i] for i in c], device=device) for c in chunks]
     return batches, labels
 
@@ -167,7 +170,8 @@ def train_step(
     amp_dtype: torch.dtype | None = None,
     grad_clip: float = 1.0,
 ) -> StepResult:
-    """One optimizer step over ``batches`` (this rank's micro-batches, from ``collate``) with label ids ``targets``.
+    """One optimizer step over ``batches`` (this rank's micro-batches, from ``collate`` or ``packing.pack_rows``)
+    with label ids ``targets``.
 
     ``module`` is a ``LastTokenLM``, or DDP around one. Each micro-batch's mean loss is scaled by
     ``1 / len(batches)``, so with equal micro-batches the gradient is the mean over the step (DDP averages ranks).
@@ -180,12 +184,18 @@ def train_step(
         sync = contextlib.nullcontext() if (not is_ddp or i == len(batches) - 1) else module.no_sync()
         with sync:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = module(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["last_index"])
+                logits = module(
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["position_ids"],
+                    batch["last_index"],
+                    row_index=batch.get("row_index"),
+                )
             loss = F.cross_entropy(logits.float(), target)
             scaled = loss / len(batches)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.detach()
-        tokens += int(batch["attention_mask"].sum())
+        tokens += int(batch["lengths"].sum()) if "lengths" in batch else int(batch["attention_mask"].sum())
     loss_sum, tokens = all_sum([float(total) / len(batches), tokens], device)
     loss_value = loss_sum / rank_and_world()[1]
     params = [p for g in optimizer.param_groups for p in g["params"]]

@@ -121,7 +121,7 @@ def test_completion_logprobs_mask_prompt_and_padding():
     got = completion_logprobs(logits, ids, mask)
     logp = logits.log_softmax(-1)
     want = [logp[0, 2, 9] + logp[0, 3, 10], logp[1, 0, 11] + logp[1, 1, 12] + logp[1, 2, 13]]
-    torch.testing.assert_close(got, torch.stack(want).float())
+    torch.testing.assert_close(got, torch.stack(want))  # fp64 logits: summed in fp64
     # Logits that predict prompt tokens (row 0, positions 0-1), the last position, or padding don't count ...
     for b, t in [(0, 0), (0, 1), (0, 4), (1, 3), (1, 4)]:
         bumped = logits.clone()
