@@ -36,6 +36,7 @@ from lora_fast.study.data import load_splits, subset
 from lora_fast.study.errors import NonFiniteError, UsageError
 from lora_fast.study.evaluate import score_split, val_loss
 from lora_fast.study.gguf import split_gguf
+from lora_fast.study.precision import DTYPES, Precision, check_resumed_dtype, choose_precision
 from lora_fast.study.prompts import INSTRUCTIONS, encode_split, resolve_instruction
 from lora_fast.study.registry import METHODS
 from lora_fast.study.report import (
@@ -52,8 +53,6 @@ from lora_fast.study.sweep import SWEEPS, run_sweep
 from lora_fast.study.training import make_optimizer, make_scheduler, peak_memory_mb, step_batches, train_step
 
 # ---------------------------------------------------------------- configuration
-
-DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -118,7 +117,12 @@ class Config:
     )
     # speed and memory
     device: str = opt("auto", "cpu, cuda, cuda:N (auto: cuda when present; torchrun: cuda:LOCAL_RANK)")
-    dtype: str = opt("auto", "CUDA autocast (auto: bf16, or fp16 + GradScaler); CPU: fp32", choices=DTYPES)
+    dtype: str = opt(
+        "auto",
+        "autocast; weights, optimizer and loss stay fp32 (auto: bf16 where the device multiplies it natively: CUDA "
+        "8.0+, a CPU with AMX or avx512_bf16; else fp16 + GradScaler on CUDA, fp32 on a CPU)",
+        choices=DTYPES,
+    )
     grad_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% more time)")
     group_by_length: bool = opt(True, "sort each step's examples by length before cutting micro-batches")
     padding_side: str = opt("right", "pad prompts on the right or the left (same results)", choices=("right", "left"))
@@ -182,8 +186,7 @@ def check_config(cfg: Config, world: int, device: torch.device) -> None:
         )
     if cfg.stop_after_step is not None and cfg.stop_after_step > cfg.max_steps:
         raise UsageError(f"--stop-after-step {cfg.stop_after_step}: past --max-steps {cfg.max_steps}")
-    if cfg.dtype in ("bf16", "fp16") and device.type != "cuda":
-        raise UsageError(f"--dtype {cfg.dtype}: autocast runs on CUDA only, and on {device} a run is fp32")
+    choose_precision(cfg.dtype, device)  # fp16 on a CPU is refused
     if cfg.backend == "triton" and device.type != "cuda":
         from lora_fast.kernels.utils import interpreting  # imports triton: only for this check
 
@@ -211,14 +214,10 @@ def check_config(cfg: Config, world: int, device: torch.device) -> None:
 # ---------------------------------------------------------------- set-up
 
 
-def amp_setup(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    """Autocast dtype and GradScaler: none on CPU or with --dtype fp32; bf16, or fp16 with a scaler, on CUDA."""
-    if device.type != "cuda" or cfg.dtype == "fp32":
-        return None, None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return dtype, (torch.amp.GradScaler("cuda") if dtype == torch.float16 else None)
+def amp_setup(cfg: Config, device: torch.device) -> tuple[Precision, torch.amp.GradScaler | None]:
+    """--dtype's precision on ``device`` (``choose_precision``) and, for fp16, its GradScaler."""
+    precision = choose_precision(cfg.dtype, device)
+    return precision, (torch.amp.GradScaler("cuda") if precision.dtype == "fp16" else None)
 
 
 def prepare_model(cfg: Config, device: torch.device, log=print):
@@ -285,11 +284,13 @@ def describe(cfg: Config, model, splits: list, device: torch.device, world: int)
     return {**what, **parameter_summary(model), **sizes, **where}
 
 
-def open_run_folder(cfg: Config, out: Path, log) -> None:
-    """The run folder, made once the model and data have loaded (a mistake before leaves none behind): config.json,
-    with --overwrite after the old run's files are gone (``start_run_folder``); the folder is printed."""
-    start_run_folder(out, dataclasses.asdict(cfg), RUN_FILES, cfg.overwrite)
+def open_run_folder(cfg: Config, out: Path, precision: Precision, log) -> None:
+    """The run folder, made once the model and data have loaded (a mistake before leaves none behind): config.json
+    (the flags, and the precision --dtype chose, with why), with --overwrite after the old run's files are gone
+    (``start_run_folder``); the folder and the precision are printed."""
+    start_run_folder(out, {**dataclasses.asdict(cfg), "precision": precision.record()}, RUN_FILES, cfg.overwrite)
     log(f"run folder: {out}")
+    log(f"precision: {precision.dtype} ({precision.reason})")
 
 
 def scorers(cfg: Config, model, tokenizer, val, test, device: torch.device, amp_dtype, max_length: int):
@@ -361,11 +362,12 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     model, tokenizer = prepare_model(cfg, device, log)
     max_length = prompt_length(cfg, model)
     train, val, test = encode_data(cfg, splits, tokenizer, max_length)
+    precision, scaler = amp_setup(cfg, device)
+    amp_dtype = precision.amp_dtype
     if main:
-        open_run_folder(cfg, out, log)
-    amp_dtype, scaler = amp_setup(cfg, device)
+        open_run_folder(cfg, out, precision, log)
     validate, score = scorers(cfg, model, tokenizer, val, test, device, amp_dtype, max_length)
-    summary = describe(cfg, model, [train, val, test], device, world)
+    summary = {**describe(cfg, model, [train, val, test], device, world), "precision": precision.record()}
     if cfg.eval_only:
         return finish(out, {**summary, "test": {"eval": score()}}, t_start, device, main)
 
@@ -378,6 +380,7 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     data_order = {"seed": cfg.seed, "global_batch": global_batch, "n_train": len(train)}
     step, state = resume(ckpt_path, model, optimizer, scheduler, scaler, data_order) if cfg.resume else (0, {})
     if cfg.resume:
+        check_resumed_dtype(state, precision, device, ckpt_path)
         log(f"resumed from {ckpt_path} at step {step}" if step else f"--resume: no checkpoint in {out}, so step 0")
     best, zero_shot = state.get("best", {"val_loss": math.inf, "step": None}), state.get("zero_shot")
     if zero_shot is None and cfg.zero_shot:
@@ -409,7 +412,7 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
                 if main:
                     append_metrics(metrics_path, record)
                 if step % (cfg.checkpoint_every or cfg.eval_every) == 0 or step == cfg.max_steps:
-                    extra = {"data_order": data_order, "best": best, "zero_shot": zero_shot}
+                    extra = {"data_order": data_order, "best": best, "zero_shot": zero_shot, "dtype": precision.dtype}
                     save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, extra, write=main)
                     saved = step
                     distributed.barrier()
