@@ -3,7 +3,9 @@ process, and the floor: the work no LoRA method can skip.
 
 The model: GPT-2 small (124M parameters, random weights since no hub is reached; the config's own dropout, 0.1 on
 residual, embedding and attention), or with ``--model`` a real one (a folder, hub name or ``.gguf`` file, e.g.
-SmolLM2-135M: its config's dropout). SDPA attention; fp32 on CPU, fp32 weights under bf16 autocast on CUDA; LoRA
+SmolLM2-135M: its config's dropout). SDPA attention; ``--dtype`` (``auto``: bf16 autocast where the device multiplies
+bf16 natively, a CPU with AMX or avx512_bf16 or a CUDA device of capability 8.0+, else fp32; every row the same, fp32
+weights under autocast); LoRA
 r=16, alpha=32, LoRA dropout 0.05 on the model type's default targets (``lora_fast.study.causal_lm.default_targets``:
 GPT-2 ``attn.c_attn`` + ``attn.c_proj``; Llama, Mistral, Qwen ``q_proj k_proj v_proj o_proj``). Rows (``ROWS``):
 
@@ -49,6 +51,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from lora_fast.precision import bf16_support
+from lora_fast.study.errors import UsageError
+from lora_fast.study.precision import choose_precision
+
 
 @dataclass
 class StepConfig:
@@ -65,6 +71,7 @@ class StepConfig:
     steps: int = 5
     attn_implementation: str = "sdpa"
     seed: int = 0
+    dtype: str = "fp32"  # "fp32", or "bf16": every row's forward under bf16 autocast (fp32 weights)
 
 
 # ---------------------------------------------------------------- memory
@@ -132,8 +139,11 @@ def _label_batch(cfg: StepConfig, input_ids, attention_mask, position_ids) -> di
             "last_index": last_index}  # fmt: skip
 
 
+AMP = {"fp32": None, "bf16": torch.bfloat16}
+
+
 def _autocast(cfg: StepConfig):
-    amp = torch.bfloat16 if cfg.device == "cuda" else None
+    amp = AMP[cfg.dtype]
     return amp, (lambda: torch.autocast(cfg.device, dtype=amp, enabled=amp is not None))
 
 
@@ -265,6 +275,8 @@ def build_step(row: str, cfg: StepConfig):
     forward and backward) and returns the loss."""
     if row not in BUILDERS:
         raise ValueError(f"unknown row {row!r}; choose one of {ROWS}")
+    if cfg.dtype not in AMP:
+        raise ValueError(f"StepConfig.dtype {cfg.dtype!r}: expected one of {tuple(AMP)}")
     model, targets = build_model(cfg)
     notes = [f"model type {model.config.model_type}, LoRA targets {targets}"]
     model, step = BUILDERS[row](cfg, model, targets, notes)
@@ -321,6 +333,8 @@ def run_row(row: str, cfg: StepConfig, profile: bool = False) -> dict:
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "notes": notes,
+        "dtype": cfg.dtype,
+        "bf16_support": bf16_support(cfg.device).as_dict(),  # what this device's bf16 is: the CPU's flags
         "config": asdict(cfg),
         "threads": torch.get_num_threads(),
         # The machine's 1-minute load average when the row finished: above the core count, other work competed.
@@ -348,8 +362,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported")
     ap.add_argument("--profile", action="store_true", help="after timing, print torch.profiler's top ops of one step")
+    ap.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="bf16: the step under bf16 autocast (fp32 weights); auto: bf16 where the device multiplies it natively",
+    )
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
+    try:
+        dtype = choose_precision(args.dtype, torch.device(args.device), fp16=False).dtype
+    except UsageError as exc:
+        ap.error(str(exc))
     cfg = StepConfig(
         device=args.device,
         model=args.model,
@@ -357,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         seq=args.seq or (512 if cuda else 128),
         warmup=args.warmup,
         steps=args.steps,
+        dtype=dtype,
     )
     print("RESULT " + json.dumps(run_row(args.row, cfg, profile=args.profile)), flush=True)
 
