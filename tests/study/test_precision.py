@@ -124,7 +124,7 @@ def test_a_bf16_step_keeps_fp32_masters_and_loss():
 def _sentiment(tiny, data, out, *flags):
     args = ["--model", tiny, "--data-dir", data, "--out", out, "--max-steps", 4, "--eval-every", 2, "--max-val", 8,
             "--max-test", 8, "--train-subset", 32, "--batch-size", 4, "--eval-batch-size", 8, "--gen-tokens", 2,
-            "--lora-dropout", 0.1, *flags]  # fmt: skip
+            "--lora-dropout", 0.1, "--device", "cpu", *flags]  # fmt: skip
     return list(map(str, args))
 
 
