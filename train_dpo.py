@@ -56,6 +56,7 @@ from lora_fast.study.errors import NonFiniteError, UsageError
 from lora_fast.study.hub import check_hub_inputs
 from lora_fast.study.interrupt import INTERRUPTED_EXIT_CODE
 from lora_fast.study.packing import PACKING_MODES, resolve_packing
+from lora_fast.study.precision import Precision, choose_precision
 from lora_fast.study.progress import phase, progress
 from lora_fast.study.prompts import INSTRUCTIONS, build_prompt, label_token_ids, resolve_instruction
 from lora_fast.study.report import append_metrics, check_out, plot_reward_vs_kl, start_run_folder
@@ -101,6 +102,12 @@ class DPOConfig:
         choices=PACKING_MODES,
     )
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when present)")
+    dtype: str = opt(
+        "auto",
+        "autocast of sampling, scoring and training; LoRA weights, optimizer and loss stay fp32 (auto: bf16 where "
+        "the device multiplies it natively: CUDA 8.0+, a CPU with AMX or avx512_bf16; fp32 elsewhere)",
+        choices=("auto", "fp32", "bf16"),
+    )
     out: str = opt("runs/dpo", "output folder")
     overwrite: bool = opt(False, "start afresh in an --out that holds a run: its run files are replaced")
 
@@ -138,10 +145,11 @@ def check_config(cfg: DPOConfig) -> None:
                       ("--data-dir", None if cfg.data_dir else "rotten_tomatoes", "dataset")])  # fmt: skip
 
 
-def open_run_folder(cfg: DPOConfig, out: Path) -> None:
-    """The run folder, made once the models have loaded (a mistake before leaves none behind): config.json, with
-    --overwrite after the old run's files are gone (``start_run_folder``)."""
-    start_run_folder(out, dataclasses.asdict(cfg), RUN_FILES, cfg.overwrite)
+def open_run_folder(cfg: DPOConfig, out: Path, precision: Precision) -> None:
+    """The run folder, made once the models have loaded (a mistake before leaves none behind): config.json (the flags,
+    and the precision --dtype chose, with why), with --overwrite after the old run's files are gone
+    (``start_run_folder``)."""
+    start_run_folder(out, {**dataclasses.asdict(cfg), "precision": precision.record()}, RUN_FILES, cfg.overwrite)
 
 
 def load_models(cfg: DPOConfig, device: torch.device):
@@ -214,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg: DPOConfig) -> int:
     device = resolve_device(cfg.device)
     check_config(cfg)
+    precision = choose_precision(cfg.dtype, device, fp16=False)
+    with precision.autocast(device):  # every forward: sampling, scoring, reference log-probs, training, evaluation
+        return run_at(cfg, device, precision)
+
+
+def run_at(cfg: DPOConfig, device: torch.device, precision: Precision) -> int:
+    """The run, under ``precision``'s autocast (entered by ``run``)."""
     with phase(f"loading the data ({cfg.data_dir or 'rotten_tomatoes'})"):
         splits = load_splits(cfg.data_dir)
 
@@ -224,9 +239,9 @@ def run(cfg: DPOConfig) -> int:
     targets = cfg.targets or default_targets(policy.config.model_type, output_projection=False)
     check_targets(policy, targets)
     out = Path(cfg.out)
-    open_run_folder(cfg, out)
+    open_run_folder(cfg, out, precision)
     log = lambda record: append_metrics(out / "metrics.jsonl", record)
-    print(f"run folder: {out}", flush=True)
+    print(f"run folder: {out}\nprecision: {precision.dtype} ({precision.reason})", flush=True)
     eos, (lo, hi) = tokenizer.eos_token_id, cfg.prompt_tokens
     train_texts, eval_texts = [r["text"] for r in splits["train"]], [r["text"] for r in splits["validation"]]
     train_prompts = make_prompts(train_texts, tokenizer, cfg.num_prompts, lo, hi, cfg.seed)
@@ -265,7 +280,8 @@ def run(cfg: DPOConfig) -> int:
         runs.append({"beta": beta, "final": final, "after": after})
 
     summary = {"model": cfg.model, "scorer": cfg.scorer, "pairs": len(pairs), "trainable_parameters": trainable,
-               "total_parameters": total, "before": before, "runs": runs, "adapter_beta": cfg.beta}  # fmt: skip
+               "total_parameters": total, "before": before, "runs": runs, "adapter_beta": cfg.beta,
+               "precision": precision.record()}  # fmt: skip
     atomic_write_json(out / "summary.json", summary)
     plot_reward_vs_kl(summary, out / "reward_vs_kl.png")
     print(f"results: {(out / 'summary.json').resolve()}, {(out / 'reward_vs_kl.png').resolve()}, "

@@ -46,6 +46,7 @@ from lora_fast.study.gguf import split_gguf
 from lora_fast.study.hub import check_hub_inputs
 from lora_fast.study.interrupt import INTERRUPTED_EXIT_CODE, StopRequest, resume_command
 from lora_fast.study.packing import PACKING_MODES, resolve_packing
+from lora_fast.study.precision import DTYPES, Precision, check_resumed_dtype, choose_precision
 from lora_fast.study.progress import phase, progress
 from lora_fast.study.prompts import INSTRUCTIONS, encode_split, resolve_instruction
 from lora_fast.study.registry import METHODS
@@ -65,8 +66,6 @@ from lora_fast.study.sweep import SWEEPS, run_sweep
 from lora_fast.study.training import make_optimizer, make_scheduler, peak_memory_mb, step_batches, train_step
 
 # ---------------------------------------------------------------- configuration
-
-DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -131,7 +130,12 @@ class Config:
     )
     # speed and memory
     device: str = opt("auto", "cpu, cuda, cuda:N (auto: cuda when present; torchrun: cuda:LOCAL_RANK)")
-    dtype: str = opt("auto", "CUDA autocast (auto: bf16, or fp16 + GradScaler); CPU: fp32", choices=DTYPES)
+    dtype: str = opt(
+        "auto",
+        "autocast; weights, optimizer and loss stay fp32 (auto: bf16 where the device multiplies it natively: CUDA "
+        "8.0+, a CPU with AMX or avx512_bf16; else fp16 + GradScaler on CUDA, fp32 on a CPU)",
+        choices=DTYPES,
+    )
     grad_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% more time)")
     group_by_length: bool = opt(True, "sort each step's examples by length before cutting micro-batches")
     padding_side: str = opt("right", "pad prompts on the right or the left (same results)", choices=("right", "left"))
@@ -208,8 +212,7 @@ def check_config(cfg: Config, world: int, device: torch.device) -> None:
         )
     if cfg.stop_after_step is not None and cfg.stop_after_step > cfg.max_steps:
         raise UsageError(f"--stop-after-step {cfg.stop_after_step}: past --max-steps {cfg.max_steps}")
-    if cfg.dtype in ("bf16", "fp16") and device.type != "cuda":
-        raise UsageError(f"--dtype {cfg.dtype}: autocast runs on CUDA only, and on {device} a run is fp32")
+    choose_precision(cfg.dtype, device)  # fp16 on a CPU is refused
     if cfg.backend == "triton" and device.type != "cuda":
         from lora_fast.kernels.utils import interpreting  # imports triton: only for this check
 
@@ -241,14 +244,10 @@ def check_config(cfg: Config, world: int, device: torch.device) -> None:
 # ---------------------------------------------------------------- set-up
 
 
-def amp_setup(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    """Autocast dtype and GradScaler: none on CPU or with --dtype fp32; bf16, or fp16 with a scaler, on CUDA."""
-    if device.type != "cuda" or cfg.dtype == "fp32":
-        return None, None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return dtype, (torch.amp.GradScaler("cuda") if dtype == torch.float16 else None)
+def amp_setup(cfg: Config, device: torch.device) -> tuple[Precision, torch.amp.GradScaler | None]:
+    """--dtype's precision on ``device`` (``choose_precision``) and, for fp16, its GradScaler."""
+    precision = choose_precision(cfg.dtype, device)
+    return precision, (torch.amp.GradScaler("cuda") if precision.dtype == "fp16" else None)
 
 
 def prepare_model(cfg: Config, device: torch.device, log=print):
@@ -315,14 +314,15 @@ def describe(cfg: Config, model, splits: list, device: torch.device, world: int)
     return {**what, **parameter_summary(model), **sizes, **where}
 
 
-def open_run_folder(cfg: Config, out: Path, log) -> None:
-    """The run folder, made once the model and data have loaded (a mistake before leaves none behind): config.json,
-    with --overwrite after the old run's files are gone (``start_run_folder``); the folder is printed. A resume from
-    a checkpoint keeps the run's config.json: it describes the run as it started, and a resume may not change it
-    (``RESUME_MAY_CHANGE``)."""
+def open_run_folder(cfg: Config, out: Path, precision: Precision, log) -> None:
+    """The run folder, made once the model and data have loaded (a mistake before leaves none behind): config.json
+    (the flags, and the precision --dtype chose, with why), with --overwrite after the old run's files are gone
+    (``start_run_folder``); the folder and the precision are printed. A resume from a checkpoint keeps the run's
+    config.json: it describes the run as it started, and a resume may not change it (``RESUME_MAY_CHANGE``)."""
     if not (cfg.resume and (out / "checkpoint.pt").is_file() and (out / "config.json").is_file()):
-        start_run_folder(out, dataclasses.asdict(cfg), RUN_FILES, cfg.overwrite)
+        start_run_folder(out, {**dataclasses.asdict(cfg), "precision": precision.record()}, RUN_FILES, cfg.overwrite)
     log(f"run folder: {out}")
+    log(f"precision: {precision.dtype} ({precision.reason})")
 
 
 def scorers(cfg: Config, model, tokenizer, val, test, device: torch.device, amp_dtype, max_length: int, packing):
@@ -397,9 +397,10 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     max_length = prompt_length(cfg, model)
     with phase("writing the prompts as token ids", main):
         train, val, test = encode_data(cfg, splits, tokenizer, max_length)
+    precision, scaler = amp_setup(cfg, device)
+    amp_dtype = precision.amp_dtype
     if main:
-        open_run_folder(cfg, out, log)
-    amp_dtype, scaler = amp_setup(cfg, device)
+        open_run_folder(cfg, out, precision, log)
     packing = {
         use: resolve_packing(model, cfg.packing, training=use == "training") for use in ("training", "evaluation")
     }
@@ -407,7 +408,7 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     clock = {"validation_s": 0.0, "scoring_s": 0.0}  # the time in each, beside train_steps_s
     validate, score = scorers(cfg, model, tokenizer, val, test, device, amp_dtype, max_length, packing["evaluation"])
     validate, score = timed(validate, clock, "validation_s"), timed(score, clock, "scoring_s")
-    summary = describe(cfg, model, [train, val, test], device, world)
+    summary = {**describe(cfg, model, [train, val, test], device, world), "precision": precision.record()}
     if cfg.eval_only:
         return finish(out, {**summary, "test": {"eval": score()}, **clock}, t_start, device, main)
 
@@ -423,6 +424,7 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     if cfg.resume:
         step, state = resume(ckpt_path, model, optimizer, scheduler, scaler, data_order, run_config, RESUME_MAY_CHANGE)
     if cfg.resume:
+        check_resumed_dtype(state, precision, device, ckpt_path)
         log(f"resumed from {ckpt_path} at step {step}" if step else f"--resume: no checkpoint in {out}, so step 0")
     best, zero_shot = state.get("best", {"val_loss": math.inf, "step": None}), state.get("zero_shot")
     if zero_shot is None and cfg.zero_shot:
@@ -435,7 +437,13 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     # inf (loss, gradient, validation loss, weights) stops it before anything holding one is applied or written; a
     # Ctrl-C (StopRequest) stops it after the step in flight, with a checkpoint of that step
     tokens_seen, train_time, saved = 0, 0.0, step or None  # saved: the step of the last good checkpoint on disk
-    extra = lambda: {"data_order": data_order, "best": best, "zero_shot": zero_shot, "config": run_config}  # noqa: E731
+    extra = lambda: {
+        "data_order": data_order,
+        "best": best,
+        "zero_shot": zero_shot,
+        "config": run_config,  # noqa: E731
+        "dtype": precision.dtype,
+    }
     bar = progress(desc="training", total=cfg.max_steps, initial=step, unit="step", main=main)
     with bar, StopRequest() as stop:
         while step < cfg.max_steps:

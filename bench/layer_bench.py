@@ -60,13 +60,15 @@ class LayerCase:
     dtype: torch.dtype
 
 
-def cases(device: str, quick: bool) -> list[LayerCase]:
+def cases(device: str, quick: bool, dtype: str = "fp32") -> list[LayerCase]:
     """The grid of the brief: GPT-2 small/medium layers and 4096², r ∈ {16, 128}, dropout ∈ {0, 0.1}; bf16 and fp32
-    on CUDA, fp32 on CPU. M = 8·128 tokens on CPU, 16·512 on CUDA. ``quick`` keeps a few shapes, r=16, one dtype."""
+    on CUDA; on CPU fp32, and bf16 too when ``dtype`` (bench/run.py's ``--dtype``, resolved) is ``"bf16"``. M = 8·128
+    tokens on CPU, 16·512 on CUDA. ``quick`` keeps a few shapes, r=16, one dtype (bf16 on CUDA, ``dtype`` on CPU)."""
     M = 16 * 512 if device == "cuda" else 8 * 128
     shapes = SHAPES_QUICK[device] if quick else SHAPES_FULL
     ranks = [16] if quick else [16, 128]
-    dtypes = [torch.float32] if device == "cpu" else ([torch.bfloat16] if quick else [torch.bfloat16, torch.float32])
+    half = device == "cuda" or dtype == "bf16"
+    dtypes = [torch.bfloat16] if quick and half else ([torch.bfloat16, torch.float32] if half else [torch.float32])
     return [LayerCase(M, K, N, R, p, dt) for dt, (K, N), R, p in itertools.product(dtypes, shapes, ranks, (0.0, 0.1))]
 
 
@@ -250,14 +252,18 @@ def measure_case(
 
 
 def run_layer_bench(
-    device: str, quick: bool, min_run_time: float | None = None, variants: tuple[str, ...] = VARIANTS
+    device: str,
+    quick: bool,
+    min_run_time: float | None = None,
+    variants: tuple[str, ...] = VARIANTS,
+    dtype: str = "fp32",
 ) -> list[dict]:
     """Every case of :func:`cases` for every variant (the floor measured beside each), with the two ratios."""
     if min_run_time is None:
         min_run_time = (0.6 if quick else 1.0) if device == "cpu" else (0.1 if quick else 0.3)
     rounds = 3 if quick else 5
     rows: list[dict] = []
-    for case in cases(device, quick):
+    for case in cases(device, quick, dtype):
         print(f"  layer M={case.M} K={case.K} N={case.N} R={case.R} dropout={case.p} {case.dtype}", flush=True)
         case_rows = measure_case(case, variants, device, min_run_time, rounds)
         _add_ratios(case_rows)

@@ -3,7 +3,9 @@ process, and the floor: the work no LoRA method can skip.
 
 The model: GPT-2 small (124M parameters, random weights since no hub is reached; the config's own dropout, 0.1 on
 residual, embedding and attention), or with ``--model`` a real one (a folder, hub name or ``.gguf`` file, e.g.
-SmolLM2-135M: its config's dropout). SDPA attention; fp32 on CPU, fp32 weights under bf16 autocast on CUDA; LoRA
+SmolLM2-135M: its config's dropout). SDPA attention; ``--dtype`` (``auto``: bf16 autocast where the device multiplies
+bf16 natively, a CPU with AMX or avx512_bf16 or a CUDA device of capability 8.0+, else fp32; every row the same, fp32
+weights under autocast); LoRA
 r=16, alpha=32, LoRA dropout 0.05 on the model type's default targets (``lora_fast.study.causal_lm.default_targets``:
 GPT-2 ``attn.c_attn`` + ``attn.c_proj``; Llama, Mistral, Qwen ``q_proj k_proj v_proj o_proj``). Rows (``ROWS``):
 
@@ -62,6 +64,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.data_batches import Workload, data_inputs
+from lora_fast.precision import bf16_support
+from lora_fast.study.errors import UsageError
+from lora_fast.study.precision import choose_precision
 
 
 @dataclass
@@ -84,6 +89,7 @@ class StepConfig:
     prompt: str = "default"
     shots: int = 0
     packing: str = "auto"  # lora_fast_packed's --packing
+    dtype: str = "fp32"  # "fp32", or "bf16": every row's forward under bf16 autocast (fp32 weights)
 
 
 # ---------------------------------------------------------------- memory
@@ -171,8 +177,11 @@ def _label_inputs(cfg: StepConfig, model, tokenizer, packing=None):
     return [(batch, target)], Workload(tokens, batch["input_ids"].numel(), tokens)
 
 
+AMP = {"fp32": None, "bf16": torch.bfloat16}
+
+
 def _autocast(cfg: StepConfig):
-    amp = torch.bfloat16 if cfg.device == "cuda" else None
+    amp = AMP[cfg.dtype]
     return amp, (lambda: torch.autocast(cfg.device, dtype=amp, enabled=amp is not None))
 
 
@@ -318,6 +327,8 @@ def build_step(row: str, cfg: StepConfig):
     forward and backward) and returns the loss."""
     if row not in BUILDERS:
         raise ValueError(f"unknown row {row!r}; choose one of {ROWS}")
+    if cfg.dtype not in AMP:
+        raise ValueError(f"StepConfig.dtype {cfg.dtype!r}: expected one of {tuple(AMP)}")
     if cfg.data is not None and row not in DATA_ROWS:
         raise ValueError(f"row {row!r} has no data mode (its loss needs the label token in the batch): {DATA_ROWS}")
     model, targets, tokenizer = build_model(cfg)
@@ -380,6 +391,8 @@ def run_row(row: str, cfg: StepConfig, profile: bool = False) -> dict:
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "notes": notes,
+        "dtype": cfg.dtype,
+        "bf16_support": bf16_support(cfg.device).as_dict(),  # what this device's bf16 is: the CPU's flags
         "config": asdict(cfg),
         "threads": torch.get_num_threads(),
         # The machine's 1-minute load average when the row finished: above the core count, other work competed.
@@ -413,8 +426,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shots", type=int, default=0, help="data mode: solved examples in every prompt")
     ap.add_argument("--packing", default="auto", choices=("auto", "prefix", "flat", "off"), help="lora_fast_packed's")
     ap.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (auto packs prefix only at 0)")
+    ap.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="bf16: the step under bf16 autocast (fp32 weights); auto: bf16 where the device multiplies it natively",
+    )
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
+    try:
+        dtype = choose_precision(args.dtype, torch.device(args.device), fp16=False).dtype
+    except UsageError as exc:
+        ap.error(str(exc))
     cfg = StepConfig(
         device=args.device,
         model=args.model,
@@ -428,6 +451,7 @@ def main(argv: list[str] | None = None) -> None:
         prompt=args.prompt,
         shots=args.shots,
         packing=args.packing,
+        dtype=dtype,
     )
     print("RESULT " + json.dumps(run_row(args.row, cfg, profile=args.profile)), flush=True)
 

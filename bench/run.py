@@ -5,6 +5,7 @@
     python bench/run.py --model-only --model runs/smollm2-135m   # the model table on SmolLM2 (a folder or .gguf)
     python bench/run.py --model-only --model runs/smollm2-135m --data path/to/rotten_tomatoes --prompt complex
                                                      # data mode: the study's real batches, padded and packed
+    python bench/run.py --dtype fp32                 # fp32 even where bf16 is native (default auto: see --help)
 
 Layer table (bench/layer_bench.py): floor (frozen base layer alone), PEFT-style eager LoRA (lora-fast's
 ``reference``), HF PEFT's ``lora.Linear``, lora-fast ``torch`` and ``triton`` (CUDA), phase by phase, with the
@@ -14,6 +15,12 @@ model's forward and backward to its input embeddings: the work no LoRA method ca
 its peak memory is its own; GPT-2 small with random weights, or ``--model``. The last lines check the targets
 (lora_fast vs PEFT as commonly used, and vs PEFT with label-position logits) and the next goal (lora_fast vs the
 floor).
+
+``--dtype`` (the rule of ``train_sentiment.py``, ``lora_fast.study.precision``): ``auto`` runs bf16 where the device
+multiplies bf16 natively (a CPU with AMX tiles or avx512_bf16, a CUDA device of capability 8.0+) and fp32 elsewhere;
+every model row runs under that one autocast (fp32 weights), and on CPU the layer table adds bf16 rows (bf16
+tensors, as on CUDA). The JSON records the dtype, why, and the device's bf16 capability (the CPU's flags), also per
+row. Two runs, ``--dtype fp32`` and ``--dtype bf16``, compare with ``python -m bench.compare``.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import torch  # noqa: E402
 from bench.common import environment, fmt_ratio, markdown_table  # noqa: E402
 from bench.layer_bench import layer_summary, layer_tables, run_layer_bench  # noqa: E402
 from bench.model_step import DATA_ROWS, ROWS  # noqa: E402
+from lora_fast.study.errors import UsageError  # noqa: E402
+from lora_fast.study.precision import choose_precision  # noqa: E402
 
 # (name, measured, reference row, limit): lora_fast's ratio must be at or below the limit. The last is the next goal:
 # lora_fast's overhead over the work no LoRA method can skip.
@@ -58,6 +67,7 @@ def run_model_rows(
     seq: int | None,
     model: str | None = None,
     data_flags: list[str] = (),
+    dtype: str = "fp32",
 ) -> list[dict]:
     """Each row in its own process, ``rounds`` times with the order reversed every other round (so slow drift of a
     shared machine's load hits the rows alike); step times are pooled, peak memory is the highest seen."""
@@ -76,6 +86,8 @@ def run_model_rows(
                 str(warmup),
                 "--steps",
                 str(steps),
+                "--dtype",
+                dtype,
             ]
             if batch:
                 cmd += ["--batch", str(batch)]
@@ -291,6 +303,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--packing", default="auto", choices=("auto", "prefix", "flat", "off"), help="lora_fast_packed's")
     ap.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout of the LoRA rows")
     ap.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="bf16: every model row under bf16 autocast, and bf16 layer rows; auto (default): bf16 where the device "
+        "multiplies it natively (a CPU with AMX or avx512_bf16, CUDA 8.0+), fp32 elsewhere",
+    )
+    ap.add_argument(
         "--model", help="model of the model-step table: a folder, hub name or .gguf file (default: GPT-2 small, random)"
     )
     ap.add_argument("--steps", type=int, help="timed model steps per process (default 3 quick / 6 on CPU, 20 CUDA)")
@@ -322,6 +341,10 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--layer-only and --model-only exclude each other")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
+    try:
+        precision = choose_precision(args.dtype, torch.device(args.device), fp16=False)
+    except UsageError as exc:
+        ap.error(str(exc))
     cpu = args.device == "cpu"
     steps = args.steps or (3 if args.quick else (6 if cpu else 20))
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
@@ -340,12 +363,13 @@ def main(argv: list[str] | None = None) -> dict:
     header = (
         f"device: {env['device']}; torch {env['versions']['torch']}, triton {env['versions']['triton']}, "
         f"transformers {env['versions']['transformers']}, peft {env['versions']['peft']}; {env['date']}\n"
-        f"command: `{command}`" + (f"; load average at start {load[0]:.1f}" if load else "")
+        f"command: `{command}`" + (f"; load average at start {load[0]:.1f}" if load else "") + "\n"
+        f"precision: {precision.dtype} ({precision.reason})"
     )
     print(header, flush=True)
     md = [header]
 
-    layer = [] if args.model_only else run_layer_bench(args.device, args.quick)
+    layer = [] if args.model_only else run_layer_bench(args.device, args.quick, dtype=precision.dtype)
     if layer:
         mem = "CUDA peak rise over inputs" if args.device == "cuda" else "bytes saved for backward beyond the inputs"
         md.append(
@@ -361,7 +385,9 @@ def main(argv: list[str] | None = None) -> dict:
     model: list[dict] = []
     verdicts: list[dict] = []
     if not args.layer_only:
-        model = run_model_rows(args.device, rows, warmup, steps, rounds, args.batch, args.seq, args.model, data_flags)
+        model = run_model_rows(
+            args.device, rows, warmup, steps, rounds, args.batch, args.seq, args.model, data_flags, precision.dtype
+        )
         add_model_ratios(model)
         cfg = model[0]["config"]
         shape = f"batch {cfg['batch']} × {cfg['seq']} tokens"
@@ -370,7 +396,8 @@ def main(argv: list[str] | None = None) -> dict:
             shape = f"batch {cfg['batch']}, Rotten Tomatoes training batches, prompt {cfg['prompt']}{shots}"
         md.append(
             f"## {_model_name(cfg)} training step ({shape})\n\n"
-            f"Same model in every row: {_model_text(model[0])}, SDPA attention, {'fp32' if cpu else 'bf16 autocast'}; "
+            f"Same model in every row: {_model_text(model[0])}, SDPA attention, "
+            f"{'fp32' if precision.amp_dtype is None else 'bf16 autocast (fp32 weights)'}; "
             f"LoRA r={cfg['r']}, alpha={cfg['alpha']:g}, LoRA dropout {cfg['lora_dropout']} on "
             f"{' + '.join(model[0]['targets'])}; AdamW, grad-norm clip {cfg['grad_clip']}; floor: the frozen model "
             f"through lora_fast's forward, backward to its input embeddings only. {warmup} warm-up + {steps} timed "
@@ -405,6 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": command,
         "load_average_at_start": load,
         "quick": args.quick,
+        "precision": precision.record(),
         "layer": layer,
         "model_step": model,
         "targets": verdicts,

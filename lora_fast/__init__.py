@@ -25,6 +25,7 @@ from lora_fast.model import (
     unmerge_lora,
 )
 from lora_fast.peft_patch import patch_peft, unpatch_peft
+from lora_fast.precision import bf16_support
 
 __all__ = [
     "BACKENDS",
@@ -32,6 +33,7 @@ __all__ = [
     "LoRAConfig",
     "LoRALinear",
     "apply_lora",
+    "bf16_support",
     "count_parameters",
     "disable_lora",
     "find_targets",

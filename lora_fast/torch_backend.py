@@ -2,7 +2,10 @@
 masks it shares with the ``reference`` backend.
 
 :class:`_TorchLoRAFunction` saves only ``x`` and the small ``h = drop(x) Aᵀ (M, R)``; the dropout mask is a boolean
-keep-mask regenerated from ``seed`` in backward (:func:`seeded_keep_mask`), never stored.
+keep-mask regenerated from ``seed`` in backward (:func:`seeded_keep_mask`), never stored. When the base and the LoRA
+branch compute in one dtype other than x's (fp32 activations under bf16 autocast), the forward casts ``x`` to it once
+for both products. ``x`` itself is what is saved, not that copy: layers that share an input (Llama's q/k/v
+projections) then share one saved tensor instead of holding a copy each.
 """
 
 from __future__ import annotations
@@ -55,10 +58,9 @@ class _TorchLoRAFunction(torch.autograd.Function):
         base_dt, lora_dt = compute_dtypes(x, lora_A)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
-            y = torch.nn.functional.linear(
-                x2.to(base_dt), weight.to(base_dt), None if bias is None else bias.to(base_dt)
-            )
-            xl = x2.to(lora_dt)
+            xb = x2.to(base_dt)
+            y = torch.nn.functional.linear(xb, weight.to(base_dt), None if bias is None else bias.to(base_dt))
+            xl = xb if lora_dt == base_dt else x2.to(lora_dt)
             if dropout_p > 0.0:
                 xl = xl * seeded_keep_mask(x2.shape, dropout_p, seed, x.device)
             h = xl @ lora_A.to(lora_dt).t()

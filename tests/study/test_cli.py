@@ -17,6 +17,7 @@ import train_sentiment
 from lora_fast.study import distributed
 from lora_fast.study.cli import dataclass_parser
 from lora_fast.study.errors import UsageError
+from lora_fast.study.precision import choose_precision
 from lora_fast.study.training import make_scheduler
 from tests.helpers import DATA_DIR, ROOT, error_lines, requires_cuda, run_script
 
@@ -283,7 +284,7 @@ def test_overwrite_also_removes_a_run_folder_a_killed_save_left_aside(tmp_path):
     (out / ".adapter_best.a1b2c3d4.old" / "adapter_best").mkdir(parents=True)  # the old run's best weights
     (out / "config.json").write_text("{}")
     cfg = train_sentiment.parse_config(["--overwrite", "--out", str(out)])
-    train_sentiment.open_run_folder(cfg, out, log=lambda *args: None)
+    train_sentiment.open_run_folder(cfg, out, choose_precision("fp32", torch.device("cpu")), log=lambda *args: None)
     # No loader of the new run can put the old run's weights back as its own adapter_best/.
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 

@@ -23,6 +23,7 @@ from lora_fast.study.dpo import (
     token_kl_sum,
 )
 from lora_fast.study.errors import NonFiniteError
+from lora_fast.study.precision import choose_precision
 from tests.helpers import DATA_DIR, TOKENIZER_DIR, tiny_gpt2_config
 
 EOS = 50256
@@ -214,7 +215,7 @@ def test_train_dpo_end_to_end(tiny_dirs, tmp_path, monkeypatch):
     argv = ["--model", str(tiny_dirs / "tiny"), "--scorer", str(tiny_dirs / "scorer"), "--data-dir", str(DATA_DIR),
             "--num-prompts", "6", "--samples-per-prompt", "3", "--num-eval-prompts", "4", "--eval-samples", "2",
             "--max-new-tokens", "5", "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--betas", "0.1", "1.0",
-            "--beta", "0.1", "--device", "cpu", "--out", str(out)]  # fmt: skip
+            "--beta", "0.1", "--device", "cpu", "--dtype", "fp32", "--out", str(out)]  # fmt: skip
     assert train_dpo.main(argv) == 0
     assert {p.name for p in out.iterdir()} >= {"config.json", "metrics.jsonl", "summary.json", "adapter", "adapters"}
     assert (out / "reward_vs_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -307,7 +308,7 @@ def test_an_out_holding_a_run_is_refused_unless_overwrite(tiny_dirs, tmp_path, c
     cfg = train_dpo.parse_args([*argv, "--overwrite"])
     assert train_dpo.check_config(cfg) is None
     (out / ".adapter.a1b2c3d4.old" / "adapter").mkdir(parents=True)  # the old run's adapter/, left aside by a kill
-    train_dpo.open_run_folder(cfg, out)
+    train_dpo.open_run_folder(cfg, out, choose_precision("fp32", torch.device("cpu")))
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
     assert json.loads((out / "config.json").read_text())["overwrite"] is True
 

@@ -49,6 +49,10 @@ def base_args(tiny, out, steps):
         "5e-3",
         "--eval-batch-size",
         "64",
+        # fp32 on every CPU (auto is bf16 where the CPU has native bf16): these runs compare numbers across
+        # backends, processes, resumes and PEFT; tests/study/test_precision.py runs bf16.
+        "--dtype",
+        "fp32",
     ]
 
 
