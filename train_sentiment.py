@@ -189,11 +189,11 @@ INTERVALS = {"lr": (0, False, math.inf), "alpha": (-math.inf, False, math.inf), 
              "dropout": (0, True, 1), "weight_decay": (0, True, math.inf), "grad_clip": (0, True, math.inf),
              "betas": (0, True, 1)}  # fmt: skip
 # Flags a resume may change: when the run stops and how often it checkpoints, how the test split is scored, where and
-# how it computes (the same math). Every other flag shapes the training and must be what the run started with
-# (docs/TRAINING.md, "Robustness").
+# how it computes (the same math; --dtype is checked by what it resolves to, check_resumed_dtype). Every other flag
+# shapes the training and must be what the run started with (docs/TRAINING.md, "Robustness").
 RESUME_MAY_CHANGE = {"max_steps", "stop_after_step", "checkpoint_every", "eval_batch_size", "max_test", "generation",
-                     "gen_tokens", "zero_shot", "device", "backend", "grad_checkpointing", "resume", "overwrite", "out",
-                     "preset", "sweep"}  # fmt: skip
+                     "gen_tokens", "zero_shot", "device", "backend", "grad_checkpointing", "dtype", "resume",
+                     "overwrite", "out", "preset", "sweep"}  # fmt: skip
 # What a run writes to --out: an --out holding any of them holds a run.
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "val_loss.png", "adapter_best",
              "adapter_last")  # fmt: skip
