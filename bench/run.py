@@ -26,6 +26,7 @@ row. Two runs, ``--dtype fp32`` and ``--dtype bf16``, compare with ``python -m b
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -41,8 +42,10 @@ import torch  # noqa: E402
 from bench.common import environment, fmt_ratio, markdown_table  # noqa: E402
 from bench.layer_bench import layer_summary, layer_tables, run_layer_bench  # noqa: E402
 from bench.model_step import DATA_ROWS, ROWS  # noqa: E402
+from lora_fast.io import atomic_write_text, folder_problem  # noqa: E402
 from lora_fast.study.errors import UsageError  # noqa: E402
 from lora_fast.study.precision import choose_precision  # noqa: E402
+from lora_fast.study.report import save_figure  # noqa: E402
 
 # (name, measured, reference row, limit): lora_fast's ratio must be at or below the limit. The last is the next goal:
 # lora_fast's overhead over the work no LoRA method can skip.
@@ -238,10 +241,8 @@ def write_plots(out_dir: pathlib.Path, layer: list[dict], model: list[dict], dev
             ax.grid(axis="y", alpha=0.3)
         cfg = model[0]["config"]
         fig.suptitle(f"{_model_name(cfg)} training step, batch {cfg['batch']}×{cfg['seq']}, {device}")
-        fig.tight_layout()
         written.append(out_dir / "model_step.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        save_figure(fig, written[-1])
     fb = [r for r in layer if r["phase"] == "fwd+bwd" and r["variant"] != "floor"]
     if fb:
         keys = sorted({(r["dtype"], r["K"], r["N"], r["R"], r["dropout"]) for r in fb})
@@ -268,10 +269,8 @@ def write_plots(out_dir: pathlib.Path, layer: list[dict], model: list[dict], dev
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         ax.set_title(f"LoRA layer vs the frozen base layer (floor = 1), M={fb[0]['M']}, {device}")
-        fig.tight_layout()
         written.append(out_dir / "layer_vs_floor.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        save_figure(fig, written[-1])
     return written
 
 
@@ -345,6 +344,13 @@ def main(argv: list[str] | None = None) -> dict:
         precision = choose_precision(args.dtype, torch.device(args.device), fp16=False)
     except UsageError as exc:
         ap.error(str(exc))
+    for flag, folder in (("--json", args.json and args.json.parent), ("--md", args.md and args.md.parent),
+                         ("--plot", args.plot)):  # fmt: skip
+        problem = folder and folder_problem(folder)
+        if problem:  # refused now, not after the benchmark has run
+            ap.error(f"{flag}: {problem}")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        ap.error("the plots (--plot) need matplotlib: pip install -e '.[study]'")
     cpu = args.device == "cpu"
     steps = args.steps or (3 if args.quick else (6 if cpu else 20))
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
@@ -438,13 +444,11 @@ def main(argv: list[str] | None = None) -> dict:
         "targets": verdicts,
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"\nwrote {args.json}")
+        atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
+        print(f"\nwrote {args.json.resolve()}")
     if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text("\n\n".join(md) + "\n")
-        print(f"wrote {args.md}")
+        atomic_write_text(args.md, "\n\n".join(md) + "\n")
+        print(f"wrote {args.md.resolve()}")
     if args.plot:
         for path in write_plots(args.plot, layer, model, args.device):
             print(f"wrote {path}")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lora_fast import count_parameters
-from lora_fast.io import atomic_write_json, atomic_write_text, folder_problem, recover_directory
+from lora_fast.io import atomic_write_bytes, atomic_write_json, atomic_write_text, folder_problem, recover_directory
 from lora_fast.study.errors import StudyError, UsageError
 
 __all__ = [
@@ -140,10 +140,17 @@ def _pyplot():
     return plt
 
 
-def _save(plt, fig, path: str | os.PathLike) -> None:
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """``fig`` as a PNG at ``path``, written atomically (a reader never sees half an image), then closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_val_loss(runs: dict[str, Path], path: str | os.PathLike) -> None:
@@ -164,7 +171,7 @@ def plot_val_loss(runs: dict[str, Path], path: str | os.PathLike) -> None:
     ax.set_ylabel("loss (label token, nats)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    _save(plt, fig, path)
+    save_figure(fig, path)
 
 
 def plot_reward_vs_kl(summary: dict, path: str | os.PathLike) -> None:
@@ -183,7 +190,7 @@ def plot_reward_vs_kl(summary: dict, path: str | os.PathLike) -> None:
     ax.set_title("Controlled sentiment: reward vs KL")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(plt, fig, path)
+    save_figure(fig, path)
 
 
 def timed(fn: Callable, clock: dict[str, float], key: str) -> Callable:
