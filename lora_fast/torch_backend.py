@@ -51,34 +51,42 @@ class _TorchLoRAFunction(torch.autograd.Function):
 
     Dropout is a boolean keep-mask times ``1/(1-p)``; the factor is folded into the small operands (``h``, and the
     scalars of ``dA`` and ``dx``'s LoRA term), so each pass touches an ``(M, K)`` tensor once for the mask.
+
+    Every autodiff mode PEFT's plain autograd supports works here too: the backward is itself differentiable (under
+    ``create_graph`` it recomputes ``h`` from ``x`` and ``A`` instead of reading the saved, graph-less copy, so a
+    Hessian-vector product is exact), forward mode has its own ``jvp`` (:class:`_TorchLoRAFunctionJVP`), and
+    ``setup_context`` makes the function usable under ``torch.func`` transforms (``grad``, ``jvp``, ``jacrev``; not
+    ``vmap`` with dropout, whose random mask has no batching rule).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         base_dt, lora_dt = compute_dtypes(x, lora_A)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             xb = x2.to(base_dt)
             y = torch.nn.functional.linear(xb, weight.to(base_dt), None if bias is None else bias.to(base_dt))
-            xl = xb if lora_dt == base_dt else x2.to(lora_dt)
-            if dropout_p > 0.0:
-                xl = xl * seeded_keep_mask(x2.shape, dropout_p, seed, x.device)
-            h = xl @ lora_A.to(lora_dt).t()
-            if dropout_p > 0.0:
-                h.mul_(1.0 / (1.0 - dropout_p))
+            h = _h(xb if lora_dt == base_dt else x2, lora_A, lora_dt, dropout_p, seed)
             b = lora_B.to(lora_dt).t()
             if y.dtype == lora_dt:
                 y.addmm_(h, b, alpha=scaling)  # y += s · h Bᵀ in place: no (M, N) temporary
             else:
                 y.add_((h @ b).to(y.dtype), alpha=scaling)  # the LoRA term cast once to y's dtype
-        ctx.save_for_backward(x, weight, lora_A, lora_B, h)
-        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
-        ctx.dtypes = (base_dt, lora_dt)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return y.reshape(*x.shape[:-1], weight.shape[0]), h
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+        h = output[1]
+        ctx.mark_non_differentiable(h)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, h)
+        ctx.save_for_forward(x, weight, lora_A, lora_B, h)
+        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+        ctx.dtypes = compute_dtypes(x, lora_A)  # setup_context runs under the forward's autocast state
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_h):
         x, weight, lora_A, lora_B, h = ctx.saved_tensors
         base_dt, lora_dt = ctx.dtypes
         s, p = ctx.scaling, ctx.dropout_p
@@ -93,6 +101,8 @@ class _TorchLoRAFunction(torch.autograd.Function):
             if p > 0.0 and (need_x or need_A):
                 keep = seeded_keep_mask(x2.shape, p, ctx.seed, x.device)
             if need_B:
+                if torch.is_grad_enabled():  # create_graph: dB must be differentiable in x and A, as h is
+                    h = _h(x2, lora_A, lora_dt, p, ctx.seed)
                 dB = (gl.t() @ h).mul_(s).to(lora_B.dtype)
             if need_x or need_A:
                 u = gl @ lora_B.to(lora_dt)
@@ -119,6 +129,44 @@ class _TorchLoRAFunction(torch.autograd.Function):
         return dx, dW, d_bias, dA, dB, None, None, None
 
 
+class _TorchLoRAFunctionJVP(_TorchLoRAFunction):
+    """The same function with forward mode (``jvp``), what eager code runs: ``torch.compile`` cannot trace a custom
+    ``jvp``, so compiled code runs :class:`_TorchLoRAFunction`, without one."""
+
+    @staticmethod
+    def jvp(ctx, t_x, t_W, t_bias, t_A, t_B, *_):
+        """Forward mode: the tangent of y for the inputs' tangents (None where an input has none)."""
+        x, weight, lora_A, lora_B, h = ctx.saved_tensors
+        base_dt, lora_dt = ctx.dtypes
+        s, p, seed = ctx.scaling, ctx.dropout_p, ctx.seed
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1])
+            a, bt = lora_A.to(lora_dt), lora_B.to(lora_dt).t()
+            terms = []  # each (M, N), in y's dtype
+            if t_x is not None:
+                tx = t_x.reshape(x2.shape)
+                terms += [tx.to(base_dt) @ weight.to(base_dt).t(), (s * (_h(tx, a, lora_dt, p, seed) @ bt)).to(base_dt)]
+            if t_W is not None:
+                terms.append(x2.to(base_dt) @ t_W.to(base_dt).t())
+            if t_bias is not None:
+                terms.append(t_bias.to(base_dt).expand(x2.shape[0], -1))
+            if t_A is not None:
+                terms.append((s * (_h(x2, t_A, lora_dt, p, seed) @ bt)).to(base_dt))
+            if t_B is not None:
+                terms.append((s * (h @ t_B.to(lora_dt).t())).to(base_dt))
+            t_y = sum(terms[1:], terms[0]) if terms else x2.new_zeros(x2.shape[0], weight.shape[0], dtype=base_dt)
+        return t_y.reshape(*x.shape[:-1], weight.shape[0]), None
+
+
+def _h(x2: torch.Tensor, lora_A: torch.Tensor, lora_dt: torch.dtype, p: float, seed) -> torch.Tensor:
+    """``h = drop(x) Aᵀ`` (``(M, R)``, in ``lora_dt``): the keep-mask of ``seed`` and ``1/(1-p)`` when ``p > 0``."""
+    xl = x2.to(lora_dt)
+    if p > 0.0:
+        xl = xl * seeded_keep_mask(x2.shape, p, seed, x2.device)
+    h = xl @ lora_A.to(lora_dt).t()
+    return h.mul_(1.0 / (1.0 - p)) if p > 0.0 else h
+
+
 def torch_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -130,4 +178,5 @@ def torch_lora_linear(
     seed: int | None,
 ) -> torch.Tensor:
     """``y = x Wᵀ + bias + scaling · (drop(x) Aᵀ) Bᵀ`` with the explicit backward (inputs checked by the caller)."""
-    return _TorchLoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
+    fn = _TorchLoRAFunction if torch.compiler.is_compiling() else _TorchLoRAFunctionJVP
+    return fn.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)[0]
