@@ -11,6 +11,7 @@ import torch
 
 from lora_fast import reference
 from lora_fast.checks import compute_dtypes
+from lora_fast.gguf.packed import PackedWeight
 
 __all__ = ["draw_seed", "seeded_dropout_mask", "seeded_keep_mask", "torch_lora_linear"]
 
@@ -42,12 +43,20 @@ def seeded_dropout_mask(shape: tuple[int, ...], p: float, seed: int, device: tor
 # ---------------------------------------------------------------- autograd
 
 
+def _dense(weight: torch.Tensor | PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight in ``dtype``: a cast, or a GGUF-packed weight dequantised just in time (freed after use)."""
+    return weight.dequantize(dtype) if isinstance(weight, PackedWeight) else weight.to(dtype)
+
+
 class _TorchLoRAFunction(torch.autograd.Function):
     """Explicit forward/backward in torch ops. Saved: ``x`` and ``h (M, R)``; the dropout mask is regenerated.
     The base weight and bias get gradients when the caller made them trainable (``dW = gᵀ x``, ``dbias = Σ g``).
 
     Dropout is a boolean keep-mask times ``1/(1-p)``; the factor is folded into the small operands (``h``, and the
     scalars of ``dA`` and ``dx``'s LoRA term), so each pass touches an ``(M, K)`` tensor once for the mask.
+
+    A GGUF-packed weight is dequantised in forward for ``x Wᵀ`` and again in backward for ``g W``; only its packed
+    bytes are saved, so no float copy of it lives between the passes.
     """
 
     @staticmethod
@@ -56,7 +65,7 @@ class _TorchLoRAFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             y = torch.nn.functional.linear(
-                x2.to(base_dt), weight.to(base_dt), None if bias is None else bias.to(base_dt)
+                x2.to(base_dt), _dense(weight, base_dt), None if bias is None else bias.to(base_dt)
             )
             xl = x2.to(lora_dt)
             if dropout_p > 0.0:
@@ -69,7 +78,9 @@ class _TorchLoRAFunction(torch.autograd.Function):
                 y.addmm_(h, b, alpha=scaling)  # y += s · h Bᵀ in place: no (M, N) temporary
             else:
                 y.add_((h @ b).to(y.dtype), alpha=scaling)  # the LoRA term cast once to y's dtype
-        ctx.save_for_backward(x, weight, lora_A, lora_B, h)
+        packed = isinstance(weight, PackedWeight)
+        ctx.save_for_backward(x, weight.data if packed else weight, lora_A, lora_B, h)
+        ctx.packed = (weight.qtype, weight.shape, weight.dtype) if packed else None
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.dtypes = (base_dt, lora_dt)
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -78,6 +89,8 @@ class _TorchLoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, h = ctx.saved_tensors
+        if ctx.packed is not None:
+            weight = PackedWeight(weight, *ctx.packed)
         base_dt, lora_dt = ctx.dtypes
         s, p = ctx.scaling, ctx.dropout_p
         s_drop = s / (1.0 - p)  # s times the dropout multiplier's kept value
@@ -98,7 +111,7 @@ class _TorchLoRAFunction(torch.autograd.Function):
                 xl = x2.to(lora_dt) if keep is None else x2.to(lora_dt) * keep
                 dA = (u.t() @ xl).mul_(s_drop).to(lora_A.dtype)
             if need_x:
-                dx = g2.to(base_dt) @ weight.to(base_dt)
+                dx = g2.to(base_dt) @ _dense(weight, base_dt)
                 a = lora_A.to(lora_dt)
                 if keep is None and dx.dtype == lora_dt:
                     dx.addmm_(u, a, alpha=s)  # dx += s · u A in place
