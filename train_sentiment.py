@@ -61,6 +61,9 @@ class Config:
     # model and data
     model: str = opt("gpt2", "hub name (gpt2, gpt2-medium, ...), a folder with weights and tokenizer, or a .gguf file")
     gguf_file: str | None = opt(None, "the GGUF file to load from --model's folder (or hub repository), dequantised")
+    keep_quantized: bool = opt(
+        False, "keep a GGUF --model's quantised weights packed (4-8 bit in memory, dequantised per layer just in time)"
+    )
     tokenizer: str | None = opt(None, "tokenizer folder or hub name, when --model's folder has none")
     data_dir: str | None = opt(None, "local folder: train/validation/test as .jsonl or .parquet (default: the hub)")
     dataset: str = opt("rotten_tomatoes", "hub dataset name, used without --data-dir")
@@ -205,7 +208,10 @@ def check_config(cfg: Config, world: int, device: torch.device) -> None:
             f"--out {out} holds a run already ({', '.join(held)}): pass --resume to continue it (a finished run is "
             f"skipped), --overwrite to start it afresh, or another --out"
         )
-    split_gguf(cfg.model, cfg.gguf_file)  # --model X.gguf, or --gguf-file NAME in --model's folder: it must be there
+    _, gguf_file = split_gguf(cfg.model, cfg.gguf_file)  # --model X.gguf, or --gguf-file NAME in --model's folder
+    if cfg.keep_quantized and (not gguf_file or cfg.method == "full"):
+        why = "--method full trains every weight" if gguf_file else f"--model {cfg.model} is no GGUF file"
+        raise UsageError(f"--keep-quantized keeps a GGUF file's weights packed and frozen; {why}")
 
 
 # ---------------------------------------------------------------- set-up
@@ -225,7 +231,9 @@ def prepare_model(cfg: Config, device: torch.device, log=print):
     """Load --model, then give it --method's trainable parts and, with --adapter, its saved weights (with --eval-only
     only the saved ones); the model comes back on ``device``, in training mode unless --eval-only, when every
     parameter is frozen (nothing trains, and the summary counts 0 trainable parameters)."""
-    model, tokenizer = load_causal_lm(cfg.model, cfg.tokenizer, dropout=cfg.dropout, gguf_file=cfg.gguf_file)
+    model, tokenizer = load_causal_lm(
+        cfg.model, cfg.tokenizer, dropout=cfg.dropout, gguf_file=cfg.gguf_file, keep_quantized=cfg.keep_quantized
+    )
     if cfg.method == "lora" and cfg.targets is None and not cfg.eval_only:
         cfg = dataclasses.replace(cfg, targets=default_targets(model.config.model_type))
     if cfg.fused_gelu:
