@@ -22,6 +22,11 @@ GPT-2 ``attn.c_attn`` + ``attn.c_proj``; Llama, Mistral, Qwen ``q_proj k_proj v_
 
 A new row is one builder ``(cfg, model) -> step`` in ``BUILDERS``; ``ROWS`` and ``bench/run.py --rows`` follow it.
 
+``--keep-quantized`` loads a GGUF ``--model`` with its quantised weights packed (``lora_fast.gguf``): the rows that
+train LoRA through ``lora_fast`` or run the floor (``PACKED_ROWS``) run on it; the others need float weights and are
+refused. ``--amp bf16`` runs every row under bf16 autocast (also on CPU); the default is fp32 on CPU, bf16 on CUDA.
+Each result also records ``weight_mb``: the model's weights as held in memory (packed blocks at their packed size).
+
 The task is label-token classification: each sequence of T tokens ends with its label token, and the loss is the LM
 loss on that one token (HF rows: ``labels`` are -100 everywhere but the last position; label-logit rows: the logits
 at position T-2, which predict it). So every row processes the same B·T tokens and computes the same loss.
@@ -65,6 +70,8 @@ class StepConfig:
     steps: int = 5
     attn_implementation: str = "sdpa"
     seed: int = 0
+    keep_quantized: bool = False  # a GGUF --model's quantised weights kept packed
+    amp: str = "auto"  # "auto": bf16 autocast on CUDA, none on CPU; "bf16" or "fp32" either way
 
 
 # ---------------------------------------------------------------- memory
@@ -108,7 +115,7 @@ def build_model(cfg: StepConfig):
         config = GPT2Config()  # GPT-2 small: 12 layers, 768 wide, 50,257 tokens; dropout 0.1, gelu_new
         model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
     else:
-        model, _ = load_causal_lm(cfg.model, dropout=None)
+        model, _ = load_causal_lm(cfg.model, dropout=None, keep_quantized=cfg.keep_quantized)
         model.set_attn_implementation(cfg.attn_implementation)
     return model.to(cfg.device).train(), default_targets(model.config.model_type)
 
@@ -133,7 +140,7 @@ def _label_batch(cfg: StepConfig, input_ids, attention_mask, position_ids) -> di
 
 
 def _autocast(cfg: StepConfig):
-    amp = torch.bfloat16 if cfg.device == "cuda" else None
+    amp = torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and cfg.device == "cuda") else None
     return amp, (lambda: torch.autocast(cfg.device, dtype=amp, enabled=amp is not None))
 
 
@@ -257,7 +264,8 @@ BUILDERS = {
     "floor": floor_row,
 }
 ROWS = tuple(BUILDERS)
-__all__ = ["ROWS", "BUILDERS", "StepConfig", "build_model", "build_step", "run_row"]
+PACKED_ROWS = ("lora_fast", "floor")  # the rows that run on a packed base (the others train or wrap float weights)
+__all__ = ["ROWS", "PACKED_ROWS", "BUILDERS", "StepConfig", "build_model", "build_step", "run_row"]
 
 
 def build_step(row: str, cfg: StepConfig):
@@ -265,6 +273,8 @@ def build_step(row: str, cfg: StepConfig):
     forward and backward) and returns the loss."""
     if row not in BUILDERS:
         raise ValueError(f"unknown row {row!r}; choose one of {ROWS}")
+    if cfg.keep_quantized and row not in PACKED_ROWS:
+        raise ValueError(f"row {row!r} needs float weights; on a packed base run {PACKED_ROWS}")
     model, targets = build_model(cfg)
     notes = [f"model type {model.config.model_type}, LoRA targets {targets}"]
     model, step = BUILDERS[row](cfg, model, targets, notes)
@@ -274,6 +284,7 @@ def build_step(row: str, cfg: StepConfig):
 def run_row(row: str, cfg: StepConfig, profile: bool = False) -> dict:
     """Build ``row``, run ``cfg.warmup`` untimed and ``cfg.steps`` timed steps; return the measurements."""
     from lora_fast import count_parameters
+    from lora_fast.gguf import weight_bytes
     from lora_fast.study.causal_lm import default_targets
 
     step, model, notes = build_step(row, cfg)
@@ -304,7 +315,7 @@ def run_row(row: str, cfg: StepConfig, profile: bool = False) -> dict:
         peak, kind = _rss_mib(), "cpu_ru_maxrss"
     model_type = getattr(model.config, "model_type", None)
     return {
-        "name": row,
+        "name": row + ("+packed" if cfg.keep_quantized else ""),
         "model_type": model_type,
         "targets": default_targets(model_type),
         "s_per_step": med,
@@ -318,6 +329,7 @@ def run_row(row: str, cfg: StepConfig, profile: bool = False) -> dict:
         "rss_before_first_step_mb": rss_before if cfg.device == "cpu" else None,
         "trainable_params": trainable,
         "total_params": total,
+        "weight_mb": weight_bytes(model) / 2**20,
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "notes": notes,
@@ -348,6 +360,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported")
     ap.add_argument("--profile", action="store_true", help="after timing, print torch.profiler's top ops of one step")
+    ap.add_argument("--keep-quantized", action="store_true", help="a GGUF --model's quantised weights kept packed")
+    ap.add_argument("--amp", choices=("auto", "bf16", "fp32"), default="auto", help="autocast (auto: bf16 on CUDA)")
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
     cfg = StepConfig(
@@ -357,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
         seq=args.seq or (512 if cuda else 128),
         warmup=args.warmup,
         steps=args.steps,
+        keep_quantized=args.keep_quantized,
+        amp=args.amp,
     )
     print("RESULT " + json.dumps(run_row(args.row, cfg, profile=args.profile)), flush=True)
 

@@ -3,6 +3,7 @@
     python bench/run.py --quick                      # < 5 min on a 2-core CPU, < 3 on an H100
     python bench/run.py                              # results in bench/out/ (--json, --md, --plot elsewhere)
     python bench/run.py --model-only --model runs/smollm2-135m   # the model table on SmolLM2 (a folder or .gguf)
+    python bench/run.py --model-only --model X.gguf --keep-quantized --rows lora_fast floor   # packed vs float
 
 Layer table (bench/layer_bench.py): floor (frozen base layer alone), PEFT-style eager LoRA (lora-fast's
 ``reference``), HF PEFT's ``lora.Linear``, lora-fast ``torch`` and ``triton`` (CUDA), phase by phase, with the
@@ -31,7 +32,8 @@ import torch  # noqa: E402
 
 from bench.common import environment, fmt_ratio, markdown_table  # noqa: E402
 from bench.layer_bench import layer_summary, layer_tables, run_layer_bench  # noqa: E402
-from bench.model_step import ROWS  # noqa: E402
+from bench.model_step import PACKED_ROWS, ROWS  # noqa: E402
+from bench.packed import check_packed_targets, packed_table  # noqa: E402
 
 # (name, measured, reference row, limit): lora_fast's ratio must be at or below the limit. The last is the next goal:
 # lora_fast's overhead over the work no LoRA method can skip.
@@ -55,12 +57,15 @@ def run_model_rows(
     batch: int | None,
     seq: int | None,
     model: str | None = None,
+    extra: tuple[str, ...] = (),
 ) -> list[dict]:
     """Each row in its own process, ``rounds`` times with the order reversed every other round (so slow drift of a
-    shared machine's load hits the rows alike); step times are pooled, peak memory is the highest seen."""
+    shared machine's load hits the rows alike); step times are pooled, peak memory is the highest seen. A row named
+    ``<row>+packed`` runs ``<row>`` with ``--keep-quantized``; ``extra`` goes to every process (``--amp``)."""
     results: dict[str, list[dict]] = {r: [] for r in rows}
     for k in range(rounds):
-        for row in rows if k % 2 == 0 else rows[::-1]:
+        for name in rows if k % 2 == 0 else rows[::-1]:
+            row = name.removesuffix("+packed")
             cmd = [
                 sys.executable,
                 "-m",
@@ -80,13 +85,14 @@ def run_model_rows(
                 cmd += ["--seq", str(seq)]
             if model:
                 cmd += ["--model", model]
-            print(f"  model step: {row} (round {k + 1}/{rounds})", flush=True)
+            cmd += [*extra, *(["--keep-quantized"] if name != row else [])]
+            print(f"  model step: {name} (round {k + 1}/{rounds})", flush=True)
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
                 sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
                 raise RuntimeError(f"model step {row!r} failed with exit code {proc.returncode}")
-            results[row].append(json.loads(line[len("RESULT ") :]))
+            results[name].append(json.loads(line[len("RESULT ") :]))
     return [_pool(runs) for runs in results.values()]
 
 
@@ -272,6 +278,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, help="processes per model row, alternating order (default 1 quick, 2)")
     ap.add_argument("--batch", type=int, help="model-step batch (default 8 on CPU, 16 on CUDA)")
     ap.add_argument("--seq", type=int, help="model-step sequence length (default 128 on CPU, 512 on CUDA)")
+    ap.add_argument(
+        "--keep-quantized",
+        action="store_true",
+        help=f"a GGUF --model: also run {', '.join(PACKED_ROWS)} on its quantised weights kept packed (rows +packed)",
+    )
+    ap.add_argument("--amp", choices=("auto", "bf16", "fp32"), default="auto", help="autocast (auto: bf16 on CUDA)")
     out = pathlib.Path(__file__).resolve().parent / "out"  # ignored by git, like runs/
     ap.add_argument(
         "--json",
@@ -328,12 +340,15 @@ def main(argv: list[str] | None = None) -> dict:
     model: list[dict] = []
     verdicts: list[dict] = []
     if not args.layer_only:
-        model = run_model_rows(args.device, args.rows, warmup, steps, rounds, args.batch, args.seq, args.model)
+        rows = args.rows + [f"{r}+packed" for r in args.rows if args.keep_quantized and r in PACKED_ROWS]
+        extra = ("--amp", args.amp)
+        model = run_model_rows(args.device, rows, warmup, steps, rounds, args.batch, args.seq, args.model, extra)
         add_model_ratios(model)
         cfg = model[0]["config"]
+        bf16 = args.amp == "bf16" or (args.amp == "auto" and not cpu)
         md.append(
             f"## {_model_name(cfg)} training step (batch {cfg['batch']} × {cfg['seq']} tokens)\n\n"
-            f"Same model in every row: {_model_text(model[0])}, SDPA attention, {'fp32' if cpu else 'bf16 autocast'}; "
+            f"Same model in every row: {_model_text(model[0])}, SDPA attention, {'bf16 autocast' if bf16 else 'fp32'}; "
             f"LoRA r={cfg['r']}, alpha={cfg['alpha']:g}, LoRA dropout {cfg['lora_dropout']} on "
             f"{' + '.join(model[0]['targets'])}; AdamW, grad-norm clip {cfg['grad_clip']}; floor: the frozen model "
             f"through lora_fast's forward, backward to its input embeddings only. {warmup} warm-up + {steps} timed "
@@ -348,7 +363,10 @@ def main(argv: list[str] | None = None) -> dict:
             "above that, other work competed for them)." + "\n\n" + model_table(model, args.device)
         )
         print("\n" + md[-1], flush=True)
-        verdicts = check_targets(model)
+        verdicts = check_targets(model) + check_packed_targets(model)
+        if args.keep_quantized:
+            md.append("## Packed (--keep-quantized) vs float weights\n\n" + packed_table(model))
+            print("\n" + md[-1], flush=True)
         if verdicts:
             lines = [f"- target {v['target']}: {'MET' if v['met'] else 'MISSED'} ({v['ratio']:.2f})" for v in verdicts]
             md.append("## Targets (ratios from this run)\n\n" + "\n".join(lines))

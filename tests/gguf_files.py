@@ -44,10 +44,15 @@ LAYER_TYPES = {
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2
 
 
-def write_tiny_llama(path: str | Path, vocab_size: int, tied: bool = True, seed: int = 0) -> Path:
+def write_tiny_llama(
+    path: str | Path, vocab_size: int, tied: bool = True, seed: int = 0, tokenizer_dir: str | Path | None = None
+) -> Path:
     """A 2-layer Llama (width 256) as a GGUF file: embedding Q8_0 (and the head tied to it, or a Q6_K head), the
     projections in the formats of ``LAYER_TYPES``, layer 1's ``ffn_down`` in Q5_1 (kept float with a notice), norms
-    F32. No tokenizer inside: load it with a tokenizer folder."""
+    F32. With ``tokenizer_dir`` (a byte-level BPE ``tokenizer.json``) the tokenizer is written in as llama.cpp writes
+    a GPT-2-style one; without it, load the file with a tokenizer folder."""
+    import json
+
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -63,6 +68,15 @@ def write_tiny_llama(path: str | Path, vocab_size: int, tied: bool = True, seed:
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(vocab_size)
     writer.add_rope_dimension_count(HIDDEN // HEADS)
+    if tokenizer_dir is not None:
+        bpe = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())["model"]
+        tokens = sorted(bpe["vocab"], key=bpe["vocab"].get)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_types([1] * len(tokens))
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+        writer.add_eos_token_id(0)
+        writer.add_bos_token_id(0)
 
     def add(name: str, qtype: str, rows: int, cols: int) -> None:
         if qtype == "F32":
