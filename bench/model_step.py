@@ -22,6 +22,11 @@ GPT-2 ``attn.c_attn`` + ``attn.c_proj``; Llama, Mistral, Qwen ``q_proj k_proj v_
 
 A new row is one builder ``(cfg, model) -> step`` in ``BUILDERS``; ``ROWS`` and ``bench/run.py --rows`` follow it.
 
+- ``peft_bnb4`` (optional, needs ``bitsandbytes``; not in the default ``ROWS``): QLoRA's recipe on CPU or CUDA:
+  every ``nn.Linear`` of the blocks as a bitsandbytes NF4 ``Linear4bit`` (the embedding and head stay float, as
+  bitsandbytes leaves them), HF PEFT's LoRA on top, logits at the label position only: PEFT's 4-bit path beside the
+  packed GGUF rows.
+
 ``--keep-quantized`` loads a GGUF ``--model`` with its quantised weights packed (``lora_fast.gguf``): the rows that
 train LoRA through ``lora_fast`` or run the floor (``PACKED_ROWS``) run on it; the others need float weights and are
 refused. ``--amp bf16`` runs every row under bf16 autocast (also on CPU); the default is fp32 on CPU, bf16 on CUDA.
@@ -254,6 +259,26 @@ def floor_row(cfg, model, targets, notes):
     return model, step
 
 
+def peft_bnb4_row(cfg, model, targets, notes):
+    import bitsandbytes as bnb
+    from torch import nn
+
+    head = model.get_output_embeddings()
+    quantised = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and module is not head:
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=_autocast(cfg)[0] or torch.float32, quant_type="nf4")  # fmt: skip
+            layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4")
+            if module.bias is not None:
+                layer.bias = module.bias
+            model.set_submodule(name, layer.to(cfg.device))  # bitsandbytes quantises on the move to the device
+            quantised += 1
+    notes.append(f"bitsandbytes {bnb.__version__}: {quantised} nn.Linear as NF4 Linear4bit")
+    model = _peft(cfg, model, targets)
+    return model, _hf_step(cfg, model, label_logits_only=True)
+
+
 # A new row: one builder here. Each gets a fresh model and returns (the model as timed, step).
 BUILDERS = {
     "full_ft": full_ft_row,
@@ -262,17 +287,19 @@ BUILDERS = {
     "peft_label_logits": peft_label_logits_row,
     "lora_fast": lora_fast_row,
     "floor": floor_row,
+    "peft_bnb4": peft_bnb4_row,
 }
-ROWS = tuple(BUILDERS)
+OPTIONAL_ROWS = ("peft_bnb4",)  # rows that need a package beyond the project's: run them by name
+ROWS = tuple(r for r in BUILDERS if r not in OPTIONAL_ROWS)
 PACKED_ROWS = ("lora_fast", "floor")  # the rows that run on a packed base (the others train or wrap float weights)
-__all__ = ["ROWS", "PACKED_ROWS", "BUILDERS", "StepConfig", "build_model", "build_step", "run_row"]
+__all__ = ["ROWS", "OPTIONAL_ROWS", "PACKED_ROWS", "BUILDERS", "StepConfig", "build_model", "build_step", "run_row"]
 
 
 def build_step(row: str, cfg: StepConfig):
     """``(step_fn, model, notes)`` for ``row``; ``step_fn()`` runs one step (an optimizer step, or the floor's
     forward and backward) and returns the loss."""
     if row not in BUILDERS:
-        raise ValueError(f"unknown row {row!r}; choose one of {ROWS}")
+        raise ValueError(f"unknown row {row!r}; choose one of {tuple(BUILDERS)}")
     if cfg.keep_quantized and row not in PACKED_ROWS:
         raise ValueError(f"row {row!r} needs float weights; on a packed base run {PACKED_ROWS}")
     model, targets = build_model(cfg)
@@ -352,7 +379,7 @@ def _profile(step, device: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--row", required=True, choices=ROWS, help="which training set-up to time")
+    ap.add_argument("--row", required=True, choices=tuple(BUILDERS), help="which training set-up to time")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     ap.add_argument("--model", help="a model folder, hub name or .gguf file (default: GPT-2 small, random weights)")
     ap.add_argument("--batch", type=int, help="sequences per step (default 8 on CPU, 16 on CUDA)")

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from bench.common import environment, fmt_ratio, markdown_table  # noqa: E402
 from bench.layer_bench import layer_summary, layer_tables, run_layer_bench  # noqa: E402
-from bench.model_step import PACKED_ROWS, ROWS  # noqa: E402
+from bench.model_step import OPTIONAL_ROWS, PACKED_ROWS, ROWS  # noqa: E402
 from bench.packed import check_packed_targets, packed_table  # noqa: E402
 
 # (name, measured, reference row, limit): lora_fast's ratio must be at or below the limit. The last is the next goal:
@@ -269,7 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--layer-only", action="store_true", help="only the layer table")
     ap.add_argument("--model-only", action="store_true", help="only the model-step table")
-    ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="model-step rows to run")
+    ap.add_argument(
+        "--rows", nargs="+", choices=ROWS + OPTIONAL_ROWS, default=list(ROWS), help="model-step rows to run"
+    )
     ap.add_argument(
         "--model", help="model of the model-step table: a folder, hub name or .gguf file (default: GPT-2 small, random)"
     )

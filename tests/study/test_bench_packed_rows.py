@@ -41,3 +41,14 @@ def test_rows_that_need_float_weights_are_refused(tiny_gguf):
     cfg = StepConfig(model=str(tiny_gguf), batch=2, seq=16, warmup=0, steps=1, keep_quantized=True)
     with pytest.raises(ValueError, match=r"row 'peft' needs float weights; on a packed base run \('lora_fast', 'fl"):
         run_row("peft", cfg)
+
+
+def test_peft_bnb4_row_beside_the_packed_rows(tiny_gguf):
+    """PEFT over bitsandbytes NF4 layers (optional row): it runs, quantises every block linear, and its first loss is
+    near the float row's (NF4 rounds the weights, so within 10% here, not equal)."""
+    pytest.importorskip("bitsandbytes", reason="the peft_bnb4 row needs bitsandbytes (pip install bitsandbytes)")
+    cfg = StepConfig(model=str(tiny_gguf), batch=2, seq=16, warmup=0, steps=1)
+    bnb4, dense = run_row("peft_bnb4", cfg), run_row("lora_fast", cfg)
+    assert "14 nn.Linear as NF4 Linear4bit" in bnb4["notes"][-1] and bnb4["weight_mb"] < dense["weight_mb"]
+    assert bnb4["trainable_params"] == dense["trainable_params"]
+    torch.testing.assert_close(bnb4["first_loss"], dense["first_loss"], rtol=0.1, atol=0)
