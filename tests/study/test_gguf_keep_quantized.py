@@ -130,3 +130,28 @@ def test_keep_quantized_refusals(tiny_gguf, tokenizer_dir, data_dir, tmp_path, c
     assert train_sentiment.main(_args(tmp_path, tokenizer_dir, data_dir, tmp_path / "b", 1, "--keep-quantized")) == 2
     assert f"--model {tmp_path} is no GGUF file" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_torchrun_two_processes_on_a_packed_base_match_one(tiny_gguf, tokenizer_dir, data_dir, tmp_path):
+    """DDP over a packed model (its packed buffers not broadcast: every process loaded them from the file) gives the
+    one-process run's adapter (within 1e-5: the gradient is averaged in another order)."""
+    import os
+    import shutil
+    import subprocess
+
+    from tests.helpers import OFFLINE_ENV, ROOT
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not on PATH")
+    extra = ["--keep-quantized", "--grad-accum", "2", "--lora-dropout", "0"]
+    assert train_sentiment.main(_args(tiny_gguf, tokenizer_dir, data_dir, tmp_path / "one", 2) + extra) == 0
+    proc = subprocess.run(
+        ["torchrun", "--standalone", "--nproc_per_node", "2", str(ROOT / "train_sentiment.py"),
+         *_args(tiny_gguf, tokenizer_dir, data_dir, tmp_path / "two", 2), *extra],
+        capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV}, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _adapter(tmp_path / "one" / "adapter_last"), _adapter(tmp_path / "two" / "adapter_last")
+    assert one.keys() == two.keys() and one
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5)
