@@ -4,7 +4,7 @@ the dequantised float weight: outputs and every gradient equal in fp64 (``torch.
 relative (the same GEMMs on the same values; blocked the same way they agree exactly, which is not promised).
 
 Shapes are small and odd (M = 5, N = 7, three blocks per row) so every tile edge is crossed; the Triton cases run
-under the interpreter on CPU.
+under the interpreter on CPU. The CUDA tier repeats the Triton checks at a training size (M = 2048, 4096 → 1536).
 """
 
 import numpy as np
@@ -15,6 +15,7 @@ from torch import nn
 from lora_fast import apply_lora, count_parameters, lora_linear, lora_modules, merge_and_unload, merge_lora
 from lora_fast.gguf import PACKED_TYPES, QTYPES, PackedEmbedding, PackedLinear, PackedWeight
 from tests.gguf_files import random_blocks
+from tests.helpers import requires_cuda
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (pip install gguf) is the reference dequantiser")
 FP32 = {"rtol": 1e-6, "atol": 1e-6}
@@ -163,3 +164,26 @@ def test_apply_lora_merge_and_unload_and_counts_on_a_packed_model():
     assert type(merged.proj) is nn.Linear and type(merged.embed) is nn.Embedding and type(merged.head) is nn.Linear
     assert merged.head.weight is merged.embed.weight  # still tied, now in float
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("qtype", PACKED_TYPES)
+def test_packed_triton_on_cuda_is_the_float_path(qtype):
+    from lora_fast.gguf.triton_op import triton_dequantize
+
+    w = _packed(qtype, n=1536, blocks=4096 // QTYPES[qtype].block, seed=5)
+    w = PackedWeight(w.data.cuda(), qtype, w.shape)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(_bits(triton_dequantize(w, dtype)), _bits(w.dequantize().to(dtype)))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2048, 4096, device="cuda", generator=gen)
+    A = torch.randn(16, 4096, device="cuda", generator=gen) * 0.02
+    B = torch.randn(1536, 16, device="cuda", generator=gen) * 0.02
+    g = torch.randn(2048, 1536, device="cuda", generator=gen)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        packed = _run("triton", x, w, None, A, B, g, 0.1)
+        dense = _run("triton", x, w.dequantize(), None, A, B, g, 0.1)
+    # The same bf16 weight in both; a tile table may differ with W's element size, so bf16's tolerance, not bits.
+    for got, want in zip(packed, dense, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
