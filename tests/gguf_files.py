@@ -45,19 +45,25 @@ HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2
 
 
 def write_tiny_llama(
-    path: str | Path, vocab_size: int, tied: bool = True, seed: int = 0, tokenizer_dir: str | Path | None = None
+    path: str | Path,
+    vocab_size: int,
+    tied: bool = True,
+    seed: int = 0,
+    tokenizer_dir: str | Path | None = None,
+    arch: str = "llama",
 ) -> Path:
     """A 2-layer Llama (width 256) as a GGUF file: embedding Q8_0 (and the head tied to it, or a Q6_K head), the
     projections in the formats of ``LAYER_TYPES``, layer 1's ``ffn_down`` in Q5_1 (kept float with a notice), norms
     F32. With ``tokenizer_dir`` (a byte-level BPE ``tokenizer.json``) the tokenizer is written in as llama.cpp writes
-    a GPT-2-style one; without it, load the file with a tokenizer folder."""
+    a GPT-2-style one; without it, load the file with a tokenizer folder. ``arch="qwen2"`` writes the same model as
+    a Qwen2 (q/k/v biases, F32; transformers reads its rows unpermuted)."""
     import json
 
     import gguf
 
     rng = np.random.default_rng(seed)
     path = Path(path)
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
     writer.add_embedding_length(HIDDEN)
@@ -99,6 +105,8 @@ def write_tiny_llama(
         add(f"blk.{i}.ffn_norm.weight", "F32", HIDDEN, 1)
         for layer, qtype in LAYER_TYPES.items():
             add(f"blk.{i}.{layer}.weight", "Q5_1" if (i, layer) == (1, "ffn_down") else qtype, *shapes[layer])
+            if arch == "qwen2" and layer in ("attn_q", "attn_k", "attn_v"):
+                add(f"blk.{i}.{layer}.bias", "F32", shapes[layer][0], 1)
     add("output_norm.weight", "F32", HIDDEN, 1)
     if not tied:
         add("output.weight", "Q6_K", vocab_size, HIDDEN)

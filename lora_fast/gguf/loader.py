@@ -131,7 +131,9 @@ def load_gguf_model(
         if isinstance(layer, nn.Embedding):
             new = PackedEmbedding(weight, layer.padding_idx)
         else:
-            new = PackedLinear(weight, floats.pop(f"{owner}.bias", None) if layer.bias is not None else None)
+            if layer.bias is not None and f"{owner}.bias" not in floats:
+                raise ValueError(f"{path.name} has no tensor for {owner}.bias")
+            new = PackedLinear(weight, floats.pop(f"{owner}.bias") if layer.bias is not None else None)
         model.set_submodule(owner, new)
     tied = bool(getattr(config, "tie_word_embeddings", False)) and "lm_head.weight" not in floats
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()

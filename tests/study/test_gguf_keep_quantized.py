@@ -1,6 +1,6 @@
 """``--keep-quantized``: a GGUF file's quantised weights kept packed (``lora_fast.gguf.load_gguf_model``) on a tiny
 Llama written as llama.cpp writes one (``tests.gguf_files``: every packed format, a Q5_1 layer kept float, the head
-tied to the Q8_0 embedding or a Q6_K head of its own).
+tied to the Q8_0 embedding or a Q6_K head of its own), and the same as a Qwen2 (float q/k/v biases).
 
 The packed model computes the float model transformers' GGUF loader builds: logits and LoRA gradients equal in fp64
 (``torch.equal``); an adapter trained on the packed base by ``train_sentiment.py --keep-quantized`` loads on the float
@@ -25,13 +25,14 @@ pytest.importorskip("gguf", reason="reading GGUF files needs the gguf package (p
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(scope="module", params=["tied", "untied"])
+@pytest.fixture(scope="module", params=["llama-tied", "llama-untied", "qwen2-tied"])
 def tiny_gguf(request, tmp_path_factory, tokenizer_dir):
     from transformers import AutoTokenizer
 
     vocab = len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    return write_tiny_llama(path, vocab, tied=request.param == "tied")
+    arch, tied = request.param.split("-")
+    return write_tiny_llama(path, vocab, tied=tied == "tied", arch=arch)
 
 
 def _batch(tokenizer):
@@ -51,6 +52,8 @@ def test_packed_model_is_the_float_model_fp64(tiny_gguf, tokenizer_dir, capsys):
     assert type(packed.model.layers[1].mlp.down_proj) is torch.nn.Linear
     assert isinstance(packed.lm_head, PackedLinear) and isinstance(packed.model.embed_tokens, PackedEmbedding)
     assert (packed.lm_head.tied_to is packed.model.embed_tokens) == packed.config.tie_word_embeddings
+    q_proj = packed.model.layers[0].self_attn.q_proj
+    assert (q_proj.bias is not None) == (packed.config.model_type == "qwen2")  # Qwen2's F32 biases beside the blocks
     assert weight_bytes(packed) < 0.3 * weight_bytes(dense)
     packed, dense = packed.double(), dense.double()
     ids, mask, positions, last = _batch(tokenizer)
