@@ -69,6 +69,7 @@ class DPOConfig:
         None, "the sentiment LoRA adapter folder train_sentiment.py saved (PEFT format); required, no default"
     )
     scorer_model: str | None = opt(None, "base model the scorer adapter goes on (default: --model)")
+    keep_quantized: bool = opt(False, "keep the quantised weights of GGUF models packed (dequantised just in time)")
     scorer_prompt: str = opt("default", "instruction the scorer was trained with", choices=tuple(INSTRUCTIONS))
     data_dir: str | None = opt(None, "local folder with train/validation .jsonl (or parquet) (default: the hub)")
     num_prompts: int = opt(256, "training prompts; each gives at most one preference pair")
@@ -138,6 +139,8 @@ def check_config(cfg: DPOConfig) -> None:
     recover_directory(cfg.scorer)  # a scorer folder a killed save left aside
     if not (Path(cfg.scorer) / "adapter_config.json").is_file():
         raise UsageError(f"--scorer {cfg.scorer}: no adapter_config.json there; train one with train_sentiment.py")
+    if cfg.keep_quantized and not any(m.endswith(".gguf") for m in (cfg.model, cfg.scorer_model or cfg.model)):
+        raise UsageError("--keep-quantized keeps GGUF weights packed; neither --model nor --scorer-model is a .gguf")
     check_out(Path(cfg.out), RUN_FILES, cfg.overwrite, "--overwrite to start it afresh")
     gguf = any(m and m.endswith(".gguf") for m in (cfg.model, cfg.scorer_model))
     require_modules("reward_vs_kl.png", None if cfg.data_dir else "rotten_tomatoes", gguf)
@@ -155,8 +158,12 @@ def open_run_folder(cfg: DPOConfig, out: Path, precision: Precision) -> None:
 def load_models(cfg: DPOConfig, device: torch.device):
     """(policy, tokenizer, score): the base policy in eval mode, and ``score(texts)``: P(positive) of each text by
     the scorer adapter on --scorer-model, read with lora_fast.load_adapter's checks."""
-    policy, tokenizer = load_causal_lm(cfg.model, dropout=None)
-    scorer, scorer_tokenizer = load_causal_lm(cfg.scorer_model or cfg.model, dropout=None, flag="--scorer-model")
+    scorer_model = cfg.scorer_model or cfg.model
+    packed = {m: cfg.keep_quantized and m.endswith(".gguf") for m in (cfg.model, scorer_model)}
+    policy, tokenizer = load_causal_lm(cfg.model, dropout=None, keep_quantized=packed[cfg.model])
+    scorer, scorer_tokenizer = load_causal_lm(
+        scorer_model, dropout=None, flag="--scorer-model", keep_quantized=packed[scorer_model]
+    )
     load_adapter(scorer.to(device).eval(), cfg.scorer)
     instruction, label_ids = resolve_instruction(cfg.scorer_prompt), label_token_ids(scorer_tokenizer)
 

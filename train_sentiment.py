@@ -73,6 +73,9 @@ class Config:
     # model and data
     model: str = opt("gpt2", "hub name (gpt2, gpt2-medium, ...), a folder with weights and tokenizer, or a .gguf file")
     gguf_file: str | None = opt(None, "the GGUF file to load from --model's folder (or hub repository), dequantised")
+    keep_quantized: bool = opt(
+        False, "keep a GGUF --model's quantised weights packed (4-8 bit in memory, dequantised per layer just in time)"
+    )
     tokenizer: str | None = opt(None, "tokenizer folder or hub name, when --model's folder has none")
     data_dir: str | None = opt(None, "local folder: train/validation/test as .jsonl or .parquet (default: the hub)")
     dataset: str = opt("rotten_tomatoes", "hub dataset name, used without --data-dir")
@@ -231,7 +234,10 @@ def check_config(cfg: Config, world: int, device: torch.device) -> None:
         if cfg.resume and (Path(cfg.out) / "checkpoint.pt").is_file() and (Path(cfg.out) / "config.json").is_file():
             run_config = json.loads((Path(cfg.out) / "config.json").read_text())
             check_resume_config(Path(cfg.out) / "checkpoint.pt", run_config, dataclasses.asdict(cfg), RESUME_MAY_CHANGE)
-    split_gguf(cfg.model, cfg.gguf_file)  # --model X.gguf, or --gguf-file NAME in --model's folder: it must be there
+    _, gguf_file = split_gguf(cfg.model, cfg.gguf_file)  # --model X.gguf, or --gguf-file NAME in --model's folder
+    if cfg.keep_quantized and (not gguf_file or cfg.method == "full"):
+        why = "--method full trains every weight" if gguf_file else f"--model {cfg.model} is no GGUF file"
+        raise UsageError(f"--keep-quantized keeps a GGUF file's weights packed and frozen; {why}")
     gguf = bool(cfg.gguf_file) or cfg.model.endswith(".gguf")
     require_modules(None if cfg.eval_only else "val_loss.png", None if cfg.data_dir else cfg.dataset, gguf)
     check_hub_inputs([  # hub names need the hub or the local cache: one check, naming every flag it fails for
@@ -254,7 +260,9 @@ def prepare_model(cfg: Config, device: torch.device, log=print):
     """Load --model, then give it --method's trainable parts and, with --adapter, its saved weights (with --eval-only
     only the saved ones); the model comes back on ``device``, in training mode unless --eval-only, when every
     parameter is frozen (nothing trains, and the summary counts 0 trainable parameters)."""
-    model, tokenizer = load_causal_lm(cfg.model, cfg.tokenizer, dropout=cfg.dropout, gguf_file=cfg.gguf_file)
+    model, tokenizer = load_causal_lm(
+        cfg.model, cfg.tokenizer, dropout=cfg.dropout, gguf_file=cfg.gguf_file, keep_quantized=cfg.keep_quantized
+    )
     if cfg.method == "lora" and cfg.targets is None and not cfg.eval_only:
         cfg = dataclasses.replace(cfg, targets=default_targets(model.config.model_type))
     if cfg.fused_gelu:

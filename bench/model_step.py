@@ -28,6 +28,16 @@ GPT-2 ``attn.c_attn`` + ``attn.c_proj``; Llama, Mistral, Qwen ``q_proj k_proj v_
 A new row is one builder ``(cfg, model, targets, notes, tokenizer) -> (model, step)`` in ``BUILDERS``; ``ROWS`` and
 ``bench/run.py --rows`` follow it.
 
+- ``peft_bnb4`` (optional, needs ``bitsandbytes``; not in the default ``ROWS``): QLoRA's recipe on CPU or CUDA:
+  every ``nn.Linear`` of the blocks as a bitsandbytes NF4 ``Linear4bit`` (the embedding and head stay float, as
+  bitsandbytes leaves them), HF PEFT's LoRA on top, logits at the label position only: PEFT's 4-bit path beside the
+  packed GGUF rows.
+
+``--keep-quantized`` loads a GGUF ``--model`` with its quantised weights packed (``lora_fast.gguf``): the rows that
+train LoRA through ``lora_fast`` or run the floor (``PACKED_ROWS``) run on it; the others need float weights and are
+refused. ``--dtype`` sets every row's autocast (bf16 or fp32; auto: bf16 where the device multiplies it natively).
+Each result also records ``weight_mb``: the model's weights as held in memory (packed blocks at their packed size).
+
 The task is label-token classification: each sequence of T tokens ends with its label token, and the loss is the LM
 loss on that one token (HF rows: ``labels`` are -100 everywhere but the last position; label-logit rows: the logits
 at position T-2, which predict it; ``lora_fast_packed`` packs the first T-1 tokens). So every row processes the same
@@ -90,6 +100,7 @@ class StepConfig:
     shots: int = 0
     packing: str = "auto"  # lora_fast_packed's --packing
     dtype: str = "fp32"  # "fp32", or "bf16": every row's forward under bf16 autocast (fp32 weights)
+    keep_quantized: bool = False  # a GGUF --model's quantised weights kept packed
 
 
 # ---------------------------------------------------------------- memory
@@ -135,7 +146,7 @@ def build_model(cfg: StepConfig):
         config = GPT2Config()  # GPT-2 small: 12 layers, 768 wide, 50,257 tokens; dropout 0.1, gelu_new
         model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
     else:
-        model, tokenizer = load_causal_lm(cfg.model, dropout=None)
+        model, tokenizer = load_causal_lm(cfg.model, dropout=None, keep_quantized=cfg.keep_quantized)
         model.set_attn_implementation(cfg.attn_implementation)
     if cfg.tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
@@ -306,6 +317,26 @@ def floor_row(cfg, model, targets, notes, tokenizer=None):
     return model, step
 
 
+def peft_bnb4_row(cfg, model, targets, notes):
+    import bitsandbytes as bnb
+    from torch import nn
+
+    head = model.get_output_embeddings()
+    quantised = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and module is not head:
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=_autocast(cfg)[0] or torch.float32, quant_type="nf4")  # fmt: skip
+            layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4")
+            if module.bias is not None:
+                layer.bias = module.bias
+            model.set_submodule(name, layer.to(cfg.device))  # bitsandbytes quantises on the move to the device
+            quantised += 1
+    notes.append(f"bitsandbytes {bnb.__version__}: {quantised} nn.Linear as NF4 Linear4bit")
+    model = _peft(cfg, model, targets)
+    return model, _hf_step(cfg, model, label_logits_only=True)
+
+
 # A new row: one builder here. Each gets a fresh model and returns (the model as timed, step); a step may carry its
 # Workload (``step.workload``), else it is B·T real tokens and token rows.
 BUILDERS = {
@@ -316,21 +347,27 @@ BUILDERS = {
     "lora_fast": lora_fast_row,
     "lora_fast_packed": lora_fast_packed_row,
     "floor": floor_row,
+    "peft_bnb4": peft_bnb4_row,
 }
-ROWS = tuple(BUILDERS)
+OPTIONAL_ROWS = ("peft_bnb4",)  # rows that need a package beyond the project's: run them by name
+ROWS = tuple(r for r in BUILDERS if r not in OPTIONAL_ROWS)
 DATA_ROWS = ("lora_fast", "lora_fast_packed", "floor")  # the rows with a data mode
-__all__ = ["ROWS", "DATA_ROWS", "BUILDERS", "StepConfig", "build_model", "build_step", "run_row"]
+PACKED_ROWS = ("lora_fast", "floor")  # the rows that run on a packed base (the others train or wrap float weights)
+__all__ = ["ROWS", "OPTIONAL_ROWS", "DATA_ROWS", "PACKED_ROWS", "BUILDERS", "StepConfig", "build_model", "build_step",
+           "run_row"]  # fmt: skip
 
 
 def build_step(row: str, cfg: StepConfig):
     """``(step_fn, model, notes)`` for ``row``; ``step_fn()`` runs one step (an optimizer step, or the floor's
     forward and backward) and returns the loss."""
     if row not in BUILDERS:
-        raise ValueError(f"unknown row {row!r}; choose one of {ROWS}")
+        raise ValueError(f"unknown row {row!r}; choose one of {tuple(BUILDERS)}")
     if cfg.dtype not in AMP:
         raise ValueError(f"StepConfig.dtype {cfg.dtype!r}: expected one of {tuple(AMP)}")
     if cfg.data is not None and row not in DATA_ROWS:
         raise ValueError(f"row {row!r} has no data mode (its loss needs the label token in the batch): {DATA_ROWS}")
+    if cfg.keep_quantized and row not in PACKED_ROWS:
+        raise ValueError(f"row {row!r} needs float weights; on a packed base run {PACKED_ROWS}")
     model, targets, tokenizer = build_model(cfg)
     notes = [f"model type {model.config.model_type}, LoRA targets {targets}"]
     model, step = BUILDERS[row](cfg, model, targets, notes, tokenizer)
@@ -340,6 +377,7 @@ def build_step(row: str, cfg: StepConfig):
 def run_row(row: str, cfg: StepConfig, profile: bool = False) -> dict:
     """Build ``row``, run ``cfg.warmup`` untimed and ``cfg.steps`` timed steps; return the measurements."""
     from lora_fast import count_parameters
+    from lora_fast.gguf import weight_bytes
     from lora_fast.study.causal_lm import default_targets
 
     step, model, notes = build_step(row, cfg)
@@ -371,7 +409,7 @@ def run_row(row: str, cfg: StepConfig, profile: bool = False) -> dict:
         peak, kind = _rss_mib(), "cpu_ru_maxrss"
     model_type = getattr(model.config, "model_type", None)
     return {
-        "name": row,
+        "name": row + ("+packed" if cfg.keep_quantized else ""),
         "model_type": model_type,
         "targets": default_targets(model_type),
         "s_per_step": med,
@@ -388,6 +426,7 @@ def run_row(row: str, cfg: StepConfig, profile: bool = False) -> dict:
         "rss_before_first_step_mb": rss_before if cfg.device == "cpu" else None,
         "trainable_params": trainable,
         "total_params": total,
+        "weight_mb": weight_bytes(model) / 2**20,
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "notes": notes,
@@ -412,7 +451,7 @@ def _profile(step, device: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--row", required=True, choices=ROWS, help="which training set-up to time")
+    ap.add_argument("--row", required=True, choices=tuple(BUILDERS), help="which training set-up to time")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     ap.add_argument("--model", help="a model folder, hub name or .gguf file (default: GPT-2 small, random weights)")
     ap.add_argument("--batch", type=int, help="sequences per step (default 8 on CPU, 16 on CUDA)")
@@ -432,6 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         default="auto",
         help="bf16: the step under bf16 autocast (fp32 weights); auto: bf16 where the device multiplies it natively",
     )
+    ap.add_argument("--keep-quantized", action="store_true", help="a GGUF --model's quantised weights kept packed")
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
     try:
@@ -452,6 +492,7 @@ def main(argv: list[str] | None = None) -> None:
         shots=args.shots,
         packing=args.packing,
         dtype=dtype,
+        keep_quantized=args.keep_quantized,
     )
     print("RESULT " + json.dumps(run_row(args.row, cfg, profile=args.profile)), flush=True)
 

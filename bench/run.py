@@ -6,6 +6,7 @@
     python bench/run.py --model-only --model runs/smollm2-135m --data path/to/rotten_tomatoes --prompt complex
                                                      # data mode: the study's real batches, padded and packed
     python bench/run.py --dtype fp32                 # fp32 even where bf16 is native (default auto: see --help)
+    python bench/run.py --model-only --model X.gguf --keep-quantized --rows lora_fast floor   # packed vs float
 
 Layer table (bench/layer_bench.py): floor (frozen base layer alone), PEFT-style eager LoRA (lora-fast's
 ``reference``), HF PEFT's ``lora.Linear``, lora-fast ``torch`` and ``triton`` (CUDA), phase by phase, with the
@@ -41,7 +42,8 @@ import torch  # noqa: E402
 
 from bench.common import environment, fmt_ratio, markdown_table  # noqa: E402
 from bench.layer_bench import layer_summary, layer_tables, run_layer_bench  # noqa: E402
-from bench.model_step import DATA_ROWS, ROWS  # noqa: E402
+from bench.model_step import DATA_ROWS, OPTIONAL_ROWS, PACKED_ROWS, ROWS  # noqa: E402
+from bench.packed import check_packed_targets, packed_table  # noqa: E402
 from lora_fast.io import atomic_write_text, folder_problem  # noqa: E402
 from lora_fast.study.errors import UsageError  # noqa: E402
 from lora_fast.study.precision import choose_precision  # noqa: E402
@@ -73,10 +75,12 @@ def run_model_rows(
     dtype: str = "fp32",
 ) -> list[dict]:
     """Each row in its own process, ``rounds`` times with the order reversed every other round (so slow drift of a
-    shared machine's load hits the rows alike); step times are pooled, peak memory is the highest seen."""
+    shared machine's load hits the rows alike); step times are pooled, peak memory is the highest seen. A row named
+    ``<row>+packed`` runs ``<row>`` with ``--keep-quantized``; ``data_flags`` go to every process."""
     results: dict[str, list[dict]] = {r: [] for r in rows}
     for k in range(rounds):
-        for row in rows if k % 2 == 0 else rows[::-1]:
+        for name in rows if k % 2 == 0 else rows[::-1]:
+            row = name.removesuffix("+packed")
             cmd = [
                 sys.executable,
                 "-m",
@@ -98,14 +102,14 @@ def run_model_rows(
                 cmd += ["--seq", str(seq)]
             if model:
                 cmd += ["--model", model]
-            cmd += list(data_flags)
-            print(f"  model step: {row} (round {k + 1}/{rounds})", flush=True)
+            cmd += [*data_flags, *(["--keep-quantized"] if name != row else [])]
+            print(f"  model step: {name} (round {k + 1}/{rounds})", flush=True)
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
                 sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
                 raise RuntimeError(f"model step {row!r} failed with exit code {proc.returncode}")
-            results[row].append(json.loads(line[len("RESULT ") :]))
+            results[name].append(json.loads(line[len("RESULT ") :]))
     return [_pool(runs) for runs in results.values()]
 
 
@@ -293,7 +297,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layer-only", action="store_true", help="only the layer table")
     ap.add_argument("--model-only", action="store_true", help="only the model-step table")
     ap.add_argument(
-        "--rows", nargs="+", choices=ROWS, help="model-step rows (default: all but lora_fast_packed; --data: its rows)"
+        "--rows",
+        nargs="+",
+        choices=ROWS + OPTIONAL_ROWS,
+        help="model-step rows (default: all but lora_fast_packed; --data: its rows)",
     )
     ap.add_argument("--data", help="data mode: a Rotten Tomatoes folder; the study's real batches (model_step.py)")
     ap.add_argument("--tokenizer", help="data mode: the tokenizer folder (default: the model's)")
@@ -316,6 +323,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, help="processes per model row, alternating order (default 1 quick, 2)")
     ap.add_argument("--batch", type=int, help="model-step batch (default 8 on CPU, 16 on CUDA)")
     ap.add_argument("--seq", type=int, help="model-step sequence length (default 128 on CPU, 512 on CUDA)")
+    ap.add_argument(
+        "--keep-quantized",
+        action="store_true",
+        help=f"a GGUF --model: also run {', '.join(PACKED_ROWS)} on its quantised weights kept packed (rows +packed)",
+    )
     out = pathlib.Path(__file__).resolve().parent / "out"  # ignored by git, like runs/
     ap.add_argument(
         "--json",
@@ -386,11 +398,11 @@ def main(argv: list[str] | None = None) -> dict:
         print("\n" + md[-1], flush=True)
         md.append("### Per phase (forward, backward, forward+backward)\n\n" + layer_tables(layer, args.device))
         print("\n" + md[-1], flush=True)
-        print("\n" + md[-1], flush=True)
 
     model: list[dict] = []
     verdicts: list[dict] = []
     if not args.layer_only:
+        rows += [f"{r}+packed" for r in rows if args.keep_quantized and r in PACKED_ROWS]
         model = run_model_rows(
             args.device, rows, warmup, steps, rounds, args.batch, args.seq, args.model, data_flags, precision.dtype
         )
@@ -424,7 +436,10 @@ def main(argv: list[str] | None = None) -> dict:
         if packed:
             md.append("## Packing (ratios from this run)\n\n" + packed)
             print("\n" + md[-1], flush=True)
-        verdicts = check_targets(model)
+        verdicts = check_targets(model) + check_packed_targets(model)
+        if args.keep_quantized:
+            md.append("## Packed (--keep-quantized) vs float weights\n\n" + packed_table(model))
+            print("\n" + md[-1], flush=True)
         if verdicts:
             lines = [f"- target {v['target']}: {'MET' if v['met'] else 'MISSED'} ({v['ratio']:.2f})" for v in verdicts]
             md.append("## Targets (ratios from this run)\n\n" + "\n".join(lines))

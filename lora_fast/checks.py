@@ -8,6 +8,8 @@ import numbers
 
 import torch
 
+from lora_fast.gguf.packed import PackedWeight
+
 __all__ = ["check_lora_inputs", "compute_dtypes"]
 
 
@@ -29,9 +31,12 @@ def check_lora_inputs(
     Expected: ``x (..., K)``, ``weight (N, K)``, ``bias (N,)`` or None, ``lora_A (R, K)`` with R ≥ 1,
     ``lora_B (N, R)``; all on one device; ``x``, ``weight`` and ``bias`` of one floating dtype (``lora_A``/``lora_B``
     may differ: fp32 masters beside bf16 activations are the usual mixed-precision set-up); ``scaling`` a finite
-    non-zero real number and ``dropout_p`` a real number in [0, 1), neither a bool.
+    non-zero real number and ``dropout_p`` a real number in [0, 1), neither a bool. A GGUF-packed ``weight``
+    (:class:`lora_fast.gguf.PackedWeight`) has no dtype to match: it is dequantised to the base GEMM's dtype.
     """
-    tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    packed = isinstance(weight, PackedWeight)
+    tensors = {"x": x} if packed else {"x": x, "weight": weight}
+    tensors.update(lora_A=lora_A, lora_B=lora_B)
     if bias is not None:
         tensors["bias"] = bias
     for name, t in tensors.items():
@@ -58,7 +63,7 @@ def check_lora_inputs(
         raise ValueError(f"lora_B must be (out_features, r) = ({n}, {r}), got {_describe(lora_B)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
         raise ValueError(f"bias must be (out_features,) = ({n},), got {_describe(bias)}")
-    for name, t in tensors.items():
+    for name, t in (*tensors.items(), *((("weight", weight),) if packed else ())):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
     for name in ("weight", "bias"):

@@ -9,7 +9,8 @@
   under ``TRITON_INTERPRET=1``).
 - ``auto``: ``triton`` for CUDA tensors when Triton is importable, ``torch`` elsewhere.
 
-Every backend gives the base weight and bias gradients when the caller made them trainable.
+Every backend gives the base weight and bias gradients when the caller made them trainable. The base weight may be a
+GGUF-packed :class:`lora_fast.gguf.PackedWeight` (frozen): each backend dequantises it where it needs it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from lora_fast import reference
 from lora_fast.checks import check_lora_inputs, compute_dtypes
+from lora_fast.gguf.packed import PackedWeight
 from lora_fast.torch_backend import draw_seed, seeded_dropout_mask, seeded_keep_mask, torch_lora_linear
 
 __all__ = [
@@ -50,7 +52,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | PackedWeight,
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -64,7 +66,8 @@ def lora_linear(
 
     For a transformers ``Conv1D`` (which stores ``(K, N)``) pass ``conv1d.weight.t()``: a view, never a copy.
     Dropout (probability ``dropout_p``, LoRA branch only) applies when ``training``; its mask comes from ``seed``
-    (drawn from torch's generator when None), so a given seed gives a deterministic result.
+    (drawn from torch's generator when None), so a given seed gives a deterministic result. A GGUF-packed ``weight``
+    gives the values of its dequantised float weight (dequantised per call, never kept).
     """
     check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     p = float(dropout_p) if training else 0.0
@@ -74,11 +77,17 @@ def lora_linear(
     if which == "reference":
         mask = None if p == 0.0 else seeded_dropout_mask(tuple(x.shape), p, seed, x.device)
         _, lora_dt = compute_dtypes(x, lora_A)
+        if isinstance(weight, PackedWeight):
+            weight = weight.dequantize(x.dtype)
         y, _ = reference.lora_forward(x, weight, bias, lora_A, lora_B, scaling, mask, lora_dtype=lora_dt)
         return y
     if which == "torch":
         return torch_lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
     # Imported here: Triton is optional (no wheels outside Linux), and only this backend needs it.
+    if isinstance(weight, PackedWeight):
+        from lora_fast.gguf.triton_op import triton_packed_lora_linear
+
+        return triton_packed_lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
     from lora_fast.triton_backend import triton_lora_linear
 
     return triton_lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), p, seed, check=False)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lora_fast.functional import BACKENDS, lora_linear
+from lora_fast.gguf.packed import PackedLinear
 
 __all__ = ["LoRALinear", "in_out_features", "is_conv1d", "is_linear_layer", "lora_dtype", "lora_scaling"]
 
@@ -37,8 +38,9 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_linear_layer(module: nn.Module) -> bool:
-    """True for the layers LoRA and the bottleneck adapters wrap: ``nn.Linear`` and transformers' ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """True for the layers LoRA and the bottleneck adapters wrap: ``nn.Linear``, transformers' ``Conv1D`` and a
+    GGUF-packed :class:`lora_fast.gguf.PackedLinear`."""
+    return isinstance(module, (nn.Linear, PackedLinear)) or is_conv1d(module)
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:
@@ -94,7 +96,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.fan_in_fan_out = is_conv1d(base)
         if not is_linear_layer(base):
-            raise TypeError(f"LoRALinear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
+            raise TypeError(
+                f"LoRALinear wraps nn.Linear, transformers Conv1D or PackedLinear, got {type(base).__name__}"
+            )
         check_lora_hyperparameters(r, alpha, dropout, use_rslora)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -119,8 +123,14 @@ class LoRALinear(nn.Module):
         self.train(base.training)  # a model in eval mode gets LoRA layers in eval mode (no dropout)
 
     @property
+    def packed(self) -> bool:
+        """Whether the base weight is GGUF-packed (a :class:`lora_fast.gguf.PackedLinear`)."""
+        return isinstance(self.base, PackedLinear)
+
+    @property
     def weight(self) -> torch.Tensor:
-        """The base weight as ``W (N, K)``: the stored tensor, or a transposed view of a Conv1D's ``(K, N)``."""
+        """The base weight as ``W (N, K)``: the stored tensor, a transposed view of a Conv1D's ``(K, N)``, or a
+        packed base's :class:`lora_fast.gguf.PackedWeight`."""
         return self.base.weight.t() if self.fan_in_fan_out else self.base.weight
 
     @property
@@ -160,6 +170,12 @@ class LoRALinear(nn.Module):
         """
         if self.merged:
             return
+        if self.packed:
+            raise TypeError(
+                f"cannot merge LoRA into a GGUF-packed {self.base.qtype} weight: it would have to be quantised "
+                "again, which rounds the update away. merge_and_unload(model) gives a float model with the update "
+                "merged; disable_lora(model) gives the base model's output"
+            )
         w = self.base.weight
         if keep_original:
             self.premerge_weight = w.detach().clone()

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from lora_fast.functional import BACKENDS
+from lora_fast.gguf.convert import dequantize_model, packed_modules
+from lora_fast.gguf.packed import PackedWeight
 from lora_fast.layers import LoRALinear, check_lora_hyperparameters, is_linear_layer
 
 __all__ = [
@@ -143,15 +145,20 @@ def _memory(t: torch.Tensor) -> tuple | None:
 
 def check_untied(model: nn.Module, names: Sequence[str]) -> None:
     """Refuse LoRA on a weight whose memory is also another parameter of ``model`` (tied embeddings: GPT-2's
-    ``lm_head`` is ``transformer.wte``): merging the update into it would change the other one too."""
+    ``lm_head`` is ``transformer.wte``): merging the update into it would change the other one too. A GGUF-packed
+    weight is tied when its bytes are another layer's (a tied head reads the embedding's)."""
     params = [(pname, p, _memory(p)) for pname, p in model.named_parameters(remove_duplicate=False)]
+    params += [(bname, b, _memory(b)) for bname, b in model.named_buffers(remove_duplicate=False) if b is not None]
     for n in names:
         w = model.get_submodule(n).weight
+        own = {f"{n}.weight"}
+        if isinstance(w, PackedWeight):
+            w, own = w.data, {f"{n}.qweight"}
         mw = _memory(w)
         others = [
             pname
             for pname, p, mp in params
-            if pname != f"{n}.weight" and (p is w or (mw and mp and mp[0] == mw[0] and mp[1] < mw[2] and mw[1] < mp[2]))
+            if pname not in own and (p is w or (mw and mp and mp[0] == mw[0] and mp[1] < mw[2] and mw[1] < mp[2]))
         ]
         if others:
             raise ValueError(
@@ -233,7 +240,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight and put the original layers back (HF PEFT's
     ``merge_and_unload``): the result is a plain model whose ``state_dict`` and ``save_pretrained`` use the original
     keys and which reloads with ``from_pretrained`` to the same outputs. No pre-merge copy is kept. Parameters stay
-    frozen as ``apply_lora`` left them."""
+    frozen as ``apply_lora`` left them.
+
+    A model with GGUF-packed layers comes back as a float model: the update cannot be merged into quantised blocks
+    without rounding it away, so each packed LoRA base becomes an ``nn.Linear`` holding its dequantised weight plus
+    the update (in fp32), and every other packed layer is dequantised too (:func:`lora_fast.gguf.dequantize_model`).
+    The memory is then the float model's."""
+    if packed_modules(model):
+        dequantize_model(model)
     for name, layer in list(lora_modules(model)):
         layer.merge(keep_original=False)
         layer.premerge_weight = None
@@ -287,8 +301,10 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts; tied weights are counted once, as PEFT does."""
-    trainable = total = 0
+    """``(trainable, total)`` parameter counts; tied weights are counted once, as PEFT does. A GGUF-packed weight
+    (frozen) counts its ``N · K`` weights, so a packed model counts what its float model does."""
+    trainable = 0
+    total = sum(m.weight.numel() for _, m in packed_modules(model) if m.tied_to is None)
     for param in model.parameters():
         total += param.numel()
         if param.requires_grad:

@@ -14,6 +14,7 @@ import torch
 
 from lora_fast import reference
 from lora_fast.checks import compute_dtypes
+from lora_fast.gguf.packed import PackedWeight
 
 __all__ = ["draw_seed", "seeded_dropout_mask", "seeded_keep_mask", "torch_lora_linear"]
 
@@ -45,6 +46,11 @@ def seeded_dropout_mask(shape: tuple[int, ...], p: float, seed: int, device: tor
 # ---------------------------------------------------------------- autograd
 
 
+def _dense(weight: torch.Tensor | PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight in ``dtype``: a cast, or a GGUF-packed weight dequantised just in time (freed after use)."""
+    return weight.dequantize(dtype) if isinstance(weight, PackedWeight) else weight.to(dtype)
+
+
 class _TorchLoRAFunction(torch.autograd.Function):
     """Explicit forward/backward in torch ops. Saved: ``x`` and ``h (M, R)``; the dropout mask is regenerated.
     The base weight and bias get gradients when the caller made them trainable (``dW = gᵀ x``, ``dbias = Σ g``).
@@ -57,6 +63,9 @@ class _TorchLoRAFunction(torch.autograd.Function):
     Hessian-vector product is exact), forward mode has its own ``jvp`` (:class:`_TorchLoRAFunctionJVP`), and
     ``setup_context`` makes the function usable under ``torch.func`` transforms (``grad``, ``jvp``, ``jacrev``; not
     ``vmap`` with dropout, whose random mask has no batching rule).
+
+    A GGUF-packed weight is dequantised in forward for ``x Wᵀ`` and again in backward for ``g W``; only its packed
+    bytes are saved, so no float copy of it lives between the passes.
     """
 
     @staticmethod
@@ -65,7 +74,7 @@ class _TorchLoRAFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             xb = x2.to(base_dt)
-            y = torch.nn.functional.linear(xb, weight.to(base_dt), None if bias is None else bias.to(base_dt))
+            y = torch.nn.functional.linear(xb, _dense(weight, base_dt), None if bias is None else bias.to(base_dt))
             h = _h(xb if lora_dt == base_dt else x2, lora_A, lora_dt, dropout_p, seed)
             b = lora_B.to(lora_dt).t()
             if y.dtype == lora_dt:
@@ -79,15 +88,18 @@ class _TorchLoRAFunction(torch.autograd.Function):
         x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
         h = output[1]
         ctx.mark_non_differentiable(h)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, h)
-        ctx.save_for_forward(x, weight, lora_A, lora_B, h)
+        packed = isinstance(weight, PackedWeight)  # only its bytes are saved: no float copy between the passes
+        saved = (x, weight.data if packed else weight, lora_A, lora_B, h)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+        ctx.packed = (weight.qtype, weight.shape, weight.dtype) if packed else None
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.dtypes = compute_dtypes(x, lora_A)  # setup_context runs under the forward's autocast state
         ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
     def backward(ctx, grad_y, grad_h):
-        x, weight, lora_A, lora_B, h = ctx.saved_tensors
+        x, weight, lora_A, lora_B, h = _saved(ctx)
         base_dt, lora_dt = ctx.dtypes
         s, p = ctx.scaling, ctx.dropout_p
         s_drop = s / (1.0 - p)  # s times the dropout multiplier's kept value
@@ -110,7 +122,7 @@ class _TorchLoRAFunction(torch.autograd.Function):
                 xl = x2.to(lora_dt) if keep is None else x2.to(lora_dt) * keep
                 dA = (u.t() @ xl).mul_(s_drop).to(lora_A.dtype)
             if need_x:
-                dx = g2.to(base_dt) @ weight.to(base_dt)
+                dx = g2.to(base_dt) @ _dense(weight, base_dt)
                 a = lora_A.to(lora_dt)
                 if keep is None and dx.dtype == lora_dt:
                     dx.addmm_(u, a, alpha=s)  # dx += s · u A in place
@@ -136,7 +148,7 @@ class _TorchLoRAFunctionJVP(_TorchLoRAFunction):
     @staticmethod
     def jvp(ctx, t_x, t_W, t_bias, t_A, t_B, *_):
         """Forward mode: the tangent of y for the inputs' tangents (None where an input has none)."""
-        x, weight, lora_A, lora_B, h = ctx.saved_tensors
+        x, weight, lora_A, lora_B, h = _saved(ctx)
         base_dt, lora_dt = ctx.dtypes
         s, p, seed = ctx.scaling, ctx.dropout_p, ctx.seed
         with torch.autocast(x.device.type, enabled=False):
@@ -145,7 +157,10 @@ class _TorchLoRAFunctionJVP(_TorchLoRAFunction):
             terms = []  # each (M, N), in y's dtype
             if t_x is not None:
                 tx = t_x.reshape(x2.shape)
-                terms += [tx.to(base_dt) @ weight.to(base_dt).t(), (s * (_h(tx, a, lora_dt, p, seed) @ bt)).to(base_dt)]
+                terms += [
+                    tx.to(base_dt) @ _dense(weight, base_dt).t(),
+                    (s * (_h(tx, a, lora_dt, p, seed) @ bt)).to(base_dt),
+                ]
             if t_W is not None:
                 terms.append(x2.to(base_dt) @ t_W.to(base_dt).t())
             if t_bias is not None:
@@ -156,6 +171,12 @@ class _TorchLoRAFunctionJVP(_TorchLoRAFunction):
                 terms.append((s * (h @ t_B.to(lora_dt).t())).to(base_dt))
             t_y = sum(terms[1:], terms[0]) if terms else x2.new_zeros(x2.shape[0], weight.shape[0], dtype=base_dt)
         return t_y.reshape(*x.shape[:-1], weight.shape[0]), None
+
+
+def _saved(ctx) -> tuple:
+    """``(x, weight, lora_A, lora_B, h)`` as saved, a packed weight rebuilt around its saved bytes."""
+    x, weight, lora_A, lora_B, h = ctx.saved_tensors
+    return x, weight if ctx.packed is None else PackedWeight(weight, *ctx.packed), lora_A, lora_B, h
 
 
 def _h(x2: torch.Tensor, lora_A: torch.Tensor, lora_dt: torch.dtype, p: float, seed) -> torch.Tensor:

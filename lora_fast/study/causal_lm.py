@@ -26,6 +26,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.activations import NewGELUActivation
 
+from lora_fast.gguf import PackedLinear
 from lora_fast.io import recover_directory
 from lora_fast.model import check_untied, find_targets
 from lora_fast.study.errors import ModelLoadError, UsageError, first_line
@@ -101,16 +102,20 @@ def load_causal_lm(
     dtype: torch.dtype = torch.float32,
     flag: str = "--model",
     gguf_file: str | None = None,
+    keep_quantized: bool = False,
 ):
     """``(model, tokenizer)`` from a hub name, a local folder (weights, and the tokenizer unless ``tokenizer_path``
     names one) or a GGUF file (``name_or_path`` ending in ``.gguf``, or a folder plus ``gguf_file``: dequantised to
     ``dtype`` by ``lora_fast.study.gguf.load_gguf``). ``dropout`` sets the model's residual, embedding and attention
     dropout (None keeps the config's). The tokenizer gets ``pad = eos`` when it has no pad token, as GPT-2's has
     none. Errors are ModelLoadError naming ``flag``, the command-line option the name came from. A model folder that a
-    killed save (``--method full``, ``gguf.save_model_folder``) left aside is put back first."""
+    killed save (``--method full``, ``gguf.save_model_folder``) left aside is put back first. ``keep_quantized``
+    keeps a GGUF file's quantised weights packed (``--keep-quantized``; refused for any other model)."""
     if not name_or_path.endswith(".gguf"):
         recover_directory(name_or_path)  # a no-op unless a hidden ".<name>.<random>.old/<name>/" is there
     name_or_path, gguf_file = split_gguf(name_or_path, gguf_file, flag)
+    if keep_quantized and not gguf_file:
+        raise ModelLoadError(f"--keep-quantized keeps a GGUF file's weights packed; {flag} {name_or_path} is not one")
     if looks_local(name_or_path) and not os.path.isdir(name_or_path):
         raise ModelLoadError(
             f"{flag} {name_or_path}: no such folder (give a hub name such as gpt2, a folder with config.json, "
@@ -126,7 +131,7 @@ def load_causal_lm(
     try:
         if gguf_file:
             model, tokenizer = load_gguf(
-                name_or_path, gguf_file, dtype, lambda c: _set_dropout(c, dropout), tokenizer_path
+                name_or_path, gguf_file, dtype, lambda c: _set_dropout(c, dropout), tokenizer_path, keep_quantized
             )
         else:
             config = AutoConfig.from_pretrained(name_or_path)
@@ -281,10 +286,14 @@ class LastTokenLM(nn.Module):
         head = self.model.get_output_embeddings()
         if label_ids is None:
             return head(h)
+        index = torch.as_tensor(list(label_ids), device=h.device)
+        if type(head) is PackedLinear:  # a GGUF-packed head: only the label rows are dequantised
+            bias = None if head.bias is None else head.bias[index].to(h.dtype)
+            return F.linear(h, head.weight.rows(index, h.dtype), bias)
         if type(head) is not nn.Linear:  # a wrapper (LoRALinear, ...) adds to its weight: its own forward, then pick
             return head(h)[:, list(label_ids)]
         # Only the label rows of a plain head: (B, C) @ (C, 2).
-        weight = head.weight[torch.as_tensor(list(label_ids), device=h.device)]
+        weight = head.weight[index]
         bias = None if getattr(head, "bias", None) is None else head.bias[list(label_ids)]
         return F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
 

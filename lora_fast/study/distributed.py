@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lora_fast.gguf import packed_modules
 from lora_fast.study.errors import UsageError
 
 __all__ = [
@@ -91,10 +92,16 @@ def barrier() -> None:
 
 
 def wrap(module: nn.Module, device: torch.device) -> nn.Module:
-    """``module`` in DistributedDataParallel when several processes run, else ``module`` itself."""
+    """``module`` in DistributedDataParallel when several processes run, else ``module`` itself. A model with
+    GGUF-packed layers keeps its buffers unbroadcast: the packed weights are constants every process loaded from the
+    file, and broadcasting them would send the whole model at every forward."""
     if rank_and_world()[1] == 1:
         return module
-    return nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+    return nn.parallel.DistributedDataParallel(
+        module,
+        device_ids=[device] if device.type == "cuda" else None,
+        broadcast_buffers=not packed_modules(module),
+    )
 
 
 def cleanup() -> None:

