@@ -5,6 +5,8 @@ imported: this file is loaded before any test module, so it decides here.
 """
 
 import os
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -72,3 +74,21 @@ def data_dir(tmp_path_factory):
     """Made-up labelled reviews as train/validation/test.jsonl (``tests.synthetic``): for tests that need *some*
     labelled text."""
     return synthetic.make_splits(tmp_path_factory.mktemp("data"))
+
+
+class Corpus(NamedTuple):
+    """Labelled reviews (train/validation/test.jsonl), a GPT-2-layout tokenizer's folder, and that tokenizer loaded."""
+
+    data_dir: Path
+    tokenizer_dir: Path
+    tokenizer: object
+
+
+@pytest.fixture(scope="session", params=["stand-in", pytest.param("real", marks=pytest.mark.data)])
+def corpus(request) -> Corpus:
+    """The stand-ins, then the real files (data tier): for tests of the study's text handling that should hold on any
+    GPT-2-layout tokenizer and data set, and are kept on the real ones too."""
+    names = ("data_dir", "tokenizer_dir", "tokenizer")
+    if request.param == "real":
+        names = ("real_data_dir", "real_tokenizer_dir", "gpt2_tokenizer")
+    return Corpus(*(request.getfixturevalue(name) for name in names))

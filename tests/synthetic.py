@@ -4,8 +4,9 @@ reviews but not the real GPT-2 BPE or the real Rotten Tomatoes splits (those are
 ``make_tokenizer(folder)`` trains a byte-level BPE tokenizer in the GPT-2 layout (ByteLevel pre-tokenizer, no
 prefix space, ``<|endoftext|>`` as bos/eos/unk) on the sentences below and the study's prompts, so the label
 words `` positive`` / `` negative`` are one token each, and saves it as a ``GPT2TokenizerFast`` folder.
-``make_splits(folder)`` writes ``train``/``validation``/``test.jsonl`` of short made-up reviews whose label follows
-from their words. Both are deterministic and take well under a second.
+``make_splits(folder)`` writes ``train``/``validation``/``test.jsonl`` of made-up reviews whose label follows from
+their words; most are one short sentence, some run on for several clauses (prompts of 29 to about 90 tokens, as real
+reviews vary). Both are deterministic and take well under a second.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ NEGATIVE = ("dull", "tedious", "clumsy", "shallow", "bland", "messy", "stale", "
 SUBJECTS = ("the film", "this movie", "the script", "the cast", "the story", "its direction", "the ending", "it")
 VERBS = ("is", "feels", "seems", "remains", "turns out")
 ADVERBS = ("", "very ", "rather ", "quite ", "utterly ", "often ")
+ASPECTS = ("the pacing", "the score", "the dialogue", "every scene", "the acting", "the camera work")
+# Clauses added to a review: mostly none, sometimes many, so that a few prompts are long enough to be cut.
+CLAUSES = (0, 0, 0, 0, 1, 1, 2, 3, 6, 9)
 SIZES = {"train": 256, "validation": 64, "test": 64}
 EOS = "<|endoftext|>"
 
@@ -27,7 +31,9 @@ def review(rng: random.Random, label: int) -> str:
     """One made-up review sentence whose adjectives all carry ``label``'s sentiment (1 positive, 0 negative)."""
     words = POSITIVE if label else NEGATIVE
     first, second = rng.sample(words, 2)
-    parts = (rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(ADVERBS) + first, "and", second)
+    parts = [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(ADVERBS) + first, "and", second]
+    for _ in range(rng.choice(CLAUSES)):
+        parts += [",", rng.choice(("and", "while")), rng.choice(ASPECTS), rng.choice(VERBS), rng.choice(words)]
     return " ".join(parts) + rng.choice((" .", " !", " , really ."))
 
 

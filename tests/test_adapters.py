@@ -21,9 +21,9 @@ def _model(seed=0):
     return GPT2LMHeadModel(tiny_gpt2_config()).eval()
 
 
-def _ids(gpt2_tokenizer):
+def _ids(tokenizer):
     text = ["Instruction: classify\nText: a gorgeous, witty film\nLabel:", "Text: dull and far too long\nLabel:"]
-    return gpt2_tokenizer(text, return_tensors="pt", padding=True)
+    return tokenizer(text, return_tensors="pt", padding=True)
 
 
 def _trained_adapter(tmp_path, seed=1):
@@ -51,9 +51,9 @@ def test_file_format(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary leftovers
 
 
-def test_lora_fast_to_peft(tmp_path, gpt2_tokenizer):
+def test_lora_fast_to_peft(tmp_path, tokenizer):
     model, path = _trained_adapter(tmp_path)
-    batch = _ids(gpt2_tokenizer)
+    batch = _ids(tokenizer)
     ours = model(**batch).logits
     peft_model = peft.PeftModel.from_pretrained(_model(), str(path)).eval()
     theirs = peft_model(**batch).logits
@@ -61,7 +61,7 @@ def test_lora_fast_to_peft(tmp_path, gpt2_tokenizer):
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 
-def test_peft_to_lora_fast(tmp_path, gpt2_tokenizer):
+def test_peft_to_lora_fast(tmp_path, tokenizer):
     config = peft.LoraConfig(
         r=8,
         lora_alpha=32,
@@ -73,7 +73,7 @@ def test_peft_to_lora_fast(tmp_path, gpt2_tokenizer):
     )
     peft_model = peft.get_peft_model(_model(), config).eval()
     peft_model.save_pretrained(str(tmp_path / "peft"))
-    batch = _ids(gpt2_tokenizer)
+    batch = _ids(tokenizer)
     theirs = peft_model(**batch).logits
     model = load_adapter(_model(), tmp_path / "peft")
     assert {n for n, _ in lora_fast.lora_modules(model)} == {
@@ -84,11 +84,11 @@ def test_peft_to_lora_fast(tmp_path, gpt2_tokenizer):
     assert ours == peft_count
 
 
-def test_round_trip_into_model_with_lora(tmp_path, gpt2_tokenizer):
+def test_round_trip_into_model_with_lora(tmp_path, tokenizer):
     model, path = _trained_adapter(tmp_path)
     other = apply_lora(_model(), TARGETS, r=4, alpha=16)
     load_adapter(other, path)
-    batch = _ids(gpt2_tokenizer)
+    batch = _ids(tokenizer)
     assert torch.equal(other(**batch).logits, model(**batch).logits)
 
 

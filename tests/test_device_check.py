@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from tests.helpers import DATA_DIR, ROOT, TOKENIZER_DIR
+from tests.helpers import ROOT
 
 SCRIPT = ROOT / "bench" / "device_check.sh"
 
@@ -24,10 +24,9 @@ def _env(tmp_path: pathlib.Path, **extra) -> dict:
 
 
 @pytest.mark.slow
-def test_dry_run_runs_every_step(tmp_path):
-    if not (DATA_DIR.is_dir() and TOKENIZER_DIR.is_dir()):
-        pytest.fail(f"the real data is missing: {DATA_DIR}, {TOKENIZER_DIR}")
-    env = _env(tmp_path, DRY_RUN="1", DEVICE_DATA=str(DATA_DIR.parent))
+def test_dry_run_runs_every_step(real_data_dir, tmp_path):
+    # The script reads the real data folder (DEVICE_DATA holds gpt2-tokenizer/ and rotten_tomatoes/): data tier.
+    env = _env(tmp_path, DRY_RUN="1", DEVICE_DATA=str(real_data_dir.parent))
     proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = tmp_path / "out"
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

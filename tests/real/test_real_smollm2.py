@@ -24,7 +24,7 @@ from lora_fast.study.gguf import save_model_folder
 from lora_fast.study.prompts import INSTRUCTIONS, encode_prompt, encode_split, label_token_ids
 from lora_fast.study.registry import METHODS
 from lora_fast.study.training import collate, make_optimizer, step_batches, train_step
-from tests.helpers import DATA_DIR, run_script
+from tests.helpers import run_script
 
 pytestmark = pytest.mark.real
 
@@ -197,9 +197,9 @@ def test_full_fine_tuning_keeps_the_tie_through_save_and_load(smollm2, smollm2_c
         )
 
 
-def test_short_training_lowers_the_label_token_validation_loss(smollm2):
+def test_short_training_lowers_the_label_token_validation_loss(smollm2, real_data_dir):
     model, tokenizer = smollm2
-    splits = load_splits(str(DATA_DIR))
+    splits = load_splits(str(real_data_dir))
     train = encode_split(subset(splits["train"], 64, 42), tokenizer, INSTRUCTIONS["default"], 256)
     val = encode_split(subset(splits["validation"], 32, 42), tokenizer, INSTRUCTIONS["default"], 256)
     torch.manual_seed(0)
@@ -214,12 +214,13 @@ def test_short_training_lowers_the_label_token_validation_loss(smollm2):
     assert after < 0.7 * before, (before, after)
 
 
-def test_one_forward_scores_as_the_two_passes(smollm2):
+def test_one_forward_scores_as_the_two_passes(smollm2, real_data_dir):
     """``predict_split``'s one forward per prompt (label logits from HF's forward, generation continued from its
     cache) against the two passes (``LastTokenLM``, then ``generate`` over ``prompt + " "``) on 16 test prompts, and
     one prompt ending in a space, which SmolLM2's tokenizer merges with the appended one: it takes the two passes."""
     model, tokenizer = smollm2
-    split = encode_split(subset(load_splits(str(DATA_DIR))["test"], 16, 0), tokenizer, INSTRUCTIONS["default"], 256)
+    test = subset(load_splits(str(real_data_dir))["test"], 16, 0)
+    split = encode_split(test, tokenizer, INSTRUCTIONS["default"], 256)
     split.prompts.append(split.prompts[0] + " ")
     split.sequences.append(encode_prompt(tokenizer, split.prompts[-1], 256))
     split.labels.append(split.labels[0])
@@ -233,9 +234,9 @@ def test_one_forward_scores_as_the_two_passes(smollm2):
     assert one.generated == two.generated
 
 
-def test_train_sentiment_runs_on_the_converted_folder(smollm2_folder, tmp_path):
+def test_train_sentiment_runs_on_the_converted_folder(smollm2_folder, real_data_dir, tmp_path):
     out = tmp_path / "run"
-    args = ["--fused", "--model", smollm2_folder, "--data-dir", DATA_DIR, "--out", out, "--max-steps", "2"]
+    args = ["--fused", "--model", smollm2_folder, "--data-dir", real_data_dir, "--out", out, "--max-steps", "2"]
     args += ["--batch-size", "4", "--train-subset", "16", "--max-val", "8", "--max-test", "16", "--eval-every", "1"]
     proc = run_script([*args, "--no-generation"], timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

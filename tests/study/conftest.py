@@ -3,10 +3,9 @@
 import pytest
 
 from lora_fast.study.tiny import make_tiny_gpt2
-from tests.helpers import TOKENIZER_DIR
 
 
 @pytest.fixture(scope="session")
-def tiny_gpt2(tmp_path_factory):
-    """A saved random GPT-2 (2 layers, width 64, the real tokenizer): ``--model`` for short runs of the scripts."""
-    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny") / "gpt2", TOKENIZER_DIR)
+def tiny_gpt2(tmp_path_factory, tokenizer_dir):
+    """A saved random GPT-2 (2 layers, width 64, the stand-in tokenizer): ``--model`` for short runs of the scripts."""
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny") / "gpt2", tokenizer_dir)

@@ -10,19 +10,20 @@ from bench.layer_bench import cases
 from bench.model_step import ROWS, StepConfig, build_step, run_row
 from lora_fast.precision import bf16_support
 from lora_fast.study.tiny import make_tiny_gpt2
-from tests.helpers import TOKENIZER_DIR, tiny_llama_config
+from tests.helpers import tiny_llama_config
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def folders(tmp_path_factory, tokenizer_dir):
     from transformers import GPT2TokenizerFast, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("bench")
-    make_tiny_gpt2(root / "gpt2", TOKENIZER_DIR, n_layer=2, n_embd=32)
+    make_tiny_gpt2(root / "gpt2", tokenizer_dir, n_layer=2, n_embd=32)
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(tiny_llama_config(vocab_size=50257, tie_word_embeddings=True))
+    llama = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer), tie_word_embeddings=True))
     llama.save_pretrained(root / "llama")
-    GPT2TokenizerFast.from_pretrained(str(TOKENIZER_DIR)).save_pretrained(root / "llama")
+    tokenizer.save_pretrained(root / "llama")
     return root
 
 

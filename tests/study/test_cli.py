@@ -19,14 +19,16 @@ from lora_fast.study.cli import dataclass_parser
 from lora_fast.study.errors import UsageError
 from lora_fast.study.precision import choose_precision
 from lora_fast.study.training import make_scheduler
-from tests.helpers import DATA_DIR, ROOT, error_lines, requires_cuda, run_script
+from tests.helpers import ROOT, error_lines, requires_cuda, run_script
 
-SHORT = ["--data-dir", DATA_DIR, "--max-steps", 2, "--max-val", 8, "--max-test", 8, "--no-generation"]
+SHORT = ["--max-steps", 2, "--max-val", 8, "--max-test", 8, "--no-generation"]
 SHORT += ["--no-zero-shot", "--batch-size", 4, "--eval-batch-size", 8, "--eval-every", 1]
 
 
-def short_run(tiny, out, *flags):
-    return ["--model", tiny, *SHORT, "--out", out, *flags]
+@pytest.fixture(scope="session")
+def short_run(data_dir):
+    """``short_run(tiny, out, *flags)``: the arguments of a two-step run of ``tiny`` on the stand-in reviews."""
+    return lambda tiny, out, *flags: ["--model", tiny, "--data-dir", data_dir, *SHORT, "--out", out, *flags]
 
 
 def one_error(stderr: str) -> str:
@@ -39,7 +41,7 @@ def one_error(stderr: str) -> str:
 # ---------------------------------------------------------------- flags checked before anything loads (12, 15)
 
 
-def test_a_bad_flag_is_one_line_before_anything_loads_and_leaves_no_folder(tiny_gpt2, tmp_path):
+def test_a_bad_flag_is_one_line_before_anything_loads_and_leaves_no_folder(short_run, tiny_gpt2, tmp_path):
     proc = run_script(short_run(tiny_gpt2, tmp_path / "run", "--batch-size", 0))
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --batch-size 0: must be at least 1", proc.stderr
     assert not (tmp_path / "run").exists()  # no stub folder with only config.json
@@ -67,7 +69,7 @@ def test_a_bad_flag_is_one_line_before_anything_loads_and_leaves_no_folder(tiny_
 def test_bad_flags_are_refused_by_name_before_loading(tmp_path, capsys, monkeypatch, flags, message):
     # A --model that would fail to load and a --data-dir that does not exist: the flag is refused before either.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    argv = ["--model", tmp_path / "no-model", *SHORT[2:], "--data-dir", tmp_path / "no-data", "--out", tmp_path / "o"]
+    argv = ["--model", tmp_path / "no-model", *SHORT, "--data-dir", tmp_path / "no-data", "--out", tmp_path / "o"]
     try:
         code = train_sentiment.main([*map(str, argv), *flags])
     except SystemExit as exit:  # argparse's own refusals
@@ -77,11 +79,12 @@ def test_bad_flags_are_refused_by_name_before_loading(tmp_path, capsys, monkeypa
     assert not (tmp_path / "o").exists()
 
 
-def test_max_length_is_cut_to_the_models_positions_for_training_and_both_metrics(tmp_path, capsys):
+def test_max_length_is_cut_to_the_models_positions_for_training_and_both_metrics(
+    tokenizer_dir, data_dir, tmp_path, capsys
+):
     from types import SimpleNamespace
 
     from lora_fast.study.tiny import make_tiny_gpt2
-    from tests.helpers import TOKENIZER_DIR
 
     cfg = train_sentiment.parse_config(["--max-length", "256", "--gen-tokens", "3"])
     for config, expected in [({"n_positions": 128}, 128), ({"max_position_embeddings": 64}, 64), ({}, 256)]:
@@ -98,8 +101,8 @@ def test_max_length_is_cut_to_the_models_positions_for_training_and_both_metrics
 
     # A 32-position GPT-2 scored with --max-length 256 on reviews longer than 32 tokens: the generation metric's
     # prompts are cut to 32 - 3 as well, not to 256 - 3 (past the position table).
-    model = make_tiny_gpt2(tmp_path / "short", TOKENIZER_DIR, n_positions=32)
-    argv = ["--model", model, "--data-dir", DATA_DIR, "--eval-only", "--generation", "--no-zero-shot", "--max-test", 4,
+    model = make_tiny_gpt2(tmp_path / "short", tokenizer_dir, n_positions=32)
+    argv = ["--model", model, "--data-dir", data_dir, "--eval-only", "--generation", "--no-zero-shot", "--max-test", 4,
             "--eval-batch-size", 4, "--out", tmp_path / "run"]  # fmt: skip
     assert train_sentiment.main(list(map(str, argv))) == 0, capsys.readouterr().err[-2000:]
     test = json.loads((tmp_path / "run" / "summary.json").read_text())["test"]["eval"]
@@ -122,7 +125,7 @@ def test_eval_only_freezes_the_model_so_the_summary_counts_nothing_trainable(tin
     assert parameter_summary(model)["trainable_params"] == 0 and parameter_summary(model)["trainable_pct"] == 0
 
 
-def test_backend_triton_on_cpu_without_the_interpreter_is_refused(tmp_path, capsys, monkeypatch):
+def test_backend_triton_on_cpu_without_the_interpreter_is_refused(short_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     argv = short_run(tmp_path / "no-model", tmp_path / "run", "--backend", "triton")
@@ -141,7 +144,7 @@ def test_backend_triton_on_cpu_without_the_interpreter_is_refused(tmp_path, caps
     )
 
 
-def test_targets_matching_nothing_is_one_line_right_after_loading(tiny_gpt2, tmp_path):
+def test_targets_matching_nothing_is_one_line_right_after_loading(short_run, tiny_gpt2, tmp_path):
     proc = run_script(short_run(tiny_gpt2, tmp_path / "run", "--targets", "attn.q_proj", "--zero-shot"))
     line = one_error(proc.stderr)
     assert proc.returncode == 2 and line.startswith("error: --targets attn.q_proj: target 'attn.q_proj' matches no")
@@ -149,7 +152,7 @@ def test_targets_matching_nothing_is_one_line_right_after_loading(tiny_gpt2, tmp
     assert not (tmp_path / "run").exists()  # refused before the zero-shot evaluation and before the folder
 
 
-def test_corrupt_adapter_is_one_line(tiny_gpt2, finished_run, tmp_path, capsys):
+def test_corrupt_adapter_is_one_line(short_run, tiny_gpt2, finished_run, tmp_path, capsys):
     bad = tmp_path / "adapter"
     shutil.copytree(finished_run / "adapter_last", bad)
     weights = bad / "adapter_model.safetensors"
@@ -162,7 +165,7 @@ def test_corrupt_adapter_is_one_line(tiny_gpt2, finished_run, tmp_path, capsys):
 # ---------------------------------------------------------------- --device (13)
 
 
-def test_device_cuda_without_cuda_says_so(tmp_path):
+def test_device_cuda_without_cuda_says_so(short_run, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA (test_device_cuda_trains_in_one_process covers CUDA machines)")
     proc = run_script(short_run(tmp_path / "no-model", tmp_path / "run", "--device", "cuda:0"))
@@ -170,7 +173,7 @@ def test_device_cuda_without_cuda_says_so(tmp_path):
 
 
 @requires_cuda
-def test_device_cuda_trains_in_one_process(tiny_gpt2, tmp_path):
+def test_device_cuda_trains_in_one_process(short_run, tiny_gpt2, tmp_path):
     proc = run_script(short_run(tiny_gpt2, tmp_path / "run", "--device", "cuda"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["device"] == "cuda:0"
@@ -225,7 +228,7 @@ def test_no_cuda_is_said_plainly(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_gpt2, tmp_path_factory):
+def finished_run(short_run, tiny_gpt2, tmp_path_factory):
     """A finished two-step run (with its zero-shot score), written under umask 027 by a fresh process."""
     out = tmp_path_factory.mktemp("finished") / "run"
     proc = run_script(short_run(tiny_gpt2, out, "--zero-shot"), umask=0o027)
@@ -249,7 +252,7 @@ def test_run_files_follow_the_umask(finished_run):
             assert mode == (0o750 if path.is_dir() else 0o640), (path, oct(mode))
 
 
-def test_rerun_into_a_finished_out_is_refused_and_changes_nothing(tiny_gpt2, finished_run):
+def test_rerun_into_a_finished_out_is_refused_and_changes_nothing(short_run, tiny_gpt2, finished_run):
     before = {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
     proc = run_script(short_run(tiny_gpt2, finished_run))
     line = one_error(proc.stderr)
@@ -258,7 +261,7 @@ def test_rerun_into_a_finished_out_is_refused_and_changes_nothing(tiny_gpt2, fin
     assert {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()} == before
 
 
-def test_overwrite_starts_afresh_and_keeps_other_files(tiny_gpt2, finished_run, tmp_path, capsys):
+def test_overwrite_starts_afresh_and_keeps_other_files(short_run, tiny_gpt2, finished_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     (out / "metrics.jsonl").write_text('{"step": 99, "train_loss": 1.0}\n')
@@ -289,14 +292,14 @@ def test_overwrite_also_removes_a_run_folder_a_killed_save_left_aside(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
-def test_resume_without_a_checkpoint_says_so_and_starts_afresh(tiny_gpt2, tmp_path, capsys):
+def test_resume_without_a_checkpoint_says_so_and_starts_afresh(short_run, tiny_gpt2, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_sentiment.main(list(map(str, short_run(tiny_gpt2, out, "--max-steps", 1, "--resume")))) == 0
     assert f"--resume: no checkpoint in {out}, so step 0" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["steps"] == 1
 
 
-def test_adapter_without_eval_only_is_the_starting_point(tiny_gpt2, finished_run, tmp_path, capsys):
+def test_adapter_without_eval_only_is_the_starting_point(short_run, tiny_gpt2, finished_run, tmp_path, capsys):
     from safetensors.torch import load_file
 
     start = finished_run / "adapter_last"
@@ -324,19 +327,20 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_evaluation_shows_a_progress_bar_on_a_terminal_and_lines_elsewhere(monkeypatch, gpt2_tokenizer):
+def test_evaluation_shows_a_progress_bar_on_a_terminal_and_lines_elsewhere(monkeypatch, tokenizer):
     from transformers import GPT2LMHeadModel
 
     from lora_fast.study.evaluate import label_accuracy, val_loss
+    from lora_fast.study.prompts import label_token_ids
     from tests.helpers import tiny_gpt2_config
 
-    model = GPT2LMHeadModel(tiny_gpt2_config())
+    model = GPT2LMHeadModel(tiny_gpt2_config(vocab_size=len(tokenizer)))
     seqs = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
     for tty in (True, False):
         stderr = _Terminal() if tty else io.StringIO()
         monkeypatch.setattr(sys, "stderr", stderr)
-        val_loss(model, seqs, [3, 4, 5], gpt2_tokenizer.pad_token_id, batch_size=1)
-        label_accuracy(model, seqs, [0, 1, 0], (4633, 3967), gpt2_tokenizer.pad_token_id, batch_size=2)
+        val_loss(model, seqs, [3, 4, 5], tokenizer.pad_token_id, batch_size=1)
+        label_accuracy(model, seqs, [0, 1, 0], label_token_ids(tokenizer), tokenizer.pad_token_id, batch_size=2)
         text = stderr.getvalue()
         assert "validation loss: " in text and "label-logit accuracy: " in text, text
         if tty:  # tqdm's bar: one line rewritten

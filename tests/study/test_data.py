@@ -1,15 +1,16 @@
-"""Loading rotten_tomatoes from the shared local copy (jsonl), from parquet, and the errors without either."""
+"""Loading rotten_tomatoes from the local copy (jsonl; data tier), any labelled splits from parquet, and the errors
+without either."""
 
 import json
 
 import pytest
 
 from lora_fast.study.data import DataError, load_hub, load_local, load_splits, subset
-from tests.helpers import DATA_DIR, run_script
+from tests.helpers import run_script
 
 
-def test_local_jsonl_splits_match_the_readme():
-    splits = load_splits(DATA_DIR)
+def test_local_jsonl_splits_match_the_readme(real_data_dir):
+    splits = load_splits(real_data_dir)
     assert {k: len(v) for k, v in splits.items()} == {"train": 8530, "validation": 1066, "test": 1066}
     for rows in splits.values():
         n = len(rows) // 2
@@ -18,17 +19,18 @@ def test_local_jsonl_splits_match_the_readme():
     assert any("\x85" in r["text"] for r in splits["train"])
 
 
-def test_parquet_folder_gives_the_same_rows(tmp_path):
+def test_parquet_folder_gives_the_same_rows(corpus, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = load_local(DATA_DIR)
+    rows = load_local(corpus.data_dir)
     (tmp_path / "data").mkdir()
     for split, data in rows.items():
         table = pa.table({"text": [r["text"] for r in data], "label": [r["label"] for r in data]})
         if split == "train":  # the hub's sharded layout
-            pq.write_table(table.slice(0, 5000), tmp_path / "data" / "train-00000-of-00002.parquet")
-            pq.write_table(table.slice(5000), tmp_path / "data" / "train-00001-of-00002.parquet")
+            half = len(data) // 2
+            pq.write_table(table.slice(0, half), tmp_path / "data" / "train-00000-of-00002.parquet")
+            pq.write_table(table.slice(half), tmp_path / "data" / "train-00001-of-00002.parquet")
         else:
             pq.write_table(table, tmp_path / f"{split}.parquet")
     assert load_local(tmp_path) == rows

@@ -24,7 +24,8 @@ from lora_fast.study.dpo import (
 )
 from lora_fast.study.errors import NonFiniteError
 from lora_fast.study.precision import choose_precision
-from tests.helpers import DATA_DIR, TOKENIZER_DIR, tiny_gpt2_config
+from lora_fast.study.prompts import label_token_ids
+from tests.helpers import tiny_gpt2_config
 
 EOS = 50256
 
@@ -154,15 +155,16 @@ def test_make_pairs_best_vs_worst_and_ties():
 # --- sampling and scoring ------------------------------------------------------------------------------------------
 
 
-def test_sentiment_scores_batched_equals_one_by_one(gpt2_tokenizer):
+def test_sentiment_scores_batched_equals_one_by_one(tokenizer):
     model, _ = tiny_policy(1)
     texts = ["a gorgeous , witty film", "dull", "the plot is thin and the jokes fall flat , sadly"]
     build = lambda t: f"Text: {t}\nLabel:"
-    batched = sentiment_scores(model, gpt2_tokenizer, texts, build, (4633, 3967), batch_size=3)
+    labels = label_token_ids(tokenizer)
+    batched = sentiment_scores(model, tokenizer, texts, build, labels, batch_size=3)
     with torch.no_grad():
         for i, t in enumerate(texts):
-            ids = torch.tensor([gpt2_tokenizer.encode(build(t))])
-            logits = model(ids).logits[0, -1, [4633, 3967]].float()
+            ids = torch.tensor([tokenizer.encode(build(t))])
+            logits = model(ids).logits[0, -1, list(labels)].float()
             assert batched[i].item() == pytest.approx(torch.softmax(logits, -1)[1].item(), abs=1e-5)
 
 
@@ -191,13 +193,13 @@ def test_sample_continuations_shapes_and_eos_cut():
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
+def tiny_dirs(tmp_path_factory, tokenizer_dir):
     from transformers import GPT2TokenizerFast
 
     root = tmp_path_factory.mktemp("dpo")
-    tok = GPT2TokenizerFast.from_pretrained(str(TOKENIZER_DIR))
+    tok = GPT2TokenizerFast.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(tiny_gpt2_config(n_positions=256))
+    model = GPT2LMHeadModel(tiny_gpt2_config(n_positions=256, vocab_size=len(tok)))
     model.save_pretrained(root / "tiny")
     tok.save_pretrained(root / "tiny")
     scorer = apply_lora(GPT2LMHeadModel.from_pretrained(root / "tiny"), ["attn.c_attn"], r=4, alpha=8)
@@ -208,11 +210,11 @@ def tiny_dirs(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_train_dpo_end_to_end(tiny_dirs, tmp_path, monkeypatch):
+def test_train_dpo_end_to_end(tiny_dirs, data_dir, tmp_path, monkeypatch):
     import train_dpo
 
     out = tmp_path / "run"
-    argv = ["--model", str(tiny_dirs / "tiny"), "--scorer", str(tiny_dirs / "scorer"), "--data-dir", str(DATA_DIR),
+    argv = ["--model", str(tiny_dirs / "tiny"), "--scorer", str(tiny_dirs / "scorer"), "--data-dir", str(data_dir),
             "--num-prompts", "6", "--samples-per-prompt", "3", "--num-eval-prompts", "4", "--eval-samples", "2",
             "--max-new-tokens", "5", "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--betas", "0.1", "1.0",
             "--beta", "0.1", "--device", "cpu", "--dtype", "fp32", "--out", str(out)]  # fmt: skip
@@ -236,11 +238,11 @@ def test_train_dpo_end_to_end(tiny_dirs, tmp_path, monkeypatch):
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"] == ["attn.c_attn"]
 
 
-def test_train_dpo_clear_errors(tiny_dirs, tmp_path, capsys):
+def test_train_dpo_clear_errors(tiny_dirs, data_dir, tmp_path, capsys):
     import train_dpo
 
-    base = ["--model", str(tiny_dirs / "tiny"), "--data-dir", str(DATA_DIR), "--out", str(tmp_path / "o")]
-    scorer, tiny, data = ["--scorer", str(tiny_dirs / "scorer")], str(tiny_dirs / "tiny"), str(DATA_DIR)
+    base = ["--model", str(tiny_dirs / "tiny"), "--data-dir", str(data_dir), "--out", str(tmp_path / "o")]
+    scorer, tiny, data = ["--scorer", str(tiny_dirs / "scorer")], str(tiny_dirs / "tiny"), str(data_dir)
     for argv, message, code in [
         (base, "--scorer DIR is required", 2),
         ([*base, "--scorer", str(tmp_path / "nowhere")], "no adapter_config.json", 2),

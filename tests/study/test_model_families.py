@@ -1,7 +1,7 @@
 """Model families beside GPT-2: GGUF file flags, LoRA's default targets per model type, the LM head at the label rows
 only on Llama (training, validation, label-logit and generation paths) and on a model whose head does more than a
 linear map (Gemma 2's soft-capping, through its own forward), BitFit and bottleneck adapters on a bias-free Llama, and
-train_sentiment.py on a small random Llama with the real GPT-2 tokenizer."""
+train_sentiment.py on a small random Llama with the stand-in GPT-2-layout tokenizer."""
 
 import importlib.util
 import json
@@ -26,8 +26,9 @@ from lora_fast.study.methods import (
     save_bitfit,
     save_bottleneck_adapters,
 )
+from lora_fast.study.prompts import label_token_ids
 from lora_fast.study.training import collate
-from tests.helpers import DATA_DIR, TOKENIZER_DIR, run_script, tiny_gpt2_config, tiny_llama_config
+from tests.helpers import run_script, tiny_gpt2_config, tiny_llama_config
 
 SEQS = [[5, 17, 300, 4, 9, 11, 2], [7, 8, 9], [40, 41, 42, 43, 44]]  # three lengths: three distinct last positions
 
@@ -101,15 +102,15 @@ def _strand(folder, holder):
     folder.rename(holder / folder.name)
 
 
-def test_a_model_folder_left_aside_by_a_killed_save_is_put_back_not_overwritten(tmp_path, gpt2_tokenizer):
+def test_a_model_folder_left_aside_by_a_killed_save_is_put_back_not_overwritten(tmp_path, tokenizer):
     from transformers import GPT2LMHeadModel
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(tiny_gpt2_config()).eval()
-    gguf.save_model_folder(model, gpt2_tokenizer, tmp_path / "m")
+    gguf.save_model_folder(model, tokenizer, tmp_path / "m")
     _strand(tmp_path / "m", tmp_path / ".m.a1b2c3d4.old")
     with pytest.raises(ModelLoadError, match="not an empty folder"):  # it is back, so it is not written over
-        gguf.save_model_folder(GPT2LMHeadModel(tiny_gpt2_config()), gpt2_tokenizer, tmp_path / "m")
+        gguf.save_model_folder(GPT2LMHeadModel(tiny_gpt2_config()), tokenizer, tmp_path / "m")
     _strand(tmp_path / "m", tmp_path / ".m.e5f6g7h8.old")
     loaded, _ = load_causal_lm(str(tmp_path / "m"))
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
@@ -130,16 +131,17 @@ def test_default_targets_per_model_type():
 
 
 @pytest.fixture(scope="module")
-def model_folders(tmp_path_factory):
-    """Small random Llama and GPT-Neo folders with the real GPT-2 tokenizer (its label words are one token each)."""
+def model_folders(tmp_path_factory, tokenizer_dir):
+    """Small random Llama and GPT-Neo folders with the stand-in tokenizer (its label words are one token each)."""
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     root = tmp_path_factory.mktemp("families")
-    tokenizer = GPT2TokenizerFast.from_pretrained(str(TOKENIZER_DIR))
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(tokenizer_dir))
+    vocab = len(tokenizer)
     torch.manual_seed(0)
-    neo = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=50257, hidden_size=32, num_layers=2, num_heads=2,
+    neo = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=2,
                                          attention_types=[[["global"], 2]], max_position_embeddings=512))  # fmt: skip
-    for name, model in (("llama", tiny_llama(vocab=50257)), ("neo", neo)):
+    for name, model in (("llama", tiny_llama(vocab=vocab)), ("neo", neo)):
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     return root
@@ -162,9 +164,9 @@ def test_prepare_model_picks_the_model_types_targets(model_folders):
 
 
 @pytest.mark.slow
-def test_train_sentiment_on_a_llama_folder(model_folders, tmp_path):
+def test_train_sentiment_on_a_llama_folder(model_folders, data_dir, tmp_path):
     out = tmp_path / "run"
-    args = ["--model", model_folders / "llama", "--data-dir", DATA_DIR, "--out", out, "--max-steps", "2"]
+    args = ["--model", model_folders / "llama", "--data-dir", data_dir, "--out", out, "--max-steps", "2"]
     args += ["--train-subset", "16", "--max-val", "8", "--max-test", "8", "--batch-size", "4", "--eval-every", "1"]
     proc = run_script([*args, "--gen-tokens", "2"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -178,8 +180,8 @@ def test_train_sentiment_on_a_llama_folder(model_folders, tmp_path):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_llama_heads_run_at_the_label_rows_in_every_path(side, gpt2_tokenizer):
-    model = apply_lora(tiny_llama(vocab=50257), default_targets("llama"), r=4, alpha=8)
+def test_llama_heads_run_at_the_label_rows_in_every_path(side, tokenizer):
+    model = apply_lora(tiny_llama(vocab=len(tokenizer)), default_targets("llama"), r=4, alpha=8)
     for _, layer in lora_modules(model):
         nn.init.normal_(layer.lora_B, std=0.1)
     seen = head_rows(model)
@@ -190,22 +192,22 @@ def test_llama_heads_run_at_the_label_rows_in_every_path(side, gpt2_tokenizer):
         with torch.no_grad():
             torch.testing.assert_close(logits[i], model(torch.tensor([ids])).logits[0, -1], atol=1e-5, rtol=1e-5)
     seen.clear()
-    targets = [3967, 4633, 3967]
-    val_loss(model, SEQS, targets, 0, batch_size=2, padding_side=side)
+    negative, positive = label_token_ids(tokenizer)
+    val_loss(model, SEQS, [positive, negative, positive], 0, batch_size=2, padding_side=side)
     assert seen == [2, 1]
     seen.clear()
-    label_accuracy(model, SEQS, [1, 0, 1], (4633, 3967), 0, batch_size=2, padding_side=side)
+    label_accuracy(model, SEQS, [1, 0, 1], (negative, positive), 0, batch_size=2, padding_side=side)
     assert seen == []  # the two label rows of the head's weight only, never the module over the vocabulary
     prompts = ["a gorgeous , witty film\nLabel:", "dull\nLabel:", "fun enough to watch twice\nLabel:"]
-    generation_accuracy(model, gpt2_tokenizer, prompts, [1, 0, 1], batch_size=3, max_new_tokens=3)
+    generation_accuracy(model, tokenizer, prompts, [1, 0, 1], batch_size=3, max_new_tokens=3)
     assert seen == [3, 3, 3]  # the prompt's last position, then one new token per step
 
 
-def test_left_padded_generation_equals_each_prompt_alone(gpt2_tokenizer):
+def test_left_padded_generation_equals_each_prompt_alone(tokenizer):
     """generate() on a left-padded Llama batch gives each prompt's own greedy tokens (positions from the mask)."""
-    model = tiny_llama(vocab=50257)
+    model = tiny_llama(vocab=len(tokenizer))
     prompts = ["a gorgeous , witty film\nLabel: ", "dull\nLabel: "]
-    encoded = [gpt2_tokenizer.encode(p) for p in prompts]
+    encoded = [tokenizer.encode(p) for p in prompts]
     batch = collate(encoded, 0, "left")
     together = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=3,
                               do_sample=False, pad_token_id=0)[:, -3:]  # fmt: skip

@@ -1,4 +1,4 @@
-"""The prompt builder and its tokenisation with the real GPT-2 tokenizer."""
+"""The prompt builder and its tokenisation, with the stand-in tokenizer and with the real GPT-2 one (data tier)."""
 
 import pytest
 
@@ -22,21 +22,22 @@ def test_label_words_are_single_known_tokens(gpt2_tokenizer):
 
 @pytest.mark.parametrize("name", sorted(INSTRUCTIONS))
 @pytest.mark.parametrize("label", [0, 1])
-def test_exactly_one_label_token_after_label_colon(gpt2_tokenizer, name, label):
+def test_exactly_one_label_token_after_label_colon(corpus, name, label):
+    tok = corpus.tokenizer
     prompt = build_prompt(TEXT, INSTRUCTIONS[name])
     assert prompt.startswith(f"Instruction: {INSTRUCTIONS[name]}\nText: {TEXT}\n") and prompt.endswith("\nLabel:")
-    ex = encode_example(gpt2_tokenizer, prompt, label)
-    target = (4633, 3967)[label]
+    ex = encode_example(tok, prompt, label)
+    target = label_token_ids(tok)[label]
     # The label token is the last one and the only unmasked one; everything before it is the prompt, unchanged.
     assert ex["input_ids"][-1] == target
     assert [t for t in ex["labels"] if t != IGNORE_INDEX] == [target]
     assert ex["labels"][:-1] == [IGNORE_INDEX] * (len(ex["input_ids"]) - 1)
-    assert gpt2_tokenizer.decode(ex["input_ids"][:-1]) == prompt
+    assert tok.decode(ex["input_ids"][:-1]) == prompt
     # Tokenising prompt and label word together gives the same ids: training sees the text the study's template makes.
-    assert gpt2_tokenizer.encode(prompt + (" negative", " positive")[label]) == ex["input_ids"]
+    assert tok.encode(prompt + (" negative", " positive")[label]) == ex["input_ids"]
 
 
-def test_few_shot_prompt_holds_solved_examples_then_query(gpt2_tokenizer):
+def test_few_shot_prompt_holds_solved_examples_then_query():
     prompt = build_prompt("query text", "Classify.", shots=[("great fun", 1), ("dull", 0)])
     assert prompt == (
         "Instruction: Classify.\nText: great fun\nLabel: positive\n\nText: dull\nLabel: negative\n\n"
@@ -45,12 +46,13 @@ def test_few_shot_prompt_holds_solved_examples_then_query(gpt2_tokenizer):
     assert prompt.count("Instruction:") == 1
 
 
-def test_truncation_keeps_the_end_of_the_prompt(gpt2_tokenizer):
+def test_truncation_keeps_the_end_of_the_prompt(corpus):
+    tok = corpus.tokenizer
     prompt = build_prompt("word " * 300, INSTRUCTIONS["default"])
-    ids = encode_prompt(gpt2_tokenizer, prompt, 64)
-    assert len(ids) == 64 and gpt2_tokenizer.decode(ids).endswith("\nLabel:")
-    ex = encode_example(gpt2_tokenizer, prompt, 1, max_length=64)
-    assert len(ex["input_ids"]) == 64 and ex["input_ids"][-1] == 3967
+    ids = encode_prompt(tok, prompt, 64)
+    assert len(ids) == 64 and tok.decode(ids).endswith("\nLabel:")
+    ex = encode_example(tok, prompt, 1, max_length=64)
+    assert len(ex["input_ids"]) == 64 and ex["input_ids"][-1] == label_token_ids(tok)[1]
 
 
 def test_instruction_resolution():

@@ -32,9 +32,9 @@ def trained(name):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_round_trip_gives_back_the_trained_model(name, tmp_path, gpt2_tokenizer):
+def test_round_trip_gives_back_the_trained_model(name, tmp_path, tokenizer):
     model = trained(name)
-    METHODS[name].save(model, gpt2_tokenizer, tmp_path / "saved")
+    METHODS[name].save(model, tokenizer, tmp_path / "saved")
     ids = torch.tensor([[464, 3290, 318, 257, 1332]])
     loaded = METHODS[name].load(fresh() if name != "full" else fresh(seed=1), tmp_path / "saved", CFG)
     with torch.no_grad():
@@ -44,9 +44,9 @@ def test_round_trip_gives_back_the_trained_model(name, tmp_path, gpt2_tokenizer)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_a_folder_left_aside_by_a_killed_save_is_put_back_and_loads(name, tmp_path, gpt2_tokenizer):
+def test_a_folder_left_aside_by_a_killed_save_is_put_back_and_loads(name, tmp_path, tokenizer):
     model = trained(name)
-    METHODS[name].save(model, gpt2_tokenizer, tmp_path / "stash")
+    METHODS[name].save(model, tokenizer, tmp_path / "stash")
     holder = tmp_path / ".adapter_best.q1w2e3r4.old"  # where atomic_directory moves the old folder before the new
     holder.mkdir()
     (tmp_path / "stash").rename(holder / "adapter_best")
@@ -57,22 +57,22 @@ def test_a_folder_left_aside_by_a_killed_save_is_put_back_and_loads(name, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_best"]
 
 
-def test_a_full_save_after_a_kill_keeps_the_old_weights_even_when_it_fails(tmp_path, gpt2_tokenizer, monkeypatch):
+def test_a_full_save_after_a_kill_keeps_the_old_weights_even_when_it_fails(tmp_path, tokenizer, monkeypatch):
     old = trained("full")
-    METHODS["full"].save(old, gpt2_tokenizer, tmp_path / "stash")
+    METHODS["full"].save(old, tokenizer, tmp_path / "stash")
     (tmp_path / ".adapter_best.q1w2e3r4.old").mkdir()
     (tmp_path / "stash").rename(tmp_path / ".adapter_best.q1w2e3r4.old" / "adapter_best")
-    monkeypatch.setattr(gpt2_tokenizer, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(tokenizer, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
-        METHODS["full"].save(trained("full"), gpt2_tokenizer, tmp_path / "adapter_best")
+        METHODS["full"].save(trained("full"), tokenizer, tmp_path / "adapter_best")
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_best"]  # put back before the write, kept after
     loaded = METHODS["full"].load(fresh(seed=1), tmp_path / "adapter_best", CFG)
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in old.state_dict().items())
 
 
-def test_lora_loads_through_load_adapter_checks(tmp_path, gpt2_tokenizer):
-    METHODS["lora"].save(trained("lora"), gpt2_tokenizer, tmp_path / "a")
+def test_lora_loads_through_load_adapter_checks(tmp_path, tokenizer):
+    METHODS["lora"].save(trained("lora"), tokenizer, tmp_path / "a")
     state = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     key = next(iter(state))
     state[key][0, 0] = float("nan")
@@ -81,7 +81,7 @@ def test_lora_loads_through_load_adapter_checks(tmp_path, gpt2_tokenizer):
         METHODS["lora"].load(fresh(), tmp_path / "a", CFG)
 
 
-def test_full_loads_sharded_files_strictly(tmp_path, gpt2_tokenizer):
+def test_full_loads_sharded_files_strictly(tmp_path):
     model = trained("full")
     model.save_pretrained(tmp_path / "sharded", max_shard_size="500KB")
     assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1

@@ -16,11 +16,11 @@ from lora_fast.study.checkpoint import load_checkpoint, nonfinite_entries, save_
 from lora_fast.study.errors import CheckpointError, NonFiniteError, StudyError
 from lora_fast.study.report import read_metrics, trim_metrics
 from lora_fast.study.training import make_optimizer, make_scheduler
-from tests.helpers import DATA_DIR, error_lines, tiny_gpt2_config
+from tests.helpers import error_lines, tiny_gpt2_config
 
 
-def run_args(tiny, out, *flags):
-    args = ["--model", tiny, "--data-dir", DATA_DIR, "--out", out, "--max-steps", 3, "--max-val", 8, "--max-test", 8]
+def run_args(tiny, data, out, *flags):
+    args = ["--model", tiny, "--data-dir", data, "--out", out, "--max-steps", 3, "--max-val", 8, "--max-test", 8]
     return list(map(str, [*args, "--no-generation", "--no-zero-shot", "--batch-size", 8, *flags]))
 
 
@@ -72,10 +72,12 @@ def test_a_corrupt_metrics_line_is_refused_naming_file_and_line(tmp_path, text, 
 # ---------------------------------------------------------------- a diverging run (item 5)
 
 
-def test_a_nonfinite_gradient_is_not_applied_and_the_last_good_checkpoint_is_named(tiny_gpt2, tmp_path, capsys):
-    # --lr 1e3 on the tiny model: the loss of step 2 is finite (about 11), its gradient norm is not.
+def test_a_nonfinite_gradient_is_not_applied_and_the_last_good_checkpoint_is_named(
+    tiny_gpt2, data_dir, tmp_path, capsys
+):
+    # --lr 1e3 on the tiny model: the loss of step 2 is finite, its gradient norm is not.
     out, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoint.pt"
-    assert train_sentiment.main(run_args(tiny_gpt2, out, "--lr", "1e3", "--eval-every", 1)) == 1
+    assert train_sentiment.main(run_args(tiny_gpt2, data_dir, out, "--lr", "1e3", "--eval-every", 1)) == 1
     pattern = (
         r"error: step 2: the gradient norm is (nan|inf) \(the loss, [0-9.]+, is finite\); the update was not applied; "
         rf"stopped; the last good checkpoint is {re.escape(str(ckpt))} \(step 1\)"
@@ -85,13 +87,13 @@ def test_a_nonfinite_gradient_is_not_applied_and_the_last_good_checkpoint_is_nam
     assert state["step"] == 1 and not list(nonfinite_entries([state["trainable"], state["optimizer"]]))
     assert steps_in(out) == [1] and not (out / "summary.json").exists() and not (out / "adapter_last").exists()
     # Resuming from it really works: it replays step 2 (same data, same learning rate) and stops there again.
-    assert train_sentiment.main(run_args(tiny_gpt2, out, "--lr", "1e3", "--eval-every", 1, "--resume")) == 1
+    assert train_sentiment.main(run_args(tiny_gpt2, data_dir, out, "--lr", "1e3", "--eval-every", 1, "--resume")) == 1
     assert re.fullmatch(pattern, the_error(capsys)) and steps_in(out) == [1]
 
 
-def test_a_nonfinite_loss_before_the_first_checkpoint_says_none_was_written(tiny_gpt2, tmp_path, capsys):
+def test_a_nonfinite_loss_before_the_first_checkpoint_says_none_was_written(tiny_gpt2, data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train_sentiment.main(run_args(tiny_gpt2, out, "--lr", "1e6", "--eval-every", 10)) == 1
+    assert train_sentiment.main(run_args(tiny_gpt2, data_dir, out, "--lr", "1e6", "--eval-every", 10)) == 1
     assert the_error(capsys) == (
         "error: step 2: the loss is nan; the update was not applied; stopped; no checkpoint was written yet (the "
         "first is due at step 3)"
@@ -166,7 +168,7 @@ class _RunsCode:
         return (os.mkdir, (self.path,))
 
 
-def test_a_crafted_pickle_is_refused_and_runs_nothing(lora_model, tiny_gpt2, tmp_path, capsys):
+def test_a_crafted_pickle_is_refused_and_runs_nothing(lora_model, tiny_gpt2, data_dir, tmp_path, capsys):
     model, optimizer, scheduler = lora_model
     marker, path = tmp_path / "code-ran", tmp_path / "checkpoint.pt"
     save_checkpoint(path, model, optimizer, scheduler, step=1)
@@ -179,7 +181,7 @@ def test_a_crafted_pickle_is_refused_and_runs_nothing(lora_model, tiny_gpt2, tmp
     out = tmp_path / "run"
     out.mkdir()
     os.replace(path, out / "checkpoint.pt")
-    assert train_sentiment.main(run_args(tiny_gpt2, out, "--resume")) == 1
+    assert train_sentiment.main(run_args(tiny_gpt2, data_dir, out, "--resume")) == 1
     assert the_error(capsys).startswith(f"error: {out / 'checkpoint.pt'} was refused") and not marker.exists()
     torch.load(out / "checkpoint.pt", weights_only=False)  # the file really is dangerous: loaded the old way, it runs
     assert marker.is_dir()

@@ -10,7 +10,7 @@ import train_sentiment
 from lora_fast.study.cli import config_argv
 from lora_fast.study.sweep import SWEEPS, SweepError, run_sweep, sweep_markdown
 from lora_fast.study.tiny import make_tiny_gpt2
-from tests.helpers import DATA_DIR, TOKENIZER_DIR, run_script
+from tests.helpers import run_script
 
 METHOD_RUNS = ["zero-shot", "few-shot-k4", "bitfit", "adapter", "lora-r16", "lora-r128", "full"]
 
@@ -111,12 +111,12 @@ def test_a_failing_sub_run_stops_the_sweep(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny") / "gpt2", TOKENIZER_DIR, n_layer=2, n_embd=32)
+def tiny(tmp_path_factory, tokenizer_dir):
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny") / "gpt2", tokenizer_dir, n_layer=2, n_embd=32)
 
 
-def _sweep(tiny, out, *extra):
-    args = ["--sweep", "methods", "--model", str(tiny), "--data-dir", str(DATA_DIR), "--out", str(out)]
+def _sweep(tiny, data, out, *extra):
+    args = ["--sweep", "methods", "--model", str(tiny), "--data-dir", str(data), "--out", str(out)]
     args += ["--max-steps", "2", "--train-subset", "32", "--max-val", "8", "--max-test", "8", "--eval-every", "1"]
     args += ["--batch-size", "4", "--gen-tokens", "2", *extra]
     proc = run_script(args, timeout=600)
@@ -125,11 +125,11 @@ def _sweep(tiny, out, *extra):
 
 
 @pytest.mark.slow
-def test_methods_sweep_writes_the_table_resumes_and_skips_finished_runs(tiny, tmp_path):
+def test_methods_sweep_writes_the_table_resumes_and_skips_finished_runs(tiny, data_dir, tmp_path):
     out = tmp_path / "methods"
 
     # 1. Interrupted in bitfit, the first run that trains (the two evaluation-only runs finish).
-    log = _sweep(tiny, out, "--stop-after-step", "1")
+    log = _sweep(tiny, data_dir, out, "--stop-after-step", "1")
     for name in ("zero-shot", "few-shot-k4", "bitfit"):  # each sub-run is its own train_sentiment.py process
         assert f"train_sentiment.py --model={tiny}" in log and f"--out={out / name} --resume" in log
     assert (out / "few-shot-k4" / "summary.json").is_file() and not (out / "bitfit" / "summary.json").exists()
@@ -137,7 +137,7 @@ def test_methods_sweep_writes_the_table_resumes_and_skips_finished_runs(tiny, tm
     assert "bitfit stopped before its end" in log and not (out / "methods.md").exists()
 
     # 2. Re-run: finished runs skipped, bitfit resumed from its step-1 checkpoint, the rest run.
-    log = _sweep(tiny, out)
+    log = _sweep(tiny, data_dir, out)
     assert "zero-shot: finished already, skipped" in log and "few-shot-k4: finished already, skipped" in log
     assert f"resumed from {out / 'bitfit' / 'checkpoint.pt'} at step 1" in log
     assert [json.loads(ln)["step"] for ln in (out / "bitfit" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
@@ -166,7 +166,7 @@ def test_methods_sweep_writes_the_table_resumes_and_skips_finished_runs(tiny, tm
     # 3. Everything finished: every sub-run skipped without starting a process, the table written again.
     mtimes = {n: (out / n / "summary.json").stat().st_mtime_ns for n in METHOD_RUNS}
     (out / "methods.md").unlink()
-    log = _sweep(tiny, out)
+    log = _sweep(tiny, data_dir, out)
     assert all(f"{n}: finished already, skipped" in log for n in METHOD_RUNS) and "train_sentiment.py --" not in log
     assert {n: (out / n / "summary.json").stat().st_mtime_ns for n in METHOD_RUNS} == mtimes
     assert (out / "methods.md").read_text() == md

@@ -1,4 +1,5 @@
-"""End-to-end runs of train_sentiment.py on a tiny random GPT-2 (real tokenizer, real rotten_tomatoes data)."""
+"""End-to-end runs of train_sentiment.py on a tiny random GPT-2 over the stand-in tokenizer and reviews; the first run
+also on one over the real GPT-2 tokenizer with the real rotten_tomatoes data (data tier)."""
 
 import json
 import os
@@ -13,24 +14,30 @@ import train_sentiment
 from lora_fast.study.causal_lm import label_logits
 from lora_fast.study.data import load_splits, subset
 from lora_fast.study.evaluate import label_accuracy
-from lora_fast.study.prompts import INSTRUCTIONS, build_prompt, encode_prompt
+from lora_fast.study.prompts import INSTRUCTIONS, build_prompt, encode_prompt, label_token_ids
 from lora_fast.study.tiny import make_tiny_gpt2
-from tests.helpers import DATA_DIR, OFFLINE_ENV, ROOT, TOKENIZER_DIR, error_lines, run_script
+from tests.helpers import OFFLINE_ENV, ROOT, error_lines, run_script
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny") / "gpt2", TOKENIZER_DIR, n_layer=2, n_embd=32)
+def tiny(tmp_path_factory, tokenizer_dir):
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny") / "gpt2", tokenizer_dir, n_layer=2, n_embd=32)
 
 
-def base_args(tiny, out, steps):
+@pytest.fixture(scope="module")
+def corpus_tiny(tmp_path_factory, corpus):
+    """The same tiny GPT-2 over ``corpus``'s tokenizer."""
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny") / "gpt2", corpus.tokenizer_dir, n_layer=2, n_embd=32)
+
+
+def base_args(tiny, data, out, steps):
     return [
         "--model",
         str(tiny),
         "--data-dir",
-        str(DATA_DIR),
+        str(data),
         "--out",
         str(out),
         "--max-steps",
@@ -72,9 +79,9 @@ def _assert_adapters_close(a, b, atol):
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
 
 
-def test_end_to_end_writes_every_output_and_peft_agrees(tiny, tmp_path):
-    out = tmp_path / "run"
-    proc = run_script(base_args(tiny, out, 24))
+def test_end_to_end_writes_every_output_and_peft_agrees(corpus, corpus_tiny, tmp_path):
+    tiny, out = corpus_tiny, tmp_path / "run"
+    proc = run_script(base_args(tiny, corpus.data_dir, out, 24))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in (
         "config.json",
@@ -112,24 +119,25 @@ def test_end_to_end_writes_every_output_and_peft_agrees(tiny, tmp_path):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     tok = AutoTokenizer.from_pretrained(str(tiny))
-    test = subset(load_splits(DATA_DIR)["test"], 32, 42)
+    test = subset(load_splits(corpus.data_dir)["test"], 32, 42)
     seqs = [encode_prompt(tok, build_prompt(r["text"], INSTRUCTIONS["default"]), 256) for r in test]
     peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(tiny)), str(out / "adapter_last"))
     ours = train_sentiment.Config(model=str(tiny), eval_only=True, adapter=str(out / "adapter_last"))
     model, _ = train_sentiment.prepare_model(ours, torch.device("cpu"), print)
 
     batch = {"input_ids": torch.tensor([seqs[0], seqs[0]]), "attention_mask": torch.ones(2, len(seqs[0]))}
+    labels = label_token_ids(tok)
     torch.testing.assert_close(
-        label_logits(model.eval(), **batch, label_ids=(4633, 3967)),
-        peft_model.eval()(**batch).logits[:, -1, [4633, 3967]],
+        label_logits(model.eval(), **batch, label_ids=labels),
+        peft_model.eval()(**batch).logits[:, -1, list(labels)],
         atol=1e-5,
         rtol=1e-5,
     )
-    acc = label_accuracy(peft_model.base_model.model, seqs, [r["label"] for r in test], (4633, 3967), tok.eos_token_id)
+    acc = label_accuracy(peft_model.base_model.model, seqs, [r["label"] for r in test], labels, tok.eos_token_id)
     assert acc["acc"] == pytest.approx(summary["test"]["last"]["label_acc"])
 
 
-def test_triton_fused_and_reference_backends_give_the_same_loss_curve(tiny, tmp_path):
+def test_triton_fused_and_reference_backends_give_the_same_loss_curve(tiny, data_dir, tmp_path):
     """The Triton kernels (under Triton's interpreter without a GPU) train the same LoRA as the reference backend
     without LoRA dropout (their dropout masks come from different generators); --fused (the Triton kernels on CUDA,
     the torch backend elsewhere) matches the reference with dropout on too: the same losses step by step."""
@@ -144,7 +152,7 @@ def test_triton_fused_and_reference_backends_give_the_same_loss_curve(tiny, tmp_
     curves = {}
     for name, flags in runs.items():
         out = tmp_path / name
-        assert train_sentiment.main(base_args(tiny, out, 6) + args + flags) == 0
+        assert train_sentiment.main(base_args(tiny, data_dir, out, 6) + args + flags) == 0
         backend = json.loads((out / "config.json").read_text())["backend"]
         assert backend == ("auto" if name == "fused" else flags[1])  # --fused is --backend auto
         curves[name] = torch.tensor([r["train_loss"] for r in _metrics(out)])
@@ -154,13 +162,13 @@ def test_triton_fused_and_reference_backends_give_the_same_loss_curve(tiny, tmp_
     assert (curves["reference"] - curves["reference-no-dropout"]).abs().max() > 1e-4  # dropout was really on
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tiny, tmp_path):
+def test_resume_after_interruption_matches_uninterrupted_run(tiny, data_dir, tmp_path):
     extra = ["--checkpoint-every", "3", "--lora-dropout", "0.1", "--no-generation", "--no-zero-shot"]
-    assert train_sentiment.main(base_args(tiny, tmp_path / "full", 9) + extra) == 0
+    assert train_sentiment.main(base_args(tiny, data_dir, tmp_path / "full", 9) + extra) == 0
     cut = tmp_path / "cut"
-    assert train_sentiment.main(base_args(tiny, cut, 9) + extra + ["--stop-after-step", "6"]) == 0
+    assert train_sentiment.main(base_args(tiny, data_dir, cut, 9) + extra + ["--stop-after-step", "6"]) == 0
     assert not (cut / "adapter_last").exists() and [r["step"] for r in _metrics(cut)][-1] == 6
-    assert train_sentiment.main(base_args(tiny, cut, 9) + extra + ["--resume"]) == 0
+    assert train_sentiment.main(base_args(tiny, data_dir, cut, 9) + extra + ["--resume"]) == 0
     _assert_adapters_close(_adapter(tmp_path / "full"), _adapter(cut), atol=1e-6)
     _assert_adapters_close(_adapter(tmp_path / "full", "adapter_best"), _adapter(cut, "adapter_best"), atol=1e-6)
     full, resumed = _metrics(tmp_path / "full"), _metrics(cut)
@@ -168,11 +176,11 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny, tmp_path):
     assert [r["train_loss"] for r in resumed] == pytest.approx([r["train_loss"] for r in full], abs=1e-6)
 
 
-def test_torchrun_two_processes_match_one_process(tiny, tmp_path):
+def test_torchrun_two_processes_match_one_process(tiny, data_dir, tmp_path):
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun is not on PATH")
     args = ["--grad-accum", "2", "--batch-size", "4", "--lora-dropout", "0", "--no-generation", "--no-zero-shot"]
-    assert train_sentiment.main(base_args(tiny, tmp_path / "one", 6) + args) == 0
+    assert train_sentiment.main(base_args(tiny, data_dir, tmp_path / "one", 6) + args) == 0
     proc = subprocess.run(
         [
             "torchrun",
@@ -180,7 +188,7 @@ def test_torchrun_two_processes_match_one_process(tiny, tmp_path):
             "--nproc_per_node",
             "2",
             str(ROOT / "train_sentiment.py"),
-            *base_args(tiny, tmp_path / "two", 6),
+            *base_args(tiny, data_dir, tmp_path / "two", 6),
             *args,
         ],
         capture_output=True,
@@ -208,11 +216,11 @@ def test_torchrun_two_processes_match_one_process(tiny, tmp_path):
     ],
     ids=["bad-model", "unknown-prompt"],
 )
-def test_cli_errors_are_one_clear_line(tiny, tmp_path, args, message):
+def test_cli_errors_are_one_clear_line(tiny, data_dir, tmp_path, args, message):
     out = tmp_path / "run"
     common = [
         "--data-dir",
-        str(DATA_DIR),
+        str(data_dir),
         "--out",
         str(out),
         "--max-val",

@@ -10,7 +10,7 @@ import torch
 from lora_fast import apply_lora
 from lora_fast.study.causal_lm import LastTokenLM, label_logits, use_fused_gelu
 from lora_fast.study.errors import NonFiniteError
-from lora_fast.study.prompts import INSTRUCTIONS, build_prompt, encode_example
+from lora_fast.study.prompts import INSTRUCTIONS, build_prompt, encode_example, label_token_ids
 from lora_fast.study.training import collate, make_optimizer, micro_batches, step_indices, train_step
 from tests.helpers import tiny_gpt2_config, tiny_llama_config
 
@@ -22,11 +22,11 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(tokenizer):
     from transformers import GPT2LMHeadModel
 
     torch.manual_seed(0)
-    m = GPT2LMHeadModel(tiny_gpt2_config()).eval()
+    m = GPT2LMHeadModel(tiny_gpt2_config(vocab_size=len(tokenizer))).eval()
     apply_lora(m, ["attn.c_attn", "attn.c_proj"], r=4, alpha=8)
     for _, p in m.named_parameters():  # non-zero B, so LoRA takes part
         if p.requires_grad:
@@ -39,21 +39,22 @@ def _examples(tok):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_last_token_logits_equal_hf_full_logits(model, gpt2_tokenizer, side):
-    prompts = [ex["input_ids"][:-1] for ex in _examples(gpt2_tokenizer)]
-    batch = collate(prompts, gpt2_tokenizer.pad_token_id, side)
+def test_last_token_logits_equal_hf_full_logits(model, tokenizer, side):
+    prompts = [ex["input_ids"][:-1] for ex in _examples(tokenizer)]
+    batch = collate(prompts, tokenizer.pad_token_id, side)
     ours = label_logits(model, batch["input_ids"], batch["attention_mask"])
-    assert ours.shape == (3, 50257)
+    assert ours.shape == (3, len(tokenizer))
     for i, ids in enumerate(prompts):  # each prompt alone, unpadded
         ref = model(torch.tensor([ids])).logits[0, -1]
         torch.testing.assert_close(ours[i], ref, atol=1e-5, rtol=1e-5)
-    two = label_logits(model, batch["input_ids"], batch["attention_mask"], label_ids=(4633, 3967))
-    torch.testing.assert_close(two, ours[:, [4633, 3967]])
+    ids = label_token_ids(tokenizer)
+    two = label_logits(model, batch["input_ids"], batch["attention_mask"], label_ids=ids)
+    torch.testing.assert_close(two, ours[:, list(ids)])
 
 
-def test_loss_equals_hf_masked_lm_loss(model, gpt2_tokenizer):
-    exs = _examples(gpt2_tokenizer)
-    batch = collate([ex["input_ids"][:-1] for ex in exs], gpt2_tokenizer.pad_token_id)
+def test_loss_equals_hf_masked_lm_loss(model, tokenizer):
+    exs = _examples(tokenizer)
+    batch = collate([ex["input_ids"][:-1] for ex in exs], tokenizer.pad_token_id)
     head = LastTokenLM(model)
     logits = head(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["last_index"])
     ours = torch.nn.functional.cross_entropy(logits, torch.tensor([ex["input_ids"][-1] for ex in exs]))
@@ -75,15 +76,15 @@ def test_fused_gelu_swap_keeps_outputs():
     torch.testing.assert_close(m(ids).logits, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_accumulated_micro_batches_equal_one_batch(model, gpt2_tokenizer):
-    exs = _examples(gpt2_tokenizer) * 2
+def test_accumulated_micro_batches_equal_one_batch(model, tokenizer):
+    exs = _examples(tokenizer) * 2
     seqs, targets = [ex["input_ids"][:-1] for ex in exs], [ex["input_ids"][-1] for ex in exs]
     results = []
     for chunks in ([[0, 1, 2, 3, 4, 5]], [[0, 1], [2, 3], [4, 5]]):
         m = copy.deepcopy(model).train()
         # SGD, so the update is the gradient itself (Adam's first step is ~lr·sign(g), blind to its size).
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1.0)
-        batches = [collate([seqs[i] for i in c], gpt2_tokenizer.pad_token_id) for c in chunks]
+        batches = [collate([seqs[i] for i in c], tokenizer.pad_token_id) for c in chunks]
         labels = [torch.tensor([targets[i] for i in c]) for c in chunks]
         res = train_step(LastTokenLM(m), opt, batches, labels, grad_clip=1.0)
         results.append((res.loss, res.grad_norm, [p.detach().clone() for p in m.parameters() if p.requires_grad]))
@@ -93,15 +94,15 @@ def test_accumulated_micro_batches_equal_one_batch(model, gpt2_tokenizer):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_non_finite_loss_stops_before_the_update(model, gpt2_tokenizer):
+def test_non_finite_loss_stops_before_the_update(model, tokenizer):
     m = copy.deepcopy(model).train()
     opt = make_optimizer(m, lr=1e-2)
     with torch.no_grad():
         m.transformer.h[0].attn.c_attn.lora_A.fill_(float("nan"))
     before = [p.detach().clone() for p in m.parameters() if p.requires_grad]
-    batch = collate([[1, 2, 3]], gpt2_tokenizer.pad_token_id)
+    batch = collate([[1, 2, 3]], tokenizer.pad_token_id)
     with pytest.raises(NonFiniteError):
-        train_step(LastTokenLM(m), opt, [batch], [torch.tensor([3967])])
+        train_step(LastTokenLM(m), opt, [batch], [torch.tensor([label_token_ids(tokenizer)[1]])])
     after = [p.detach() for p in m.parameters() if p.requires_grad]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True) if not a.isnan().any())
     assert not opt.state  # the optimizer never stepped
@@ -281,28 +282,29 @@ def test_non_gpt2_model_falls_back_and_works(side):
         torch.testing.assert_close(logits[i], ref, atol=1e-5, rtol=1e-5)
 
 
-def _poisoned_step(model, gpt2_tokenizer, scaler=None):
+def _poisoned_step(model, tokenizer, scaler=None):
     """One train_step whose loss is finite but whose gradient is NaN (a hook poisons one LoRA gradient)."""
     m = copy.deepcopy(model).train()
     opt = make_optimizer(m, lr=1e-2)
     m.transformer.h[0].attn.c_attn.lora_A.register_hook(lambda g: g * float("nan"))
     before = [p.detach().clone() for p in m.parameters() if p.requires_grad]
-    batch = collate([[1, 2, 3]], gpt2_tokenizer.pad_token_id)
-    run = lambda: train_step(LastTokenLM(m), opt, [batch], [torch.tensor([3967])], scaler=scaler)
+    batch = collate([[1, 2, 3]], tokenizer.pad_token_id)
+    positive = torch.tensor([label_token_ids(tokenizer)[1]])
+    run = lambda: train_step(LastTokenLM(m), opt, [batch], [positive], scaler=scaler)
     return m, opt, before, run
 
 
-def test_non_finite_gradient_with_a_finite_loss_stops_before_the_update(model, gpt2_tokenizer):
-    m, opt, before, run = _poisoned_step(model, gpt2_tokenizer)
+def test_non_finite_gradient_with_a_finite_loss_stops_before_the_update(model, tokenizer):
+    m, opt, before, run = _poisoned_step(model, tokenizer)
     with pytest.raises(NonFiniteError, match=r"^the gradient norm is nan \(the loss, [0-9.]+, is finite\)"):
         run()
     assert all(torch.equal(a, b) for a, b in zip(before, [p for p in m.parameters() if p.requires_grad], strict=True))
     assert not opt.state and all(p.grad is None for p in m.parameters())
 
 
-def test_grad_scaler_skips_a_non_finite_gradient_step(model, gpt2_tokenizer):
+def test_grad_scaler_skips_a_non_finite_gradient_step(model, tokenizer):
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    m, opt, before, run = _poisoned_step(model, gpt2_tokenizer, scaler)
+    m, opt, before, run = _poisoned_step(model, tokenizer, scaler)
     res = run()  # fp16 training's path: the scaler skips the step and lowers its scale, the run goes on
     assert not math.isfinite(res.grad_norm) and scaler.get_scale() == 512.0
     assert all(torch.equal(a, b) for a, b in zip(before, [p for p in m.parameters() if p.requires_grad], strict=True))
