@@ -45,11 +45,11 @@ from lora_fast.study.evaluate import score_split, val_loss
 from lora_fast.study.gguf import split_gguf
 from lora_fast.study.hub import check_hub_inputs
 from lora_fast.study.interrupt import INTERRUPTED_EXIT_CODE, StopRequest, resume_command
+from lora_fast.study.methods import METHOD_ALIASES, METHODS
 from lora_fast.study.packing import PACKING_MODES, resolve_packing
 from lora_fast.study.precision import DTYPES, Precision, check_resumed_dtype, choose_precision
 from lora_fast.study.progress import phase, progress
 from lora_fast.study.prompts import INSTRUCTIONS, encode_split, resolve_instruction
-from lora_fast.study.registry import METHODS
 from lora_fast.study.report import (
     append_metrics,
     check_out,
@@ -86,7 +86,11 @@ class Config:
         256, "prompt tokens kept (cut from the left, so 'Label:' stays), at most the model's positions"
     )
     # method
-    method: str = opt("lora", "lora, full (everything), bitfit (biases), adapter (bottleneck)", choices=tuple(METHODS))
+    method: str = opt(
+        "lora",
+        "lora, full (everything), bitfit (biases), bottleneck (Houlsby adapters; 'adapter' still works)",
+        choices=(*METHODS, *METHOD_ALIASES),
+    )
     r: int = opt(16, "LoRA rank")
     alpha: float = opt(64.0, "LoRA alpha; scaling = alpha / r (alpha / sqrt(r) with --rslora)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA branch's input")
@@ -103,8 +107,10 @@ class Config:
         choices=BACKENDS,
         shorthand=("fused", "auto", "--backend auto: the fused Triton kernels on CUDA (the torch backend on CPU)"),
     )
-    adapter_dim: int = opt(4, "bottleneck width for --method adapter")
-    dropout: float = opt(0.0, "the model's own dropout (residual, embedding, attention), e.g. for --method full")
+    bottleneck_dim: int = opt(4, "bottleneck width for --method bottleneck", alias="adapter_dim")
+    model_dropout: float = opt(
+        0.0, "the model's own dropout (residual, embedding, attention), e.g. for --method full", alias="dropout"
+    )
     # optimisation
     lr: float = opt(2.5e-4, "AdamW learning rate (constant after warm-up)")
     betas: list = opt([0.9, 0.95], "AdamW betas", nargs=2, type=float)
@@ -177,19 +183,41 @@ PRESETS = {
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """Defaults, then the preset (or the study sweep's preset), then the flags given explicitly."""
+    """Defaults, then the preset (or the study sweep's preset), then the flags given explicitly; a former method
+    name becomes its new one, with a note."""
     given = parse_flags(dataclass_parser(Config, __doc__), Config, argv)
+    if given.get("method") in METHOD_ALIASES:
+        print(f"note: --method {given['method']} is now --method {METHOD_ALIASES[given['method']]}", file=sys.stderr)
+        given["method"] = METHOD_ALIASES[given["method"]]
     preset = given.get("preset") or ("study" if given.get("sweep") == "study" else None)
     return Config(**{**PRESETS.get(preset, {}), **given})
 
 
+def method_params(cfg: Config) -> dict:
+    """The keyword arguments of --method's ``prepare`` and ``load`` (``Method.params``), from the flags."""
+    flags = {"targets": cfg.targets, "r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.lora_dropout,
+             "rslora": cfg.rslora, "backend": cfg.backend, "dim": cfg.bottleneck_dim}  # fmt: skip
+    return {name: flags[name] for name in METHODS[cfg.method].params}
+
+
+# Fields of a run's config.json written before they were renamed, and their names now.
+RENAMED_FIELDS = {"dropout": "model_dropout", "adapter_dim": "bottleneck_dim"}
+
+
+def run_config(out: Path) -> dict:
+    """The config of the run in ``out`` (its config.json), in today's field names and method names."""
+    config = {RENAMED_FIELDS.get(k, k): v for k, v in json.loads((out / "config.json").read_text()).items()}
+    config["method"] = METHOD_ALIASES.get(config.get("method"), config.get("method"))
+    return config
+
+
 # Integer flags and their least value; a None, where the field allows one, means "all" or "off".
 LEAST = dict(r=1, max_length=1, batch_size=1, grad_accum=1, max_steps=1, eval_every=1, eval_batch_size=1, gen_tokens=1,
-             adapter_dim=1, train_subset=1, max_val=1, max_test=1, checkpoint_every=1, stop_after_step=1, shots=0,
+             bottleneck_dim=1, train_subset=1, max_val=1, max_test=1, checkpoint_every=1, stop_after_step=1, shots=0,
              warmup_steps=0, seed=0)  # fmt: skip
 # Real flags: (low, whether low itself is allowed, high (never allowed)); NaN and inf never are.
 INTERVALS = {"lr": (0, False, math.inf), "alpha": (-math.inf, False, math.inf), "lora_dropout": (0, True, 1),
-             "dropout": (0, True, 1), "weight_decay": (0, True, math.inf), "grad_clip": (0, True, math.inf),
+             "model_dropout": (0, True, 1), "weight_decay": (0, True, math.inf), "grad_clip": (0, True, math.inf),
              "betas": (0, True, 1)}  # fmt: skip
 # Flags a resume may change: when the run stops and how often it checkpoints, how the test split is scored, where and
 # how it computes (the same math; --dtype is checked by what it resolves to, check_resumed_dtype). Every other flag
@@ -231,9 +259,9 @@ def check_config(cfg: Config, world: int, device: torch.device) -> None:
     if cfg.out is not None:
         reuse = "--resume to continue it (a finished run is skipped), --overwrite to start it afresh"
         check_out(Path(cfg.out), RUN_FILES, cfg.resume or cfg.overwrite or bool(cfg.sweep), reuse)
-        if cfg.resume and (Path(cfg.out) / "checkpoint.pt").is_file() and (Path(cfg.out) / "config.json").is_file():
-            run_config = json.loads((Path(cfg.out) / "config.json").read_text())
-            check_resume_config(Path(cfg.out) / "checkpoint.pt", run_config, dataclasses.asdict(cfg), RESUME_MAY_CHANGE)
+        out = Path(cfg.out)
+        if cfg.resume and (out / "checkpoint.pt").is_file() and (out / "config.json").is_file():
+            check_resume_config(out / "checkpoint.pt", run_config(out), dataclasses.asdict(cfg), RESUME_MAY_CHANGE)
     _, gguf_file = split_gguf(cfg.model, cfg.gguf_file)  # --model X.gguf, or --gguf-file NAME in --model's folder
     if cfg.keep_quantized and (not gguf_file or cfg.method == "full"):
         why = "--method full trains every weight" if gguf_file else f"--model {cfg.model} is no GGUF file"
@@ -261,7 +289,7 @@ def prepare_model(cfg: Config, device: torch.device, log=print):
     only the saved ones); the model comes back on ``device``, in training mode unless --eval-only, when every
     parameter is frozen (nothing trains, and the summary counts 0 trainable parameters)."""
     model, tokenizer = load_causal_lm(
-        cfg.model, cfg.tokenizer, dropout=cfg.dropout, gguf_file=cfg.gguf_file, keep_quantized=cfg.keep_quantized
+        cfg.model, cfg.tokenizer, dropout=cfg.model_dropout, gguf_file=cfg.gguf_file, keep_quantized=cfg.keep_quantized
     )
     if cfg.method == "lora" and cfg.targets is None and not cfg.eval_only:
         cfg = dataclasses.replace(cfg, targets=default_targets(model.config.model_type))
@@ -273,10 +301,10 @@ def prepare_model(cfg: Config, device: torch.device, log=print):
     torch.manual_seed(cfg.seed)
     method = METHODS[cfg.method]
     if not cfg.eval_only:
-        model = method.prepare(model, cfg)
+        model = method.prepare(model, **method_params(cfg))
     if cfg.adapter:  # scored with --eval-only; otherwise the starting point, loaded into the prepared model strictly
         try:
-            model = method.load(model, cfg.adapter, cfg)
+            model = method.load(model, cfg.adapter, **method_params(cfg))
         except AdapterError as exc:
             raise AdapterError(f"--adapter {cfg.adapter}: {exc}") from None
         if not cfg.eval_only:
@@ -427,10 +455,10 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     method, ckpt_path, metrics_path = METHODS[cfg.method], out / "checkpoint.pt", out / "metrics.jsonl"
     pad, global_batch = tokenizer.pad_token_id, cfg.batch_size * cfg.grad_accum
     data_order = {"seed": cfg.seed, "global_batch": global_batch, "n_train": len(train)}
-    run_config = dataclasses.asdict(cfg)
+    config_now = dataclasses.asdict(cfg)
     step, state = (0, {})
     if cfg.resume:
-        step, state = resume(ckpt_path, model, optimizer, scheduler, scaler, data_order, run_config, RESUME_MAY_CHANGE)
+        step, state = resume(ckpt_path, model, optimizer, scheduler, scaler, data_order, config_now, RESUME_MAY_CHANGE)
     if cfg.resume:
         check_resumed_dtype(state, precision, device, ckpt_path)
         log(f"resumed from {ckpt_path} at step {step}" if step else f"--resume: no checkpoint in {out}, so step 0")
@@ -449,7 +477,7 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
         "data_order": data_order,
         "best": best,
         "zero_shot": zero_shot,
-        "config": run_config,  # noqa: E731
+        "config": config_now,  # noqa: E731
         "dtype": precision.dtype,
     }
     bar = progress(desc="training", total=cfg.max_steps, initial=step, unit="step", main=main)
@@ -493,7 +521,7 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     distributed.barrier()
     last, reload = score(), best["step"] not in (None, step)  # reload: the best weights are not the last ones
     if reload:
-        method.load(model, out / "adapter_best", cfg)
+        method.load(model, out / "adapter_best", **method_params(cfg))
     summary["test"] = {"zero_shot": zero_shot, "best": score() if reload else dict(last), "last": last}
     summary.update(steps=step, best_step=best["step"], best_val_loss=best["val_loss"])
     summary["tokens_per_s"] = tokens_seen / train_time if train_time else None

@@ -35,10 +35,15 @@ __all__ = [
 BACKENDS = ("auto", "reference", "torch", "triton")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend ``backend`` means for tensors on ``device``."""
+def check_backend(backend: str) -> None:
+    """Refuse a name outside ``BACKENDS``, listing them: what every public entry that takes a backend runs first."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend ``backend`` means for tensors on ``device``."""
+    check_backend(backend)
     if backend != "auto":
         return backend
     if device.type == "cuda":

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from lora_fast.functional import BACKENDS, lora_linear
+from lora_fast.functional import check_backend, lora_linear
 from lora_fast.gguf.packed import PackedLinear
 
 __all__ = ["LoRALinear", "in_out_features", "is_conv1d", "is_linear_layer", "lora_dtype", "lora_scaling"]
@@ -100,8 +100,7 @@ class LoRALinear(nn.Module):
                 f"LoRALinear wraps nn.Linear, transformers Conv1D or PackedLinear, got {type(base).__name__}"
             )
         check_lora_hyperparameters(r, alpha, dropout, use_rslora)
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        check_backend(backend)
         self.base = base
         w = base.weight
         self.in_features, self.out_features = in_out_features(base)

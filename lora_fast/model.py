@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from lora_fast.functional import BACKENDS
+from lora_fast.functional import check_backend
 from lora_fast.gguf.convert import dequantize_model, packed_modules
 from lora_fast.gguf.packed import PackedWeight
 from lora_fast.layers import LoRALinear, check_lora_hyperparameters, is_linear_layer
@@ -260,8 +260,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
     """Switch every LoRA layer of ``model`` to ``backend`` (``auto``, ``reference``, ``torch``, ``triton``); another
     name raises before any layer changes."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    check_backend(backend)
     for layer in _layers(model):
         layer.backend = backend
     return model

@@ -53,7 +53,7 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 
 from lora_fast.checks import compute_dtypes
-from lora_fast.functional import BACKENDS, lora_linear, resolve_backend
+from lora_fast.functional import check_backend, lora_linear, resolve_backend
 
 __all__ = ["PatchReport", "patch_peft", "unpatch_peft"]  # and LoraFastLinear, built on first use
 
@@ -275,8 +275,7 @@ def patch_peft(model: nn.Module, backend: str = "auto", verbose: bool = True) ->
     layers. ``backend``: one of :data:`lora_fast.BACKENDS`. Calling it again updates the backend and patches layers
     added since. Returns (and with ``verbose`` prints) the :class:`PatchReport`. Undo with :func:`unpatch_peft`.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    check_backend(backend)
     layers = _lora_layers(model)
     if not layers:
         raise ValueError(

@@ -25,6 +25,7 @@ __all__ = [
     "dataclass_parser",
     "parse_flags",
     "config_argv",
+    "fields_argv",
     "flag_differences",
     "flag_name",
     "check_numbers",
@@ -35,11 +36,14 @@ __all__ = [
 _SCALARS = {"int": int, "float": float, "str": str}
 
 
-def opt(default, help: str, shorthand: tuple[str, object, str] | None = None, **kw):
+def opt(default, help: str, shorthand: tuple[str, object, str] | None = None, alias: str | None = None, **kw):
     """A config field with its --help text (and argparse extras such as ``choices`` or ``nargs``); ``shorthand`` is
-    ``(name, value, help)``: a flag ``--name`` (and ``--no-name``) that stands for ``--field value``."""
+    ``(name, value, help)``: a flag ``--name`` (and ``--no-name``) that stands for ``--field value``; ``alias`` is the
+    field's former name, still taken as its flag (with a note naming the new one)."""
     if shorthand is not None:
         kw["shorthand"] = shorthand
+    if alias is not None:
+        kw["alias"] = alias
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return dataclasses.field(default=default, metadata={"help": help, **kw})
@@ -76,8 +80,13 @@ def dataclass_parser(cls, description: str | None = None) -> argparse.ArgumentPa
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
             continue
         shorthand = meta.pop("shorthand", None)
+        alias = meta.pop("alias", None)
         kind = meta.pop("type", None) or _scalar_type(f.type)
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, **meta)
+        if alias is not None:  # the former name: hidden from --help, read into its own slot (parse_flags maps it)
+            parser.add_argument(
+                flag_name(alias), dest=f"alias.{f.name}", type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+            )
         if shorthand is not None:
             name, _, short_help = shorthand
             parser.add_argument(
@@ -93,23 +102,35 @@ def parse_flags(parser: argparse.ArgumentParser, cls, argv: list[str] | None = N
         shorthand = f.metadata.get("shorthand")
         if shorthand is not None and given.pop(shorthand[0], False):
             given.setdefault(f.name, shorthand[1])
+        if f"alias.{f.name}" in given:
+            value = given.pop(f"alias.{f.name}")
+            print(f"note: {flag_name(f.metadata['alias'])} is now {flag_name(f.name)}", file=sys.stderr, flush=True)
+            given.setdefault(f.name, value)
     return given
 
 
 def config_argv(cfg) -> list[str]:
-    """Command-line flags that give back ``cfg`` field for field: every field that is not None, booleans as ``--x`` /
-    ``--no-x``, lists as separate words, scalars as ``--x=value`` (so a value starting with '-' stays a value)."""
+    """Command-line flags that give back ``cfg`` field for field (``fields_argv`` of every field)."""
+    return fields_argv({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+
+
+def fields_argv(fields: dict) -> list[str]:
+    """The flags that give ``fields`` (config field -> value): every value that is not None, booleans as ``--x`` /
+    ``--no-x``, lists as separate words, scalars as ``--x value`` (``--x=value`` where the value starts with '-', so
+    that it stays a value)."""
     argv = []
-    for f in dataclasses.fields(cfg):
-        value, flag = getattr(cfg, f.name), flag_name(f.name)
+    for name, value in fields.items():
+        flag = flag_name(name)
         if value is None:
             continue  # every field that can be None defaults to None
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, list):
             argv += [flag, *map(str, value)]
-        else:
+        elif str(value).startswith("-"):
             argv.append(f"{flag}={value}")
+        else:
+            argv += [flag, str(value)]
     return argv
 
 

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from lora_fast.io import atomic_write_text
-from lora_fast.study.cli import config_argv
+from lora_fast.study.cli import config_argv, fields_argv
 from lora_fast.study.distributed import launched_world_size
 from lora_fast.study.errors import SweepError
 from lora_fast.study.interrupt import INTERRUPTED_EXIT_CODE, resume_command, sigint_ignored
@@ -61,7 +61,7 @@ SWEEPS = {
             "full": dict(TRAIN, method="full"),
             "lora-r16-a256": dict(TRAIN, r=16, alpha=256.0),
             "bitfit": dict(TRAIN, method="bitfit", lr=1e-3),
-            "adapter": dict(TRAIN, method="adapter", lr=1e-3),
+            "bottleneck": dict(TRAIN, method="bottleneck", lr=1e-3),
             **{f"prompt-{p}": dict(TRAIN, prompt=p) for p in PROMPTS},
         },
         "tables": [
@@ -83,7 +83,7 @@ SWEEPS = {
             (
                 "Baselines and other methods, best-val checkpoint",
                 "best",
-                [("zero-shot", 0.105), ("few-shot-k4", None), ("bitfit", None), ("adapter", None)]
+                [("zero-shot", 0.105), ("few-shot-k4", None), ("bitfit", None), ("bottleneck", None)]
                 + [("lora-r16-a64", 0.8424), ("lora-r128-a512", 0.8696), ("full", 0.8405)],
             ),
         ],
@@ -94,7 +94,7 @@ SWEEPS = {
             "zero-shot": dict(eval_only=True, adapter=None),
             "few-shot-k4": dict(eval_only=True, adapter=None, shots=4),
             "bitfit": dict(method="bitfit"),
-            "adapter": dict(method="adapter"),
+            "bottleneck": dict(method="bottleneck"),
             "lora-r16": dict(method="lora", r=16, alpha=64.0),
             "lora-r128": dict(method="lora", r=128, alpha=512.0),
             "full": dict(method="full"),
@@ -120,14 +120,7 @@ def _num(x, fmt=".4f") -> str:
 
 def _flags(overrides: dict) -> str:
     """A sub-run's overrides as the flags that give them (beside the sweep's own)."""
-    flags = []
-    for key, value in overrides.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
-        elif value is not None:
-            flags.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
-    return " ".join(flags)
+    return shlex.join(fields_argv(overrides))
 
 
 def sweep_markdown(name: str, summaries: dict[str, dict]) -> str:

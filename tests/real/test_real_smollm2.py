@@ -21,8 +21,8 @@ from lora_fast.study.data import load_splits, subset
 from lora_fast.study.errors import ModelLoadError
 from lora_fast.study.evaluate import predict_split, val_loss
 from lora_fast.study.gguf import save_model_folder
+from lora_fast.study.methods import METHODS
 from lora_fast.study.prompts import INSTRUCTIONS, encode_prompt, encode_split, label_token_ids
-from lora_fast.study.registry import METHODS
 from lora_fast.study.training import collate, make_optimizer, step_batches, train_step
 from tests.helpers import run_script
 
@@ -181,14 +181,14 @@ def test_adapter_we_trained_loads_in_peft_with_the_same_logits(smollm2, tmp_path
 def test_full_fine_tuning_keeps_the_tie_through_save_and_load(smollm2, smollm2_copy, tmp_path):
     model, tokenizer = smollm2
     full = METHODS["full"]
-    trained = full.prepare(smollm2_copy, None).train()
+    trained = full.prepare(smollm2_copy).train()
     embeddings_before = model.model.embed_tokens.weight.detach().clone()
     batch, target = _batch(tokenizer)
     train_step(LastTokenLM(trained), make_optimizer(trained, 1e-4), [batch], [target])
     assert trained.lm_head.weight is trained.model.embed_tokens.weight
     assert not torch.equal(trained.model.embed_tokens.weight, embeddings_before)  # the step moved the embeddings
     full.save(trained, tokenizer, tmp_path / "full")
-    loaded = full.load(copy.deepcopy(model), tmp_path / "full", None)
+    loaded = full.load(copy.deepcopy(model), tmp_path / "full")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert torch.equal(loaded.model.embed_tokens.weight, trained.model.embed_tokens.weight)
     with torch.no_grad():

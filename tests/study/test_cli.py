@@ -111,7 +111,7 @@ def test_max_length_is_cut_to_the_models_positions_for_training_and_both_metrics
 
 @pytest.mark.parametrize("method", [None, "lora", "bitfit", "full"])
 def test_eval_only_freezes_the_model_so_the_summary_counts_nothing_trainable(tiny_gpt2, tmp_path, method):
-    from lora_fast.study.registry import METHODS
+    from lora_fast.study.methods import METHODS
     from lora_fast.study.report import parameter_summary
 
     flags = ["--model", str(tiny_gpt2), "--eval-only"]
@@ -442,3 +442,16 @@ def test_the_umask_is_read_without_setting_it_where_proc_reports_it(tmp_path, mo
             assert io._umask() == 0o027 and calls == []
     finally:
         real_umask(old)
+
+
+def test_former_names_still_work_and_say_the_new_ones(capsys, tmp_path):
+    cfg = train_sentiment.parse_config(["--method", "adapter", "--dropout", "0.1", "--adapter-dim", "8"])
+    assert (cfg.method, cfg.model_dropout, cfg.bottleneck_dim) == ("bottleneck", 0.1, 8)
+    err = capsys.readouterr().err
+    for old, new in (("--method adapter", "--method bottleneck"), ("--dropout", "--model-dropout"),
+                     ("--adapter-dim", "--bottleneck-dim")):  # fmt: skip
+        assert f"note: {old} is now {new}" in err
+    assert "--dropout" not in train_sentiment.dataclass_parser(train_sentiment.Config).format_help()
+    # A run folder written under the former names resumes under the new ones.
+    (tmp_path / "config.json").write_text(json.dumps({"method": "adapter", "dropout": 0.1, "adapter_dim": 8}))
+    assert train_sentiment.run_config(tmp_path) == {"method": "bottleneck", "model_dropout": 0.1, "bottleneck_dim": 8}

@@ -1,309 +1,102 @@
-"""BitFit and bottleneck adapters: trainable counts against hand counts for GPT-2 small, exactness of a fresh adapter,
-what trains, and strict round trips of their files."""
-
-import json
+"""The training methods' table: each method's prepare/save/load round trip with its hyper-parameters passed
+explicitly, LoRA loading through load_adapter's checks, and full fine-tuning loaded by from_pretrained (sharded files
+too), strictly."""
 
 import pytest
 import torch
-from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from safetensors.torch import load_file, save_file
+from transformers import GPT2LMHeadModel
 
-from lora_fast import AdapterError, count_parameters
-from lora_fast.study.methods import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    BITFIT_WEIGHTS,
-    BottleneckAdapterLayer,
-    apply_bottleneck_adapters,
-    bottleneck_adapter_modules,
-    load_bitfit,
-    load_bottleneck_adapters,
-    prepare_bitfit,
-    save_bitfit,
-    save_bottleneck_adapters,
-)
-from tests.helpers import kill_at_rename, tiny_gpt2_config
+from lora_fast import AdapterError
+from lora_fast.study.methods import METHODS
+from tests.helpers import tiny_gpt2_config
 
-GPT2_SMALL_TOTAL = 124_439_808  # wte 50257·768 + wpe 1024·768 + 12 blocks · 7,087,872 + ln_f 1536 (lm_head tied)
+# Every method's hyper-parameters, by the names its functions take.
+HYPER = dict(targets=["attn.c_attn"], r=4, alpha=8.0, dropout=0.0, rslora=False, backend="torch", dim=4)
 
 
-def gpt2_small() -> GPT2LMHeadModel:
-    """GPT-2 small's architecture (GPT2Config() defaults) on the meta device: the right shapes, no memory."""
-    with torch.device("meta"):
-        return GPT2LMHeadModel(GPT2Config())
+def params(name: str) -> dict:
+    return {k: HYPER[k] for k in METHODS[name].params}
 
 
-def tiny(seed: int = 0) -> GPT2LMHeadModel:
+def fresh(seed=0, **config):
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(tiny_gpt2_config()).eval()
+    return GPT2LMHeadModel(tiny_gpt2_config(**config)).eval()
 
 
-@pytest.fixture
-def ids():
-    return torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert list(after) == list(before)
-    for k, v in before.items():
-        assert torch.equal(after[k], v), k
-
-
-# --- counts -------------------------------------------------------------------------------------------------------
-
-
-def test_bitfit_count_gpt2_small():
-    model = prepare_bitfit(gpt2_small())
-    trainable, total = count_parameters(model)
-    # Per block: c_attn 3·768 + attn.c_proj 768 + c_fc 4·768 + mlp.c_proj 768 (Conv1D biases) + ln_1, ln_2 biases.
-    per_block = 2304 + 768 + 3072 + 768 + 768 + 768
-    assert total == GPT2_SMALL_TOTAL
-    assert trainable == 12 * per_block + 768 == 102_144  # + ln_f.bias
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert all(n.endswith(".bias") for n in names)
-    assert "transformer.h.0.ln_1.weight" not in names and "transformer.ln_f.bias" in names
-    assert not model.lm_head.weight.requires_grad and not model.transformer.wte.weight.requires_grad
-
-
-@pytest.mark.parametrize("dim", [1, 4, 64])
-def test_adapter_count_gpt2_small(dim):
-    model = apply_bottleneck_adapters(gpt2_small(), dim=dim)
-    trainable, total = count_parameters(model)
-    per_adapter = (768 * dim + dim) + (dim * 768 + 768)  # down (D, N) + bias, up (N, D) + bias
-    assert trainable == 24 * per_adapter
-    assert total == GPT2_SMALL_TOTAL + 24 * per_adapter
-    assert sorted(bottleneck_adapter_modules(model)) == sorted(
-        f"transformer.h.{i}.{m}.c_proj" for i in range(12) for m in ("attn", "mlp")
-    )
-    if dim == 4:
-        assert trainable == 165_984
-
-
-# --- behaviour ----------------------------------------------------------------------------------------------------
-
-
-def test_fresh_adapter_is_exactly_the_base_model(ids):
-    model = tiny()
-    with torch.no_grad():
-        base = model(ids).logits
-        apply_bottleneck_adapters(model, dim=4)
-        fresh = model(ids).logits
-    assert torch.equal(fresh, base)
-    # A non-zero up-projection must change the output: the adapters are really in the forward path.
-    for layer in bottleneck_adapter_modules(model).values():
-        nn.init.normal_(layer.up.weight, std=0.5)
-    with torch.no_grad():
-        assert not torch.allclose(model(ids).logits, base, atol=1e-3)
-
-
-def test_adapter_layer_formula_fp64():
-    model = tiny().double()
-    apply_bottleneck_adapters(model, dim=3)
-    layer = model.transformer.h[1].mlp.c_proj
-    assert isinstance(layer, BottleneckAdapterLayer)
-    nn.init.normal_(layer.up.weight)
-    nn.init.normal_(layer.up.bias)
-    x = torch.randn(5, 128, dtype=torch.float64)  # c_fc width 4·32
-    y = x @ layer.base.weight + layer.base.bias  # Conv1D: weight (K, N)
-    h = torch.nn.functional.gelu(y @ layer.down.weight.T + layer.down.bias)
-    torch.testing.assert_close(layer(x), y + h @ layer.up.weight.T + layer.up.bias, rtol=1e-12, atol=1e-12)
-
-
-def test_adapter_gradients_reach_only_adapters(ids):
-    model = apply_bottleneck_adapters(tiny(), dim=4)
-    model.train()
-    model(ids, labels=ids).loss.backward()
-    for name, param in model.named_parameters():
-        is_adapter = ".down." in name or ".up." in name
-        assert param.requires_grad == is_adapter, name
-        if is_adapter and ".up." in name:
-            assert param.grad is not None and param.grad.abs().sum() > 0, name
-
-
-def test_bitfit_step_moves_only_biases(ids):
-    model = prepare_bitfit(tiny())
-    before = state_copy(model)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    model(ids, labels=ids).loss.backward()
-    opt.step()
-    after = model.state_dict()
-    for k, v in before.items():
-        moved = not torch.equal(after[k], v)
-        trains = k.endswith(".bias") and k != "lm_head.bias"
-        assert moved == trains, k
-
-
-def test_adapter_errors_leave_model_alone():
-    class NoBlocks(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(4, 4)
-
-    with pytest.raises(ValueError, match="transformer.h"):
-        apply_bottleneck_adapters(NoBlocks())
-    model = tiny()
-    before = state_copy(model)
-    with pytest.raises(ValueError, match="dim"):
-        apply_bottleneck_adapters(model, dim=0)
-    assert_same_state(model, before)
-    assert all(p.requires_grad for p in model.parameters())
-    apply_bottleneck_adapters(model, dim=2)
-    with pytest.raises(ValueError, match="already"):
-        apply_bottleneck_adapters(model, dim=2)
-
-
-# --- files --------------------------------------------------------------------------------------------------------
-
-
-def trained_adapters(dim=4, seed=0):
-    model = apply_bottleneck_adapters(tiny(seed), dim=dim)
-    for layer in bottleneck_adapter_modules(model).values():
-        for p in (*layer.down.parameters(), *layer.up.parameters()):
-            nn.init.normal_(p, std=0.3)
-    return model
-
-
-def test_adapter_round_trip(tmp_path, ids):
-    model = trained_adapters()
-    save_bottleneck_adapters(model, tmp_path / "a")
-    config = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())
-    assert config["dim"] == 4 and len(config["modules"]) == 4
-    assert config["shapes"]["transformer.h.0.attn.c_proj.down.weight"] == [4, 32]
-    with torch.no_grad():
-        want = model(ids).logits
-        fresh = load_bottleneck_adapters(tiny(), tmp_path / "a")  # same base (seed 0), adapters applied on load
-        assert torch.equal(fresh(ids).logits, want)
-        existing = load_bottleneck_adapters(apply_bottleneck_adapters(tiny(), dim=4), tmp_path / "a")
-        assert torch.equal(existing(ids).logits, want)
-    assert count_parameters(fresh)[0] == 4 * (32 * 4 + 4 + 4 * 32 + 32)
-
-
-def test_adapter_load_refusals(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    save_bottleneck_adapters(trained_adapters(dim=4), tmp_path / "a")
-    cases = {}
-    # Wrong dim: a model that already has dim-8 adapters, and a config whose dim no longer fits the weights.
-    cases["dim8"] = (lambda: apply_bottleneck_adapters(tiny(), dim=8), tmp_path / "a", "dim")
-    bad_dim = tmp_path / "bad_dim"
-    save_bottleneck_adapters(trained_adapters(dim=4), bad_dim)
-    config = json.loads((bad_dim / ADAPTER_CONFIG).read_text())
-    config["dim"] = 8
-    (bad_dim / ADAPTER_CONFIG).write_text(json.dumps(config))
-    cases["config_dim"] = (tiny, bad_dim, "shape")
-    # Missing key.
-    missing = tmp_path / "missing"
-    save_bottleneck_adapters(trained_adapters(dim=4), missing)
-    state = load_file(str(missing / ADAPTER_WEIGHTS))
-    del state["transformer.h.1.mlp.c_proj.up.bias"]
-    save_file(state, str(missing / ADAPTER_WEIGHTS))
-    cases["missing"] = (tiny, missing, "missing keys")
-    # Truncated weights file.
-    corrupt = tmp_path / "corrupt"
-    save_bottleneck_adapters(trained_adapters(dim=4), corrupt)
-    data = (corrupt / ADAPTER_WEIGHTS).read_bytes()
-    (corrupt / ADAPTER_WEIGHTS).write_bytes(data[: len(data) // 2])
-    cases["corrupt"] = (tiny, corrupt, "corrupt")
-    # A model of another width.
-    cases["width"] = (lambda: GPT2LMHeadModel(tiny_gpt2_config(n_embd=48)), tmp_path / "a", "shape")
-    cases["nofolder"] = (tiny, tmp_path / "nowhere", "does not exist")
-    for name, (make, folder, match) in cases.items():
-        model = make()
-        before, modules = state_copy(model), [type(m) for m in model.modules()]
-        grads = [p.requires_grad for p in model.parameters()]
-        with pytest.raises(AdapterError, match=match):
-            load_bottleneck_adapters(model, folder)
-        assert_same_state(model, before)
-        assert [type(m) for m in model.modules()] == modules, name
-        assert [p.requires_grad for p in model.parameters()] == grads, name
-
-
-def test_bitfit_round_trip_and_refusals(tmp_path, ids):
-    from safetensors.torch import load_file, save_file
-
-    model = prepare_bitfit(tiny())
+def trained(name):
+    model = METHODS[name].prepare(fresh(), **params(name))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(torch.randn_like(p))
-        want = model(ids).logits
-    save_bitfit(model, tmp_path / "b")
-    assert sorted(load_file(str(tmp_path / "b" / BITFIT_WEIGHTS))) == sorted(
-        n for n, p in model.named_parameters() if p.requires_grad
-    )
-    loaded = load_bitfit(tiny(), tmp_path / "b")
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, want)
-    assert count_parameters(loaded)[0] == count_parameters(model)[0]
-
-    missing = tmp_path / "missing"
-    save_bitfit(model, missing)
-    state = load_file(str(missing / BITFIT_WEIGHTS))
-    del state["transformer.h.0.attn.c_attn.bias"]
-    save_file(state, str(missing / BITFIT_WEIGHTS))
-    corrupt = tmp_path / "corrupt"
-    save_bitfit(model, corrupt)
-    (corrupt / BITFIT_WEIGHTS).write_bytes(b"\x00" * 7)
-    for make, folder, match in [
-        (tiny, missing, "missing keys"),
-        (tiny, corrupt, "corrupt"),
-        (lambda: GPT2LMHeadModel(tiny_gpt2_config(n_embd=48)), tmp_path / "b", "shape"),
-        (lambda: GPT2LMHeadModel(tiny_gpt2_config(n_layer=3)), tmp_path / "b", "missing keys"),
-        (tiny, tmp_path / "nowhere", "does not exist"),
-    ]:
-        target = make()
-        before = state_copy(target)
-        with pytest.raises(AdapterError, match=match):
-            load_bitfit(target, folder)
-        assert_same_state(target, before)
-        assert all(p.requires_grad for p in target.parameters())
-
-
-def test_saves_are_small_and_leave_other_files_alone(tmp_path):
-    model = trained_adapters()
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "notes.txt").write_text("mine")
-    save_bottleneck_adapters(model, tmp_path / "a")
-    save_bottleneck_adapters(trained_adapters(seed=1), tmp_path / "a")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, "notes.txt"])
-    assert (tmp_path / "a" / "notes.txt").read_text() == "mine"
-    saved = sum(p.stat().st_size for p in (tmp_path / "a").iterdir() if p.name != "notes.txt")
-    assert saved < 4 * count_parameters(model)[0] + 8192  # adapters only, not the base model
-
-
-def _trained(prepare, seed):
-    """The same base (``tiny()``) with the method's trainable parts drawn from ``seed``."""
-    model, g = prepare(tiny()), torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+                p.add_(0.1 * torch.randn_like(p))
     return model
 
 
-SAVES = {
-    "bitfit": (prepare_bitfit, save_bitfit, load_bitfit),
-    "adapter": (apply_bottleneck_adapters, save_bottleneck_adapters, load_bottleneck_adapters),
-}
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_round_trip_gives_back_the_trained_model(name, tmp_path, tokenizer):
+    model = trained(name)
+    METHODS[name].save(model, tokenizer, tmp_path / "saved")
+    ids = torch.tensor([[464, 3290, 318, 257, 1332]])
+    loaded = METHODS[name].load(fresh() if name != "full" else fresh(seed=1), tmp_path / "saved", **params(name))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    # Loading into the trained model itself (the best-checkpoint score) works too.
+    assert METHODS[name].load(model, tmp_path / "saved", **params(name)) is model
 
 
-@pytest.mark.parametrize("kill_at", [1, 2], ids=["old_folder_aside", "new_folder_in"])
-@pytest.mark.parametrize("method", sorted(SAVES))
-def test_a_save_killed_at_any_rename_leaves_the_previous_folder(tmp_path, monkeypatch, ids, method, kill_at):
-    """The weights and config are swapped in as one folder: a kill at either of the swap's renames leaves the previous
-    save, which the loader puts back from its hidden holder when the kill fell between the two."""
-    prepare, save, load = SAVES[method]
-    old, new = _trained(prepare, 1), _trained(prepare, 2)
-    save(old, tmp_path / "best")
-    kill_at_rename(monkeypatch, kill_at)
-    with pytest.raises(KeyboardInterrupt):
-        save(new, tmp_path / "best")
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_folder_left_aside_by_a_killed_save_is_put_back_and_loads(name, tmp_path, tokenizer):
+    model = trained(name)
+    METHODS[name].save(model, tokenizer, tmp_path / "stash")
+    holder = tmp_path / ".adapter_best.q1w2e3r4.old"  # where atomic_directory moves the old folder before the new
+    holder.mkdir()
+    (tmp_path / "stash").rename(holder / "adapter_best")
+    loaded = METHODS[name].load(fresh() if name != "full" else fresh(seed=1), tmp_path / "adapter_best", **params(name))
+    ids = torch.tensor([[464, 3290, 318, 257, 1332]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_best"]
+
+
+def test_a_full_save_after_a_kill_keeps_the_old_weights_even_when_it_fails(tmp_path, tokenizer, monkeypatch):
+    old = trained("full")
+    METHODS["full"].save(old, tokenizer, tmp_path / "stash")
+    (tmp_path / ".adapter_best.q1w2e3r4.old").mkdir()
+    (tmp_path / "stash").rename(tmp_path / ".adapter_best.q1w2e3r4.old" / "adapter_best")
+    monkeypatch.setattr(tokenizer, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        METHODS["full"].save(trained("full"), tokenizer, tmp_path / "adapter_best")
     monkeypatch.undo()
-    with torch.no_grad():
-        got, want = load(tiny(), tmp_path / "best")(ids).logits, old(ids).logits
-    assert torch.equal(got, want) and (tmp_path / "best").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_best"]  # put back before the write, kept after
+    loaded = METHODS["full"].load(fresh(seed=1), tmp_path / "adapter_best", **params("full"))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in old.state_dict().items())
+
+
+def test_lora_loads_through_load_adapter_checks(tmp_path, tokenizer):
+    METHODS["lora"].save(trained("lora"), tokenizer, tmp_path / "a")
+    state = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    key = next(iter(state))
+    state[key][0, 0] = float("nan")
+    save_file(state, str(tmp_path / "a" / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="NaN"):
+        METHODS["lora"].load(fresh(), tmp_path / "a", **params("lora"))
+
+
+def test_full_loads_sharded_files_strictly(tmp_path):
+    model = trained("full")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="500KB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    target = fresh(seed=1)
+    METHODS["full"].load(target, tmp_path / "sharded", **params("full"))
+    for (n, a), b in zip(model.state_dict().items(), target.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+
+    # A folder of another model (one block fewer) does not fit: refused, the model untouched.
+    fresh(n_layer=1).save_pretrained(tmp_path / "other")
+    target, before = fresh(seed=1), {k: v.clone() for k, v in fresh(seed=1).state_dict().items()}
+    with pytest.raises(AdapterError, match="does not fit the model"):
+        METHODS["full"].load(target, tmp_path / "other", **params("full"))
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    with pytest.raises(AdapterError, match="not a loadable model folder"):
+        METHODS["full"].load(target, tmp_path / "nowhere", **params("full"))

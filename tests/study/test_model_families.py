@@ -14,18 +14,16 @@ from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
 import train_sentiment
 from lora_fast import AdapterError, apply_lora, count_parameters, lora_modules
 from lora_fast.study import gguf
+from lora_fast.study.bitfit import load_bitfit, prepare_bitfit, save_bitfit
+from lora_fast.study.bottleneck import (
+    apply_bottleneck_adapters,
+    bottleneck_adapter_modules,
+    load_bottleneck_adapters,
+    save_bottleneck_adapters,
+)
 from lora_fast.study.causal_lm import LastTokenLM, default_targets, load_causal_lm
 from lora_fast.study.errors import ModelLoadError, UsageError
 from lora_fast.study.evaluate import generation_accuracy, label_accuracy, val_loss
-from lora_fast.study.methods import (
-    apply_bottleneck_adapters,
-    bottleneck_adapter_modules,
-    load_bitfit,
-    load_bottleneck_adapters,
-    prepare_bitfit,
-    save_bitfit,
-    save_bottleneck_adapters,
-)
 from lora_fast.study.prompts import label_token_ids
 from lora_fast.study.training import collate
 from tests.helpers import run_script, tiny_gpt2_config, tiny_llama_config

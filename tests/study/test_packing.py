@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from lora_fast import LoRALinear, apply_lora
+from lora_fast.study.bitfit import prepare_bitfit
+from lora_fast.study.bottleneck import apply_bottleneck_adapters
 from lora_fast.study.causal_lm import LastTokenLM, default_targets
-from lora_fast.study.methods import apply_bottleneck_adapters, prepare_bitfit
 from lora_fast.study.packing import Packing, active_dropout, pack_rows, resolve_packing
 from lora_fast.study.prompts import EncodedSplit
 from lora_fast.study.training import collate, make_optimizer, step_batches, train_step
@@ -77,7 +78,7 @@ def with_method(model, method: str):
         apply_lora(model, default_targets(model.config.model_type), r=4, alpha=8)
     elif method == "bitfit":
         prepare_bitfit(model)
-    elif method == "adapter":
+    elif method == "bottleneck":
         apply_bottleneck_adapters(model, 4)
     if method != "full":
         with torch.no_grad():
@@ -148,7 +149,7 @@ def test_more_rows_when_attention_costs_more():
 
 
 @pytest.mark.parametrize("mode", ["flat", "prefix"])
-@pytest.mark.parametrize("method", ["lora", "full", "bitfit", "adapter"])
+@pytest.mark.parametrize("method", ["lora", "full", "bitfit", "bottleneck"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_packed_logits_and_gradients_equal_padded(family, method, mode):
     model = with_method(make_model(family), method).train()

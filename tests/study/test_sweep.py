@@ -12,7 +12,7 @@ from lora_fast.study.sweep import SWEEPS, SweepError, run_sweep, sweep_markdown
 from lora_fast.study.tiny import make_tiny_gpt2
 from tests.helpers import run_script
 
-METHOD_RUNS = ["zero-shot", "few-shot-k4", "bitfit", "adapter", "lora-r16", "lora-r128", "full"]
+METHOD_RUNS = ["zero-shot", "few-shot-k4", "bitfit", "bottleneck", "lora-r16", "lora-r128", "full"]
 
 
 # ---------------------------------------------------------------- the study table
@@ -31,7 +31,7 @@ def test_study_markdown_puts_the_study_beside_ours_with_deltas():
         "full": ((0.8000, 0.8500), (0.8300, 0.8400)),
         "lora-r16-a256": ((0.1, 0.1), (0.8800, 0.9000)),
         "bitfit": ((0.6000, 0.6500), (0.1, 0.1)),
-        "adapter": ((0.6100, 0.6600), (0.1, 0.1)),
+        "bottleneck": ((0.6100, 0.6600), (0.1, 0.1)),
         **{f"prompt-{p}": ((0.7000, 0.7500), (0.1, 0.1)) for p in ("simple1", "simple2", "similar", "complex")},
     }
     evaluated = {"zero-shot": (0.0500, 0.6000), "few-shot-k4": (0.3000, 0.7000)}  # --eval-only: one set of scores
@@ -62,7 +62,7 @@ def test_study_markdown_puts_the_study_beside_ours_with_deltas():
     assert "| zero-shot | 0.6000 | 0.0500 | 0.6000 | 0 | 0.000 | 900 | - | 60.0 | `--eval-only` |" in every
     assert "| bitfit | 0.6500 | 0.6000 | 0.1000 | 1,000 | 0.500 | 900 | - | 60.0 | " in every
     assert "`--no-zero-shot --method bitfit --lr 0.001` |" in every
-    assert "`--no-zero-shot --r 16 --alpha 64` |" in every
+    assert "`--no-zero-shot --r 16 --alpha 64.0` |" in every
 
 
 def test_the_cpu_preset_sizes_the_study_sweep():
@@ -131,9 +131,9 @@ def test_methods_sweep_writes_the_table_resumes_and_skips_finished_runs(tiny, da
     # 1. Interrupted in bitfit, the first run that trains (the two evaluation-only runs finish).
     log = _sweep(tiny, data_dir, out, "--stop-after-step", "1")
     for name in ("zero-shot", "few-shot-k4", "bitfit"):  # each sub-run is its own train_sentiment.py process
-        assert f"train_sentiment.py --model={tiny}" in log and f"--out={out / name} --resume" in log
+        assert f"train_sentiment.py --model {tiny}" in log and f"--out {out / name} --resume" in log
     assert (out / "few-shot-k4" / "summary.json").is_file() and not (out / "bitfit" / "summary.json").exists()
-    assert (out / "bitfit" / "checkpoint.pt").is_file() and not (out / "adapter").exists()
+    assert (out / "bitfit" / "checkpoint.pt").is_file() and not (out / "bottleneck").exists()
     assert "bitfit stopped before its end" in log and not (out / "methods.md").exists()
 
     # 2. Re-run: finished runs skipped, bitfit resumed from its step-1 checkpoint, the rest run.
@@ -154,7 +154,7 @@ def test_methods_sweep_writes_the_table_resumes_and_skips_finished_runs(tiny, da
     assert list(rows)[2:] == METHOD_RUNS
     # Trainable parameters of width 32, 2 blocks: BitFit's biases 2 · (96 + 32 + 128 + 32 + 32 + 32) + 32 (ln_f);
     # adapters (D = 4) 2 · 2 · ((32·4 + 4) + (4·32 + 32)); LoRA 2 · r · ((32 + 96) + (32 + 32)); full FT all.
-    expected = {"zero-shot": 0, "few-shot-k4": 0, "bitfit": 736, "adapter": 1168, "lora-r16": 6144}
+    expected = {"zero-shot": 0, "few-shot-k4": 0, "bitfit": 736, "bottleneck": 1168, "lora-r16": 6144}
     expected |= {"lora-r128": 49152, "full": summaries["full"]["total_params"]}
     for name, n in expected.items():
         cells = rows[name]
