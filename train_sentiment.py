@@ -5,10 +5,12 @@ nanoGPT-based LoRA study (gpt2-medium, r=128, α=512), with its two flaws fixed 
     python train_sentiment.py --sweep study --out runs/study       # its three experiments, resumable
     python train_sentiment.py --model /tmp/tiny --data-dir path/to/rotten_tomatoes --max-steps 20
     torchrun --nproc_per_node 2 train_sentiment.py ...             # DDP, unchanged
+    torchrun --nproc_per_node 2 train_sentiment.py --parallel fsdp ...  # FSDP2: 1/2 of every weight per process
 
 A run writes config.json, metrics.jsonl, summary.json, adapter_best/, adapter_last/, val_loss.png and checkpoint.pt
-to --out, a folder it creates once the flags are checked and the model and data have loaded. An --out that holds a
-run already is refused unless --resume (continue it) or --overwrite (start it afresh) says which.
+(checkpoint.dcp/ with --parallel fsdp) to --out, a folder it creates once the flags are checked and the model and data
+have loaded. An --out that holds a run already is refused unless --resume (continue it) or --overwrite (start it
+afresh) says which.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ from lora_fast import BACKENDS, AdapterError
 from lora_fast.io import atomic_write_json, recover_directory
 from lora_fast.study import distributed
 from lora_fast.study.causal_lm import LastTokenLM, default_targets, load_causal_lm, max_positions, use_fused_gelu
-from lora_fast.study.checkpoint import require_finite, resume, save_checkpoint
+from lora_fast.study.checkpoint import checkpoint_path, require_finite, resume, resume_path, save_checkpoint
 from lora_fast.study.cli import check_numbers, dataclass_parser, opt, parse_flags, report_errors
 from lora_fast.study.data import load_splits, subset
 from lora_fast.study.errors import NonFiniteError, UsageError
 from lora_fast.study.evaluate import score_split, val_loss
+from lora_fast.study.fsdp import full_parameters
 from lora_fast.study.gguf import split_gguf
 from lora_fast.study.prompts import INSTRUCTIONS, encode_split, resolve_instruction
 from lora_fast.study.registry import METHODS
@@ -120,6 +123,12 @@ class Config:
     device: str = opt("auto", "cpu, cuda, cuda:N (auto: cuda when present; torchrun: cuda:LOCAL_RANK)")
     dtype: str = opt("auto", "CUDA autocast (auto: bf16, or fp16 + GradScaler); CPU: fp32", choices=DTYPES)
     grad_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% more time)")
+    parallel: str = opt(
+        "ddp",
+        "under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: each holds 1/N of every weight; "
+        "docs/DISTRIBUTED.md)",
+        choices=distributed.PARALLEL,
+    )
     group_by_length: bool = opt(True, "sort each step's examples by length before cutting micro-batches")
     padding_side: str = opt("right", "pad prompts on the right or the left (same results)", choices=("right", "left"))
     fused_gelu: bool = opt(True, "replace GPT-2's elementwise gelu_new by torch's tanh GELU (same values)")
@@ -165,8 +174,8 @@ INTERVALS = {"lr": (0, False, math.inf), "alpha": (-math.inf, False, math.inf), 
              "dropout": (0, True, 1), "weight_decay": (0, True, math.inf), "grad_clip": (0, True, math.inf),
              "betas": (0, True, 1)}  # fmt: skip
 # What a run writes to --out: an --out holding any of them holds a run.
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "val_loss.png", "adapter_best",
-             "adapter_last")  # fmt: skip
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "checkpoint.dcp", "val_loss.png",
+             "adapter_best", "adapter_last")  # fmt: skip
 
 
 def check_config(cfg: Config, world: int, device: torch.device) -> None:
@@ -175,6 +184,7 @@ def check_config(cfg: Config, world: int, device: torch.device) -> None:
     check_numbers(cfg, LEAST, INTERVALS)
     if cfg.grad_accum % world:
         raise UsageError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes")
+    distributed.check_parallel(cfg.parallel, world, cfg.method, cfg.dtype)
     if cfg.generation and cfg.max_length <= cfg.gen_tokens:
         raise UsageError(
             f"--max-length {cfg.max_length}: must be more than --gen-tokens {cfg.gen_tokens} (the generation metric "
@@ -281,8 +291,8 @@ def describe(cfg: Config, model, splits: list, device: torch.device, world: int)
     """The summary's first fields: what ran, on what, with how many trainable parameters and examples."""
     sizes = {f"n_{name}": len(split) for name, split in zip(("train", "val", "test"), splits, strict=True)}
     what = {"method": cfg.method, "model": cfg.model, "prompt": cfg.instruction or cfg.prompt, "shots": cfg.shots}
-    where = {"device": str(device), "world_size": world, "versions": versions()}
-    return {**what, **parameter_summary(model), **sizes, **where}
+    where = {"device": str(device), "world_size": world, "parallel": cfg.parallel, "versions": versions()}
+    return {**what, **parameter_summary(model), **sizes, **where, **distributed.memory_summary(model)}
 
 
 def open_run_folder(cfg: Config, out: Path, log) -> None:
@@ -321,10 +331,12 @@ def scorers(cfg: Config, model, tokenizer, val, test, device: torch.device, amp_
 
 def save_weights(cfg: Config, model, tokenizer, folder: Path, main: bool) -> None:
     """--method's save of the trained weights to ``folder`` by the main process, once every process has found them
-    finite (a NonFiniteError otherwise: all stop together, and the folder on disk stays the last good one)."""
-    require_finite({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, str(folder))
-    if main:
-        METHODS[cfg.method].save(model, tokenizer, folder)
+    finite (a NonFiniteError otherwise: all stop together, and the folder on disk stays the last good one). A sharded
+    model's trainable weights are gathered whole first (``full_parameters``), so the files are a single process's."""
+    with full_parameters(model):
+        require_finite({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, str(folder))
+        if main:
+            METHODS[cfg.method].save(model, tokenizer, folder)
 
 
 def last_good(cfg: Config, ckpt_path: Path, saved: int | None) -> str:
@@ -358,12 +370,13 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
 
     # --- data, model, the run folder (only once both have loaded), metrics
     splits = load_splits(cfg.data_dir, cfg.dataset)
-    model, tokenizer = prepare_model(cfg, device, log)
+    amp_dtype, scaler = amp_setup(cfg, device)
+    model, tokenizer = prepare_model(cfg, distributed.load_device(cfg.parallel, device), log)
+    model = distributed.place(model, cfg.parallel, device, amp_dtype)
     max_length = prompt_length(cfg, model)
     train, val, test = encode_data(cfg, splits, tokenizer, max_length)
     if main:
         open_run_folder(cfg, out, log)
-    amp_dtype, scaler = amp_setup(cfg, device)
     validate, score = scorers(cfg, model, tokenizer, val, test, device, amp_dtype, max_length)
     summary = describe(cfg, model, [train, val, test], device, world)
     if cfg.eval_only:
@@ -373,12 +386,16 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     module = distributed.wrap(LastTokenLM(model), device)
     optimizer = make_optimizer(model, cfg.lr, tuple(cfg.betas), cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.warmup_steps)
-    method, ckpt_path, metrics_path = METHODS[cfg.method], out / "checkpoint.pt", out / "metrics.jsonl"
+    method, ckpt_path, metrics_path = METHODS[cfg.method], checkpoint_path(out, model), out / "metrics.jsonl"
     pad, global_batch = tokenizer.pad_token_id, cfg.batch_size * cfg.grad_accum
     data_order = {"seed": cfg.seed, "global_batch": global_batch, "n_train": len(train)}
     step, state = resume(ckpt_path, model, optimizer, scheduler, scaler, data_order) if cfg.resume else (0, {})
     if cfg.resume:
-        log(f"resumed from {ckpt_path} at step {step}" if step else f"--resume: no checkpoint in {out}, so step 0")
+        log(
+            f"resumed from {resume_path(ckpt_path, model)} at step {step}"
+            if step
+            else f"--resume: no checkpoint in {out}, so step 0"
+        )
     best, zero_shot = state.get("best", {"val_loss": math.inf, "step": None}), state.get("zero_shot")
     if zero_shot is None and cfg.zero_shot:
         zero_shot = score()
@@ -426,7 +443,8 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     distributed.barrier()
     last, reload = score(), best["step"] not in (None, step)  # reload: the best weights are not the last ones
     if reload:
-        method.load(model, out / "adapter_best", cfg)
+        with full_parameters(model, write_back=True):
+            method.load(model, out / "adapter_best", cfg)
     summary["test"] = {"zero_shot": zero_shot, "best": score() if reload else dict(last), "last": last}
     summary.update(steps=step, best_step=best["step"], best_val_loss=best["val_loss"])
     summary["tokens_per_s"] = tokens_seen / train_time if train_time else None

@@ -17,7 +17,9 @@ new tokens; a space that merges with the prompt's last token) or a model outside
 with a generation config that this is not exact for takes two passes, as ``label_accuracy`` and
 ``generation_accuracy`` run them. Both give the same predictions up to rounding (left padding and batch shapes).
 
-Under ``torch.distributed`` each rank scores every ``world``-th example and the sums are all-reduced. Each pass shows
+Under ``torch.distributed`` each rank scores every ``world``-th example and the sums are all-reduced; a model FSDP
+shards runs each pass in ``fsdp.lockstep`` (a process with fewer batches, or a ``generate`` that stops sooner, runs
+placeholder forwards until all are done, since every forward gathers the weights from all processes). Each pass shows
 a progress bar on the main process when its stderr is a terminal (tqdm's own rule); a log file gets none.
 """
 
@@ -36,6 +38,7 @@ from tqdm import tqdm
 
 from lora_fast.study.causal_lm import PLAIN_HEAD_MODEL_TYPES, LastTokenLM
 from lora_fast.study.distributed import all_sum, rank_and_world
+from lora_fast.study.fsdp import lockstep
 from lora_fast.study.prompts import LABEL_WORDS, EncodedSplit, label_token_ids
 from lora_fast.study.training import collate
 
@@ -83,10 +86,12 @@ def _ratio(correct: float, n: float) -> float:
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Evaluation mode inside, and on a sharded model the processes' forwards in lockstep (``fsdp.lockstep``)."""
     was = model.training
     model.eval()
     try:
-        yield
+        with lockstep(model):
+            yield
     finally:
         model.train(was)
 
@@ -197,6 +202,7 @@ def _generate(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad_id,
+            synced_gpus=False,  # a sharded model's processes keep in step in _eval_mode (fsdp.lockstep) instead
             **cache,
         )
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
