@@ -226,6 +226,51 @@ def test_a_sharded_checkpoint_resumes_on_one_process_and_back(runs, tiny, data_d
         torch.testing.assert_close(y[k], x[k], **FP32)
 
 
+# ---------------------------------------------------------------- DPO
+
+
+@pytest.fixture(scope="module")
+def dpo_dirs(tmp_path_factory, tiny):
+    """A sentiment scorer adapter (random B) on the tiny model."""
+    from transformers import GPT2LMHeadModel
+
+    from lora_fast import apply_lora, lora_modules, save_adapter
+
+    root = tmp_path_factory.mktemp("dpo")
+    scorer = apply_lora(GPT2LMHeadModel.from_pretrained(tiny), ["attn.c_attn"], r=4, alpha=8)
+    torch.manual_seed(0)
+    for _, layer in lora_modules(scorer):
+        torch.nn.init.normal_(layer.lora_B, std=0.5)
+    save_adapter(scorer, root / "scorer")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_train_dpo_under_torchrun_equals_one_process(dpo_dirs, tiny, data_dir, tmp_path, parallel):
+    """Each process takes half of every step's pairs; sampling, scoring and evaluation run whole on each (FSDP: in
+    lockstep). Losses, rewards, KLs and the adapter equal one process's."""
+    import train_dpo
+
+    args = ["--model", tiny, "--scorer", dpo_dirs / "scorer", "--data-dir", data_dir, "--num-prompts", "8",
+            "--samples-per-prompt", "3", "--num-eval-prompts", "4", "--eval-samples", "2", "--max-new-tokens", "5",
+            "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--betas", "0.1", "1.0", "--beta", "0.1",
+            "--device", "cpu"]  # fmt: skip
+    assert train_dpo.main([*map(str, args), "--out", str(tmp_path / "one")]) == 0
+    proc = torchrun(["train_dpo.py", *args, "--out", tmp_path / "two", "--parallel", parallel])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [(r["event"], r.get("step")) for r in two] == [(r["event"], r.get("step")) for r in one]
+    for key in ("loss", "reward_margin", "reward_accuracy", "kl", "reward"):
+        x = [r[key] for r in one if key in r]
+        assert x, key
+        torch.testing.assert_close(torch.tensor([r[key] for r in two if key in r]), torch.tensor(x), **FP32)
+    assert len({r["loss"] for r in one if r["event"] == "train"}) > 1  # it trained
+    x, y = _adapter(tmp_path / "one", "adapter"), _adapter(tmp_path / "two", "adapter")
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], **FP32)
+
+
 # ---------------------------------------------------------------- refusals
 
 
