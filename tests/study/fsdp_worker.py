@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from lora_fast import apply_lora, lora_modules, patch_peft
+from lora_fast import apply_lora, lora_modules, merge_lora, patch_peft
 from lora_fast.layers import LoRALinear
 from lora_fast.study import distributed
 from lora_fast.study.causal_lm import LastTokenLM
@@ -162,7 +162,8 @@ def peft_case(patched: bool, device: torch.device) -> dict:
 
 def lockstep_case(device: torch.device) -> dict:
     """Rank 0 runs three forwards in ``lockstep``, the others one: every process leaves, rank 0's outputs are one
-    process's, and the others ran placeholders until rank 0 was done. Then ``full_parameters(write_back=True)``."""
+    process's, and the others ran placeholders until rank 0 was done. Then ``full_parameters(write_back=True)``, and
+    ``merge_lora`` on the sharded weights (refused)."""
     rank = dist.get_rank()
     model = _model("gpt2", torch.float64)
     apply_lora(model, _targets("gpt2"), r=4, alpha=8)
@@ -183,6 +184,11 @@ def lockstep_case(device: torch.device) -> dict:
         with torch.no_grad():
             first.lora_A.fill_(0.25)
     after = trainable(model)
+    try:
+        merge_lora(model)
+        merge = "merged"
+    except RuntimeError as exc:
+        merge = str(exc)
     counts = [None] * dist.get_world_size()
     dist.all_gather_object(counts, len(calls))
     if rank != 0:
@@ -194,6 +200,7 @@ def lockstep_case(device: torch.device) -> dict:
         "written_back": bool((after["transformer.h.0.attn.c_attn.lora_A"] == 0.25).all()),
         "others_untouched": bool((after["transformer.h.1.attn.c_attn.lora_A"] != 0.25).all()),
         "sharded_after": isinstance(first.lora_A, DTensor),
+        "merge": merge,
     }
 
 

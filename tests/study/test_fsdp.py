@@ -89,11 +89,12 @@ def test_patch_peft_under_fsdp_gives_peft_losses(sharded):
 def test_lockstep_and_full_parameters(sharded):
     """Rank 0 ran three forwards, rank 1 one, inside ``lockstep``: both left it, rank 1 having run two placeholders,
     and the outputs were one process's. ``full_parameters(write_back=True)`` showed a whole tensor and put what was
-    written into it back into the shards, and nothing else."""
+    written into it back into the shards, and nothing else. Merging sharded weights is refused by name."""
     got = sharded["lockstep"]
     assert got["outputs_match_one_process"] and got["block0_forwards_per_rank"] == [3, 3]
     assert got["gathered_type"] == "Parameter" and got["sharded_after"]
     assert got["written_back"] and got["others_untouched"]
+    assert "the base weight is sharded" in got["merge"]
 
 
 # ---------------------------------------------------------------- the script: files, checkpoints, a killed rank
@@ -132,7 +133,11 @@ def runs(tmp_path_factory, tiny, data_dir):
 
 
 @pytest.mark.slow
-def test_fsdp_run_equals_one_process_and_writes_its_files(runs):
+def test_fsdp_run_equals_one_process_and_writes_its_files(runs, tiny):
+    from transformers import GPT2LMHeadModel
+
+    from lora_fast import load_adapter, merge_and_unload
+
     one, two = runs / "one", runs / "fsdp"
     a, b = _metrics(one), _metrics(two)
     assert [r["step"] for r in b] == list(range(1, 9))
@@ -147,6 +152,12 @@ def test_fsdp_run_equals_one_process_and_writes_its_files(runs):
         assert x.keys() == y.keys() and x
         for k in x:
             torch.testing.assert_close(y[k], x[k], **FP32)
+    # Merging runs on one process, from the gathered adapter: the merged model is one process's.
+    merged = [
+        merge_and_unload(load_adapter(GPT2LMHeadModel.from_pretrained(tiny), d / "adapter_last")) for d in (one, two)
+    ]
+    for (name, x), y in zip(merged[0].state_dict().items(), merged[1].state_dict().values(), strict=True):
+        torch.testing.assert_close(y, x, **FP32, msg=name)
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert s2["test"] == s1["test"] and s2["parallel"] == "fsdp" and s2["world_size"] == 2  # generation in lockstep
     assert s2["frozen_weights_mb_this_process"] == pytest.approx(s2["frozen_weights_mb"] / 2, rel=0.01)
