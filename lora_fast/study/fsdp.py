@@ -42,6 +42,7 @@ __all__ = [
     "block_list",
     "shard_model",
     "is_sharded",
+    "reshard",
     "lockstep",
     "full_parameters",
     "gradient_sync",
@@ -85,6 +86,15 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def reshard(model: nn.Module) -> None:
+    """Every FSDP module of ``model`` back to its shards. After a forward without a backward (evaluation) FSDP keeps
+    the root's gathered weights registered in place of its shards, expecting the backward to need them next; code
+    that reads the parameters (files, checkpoints, the optimizer's view) wants the shards."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -97,16 +107,22 @@ def _device(model: nn.Module) -> torch.device:
 def lockstep(model: nn.Module) -> Iterator[None]:
     """Inside the block each process may run a different number of forwards of ``model`` (different examples, a
     ``generate`` that stops early); on leaving, a process that ran fewer runs one-token forwards of ``model`` (no
-    gradient, results dropped) until every process has left. A no-op unless ``model`` is sharded over several
-    processes. Every process must enter and leave it together, like any collective.
+    gradient, results dropped) until every process has left, and the weights go back to their shards (``reshard``).
+    A no-op unless ``model`` is sharded. Every process must enter and leave it together, like any collective.
 
     Mechanism: a forward pre-hook, ahead of FSDP's own, all-reduces a 1 before each forward; a process that has left
     the block all-reduces a 0 and runs one forward for as long as the sum says another process is still running
     one, so each process issues the same collectives in the same order. Transformers' own ``synced_gpus`` does this
     inside one ``generate``; callers pass ``synced_gpus=False``, since its extra all-reduce would not be matched
     here."""
-    if not is_sharded(model) or _world() == 1:
+    if not is_sharded(model):
         yield
+        return
+    if _world() == 1:
+        try:
+            yield
+        finally:
+            reshard(model)
         return
     device, state = _device(model), {"left": False}
 
@@ -130,6 +146,7 @@ def lockstep(model: nn.Module) -> Iterator[None]:
                     model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
         finally:
             handle.remove()
+            reshard(model)
 
 
 @contextlib.contextmanager
@@ -142,6 +159,7 @@ def full_parameters(model: nn.Module, write_back: bool = False) -> Iterator[nn.M
     if not is_sharded(model):
         yield model
         return
+    reshard(model)
     gathered: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
     places = []
     with torch.no_grad():
@@ -180,6 +198,7 @@ def parameter_bytes(model: nn.Module, frozen_only: bool = False) -> tuple[int, i
     """``(held by this process, whole model)`` bytes of ``model``'s parameters (with ``frozen_only``, of those that do
     not train); tied parameters count once. On a sharded model this process holds its shards (FSDP pads dim 0 to a
     multiple of the process count; the padding is not counted)."""
+    reshard(model)
     local = whole = 0
     for param in model.parameters():
         if frozen_only and param.requires_grad:

@@ -39,6 +39,7 @@ from lora_fast.io import atomic_directory, recover_directory
 from lora_fast.study.checkpoint import nonfinite_entries, rng_state, set_rng_state
 from lora_fast.study.distributed import all_sum, rank_and_world
 from lora_fast.study.errors import CheckpointError, NonFiniteError, first_line
+from lora_fast.study.fsdp import reshard
 
 __all__ = ["META_NAME", "save_sharded_checkpoint", "load_sharded_checkpoint"]
 
@@ -50,6 +51,7 @@ def _states(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any
     """``{"model", "optimizer"}``: the trainable weights by parameter name (``named_parameters``, as a single-file
     checkpoint names them) and the optimizer state by the same names (DCP's ``get_optimizer_state_dict``), DTensor
     shards on a sharded model and whole tensors otherwise: the form DCP writes, and reads in place."""
+    reshard(model)  # the shards, not weights an evaluation's forward left gathered
     weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     return {"model": weights, "optimizer": get_optimizer_state_dict(model, optimizer)}
 

@@ -167,6 +167,30 @@ def test_fsdp_run_equals_one_process_and_writes_its_files(runs, tiny):
     assert not (two / "checkpoint.pt").exists() and not [p for p in two.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["bitfit", "adapter"])
+def test_other_methods_under_fsdp_equal_one_process(tiny, data_dir, tmp_path, method):
+    """BitFit trains biases in the root's group too (``ln_f``), which an evaluation's forward leaves gathered: its
+    checkpoints and files must still see the shards. Bottleneck adapters add modules inside the blocks."""
+    args = [*run_args(tiny, data_dir, tmp_path / "one", steps=4), "--method", method, "--eval-every", "2"]
+    assert train_sentiment.main(args) == 0
+    args[args.index("--out") + 1] = str(tmp_path / "fsdp")
+    proc = torchrun(["train_sentiment.py", *args, "--parallel", "fsdp"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "fsdp")
+    losses = [torch.tensor([r["train_loss"] for r in rows]) for rows in (b, a)]
+    torch.testing.assert_close(*losses, **FP32)
+    from safetensors.torch import load_file
+
+    files = sorted(p.name for p in (tmp_path / "one" / "adapter_last").iterdir())
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "adapter_last").iterdir()) == files
+    weights = next(f for f in files if f.endswith(".safetensors"))
+    x, y = (load_file(str(tmp_path / d / "adapter_last" / weights)) for d in ("one", "fsdp"))
+    assert x.keys() == y.keys() and x
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], **FP32)
+
+
 def _rank_pid(parent: int, rank: int) -> int | None:
     """The pid of the worker process of ``rank`` that torchrun (pid ``parent``) started, or None (not yet)."""
     for entry in Path("/proc").iterdir():
