@@ -160,6 +160,21 @@ def peft_case(patched: bool, device: torch.device) -> dict:
     return {"losses": losses, "fast_layers": fast, "fallbacks": sorted({str(r) for r in reasons})}
 
 
+def accumulation_case(device: torch.device) -> dict:
+    """Two micro-batches' backward, the first inside ``distributed.no_sync``: whether the sharded gradients existed
+    after the first (a reduce-scatter ran) and after the second."""
+    model = shard_model(lora_model("gpt2", "torch", torch.float64), device)
+    head, (batches, targets) = LastTokenLM(model), make_steps(model.config.vocab_size, device)[0]
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    seen = []
+    for i, (batch, target) in enumerate(zip(batches[:2], targets[:2], strict=True)):
+        with distributed.no_sync(head) if i == 0 else contextlib.nullcontext():
+            logits = head(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["last_index"])
+            torch.nn.functional.cross_entropy(logits, target).backward()
+        seen.append(sum(p.grad is not None for p in trainable_params))
+    return {"sharded_grads_after_each_backward": seen, "trainable": len(trainable_params)}
+
+
 def lockstep_case(device: torch.device) -> dict:
     """Rank 0 runs three forwards in ``lockstep``, the others one: every process leaves, rank 0's outputs are one
     process's, and the others ran placeholders until rank 0 was done. Then ``full_parameters(write_back=True)``, and
@@ -207,7 +222,7 @@ def lockstep_case(device: torch.device) -> dict:
 def main(argv: list[str]) -> int:
     out, device_type = argv[0], argv[2] if argv[1:2] == ["--device"] else "cpu"
     rank, _, device = distributed.setup(distributed.resolve_device(device_type))
-    results = {"lockstep": lockstep_case(device)}
+    results = {"lockstep": lockstep_case(device), "accumulation": accumulation_case(device)}
     for name, case in (CPU_CASES if device.type == "cpu" else CUDA_CASES).items():
         results[name] = lora_case(*case, device)
     if device.type == "cpu":

@@ -86,6 +86,14 @@ def test_patch_peft_under_fsdp_gives_peft_losses(sharded):
 
 
 @pytest.mark.slow
+def test_accumulated_micro_batches_are_reduced_once(sharded):
+    """Under ``distributed.no_sync`` a backward leaves no sharded gradient (no reduce-scatter ran); the next backward,
+    outside it, reduces both micro-batches' gradients into every shard."""
+    got = sharded["accumulation"]
+    assert got["trainable"] > 0 and got["sharded_grads_after_each_backward"] == [0, got["trainable"]]
+
+
+@pytest.mark.slow
 def test_lockstep_and_full_parameters(sharded):
     """Rank 0 ran three forwards, rank 1 one, inside ``lockstep``: both left it, rank 1 having run two placeholders,
     and the outputs were one process's. ``full_parameters(write_back=True)`` showed a whole tensor and put what was
