@@ -28,11 +28,12 @@ FP64 = {"rtol": 1e-12, "atol": 1e-12}
 FP32 = {"rtol": 1e-5, "atol": 1e-5}
 
 
-def torchrun(args, timeout: float = 600, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
-    """``torchrun --standalone --nproc_per_node 2 ARGS`` at the repository root, offline, one thread per process
+def torchrun(args, timeout: float = 600, nproc: int = 2, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+    """``torchrun --standalone --nproc_per_node NPROC ARGS`` at the repository root, offline, one thread per process
     (``python -m torch.distributed.run``: no need for the ``torchrun`` script on PATH). With ``popen`` (e.g.
     ``stdout=...``) the process is returned running."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd += list(map(str, args))
     env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(ROOT)}
     if popen:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, **popen)
@@ -265,6 +266,27 @@ def test_a_sharded_checkpoint_resumes_on_one_process_and_back(runs, tiny, data_d
     losses = [torch.tensor([r["train_loss"] for r in rows]) for rows in (cut, one)]
     torch.testing.assert_close(*losses, **FP32)
     x, y = _adapter(runs / "one"), _adapter(out)
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], **FP32)
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_on_three_fsdp_processes(tiny, data_dir, tmp_path):
+    """N to M: a checkpoint 2 FSDP processes wrote resumes on 3 (DCP reshards every weight and moment), and the run
+    ends as one process's does (24 sequences per step: 6 micro-batches of 4, 3 per process on 2, 2 on 3)."""
+    one, cut = tmp_path / "one", tmp_path / "cut"
+    base = lambda out: [*run_args(tiny, data_dir, out, steps=6), "--grad-accum", "6"]  # noqa: E731
+    assert train_sentiment.main(base(one)) == 0
+    proc = torchrun(["train_sentiment.py", *base(cut), "--parallel", "fsdp", "--stop-after-step", "4"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = torchrun(["train_sentiment.py", *base(cut), "--parallel", "fsdp", "--resume"], nproc=3)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert {p.name for p in (cut / "checkpoint.dcp").iterdir()} >= {f"__{r}_0.distcp" for r in range(3)}
+    a, b = _metrics(one), _metrics(cut)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    losses = [torch.tensor([r["train_loss"] for r in rows]) for rows in (b, a)]
+    torch.testing.assert_close(*losses, **FP32)
+    x, y = _adapter(one), _adapter(cut)
     for k in x:
         torch.testing.assert_close(y[k], x[k], **FP32)
 
