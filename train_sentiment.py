@@ -5,10 +5,12 @@ nanoGPT-based LoRA study (gpt2-medium, r=128, α=512), with its two flaws fixed 
     python train_sentiment.py --sweep study --out runs/study       # its three experiments, resumable
     python train_sentiment.py --model /tmp/tiny --data-dir path/to/rotten_tomatoes --max-steps 20
     torchrun --nproc_per_node 2 train_sentiment.py ...             # DDP, unchanged
+    torchrun --nproc_per_node 2 train_sentiment.py --parallel fsdp ...  # FSDP2: 1/2 of every weight per process
 
 A run writes config.json, metrics.jsonl, summary.json, adapter_best/, adapter_last/, val_loss.png and checkpoint.pt
-to --out, a folder it creates once the flags are checked and the model and data have loaded. An --out that holds a
-run already is refused unless --resume (continue it) or --overwrite (start it afresh) says which.
+(checkpoint.dcp/ with --parallel fsdp) to --out, a folder it creates once the flags are checked and the model and data
+have loaded. An --out that holds a run already is refused unless --resume (continue it) or --overwrite (start it
+afresh) says which.
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ from lora_fast import BACKENDS, AdapterError
 from lora_fast.io import atomic_write_json, recover_directory
 from lora_fast.study import distributed
 from lora_fast.study.causal_lm import LastTokenLM, default_targets, load_causal_lm, max_positions, use_fused_gelu
-from lora_fast.study.checkpoint import check_resume_config, require_finite, resume, save_checkpoint
+from lora_fast.study.checkpoint import (
+    SHARDED_CHECKPOINT,
+    check_resume_config,
+    checkpoint_path,
+    require_finite,
+    resume,
+    resume_path,
+    save_checkpoint,
+)
 from lora_fast.study.cli import (
     NONZERO,
     check_numbers,
@@ -42,6 +52,7 @@ from lora_fast.study.cli import (
 from lora_fast.study.data import load_splits, subset
 from lora_fast.study.errors import NonFiniteError, UsageError
 from lora_fast.study.evaluate import score_split, val_loss
+from lora_fast.study.fsdp import full_parameters, is_sharded
 from lora_fast.study.gguf import split_gguf
 from lora_fast.study.hub import check_hub_inputs
 from lora_fast.study.interrupt import INTERRUPTED_EXIT_CODE, StopRequest, resume_command
@@ -146,6 +157,12 @@ class Config:
         choices=DTYPES,
     )
     grad_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% more time)")
+    parallel: str = opt(
+        "ddp",
+        "under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: each holds 1/N of every weight; "
+        "docs/DISTRIBUTED.md)",
+        choices=distributed.PARALLEL,
+    )
     group_by_length: bool = opt(True, "sort each step's examples by length before cutting micro-batches")
     padding_side: str = opt("right", "pad prompts on the right or the left (same results)", choices=("right", "left"))
     packing: str = opt(
@@ -200,6 +217,12 @@ def method_params(cfg: Config) -> dict:
     return {name: flags[name] for name in METHODS[cfg.method].params}
 
 
+def saved_checkpoint(out: Path) -> Path | None:
+    """The checkpoint a run in ``out`` has written: ``checkpoint.pt`` (one process, ddp) or ``checkpoint.dcp/`` (fsdp),
+    or None."""
+    return next((c for c in (out / "checkpoint.pt", out / SHARDED_CHECKPOINT) if c.exists()), None)
+
+
 # Fields of a run's config.json written before they were renamed, and their names now.
 RENAMED_FIELDS = {"dropout": "model_dropout", "adapter_dim": "bottleneck_dim"}
 
@@ -223,11 +246,11 @@ INTERVALS = {"lr": (0, False, math.inf), "alpha": (-math.inf, False, math.inf), 
 # how it computes (the same math; --dtype is checked by what it resolves to, check_resumed_dtype). Every other flag
 # shapes the training and must be what the run started with (docs/TRAINING.md, "Robustness").
 RESUME_MAY_CHANGE = {"max_steps", "stop_after_step", "checkpoint_every", "eval_batch_size", "max_test", "generation",
-                     "gen_tokens", "zero_shot", "device", "backend", "grad_checkpointing", "dtype", "resume",
-                     "overwrite", "out", "preset", "sweep"}  # fmt: skip
+                     "gen_tokens", "zero_shot", "device", "backend", "grad_checkpointing", "dtype", "parallel",
+                     "resume", "overwrite", "out", "preset", "sweep"}  # fmt: skip
 # What a run writes to --out: an --out holding any of them holds a run.
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "val_loss.png", "adapter_best",
-             "adapter_last")  # fmt: skip
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "checkpoint.dcp", "val_loss.png",
+             "adapter_best", "adapter_last")  # fmt: skip
 
 
 def check_config(cfg: Config, world: int, device: torch.device) -> None:
@@ -236,6 +259,7 @@ def check_config(cfg: Config, world: int, device: torch.device) -> None:
     check_numbers(cfg, LEAST, INTERVALS, NONZERO if cfg.method == "lora" else {})
     if cfg.grad_accum % world:
         raise UsageError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes")
+    distributed.check_parallel(cfg.parallel, world, cfg.method, cfg.dtype)
     if cfg.generation and cfg.max_length <= cfg.gen_tokens:
         raise UsageError(
             f"--max-length {cfg.max_length}: must be more than --gen-tokens {cfg.gen_tokens} (the generation metric "
@@ -260,8 +284,8 @@ def check_config(cfg: Config, world: int, device: torch.device) -> None:
         reuse = "--resume to continue it (a finished run is skipped), --overwrite to start it afresh"
         check_out(Path(cfg.out), RUN_FILES, cfg.resume or cfg.overwrite or bool(cfg.sweep), reuse)
         out = Path(cfg.out)
-        if cfg.resume and (out / "checkpoint.pt").is_file() and (out / "config.json").is_file():
-            check_resume_config(out / "checkpoint.pt", run_config(out), dataclasses.asdict(cfg), RESUME_MAY_CHANGE)
+        if cfg.resume and saved_checkpoint(out) and (out / "config.json").is_file():
+            check_resume_config(saved_checkpoint(out), run_config(out), dataclasses.asdict(cfg), RESUME_MAY_CHANGE)
     _, gguf_file = split_gguf(cfg.model, cfg.gguf_file)  # --model X.gguf, or --gguf-file NAME in --model's folder
     if cfg.keep_quantized and (not gguf_file or cfg.method == "full"):
         why = "--method full trains every weight" if gguf_file else f"--model {cfg.model} is no GGUF file"
@@ -346,8 +370,8 @@ def describe(cfg: Config, model, splits: list, device: torch.device, world: int)
     """The summary's first fields: what ran, on what, with how many trainable parameters and examples."""
     sizes = {f"n_{name}": len(split) for name, split in zip(("train", "val", "test"), splits, strict=True)}
     what = {"method": cfg.method, "model": cfg.model, "prompt": cfg.instruction or cfg.prompt, "shots": cfg.shots}
-    where = {"device": str(device), "world_size": world, "versions": versions()}
-    return {**what, **parameter_summary(model), **sizes, **where}
+    where = {"device": str(device), "world_size": world, "parallel": cfg.parallel, "versions": versions()}
+    return {**what, **parameter_summary(model), **sizes, **where, **distributed.memory_summary(model)}
 
 
 def open_run_folder(cfg: Config, out: Path, precision: Precision, log) -> None:
@@ -355,7 +379,7 @@ def open_run_folder(cfg: Config, out: Path, precision: Precision, log) -> None:
     (the flags, and the precision --dtype chose, with why), with --overwrite after the old run's files are gone
     (``start_run_folder``); the folder and the precision are printed. A resume from a checkpoint keeps the run's
     config.json: it describes the run as it started, and a resume may not change it (``RESUME_MAY_CHANGE``)."""
-    if not (cfg.resume and (out / "checkpoint.pt").is_file() and (out / "config.json").is_file()):
+    if not (cfg.resume and saved_checkpoint(out) and (out / "config.json").is_file()):
         start_run_folder(out, {**dataclasses.asdict(cfg), "precision": precision.record()}, RUN_FILES, cfg.overwrite)
     log(f"run folder: {out}")
     log(f"precision: {precision.dtype} ({precision.reason})")
@@ -390,10 +414,12 @@ def scorers(cfg: Config, model, tokenizer, val, test, device: torch.device, amp_
 
 def save_weights(cfg: Config, model, tokenizer, folder: Path, main: bool) -> None:
     """--method's save of the trained weights to ``folder`` by the main process, once every process has found them
-    finite (a NonFiniteError otherwise: all stop together, and the folder on disk stays the last good one)."""
-    require_finite({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, str(folder))
-    if main:
-        METHODS[cfg.method].save(model, tokenizer, folder)
+    finite (a NonFiniteError otherwise: all stop together, and the folder on disk stays the last good one). A sharded
+    model's trainable weights are gathered whole first (``full_parameters``), so the files are a single process's."""
+    with full_parameters(model):
+        require_finite({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, str(folder))
+        if main:
+            METHODS[cfg.method].save(model, tokenizer, folder)
 
 
 def last_good(cfg: Config, ckpt_path: Path, saved: int | None) -> str:
@@ -428,19 +454,20 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     # --- data, model, the run folder (only once both have loaded), metrics
     with phase(f"loading the data ({cfg.data_dir or cfg.dataset})", main):
         splits = load_splits(cfg.data_dir, cfg.dataset)
+    precision, scaler = amp_setup(cfg, device)
+    amp_dtype = precision.amp_dtype
     with phase(f"loading the model ({cfg.model})", main):
-        model, tokenizer = prepare_model(cfg, device, log)
+        model, tokenizer = prepare_model(cfg, distributed.load_device(cfg.parallel, device), log)
+        model = distributed.place(model, cfg.parallel, device, amp_dtype)
     max_length = prompt_length(cfg, model)
     with phase("writing the prompts as token ids", main):
         train, val, test = encode_data(cfg, splits, tokenizer, max_length)
-    precision, scaler = amp_setup(cfg, device)
-    amp_dtype = precision.amp_dtype
     if main:
         open_run_folder(cfg, out, precision, log)
-    packing = {
-        use: resolve_packing(model, cfg.packing, training=use == "training") for use in ("training", "evaluation")
-    }
-    log(f"--packing {cfg.packing}: " + ", ".join(f"{use} {p.mode} ({p.reason})" for use, p in packing.items()))
+    asked = "off" if is_sharded(model) else cfg.packing  # a sharded model runs its own forward on padded rows
+    packing = {use: resolve_packing(model, asked, training=use == "training") for use in ("training", "evaluation")}
+    sharded = "--parallel fsdp: " if is_sharded(model) else ""
+    log(f"--packing {cfg.packing}: {sharded}" + ", ".join(f"{u} {p.mode} ({p.reason})" for u, p in packing.items()))
     clock = {"validation_s": 0.0, "scoring_s": 0.0}  # the time in each, beside train_steps_s
     validate, score = scorers(cfg, model, tokenizer, val, test, device, amp_dtype, max_length, packing["evaluation"])
     validate, score = timed(validate, clock, "validation_s"), timed(score, clock, "scoring_s")
@@ -452,7 +479,7 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     module = distributed.wrap(LastTokenLM(model), device)
     optimizer = make_optimizer(model, cfg.lr, tuple(cfg.betas), cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.warmup_steps)
-    method, ckpt_path, metrics_path = METHODS[cfg.method], out / "checkpoint.pt", out / "metrics.jsonl"
+    method, ckpt_path, metrics_path = METHODS[cfg.method], checkpoint_path(out, model), out / "metrics.jsonl"
     pad, global_batch = tokenizer.pad_token_id, cfg.batch_size * cfg.grad_accum
     data_order = {"seed": cfg.seed, "global_batch": global_batch, "n_train": len(train)}
     config_now = dataclasses.asdict(cfg)
@@ -461,7 +488,8 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
         step, state = resume(ckpt_path, model, optimizer, scheduler, scaler, data_order, config_now, RESUME_MAY_CHANGE)
     if cfg.resume:
         check_resumed_dtype(state, precision, device, ckpt_path)
-        log(f"resumed from {ckpt_path} at step {step}" if step else f"--resume: no checkpoint in {out}, so step 0")
+        where = resume_path(ckpt_path, model)
+        log(f"resumed from {where} at step {step}" if step else f"--resume: no checkpoint in {out}, so step 0")
     best, zero_shot = state.get("best", {"val_loss": math.inf, "step": None}), state.get("zero_shot")
     if zero_shot is None and cfg.zero_shot:
         zero_shot = score()
@@ -521,7 +549,8 @@ def run(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     distributed.barrier()
     last, reload = score(), best["step"] not in (None, step)  # reload: the best weights are not the last ones
     if reload:
-        method.load(model, out / "adapter_best", **method_params(cfg))
+        with full_parameters(model, write_back=True):
+            method.load(model, out / "adapter_best", **method_params(cfg))
     summary["test"] = {"zero_shot": zero_shot, "best": score() if reload else dict(last), "last": last}
     summary.update(steps=step, best_step=best["step"], best_val_loss=best["val_loss"])
     summary["tokens_per_s"] = tokens_seen / train_time if train_time else None
@@ -557,8 +586,8 @@ def start(cfg: Config, argv: list[str]) -> int:
             summary = run(cfg, rank, world, device)
     except KeyboardInterrupt:
         if rank == 0:
-            ckpt = out / "checkpoint.pt"
-            where = f"the last checkpoint is {ckpt}" if ckpt.is_file() else "no checkpoint was written yet"
+            ckpt = saved_checkpoint(out)
+            where = f"the last checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
             print(f"\ninterrupted; {where}. Continue with:\n  {again}", file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT_CODE
     if summary.get("interrupted"):

@@ -76,6 +76,15 @@ def check_lora_hyperparameters(r, alpha, dropout, use_rslora=False) -> None:
         raise ValueError(f"use_rslora must be a bool, got {use_rslora!r} ({type(use_rslora).__name__})")
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a weight FSDP or tensor parallelism shards: each process holds a piece)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 class LoRALinear(nn.Module):
     """``y = base(x) + s · (drop(x) Aᵀ) Bᵀ`` around an existing ``nn.Linear`` or ``Conv1D``.
 
@@ -176,6 +185,12 @@ class LoRALinear(nn.Module):
                 "merged; disable_lora(model) gives the base model's output"
             )
         w = self.base.weight
+        if _is_sharded(w):
+            raise RuntimeError(
+                f"merge: the base weight is sharded (a {type(w).__name__}, e.g. FSDP's), and merging needs it whole; "
+                "save the adapter (its weights gathered whole), load it into the base model on one process "
+                "(load_adapter) and merge there"
+            )
         if keep_original:
             self.premerge_weight = w.detach().clone()
         delta = self.delta_weight()

@@ -30,6 +30,7 @@ from lora_fast.gguf import PackedLinear
 from lora_fast.io import recover_directory
 from lora_fast.model import check_untied, find_targets
 from lora_fast.study.errors import ModelLoadError, UsageError, first_line
+from lora_fast.study.fsdp import is_sharded
 from lora_fast.study.gguf import load_gguf, split_gguf
 from lora_fast.study.hub import looks_local
 from lora_fast.study.packing import model_mask
@@ -211,6 +212,19 @@ def _gpt2_last_block_ok(model: nn.Module) -> bool:
 PLAIN_HEAD_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 
 
+def _left_aligned(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, last_index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch with each row rotated so that its last real token sits at the last column (right padding becomes
+    left padding; left-padded rows stay as they are). Position ids travel with their tokens and the mask hides the
+    padding, so every real token's output is unchanged; the last index becomes ``T - 1`` for every row."""
+    T = input_ids.shape[1]
+    shift = (T - 1 - last_index)[:, None]  # (B, 1): how far each row moves right
+    source = (torch.arange(T, device=input_ids.device)[None, :] - shift) % T  # (B, T): column each entry comes from
+    aligned = [t.gather(1, source) for t in (input_ids, attention_mask, position_ids)]
+    return (*aligned, torch.full_like(last_index, T - 1))
+
+
 class LastTokenLM(nn.Module):
     """``forward(...) -> (B, vocab)``, or ``(B, len(label_ids))``: the LM head applied at each sequence's last real
     token only, on every model. A module (not a function) so that DDP can wrap it and see every forward.
@@ -228,6 +242,9 @@ class LastTokenLM(nn.Module):
       with left padding), so the head runs on at most ``B`` positions per sequence and computes what HF computes.
     - A packed batch (``packing.pack_rows``: a 4-D ``attention_mask`` and ``row_index``; GPT-2 and Llama only): the
       same, with each sequence's last token at ``(row_index, last_index)`` of the packed rows.
+    - A model FSDP2 shards (``--parallel fsdp``): its own forward too (the root's weights are whole only inside it),
+      on the padded rows rotated to left padding (``_left_aligned``), so the head runs at one position, ``(B, vocab)``;
+      no packed batch (``--packing`` is off under fsdp).
     """
 
     def __init__(self, model: nn.Module, last_block_rows_only: bool = True):
@@ -251,6 +268,16 @@ class LastTokenLM(nn.Module):
                 f"without; got a {attention_mask.dim()}-D mask and row_index {'given' if packed else 'missing'}"
             )
         model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        if is_sharded(self.model):
+            # FSDP gathers its root's weights (embeddings, final norm, head) in the hooks of the model's own forward,
+            # so a sharded model runs that forward; rows moved to the left end at one position, the head runs there.
+            if packed:
+                raise ValueError("LastTokenLM: a model FSDP2 shards takes padded batches only (--packing off)")
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+            input_ids, attention_mask, position_ids, last_index = _left_aligned(
+                input_ids, attention_mask, position_ids, last_index
+            )
+            return self._own_forward_at_rows(input_ids, attention_mask, position_ids, last_index, rows, label_ids)
         if not packed:
             rows = torch.arange(input_ids.shape[0], device=input_ids.device)
             if model_type not in PLAIN_HEAD_MODEL_TYPES:

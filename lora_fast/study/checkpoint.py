@@ -8,6 +8,11 @@ Python values, so ``torch.load(..., weights_only=True)`` reads it: a ``checkpoin
 other objects (a pickle that would run code) is refused, not loaded. Writes go through
 ``lora_fast.io.atomic_torch_save``, so a kill mid-write leaves the previous checkpoint intact, and nothing holding a
 NaN or inf is ever written (``require_finite``): the checkpoint on disk is always one a run can go on from.
+
+A run whose model FSDP shards writes the folder ``checkpoint.dcp/`` instead (``sharded_checkpoint``: each process its
+shards); ``checkpoint_path`` names the one a model writes, ``save_checkpoint`` and ``resume`` take either. A sharded
+checkpoint also resumes on one process or under DDP (on any number of processes); a single file resumes only there.
+Once a run writes one kind, the other kind left by an earlier part of the run is removed, so an --out never holds two.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,11 +29,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_fast.io import atomic_torch_save
+from lora_fast.io import atomic_torch_save, recover_directory
 from lora_fast.study.cli import flag_differences, flag_name
 from lora_fast.study.errors import CheckpointError, NonFiniteError, first_line
+from lora_fast.study.fsdp import is_sharded
 
 __all__ = [
+    "CHECKPOINT_FILE",
+    "SHARDED_CHECKPOINT",
+    "checkpoint_path",
     "rng_state",
     "set_rng_state",
     "trainable_state_dict",
@@ -35,8 +45,23 @@ __all__ = [
     "require_finite",
     "save_checkpoint",
     "load_checkpoint",
+    "resume_path",
     "resume",
 ]
+
+
+CHECKPOINT_FILE = "checkpoint.pt"
+SHARDED_CHECKPOINT = "checkpoint.dcp"
+
+
+def checkpoint_path(out: str | os.PathLike, model: nn.Module) -> Path:
+    """The checkpoint a run in ``out`` writes for ``model``: ``checkpoint.dcp/`` when FSDP shards it, else
+    ``checkpoint.pt``."""
+    return Path(out) / (SHARDED_CHECKPOINT if is_sharded(model) else CHECKPOINT_FILE)
+
+
+def _other_kind(path: Path) -> Path:
+    return path.with_name(CHECKPOINT_FILE if path.name == SHARDED_CHECKPOINT else SHARDED_CHECKPOINT)
 
 
 def rng_state() -> dict[str, Any]:
@@ -105,7 +130,17 @@ def save_checkpoint(
 ) -> None:
     """Write the resume state after ``step`` completed optimizer steps to ``path`` (atomic). A state holding a NaN or
     an inf is refused (``NonFiniteError``) and the file on disk stays the previous one. ``write=False`` runs the
-    check only: under DDP every process checks, so all of them stop together, and one writes."""
+    check only: under DDP every process checks, so all of them stop together, and one writes. A sharded model writes
+    the folder ``path`` (``checkpoint_path``) with every process, whatever ``write`` says. Once written, the other
+    kind of checkpoint beside it is removed (by the writing process)."""
+    path = Path(path)
+    if is_sharded(model):
+        from lora_fast.study.sharded_checkpoint import save_sharded_checkpoint
+
+        save_sharded_checkpoint(path, model, optimizer, scheduler, scaler, step, extra)
+        if write:
+            _remove(_other_kind(path))
+        return
     state = {
         "step": step,
         "trainable": trainable_state_dict(model),
@@ -124,6 +159,14 @@ def save_checkpoint(
                 f"the checkpoint of step {step} could not be written to {path} ({first_line(exc, 160)}): is the disk "
                 f"full or the folder read-only? The previous checkpoint there is unchanged"
             ) from None
+        _remove(_other_kind(path))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -195,6 +238,22 @@ def check_resume_config(path: Path, run: dict | None, now: dict, may_change: set
         )
 
 
+def resume_path(path: str | os.PathLike, model: nn.Module) -> Path | None:
+    """The checkpoint a run resumes for ``model`` given ``checkpoint_path``'s ``path``: ``path``, or None when there is
+    none. A model that is not sharded resumes a sharded checkpoint beside ``path`` when there is no single file; a
+    sharded one refuses a single file (``CheckpointError``: the run that wrote it resumes it)."""
+    path, other = Path(path), _other_kind(Path(path))
+    recover_directory(path.with_name(SHARDED_CHECKPOINT))
+    if is_sharded(model) and not path.is_dir() and other.is_file():
+        raise CheckpointError(
+            f"--resume: {other} was written by a run on one process or under --parallel ddp, which resumes it; "
+            f"--parallel fsdp resumes its own {path.name}/"
+        )
+    if not is_sharded(model) and not path.is_file() and other.is_dir():
+        path = other
+    return path if path.exists() else None
+
+
 def resume(
     path: Path,
     model: nn.Module,
@@ -205,16 +264,24 @@ def resume(
     config: dict | None = None,
     may_change: set[str] = frozenset(),
 ) -> tuple[int, dict[str, Any]]:
-    """``(step, extra)`` restored from the checkpoint at ``path``, or ``(0, {})`` when there is none. A checkpoint
-    written with another data order (seed, step size, train examples), or with a ``config`` that differs outside
-    ``may_change`` (``check_resume_config``), is refused before the model is touched: resuming it would not finish
-    the run it started."""
-    if not path.is_file():
+    """``(step, extra)`` restored from the checkpoint ``resume_path`` finds, or ``(0, {})`` when there is none. A
+    checkpoint written with another data order (seed, step size, train examples), or with a ``config`` that differs
+    outside ``may_change`` (``check_resume_config``), is refused: resuming it would not finish the run it started
+    (a single file before the model is touched; a sharded one, whose config is read with it, before any step)."""
+    from lora_fast.study.sharded_checkpoint import load_sharded_checkpoint
+
+    path = resume_path(path, model)
+    if path is None:
         return 0, {}
-    saved = _read(path)
-    if config is not None:
-        check_resume_config(path, saved["extra"].get("config"), config, may_change)
-    state = _restore(path, saved, model, optimizer, scheduler, scaler)
+    if path.is_dir():
+        state = load_sharded_checkpoint(path, model, optimizer, scheduler, scaler)
+        if config is not None:
+            check_resume_config(path, state["extra"].get("config"), config, may_change)
+    else:
+        saved = _read(path)
+        if config is not None:
+            check_resume_config(path, saved["extra"].get("config"), config, may_change)
+        state = _restore(path, saved, model, optimizer, scheduler, scaler)
     if state["extra"].get("data_order") != data_order:
         raise CheckpointError(
             f"--resume: {path} was written with data order {state['extra'].get('data_order')}, this run has "

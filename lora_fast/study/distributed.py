@@ -1,8 +1,11 @@
-"""One process or several under ``torchrun``: this process's rank, the world size and its device, and sums across
-processes. Without a process group everything here is the single-process identity."""
+"""One process or several under ``torchrun``: this process's rank, the world size and its device, sums across
+processes, and how the model is spread over them (``--parallel``): ``ddp`` (DistributedDataParallel: every process
+holds the whole model) or ``fsdp`` (FSDP2: each holds 1/N of every weight, ``lora_fast.study.fsdp``; see
+docs/DISTRIBUTED.md). Without a process group everything here is the single-process identity."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Sequence
@@ -12,19 +15,33 @@ import torch.distributed as dist
 from torch import nn
 
 from lora_fast.gguf import packed_modules
+from lora_fast.study import fsdp
 from lora_fast.study.errors import UsageError
 
 __all__ = [
+    "PARALLEL",
+    "SHARDED_METHODS",
     "any_rank",
     "launched_world_size",
     "resolve_device",
+    "check_parallel",
     "setup",
     "rank_and_world",
     "all_sum",
+    "from_rank0",
     "barrier",
+    "load_device",
+    "place",
+    "memory_summary",
     "wrap",
+    "no_sync",
     "cleanup",
 ]
+
+PARALLEL = ("ddp", "fsdp")
+# The methods whose files --parallel fsdp writes from gathered trainable weights alone. ``full`` saves the whole
+# model, which would gather every weight on one process: it runs under ddp.
+SHARDED_METHODS = ("lora", "bitfit", "adapter")
 
 
 def launched_world_size() -> int:
@@ -52,6 +69,30 @@ def resolve_device(spec: str, flag: str = "--device") -> torch.device:
     if index >= count:
         raise UsageError(f"{flag} {spec}: cuda:{index} does not exist, this machine has {count} CUDA device(s)")
     return torch.device("cuda", index)
+
+
+def check_parallel(parallel: str, world: int, method: str = "lora", dtype: str = "auto") -> None:
+    """Refuse a ``--parallel`` that cannot run as asked (a UsageError naming the flag): ``fsdp`` needs several
+    processes (torchrun), a method in ``SHARDED_METHODS``, and no fp16 GradScaler (its skipped-step decision is per
+    process on sharded gradients; bf16 needs none)."""
+    if parallel not in PARALLEL:
+        raise UsageError(f"--parallel {parallel!r}: expected one of {', '.join(PARALLEL)}")
+    if parallel != "fsdp":
+        return
+    if world < 2:
+        raise UsageError(
+            "--parallel fsdp shards the model over several processes: start it with torchrun --nproc_per_node N "
+            "(N >= 2); one process runs the whole model anyway"
+        )
+    if method not in SHARDED_METHODS:
+        raise UsageError(
+            f"--parallel fsdp with --method {method}: its saves write the whole model, gathered on one process; use "
+            f"--parallel ddp (or one of {', '.join(SHARDED_METHODS)})"
+        )
+    if dtype == "fp16":
+        raise UsageError(
+            "--parallel fsdp with --dtype fp16: the fp16 GradScaler is not supported there; use --dtype bf16"
+        )
 
 
 def setup(device: torch.device) -> tuple[int, int, torch.device]:
@@ -86,22 +127,71 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return all_sum([float(flag)], device)[0] > 0
 
 
+def from_rank0(obj):
+    """Rank 0's ``obj`` on every process (pickled and broadcast; picklable plain values only), ``obj`` alone."""
+    if rank_and_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if rank_and_world()[1] > 1:
         dist.barrier()
 
 
+def load_device(parallel: str, device: torch.device) -> torch.device:
+    """Where a run loads its model before ``place``: the CPU under ``fsdp`` with several processes (then each moves
+    only its shards to ``device``, so no device ever holds the whole model), else ``device``."""
+    return torch.device("cpu") if parallel == "fsdp" and rank_and_world()[1] > 1 else device
+
+
+def place(model: nn.Module, parallel: str, device: torch.device, amp_dtype: torch.dtype | None = None) -> nn.Module:
+    """``model`` on ``device``: with ``parallel == "fsdp"`` and several processes sharded there by
+    ``fsdp.shard_model`` (in place; load it on ``load_device``'s CPU), otherwise moved there. An fp16 ``amp_dtype``
+    (``--dtype auto`` on a GPU without bf16) is a UsageError under fsdp, as ``check_parallel``'s ``--dtype fp16``."""
+    if parallel != "fsdp" or rank_and_world()[1] == 1:
+        return model.to(device)
+    if amp_dtype == torch.float16:
+        raise UsageError("--parallel fsdp: this GPU has no bf16 and the fp16 GradScaler is not supported there")
+    return fsdp.shard_model(model, device, amp_dtype)
+
+
+def memory_summary(model: nn.Module) -> dict[str, float]:
+    """The weights' size in MB, whole and held by this process (rank 0's in a summary), all and frozen only: under
+    fsdp a process holds about 1/N of them, under ddp or alone all."""
+    mb = 2**20
+    (held, whole), (frozen_held, frozen) = fsdp.parameter_bytes(model), fsdp.parameter_bytes(model, frozen_only=True)
+    return {"weights_mb": whole / mb, "weights_mb_this_process": held / mb, "frozen_weights_mb": frozen / mb,
+            "frozen_weights_mb_this_process": frozen_held / mb}  # fmt: skip
+
+
+def _sharded_root(module: nn.Module) -> nn.Module | None:
+    return next((m for m in module.modules() if fsdp.is_sharded(m)), None)
+
+
 def wrap(module: nn.Module, device: torch.device) -> nn.Module:
-    """``module`` in DistributedDataParallel when several processes run, else ``module`` itself. A model with
-    GGUF-packed layers keeps its buffers unbroadcast: the packed weights are constants every process loaded from the
-    file, and broadcasting them would send the whole model at every forward."""
-    if rank_and_world()[1] == 1:
+    """``module`` in DistributedDataParallel when several processes run, else ``module`` itself; a module holding a
+    sharded model (``place``) is returned as it is: FSDP already reduces its gradients. A model with GGUF-packed
+    layers keeps its buffers unbroadcast: the packed weights are constants every process loaded from the file, and
+    broadcasting them would send the whole model at every forward."""
+    if rank_and_world()[1] == 1 or _sharded_root(module) is not None:
         return module
     return nn.parallel.DistributedDataParallel(
         module,
         device_ids=[device] if device.type == "cuda" else None,
         broadcast_buffers=not packed_modules(module),
     )
+
+
+def no_sync(module: nn.Module) -> contextlib.AbstractContextManager:
+    """Backward passes inside keep their gradients local, to be reduced with the next one outside (gradient
+    accumulation): DDP's ``no_sync``, FSDP's ``gradient_sync(False)``, nothing for one process."""
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        return module.no_sync()
+    root = _sharded_root(module)
+    return fsdp.gradient_sync(root, False) if root is not None else contextlib.nullcontext()
 
 
 def cleanup() -> None:

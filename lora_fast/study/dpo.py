@@ -34,7 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_fast import disable_lora
+from lora_fast.study.distributed import all_sum, rank_and_world
 from lora_fast.study.errors import NonFiniteError
+from lora_fast.study.fsdp import lockstep
 from lora_fast.study.packing import Packing, model_mask
 from lora_fast.study.training import collate, grad_norm
 
@@ -66,14 +68,21 @@ class DPOOutput:
     rejected_rewards: torch.Tensor
 
     def metrics(self) -> dict[str, float]:
+        """The means over the pairs; under torch.distributed, the means over every process's pairs (each process
+        holds as many, so the mean of the processes' means)."""
         margin = self.chosen_rewards - self.rejected_rewards
-        return {
+        values = {
             "loss": self.loss.item(),
             "reward_chosen": self.chosen_rewards.mean().item(),
             "reward_rejected": self.rejected_rewards.mean().item(),
             "reward_margin": margin.mean().item(),
             "reward_accuracy": (margin > 0).float().mean().item(),
         }
+        world = rank_and_world()[1]
+        if world == 1:
+            return values
+        sums = all_sum(list(values.values()), self.loss.device)
+        return {k: v / world for k, v in zip(values, sums, strict=True)}
 
 
 def dpo_loss(
@@ -201,24 +210,26 @@ def sample_continuations(
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
     out: list[list[list[int]]] = [[] for _ in prompts]
-    for length in sorted(by_length):
-        idx = by_length[length]
-        ids = torch.tensor([list(prompts[i]) for i in idx], dtype=torch.long, device=device)
-        gen = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=k,
-            pad_token_id=eos_id,
-            eos_token_id=eos_id,
-        )[:, length:].tolist()
-        for j, row in enumerate(gen):  # rows come prompt-major: k per prompt
-            cut = row.index(eos_id) + 1 if eos_id in row else len(row)
-            out[idx[j // k]].append(row[:cut])
+    with lockstep(model):  # processes sharing a sharded model: the same number of forwards
+        for length in sorted(by_length):
+            idx = by_length[length]
+            ids = torch.tensor([list(prompts[i]) for i in idx], dtype=torch.long, device=device)
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=k,
+                pad_token_id=eos_id,
+                eos_token_id=eos_id,
+                synced_gpus=False,  # lockstep keeps a sharded model's processes in step
+            )[:, length:].tolist()
+            for j, row in enumerate(gen):  # rows come prompt-major: k per prompt
+                cut = row.index(eos_id) + 1 if eos_id in row else len(row)
+                out[idx[j // k]].append(row[:cut])
     return out
 
 
@@ -238,16 +249,19 @@ def sentiment_scores(
     device = next(scorer.parameters()).device
     neg, pos = label_ids
     scores = []
-    for start in range(0, len(texts), batch_size):
-        rows = [tokenizer.encode(build_prompt(t), add_special_tokens=False) for t in texts[start : start + batch_size]]
-        batch = collate(rows, tokenizer.eos_token_id, "left", device)
-        logits = scorer(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            logits_to_keep=1,
-        ).logits[:, -1]
-        scores.append(torch.softmax(logits[:, [neg, pos]].float(), dim=-1)[:, 1].cpu())
+    with lockstep(scorer):
+        for start in range(0, len(texts), batch_size):
+            rows = [
+                tokenizer.encode(build_prompt(t), add_special_tokens=False) for t in texts[start : start + batch_size]
+            ]
+            batch = collate(rows, tokenizer.eos_token_id, "left", device)
+            logits = scorer(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                logits_to_keep=1,
+            ).logits[:, -1]
+            scores.append(torch.softmax(logits[:, [neg, pos]].float(), dim=-1)[:, 1].cpu())
     return torch.cat(scores)
 
 
@@ -278,7 +292,7 @@ def reference_logprobs(
     """``(chosen, rejected)`` log π_ref of every pair, computed once with LoRA disabled (they never change)."""
     device = next(model.parameters()).device
     chosen, rejected = [], []
-    with disable_lora(model):
+    with disable_lora(model), lockstep(model):
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             logp = sequence_logprobs(model, _pair_batch(chunk, pad_id, device, packing))
@@ -333,7 +347,7 @@ def evaluate_policy(
     rewards = score(texts)
     device = next(model.parameters()).device
     exact, sampled = [], []
-    with torch.no_grad():
+    with torch.no_grad(), lockstep(model):
         for start in range(0, len(flat), batch_size):
             batch = pack(*zip(*flat[start : start + batch_size], strict=True), pad_id=eos, device=device)
             mask = batch["completion_mask"][:, 1:]

@@ -17,7 +17,9 @@ new tokens; a space that merges with the prompt's last token) or a model outside
 with a generation config that this is not exact for takes two passes, as ``label_accuracy`` and
 ``generation_accuracy`` run them. Both give the same predictions up to rounding (left padding and batch shapes).
 
-Under ``torch.distributed`` each rank scores every ``world``-th example and the sums are all-reduced. Each pass shows
+Under ``torch.distributed`` each rank scores every ``world``-th example and the sums are all-reduced; a model FSDP
+shards runs each pass in ``fsdp.lockstep`` (a process with fewer batches, or a ``generate`` that stops sooner, runs
+placeholder forwards until all are done, since every forward gathers the weights from all processes). Each pass shows
 its progress on the main process: a bar on a terminal, a line every 30 s with the time left in a log.
 """
 
@@ -35,6 +37,7 @@ from torch import nn
 
 from lora_fast.study.causal_lm import PLAIN_HEAD_MODEL_TYPES, LastTokenLM
 from lora_fast.study.distributed import all_sum, rank_and_world
+from lora_fast.study.fsdp import lockstep
 from lora_fast.study.packing import Packing, prefix_cached_forward, resolve_packing
 from lora_fast.study.progress import progress
 from lora_fast.study.prompts import LABEL_WORDS, EncodedSplit, label_token_ids
@@ -86,10 +89,12 @@ def _ratio(correct: float, n: float) -> float:
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Evaluation mode inside, and on a sharded model the processes' forwards in lockstep (``fsdp.lockstep``)."""
     was = model.training
     model.eval()
     try:
-        yield
+        with lockstep(model):
+            yield
     finally:
         model.train(was)
 
@@ -212,6 +217,7 @@ def _generate(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad_id,
+            synced_gpus=False,  # a sharded model's processes keep in step in _eval_mode (fsdp.lockstep) instead
             **cache,
         )
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)

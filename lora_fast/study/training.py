@@ -3,9 +3,9 @@
 Batches are padded per batch to their own longest prompt (dynamic padding), on the right or the left; position ids
 count real tokens only, so both sides give the same logits. The data order is a pure function of the seed and the
 step, so a resumed run draws exactly the data an uninterrupted one would. ``train_step`` accumulates gradients over
-micro-batches (with DDP's ``no_sync`` on all but the last), runs under autocast on CUDA (with a GradScaler for fp16),
-clips, and refuses a non-finite loss or gradient norm before the optimizer moves (with a GradScaler, a non-finite
-gradient is the scaler's to handle: it skips that step and lowers its scale).
+micro-batches (with DDP's ``no_sync``, or FSDP's gradient sync off, on all but the last), runs under autocast on CUDA
+(with a GradScaler for fp16), clips, and refuses a non-finite loss or gradient norm before the optimizer moves (with a
+GradScaler, a non-finite gradient is the scaler's to handle: it skips that step and lowers its scale).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import get_constant_schedule_with_warmup
 
-from lora_fast.study.distributed import all_sum, rank_and_world
+from lora_fast.study.distributed import all_sum, no_sync, rank_and_world
 from lora_fast.study.errors import NonFiniteError
 from lora_fast.study.prompts import EncodedSplit
 
@@ -173,16 +174,15 @@ def train_step(
     """One optimizer step over ``batches`` (this rank's micro-batches, from ``collate`` or ``packing.pack_rows``)
     with label ids ``targets``.
 
-    ``module`` is a ``LastTokenLM``, or DDP around one. Each micro-batch's mean loss is scaled by
-    ``1 / len(batches)``, so with equal micro-batches the gradient is the mean over the step (DDP averages ranks).
+    ``module`` is a ``LastTokenLM``, or DDP around one, or one around a sharded model (``distributed.place``). Each
+    micro-batch's mean loss is scaled by ``1 / len(batches)``, so with equal micro-batches the gradient is the mean
+    over the step (DDP and FSDP average ranks).
     """
     device = batches[0]["input_ids"].device
-    is_ddp = isinstance(module, nn.parallel.DistributedDataParallel)
-    total = torch.zeros((), device=device)
+    total = torch.zeros((), dtype=torch.float64, device=device)  # the step's loss, summed in fp64 whatever the model's
     tokens = 0
     for i, (batch, target) in enumerate(zip(batches, targets, strict=False)):
-        sync = contextlib.nullcontext() if (not is_ddp or i == len(batches) - 1) else module.no_sync()
-        with sync:
+        with contextlib.nullcontext() if i == len(batches) - 1 else no_sync(module):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = module(
                     batch["input_ids"],
@@ -205,7 +205,7 @@ def train_step(
     if scaler is not None:
         scaler.unscale_(optimizer)
     clip = grad_clip and grad_clip > 0
-    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip)) if clip else grad_norm(params)
+    norm = _value(torch.nn.utils.clip_grad_norm_(params, grad_clip)) if clip else grad_norm(params)
     if not math.isfinite(norm) and scaler is None:  # the norm is the same on every process: all stop together
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteError(
@@ -222,10 +222,16 @@ def train_step(
     return StepResult(loss=loss_value, tokens=int(tokens), grad_norm=norm)
 
 
+def _value(norm: torch.Tensor) -> float:
+    """A norm as a float; over sharded gradients (FSDP) the norm is a DTensor whose whole value needs a reduction."""
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
 def grad_norm(params: Sequence[torch.Tensor]) -> float:
-    """The global L2 norm of the gradients of ``params`` (those that have one), as ``clip_grad_norm_`` computes it."""
+    """The global L2 norm of the gradients of ``params`` (those that have one), as ``clip_grad_norm_`` computes it;
+    sharded gradients give the norm over every shard."""
     grads = [p.grad for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+    return _value(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
