@@ -36,7 +36,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from lora_fast.study.methods import BLOCK_LISTS
+from lora_fast.study.bottleneck import BLOCK_LISTS
 
 __all__ = [
     "block_list",

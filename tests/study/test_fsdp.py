@@ -177,7 +177,7 @@ def test_fsdp_run_equals_one_process_and_writes_its_files(runs, tiny):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["bitfit", "adapter"])
+@pytest.mark.parametrize("method", ["bitfit", "bottleneck"])
 def test_other_methods_under_fsdp_equal_one_process(tiny, data_dir, tmp_path, method):
     """BitFit trains biases in the root's group too (``ln_f``), which an evaluation's forward leaves gathered: its
     checkpoints and files must still see the shards. Bottleneck adapters add modules inside the blocks."""
