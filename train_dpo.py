@@ -58,7 +58,7 @@ from lora_fast.study.dpo import (
     sentiment_scores,
 )
 from lora_fast.study.errors import NonFiniteError, UsageError
-from lora_fast.study.fsdp import full_parameters, is_sharded
+from lora_fast.study.fsdp import full_parameters
 from lora_fast.study.hub import check_hub_inputs
 from lora_fast.study.interrupt import INTERRUPTED_EXIT_CODE
 from lora_fast.study.packing import PACKING_MODES, resolve_packing
@@ -296,8 +296,11 @@ def run_at(cfg: DPOConfig, device: torch.device, precision: Precision, rank: int
     pairs = preference_pairs(cfg, policy, tokenizer, train_prompts, score, log)
     trainable, total = count_parameters(policy)
     init_state = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in lora_modules(policy)}
-    packing = resolve_packing(policy, "off" if is_sharded(policy) else cfg.packing, training=True)
-    why = f"--parallel fsdp: {packing.reason}" if is_sharded(policy) else packing.reason
+    # Several processes step through their model's own forward (DDP's or FSDP's, which sync and gather there); the
+    # packed log-probs reach into the model's body and head, so they run padded batches then.
+    several = distributed.rank_and_world()[1] > 1
+    packing = resolve_packing(policy, "off" if several else cfg.packing, training=True)
+    why = f"{distributed.rank_and_world()[1]} processes: {packing.reason}" if several else packing.reason
     say(f"--packing {cfg.packing}: {packing.mode} ({why})")
     refs = reference_logprobs(policy, pairs, eos, packing=packing)
     evaluate = lambda: evaluate_policy(policy, tokenizer, eval_prompts, cfg.eval_samples, cfg.max_new_tokens, score)

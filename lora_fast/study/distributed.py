@@ -41,7 +41,7 @@ __all__ = [
 PARALLEL = ("ddp", "fsdp")
 # The methods whose files --parallel fsdp writes from gathered trainable weights alone. ``full`` saves the whole
 # model, which would gather every weight on one process: it runs under ddp.
-SHARDED_METHODS = ("lora", "bitfit", "adapter")
+SHARDED_METHODS = ("lora", "bitfit", "bottleneck")
 
 
 def launched_world_size() -> int:

@@ -307,7 +307,7 @@ def test_an_out_holding_a_run_is_refused_unless_overwrite(tiny_dirs, tmp_path, c
     assert train_dpo.main([*argv[:-1], str(tmp_path / "file")]) == 2
     assert f"--out {tmp_path / 'file'}: {tmp_path / 'file'} is a file; give a folder" in capsys.readouterr().err
     # --overwrite passes the check; the old run's files go once the models have loaded, other files stay.
-    cfg = train_dpo.parse_args([*argv, "--overwrite"])
+    cfg = train_dpo.parse_args([*argv, "--overwrite", "--data-dir", str(tmp_path)])  # local data: no hub check
     assert train_dpo.check_config(cfg) is None
     (out / ".adapter.a1b2c3d4.old" / "adapter").mkdir(parents=True)  # the old run's adapter/, left aside by a kill
     train_dpo.open_run_folder(cfg, out, choose_precision("fp32", torch.device("cpu")))

@@ -115,10 +115,11 @@ def tiny(tmp_path_factory, tokenizer_dir):
 
 
 def run_args(tiny, data_dir, out, steps: int = 8) -> list[str]:
+    """A short run's flags; fp32 and padded batches, so one process and several compute the same way."""
     return ["--model", str(tiny), "--data-dir", str(data_dir), "--out", str(out), "--max-steps", str(steps),
             "--batch-size", "4", "--grad-accum", "4", "--lora-dropout", "0", "--eval-every", "4",
             "--checkpoint-every", "2", "--max-val", "32", "--max-test", "32", "--eval-batch-size", "16",
-            "--lr", "5e-3", "--no-zero-shot"]  # fmt: skip
+            "--lr", "5e-3", "--no-zero-shot", "--dtype", "fp32", "--packing", "off"]  # fmt: skip
 
 
 def _metrics(out):
@@ -320,7 +321,7 @@ def test_train_dpo_under_torchrun_equals_one_process(dpo_dirs, tiny, data_dir, t
     args = ["--model", tiny, "--scorer", dpo_dirs / "scorer", "--data-dir", data_dir, "--num-prompts", "8",
             "--samples-per-prompt", "3", "--num-eval-prompts", "4", "--eval-samples", "2", "--max-new-tokens", "5",
             "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--betas", "0.1", "1.0", "--beta", "0.1",
-            "--device", "cpu"]  # fmt: skip
+            "--device", "cpu", "--dtype", "fp32", "--packing", "off"]  # fmt: skip
     assert train_dpo.main([*map(str, args), "--out", str(tmp_path / "one")]) == 0
     proc = torchrun(["train_dpo.py", *args, "--out", tmp_path / "two", "--parallel", parallel])
     assert proc.returncode == 0, proc.stderr[-4000:]

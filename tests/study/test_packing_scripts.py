@@ -18,7 +18,7 @@ def tiny(tmp_path_factory, tokenizer_dir):
 def run(tiny, data_dir, out, *flags):
     args = ["--model", str(tiny), "--data-dir", str(data_dir), "--out", str(out), "--max-steps", "4",
             "--batch-size", "8", "--eval-every", "2", "--max-val", "16", "--max-test", "16", "--lr", "5e-3",
-            "--eval-batch-size", "8", "--no-zero-shot", *flags]  # fmt: skip
+            "--eval-batch-size", "8", "--no-zero-shot", "--dtype", "fp32", *flags]  # fmt: skip
     assert train_sentiment.main(args) == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return metrics, json.loads((out / "summary.json").read_text())
