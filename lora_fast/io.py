@@ -197,6 +197,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
                 if f.is_file() and not f.is_symlink():
                     with open(f, "rb") as fh:
                         os.fsync(fh.fileno())
+                    if f.stat().st_nlink == 1:  # written here (a carried-over file is a second link): the umask's
+                        os.chmod(f, 0o666 & ~_umask())  # mode, as open() gives; writers like safetensors make 0600
             os.chmod(tmp, 0o777 & ~_umask())
             old = None
             if path.exists():

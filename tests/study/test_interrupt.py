@@ -77,7 +77,7 @@ def test_ctrl_c_on_the_command_line(tiny_gpt2, data_dir, tmp_path):
     """The real thing: SIGINT to a running script, then the command it prints, which finishes the run and says where
     its results are (absolute paths)."""
     out = tmp_path / "run"
-    args = _args(tiny_gpt2, data_dir, out, steps=400)
+    args = _args(tiny_gpt2, data_dir, out, steps=60)
     args[args.index("--eval-every") + 1] = "1"  # a validation pass every step: slow enough to interrupt
     env = {**os.environ, **OFFLINE_ENV, "LORA_FAST_PROGRESS_EVERY": "0"}
     proc = subprocess.Popen([sys.executable, "train_sentiment.py", *args], cwd=ROOT, env=env, text=True,
