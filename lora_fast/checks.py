@@ -8,6 +8,8 @@ import numbers
 
 import torch
 
+from lora_fast.reference import dropout_threshold
+
 __all__ = ["check_lora_inputs", "compute_dtypes"]
 
 
@@ -29,7 +31,8 @@ def check_lora_inputs(
     Expected: ``x (..., K)``, ``weight (N, K)``, ``bias (N,)`` or None, ``lora_A (R, K)`` with R ≥ 1,
     ``lora_B (N, R)``; all on one device; ``x``, ``weight`` and ``bias`` of one floating dtype (``lora_A``/``lora_B``
     may differ: fp32 masters beside bf16 activations are the usual mixed-precision set-up); ``scaling`` a finite real
-    number and ``dropout_p`` a real number in [0, 1), neither a bool.
+    number and ``dropout_p`` a real number in [0, 1), neither a bool, that the dropout mask can draw (p has a resolution
+    of 1/65536: a nonzero p that rounds to 0 or 1 is refused, :func:`lora_fast.reference.dropout_threshold`).
     """
     tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     if bias is not None:
@@ -77,8 +80,7 @@ def check_lora_inputs(
             )
     if not math.isfinite(scaling):
         raise ValueError(f"scaling must be finite, got {scaling}")
-    if not 0.0 <= dropout_p < 1.0:  # NaN fails both comparisons
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    dropout_threshold(float(dropout_p))  # [0, 1), and not a p the mask's 1/65536 resolution rounds to 0 or 1
 
 
 def compute_dtypes(x: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:

@@ -35,7 +35,7 @@ def seeded_keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.
 
 
 def seeded_dropout_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The dropout multiplier (0 or 1/(1-p), fp32) of :func:`seeded_keep_mask`'s mask."""
+    """The dropout multiplier (0 or 1/keep, fp32) of :func:`seeded_keep_mask`'s mask."""
     return reference.dropout_mask(shape, p, _generator(seed, device), device)
 
 
@@ -46,8 +46,9 @@ class _TorchLoRAFunction(torch.autograd.Function):
     """Explicit forward/backward in torch ops. Saved: ``x`` and ``h (M, R)``; the dropout mask is regenerated.
     The base weight and bias get gradients when the caller made them trainable (``dW = gᵀ x``, ``dbias = Σ g``).
 
-    Dropout is a boolean keep-mask times ``1/(1-p)``; the factor is folded into the small operands (``h``, and the
-    scalars of ``dA`` and ``dx``'s LoRA term), so each pass touches an ``(M, K)`` tensor once for the mask.
+    Dropout is a boolean keep-mask times ``1/keep`` (:func:`lora_fast.reference.keep_probability`); the factor is
+    folded into the small operands (``h``, and the scalars of ``dA`` and ``dx``'s LoRA term), so each pass touches an
+    ``(M, K)`` tensor once for the mask.
     """
 
     @staticmethod
@@ -63,7 +64,7 @@ class _TorchLoRAFunction(torch.autograd.Function):
                 xl = xl * seeded_keep_mask(x2.shape, dropout_p, seed, x.device)
             h = xl @ lora_A.to(lora_dt).t()
             if dropout_p > 0.0:
-                h.mul_(1.0 / (1.0 - dropout_p))
+                h.mul_(1.0 / reference.keep_probability(dropout_p))
             b = lora_B.to(lora_dt).t()
             if y.dtype == lora_dt:
                 y.addmm_(h, b, alpha=scaling)  # y += s · h Bᵀ in place: no (M, N) temporary
@@ -80,7 +81,7 @@ class _TorchLoRAFunction(torch.autograd.Function):
         x, weight, lora_A, lora_B, h = ctx.saved_tensors
         base_dt, lora_dt = ctx.dtypes
         s, p = ctx.scaling, ctx.dropout_p
-        s_drop = s / (1.0 - p)  # s times the dropout multiplier's kept value
+        s_drop = s / reference.keep_probability(p)  # s times the dropout multiplier's kept value
         need_x, need_W, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
         dx = dW = d_bias = dA = dB = None
         with torch.autocast(x.device.type, enabled=False):
