@@ -234,11 +234,12 @@ def run_case(dtype_name: str, R: int, p: float, design: str, arch: int, cache: d
     bias = torch.empty(N, **meta)
     A, B = torch.empty(R, K, **meta), torch.empty(N, R, **meta)
     g = torch.empty(M, N, **meta)
+    key = torch.empty(2, device="meta", dtype=torch.int64)
     kw = dict(design=design, input_precision=precision)
     with configs.capture_launches(recorder, info):
-        _, h = lora_forward(x, weight, bias, A, B, 2.0, p, 1234, **kw)
+        _, h = lora_forward(x, weight, bias, A, B, 2.0, p, key, **kw)
         n_forward = len(recorder.launches)
-        lora_backward(g, x, weight, A, B, h, 2.0, p, 1234, need_dbias=True, bias_dtype=dtype, **kw)
+        lora_backward(g, x, weight, A, B, h, 2.0, p, key, need_dbias=True, bias_dtype=dtype, **kw)
     for i, launch in enumerate(recorder.launches):
         launch["pass"] = "forward" if i < n_forward else "backward"
     return dict(dtype=dtype_name, R=R, p=p, design=design, arch=arch, launches=recorder.launches, keys=recorder.used)

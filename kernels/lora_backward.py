@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .configs import check_int32_offsets, device_info, dx_configs, finalize_configs, launch
 from .cost import backward_design
-from .dropout import _keep_mask, dropout_groups, dropout_threshold
+from .dropout import _keep_mask, check_key, dropout_groups, dropout_threshold, keep_scale
 from .partials import Partials, _finalize_block, finalize_blocks, lora_finalize, lora_reduce, max_partials
 from .skinny import lora_skinny
 from .utils import TL_DTYPES, _dot, _grouped_pid, _rank_update, _to, block_r, interpreting, rank_chunk
@@ -34,7 +34,7 @@ from .utils import TL_DTYPES, _dot, _grouped_pid, _rank_update, _to, block_r, in
 # ---------------------------------------------------------------- kernels
 
 
-@triton.jit(do_not_specialize=["seed", "threshold"])
+@triton.jit(do_not_specialize=["threshold"])
 def _lora_dx_kernel(
     # pointers
     g_ptr,
@@ -51,6 +51,7 @@ def _lora_dx_kernel(
     da_ptr,
     db_ptr,
     dbias_ptr,
+    key_ptr,
     # sizes
     M,
     N,
@@ -74,9 +75,8 @@ def _lora_dx_kernel(
     stride_ur,
     stride_dxm,
     stride_dxk,
-    # scalars: u_s = scale · g B with scale = s/(1-p)
+    # scalars: u_s = scale · g B with scale = s/keep
     scale,
-    seed,
     threshold,
     n_groups,
     # meta-parameters
@@ -91,6 +91,7 @@ def _lora_dx_kernel(
     INPUT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    BLOCK_RB: tl.constexpr,
     R_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -128,18 +129,29 @@ def _lora_dx_kernel(
             )  # fmt: skip
             if HAS_DROPOUT:
                 acc = tl.where(
-                    _keep_mask(seed, offs_m, pid_k * BLOCK_K, n_groups, threshold, BLOCK_M, BLOCK_K), acc, 0.0
+                    _keep_mask(key_ptr, offs_m, pid_k * BLOCK_K, n_groups, threshold, BLOCK_M, BLOCK_K), acc, 0.0
                 )
         if FUSE_U:
             offs_r = tl.arange(0, BLOCK_R)
             mask_r = offs_r < R
             u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            if HAS_DB:
-                h = tl.load(
-                    h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                    mask=mask_m[:, None] & mask_r[None, :],
-                    other=0.0,
-                )
+            if HAS_DB or HAS_DBIAS:
+                # The dB product's right operand: h_s in columns [0, R) and, for dbias, ones in column R, so the
+                # column sums of g come out of the same product (BLOCK_RB = block_r(R + 1) then).
+                offs_rb = tl.arange(0, BLOCK_RB)
+                h = tl.zeros((BLOCK_M, BLOCK_RB), dtype=tl.float32)
+                if HAS_DB:
+                    h = tl.load(
+                        h_ptr + offs_m[:, None] * stride_hm + offs_rb[None, :] * stride_hr,
+                        mask=mask_m[:, None] & (offs_rb < R)[None, :],
+                        other=0.0,
+                    )
+                if HAS_DBIAS:
+                    h = tl.where((offs_rb == R)[None, :], 1.0, h)
+                # Columns [0, R) go to the dB partial (S, N, R), column R to the dbias partial (S, N).
+                col_lo = 0 if HAS_DB else R
+                col_hi = R + 1 if HAS_DBIAS else R
+                mask_rb = (offs_rb >= col_lo) & (offs_rb < col_hi)
         # ---- main loop over N: acc += g W; fused also u = g B, and this program's share of the dB/dbias partials
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -163,17 +175,23 @@ def _lora_dx_kernel(
                     other=0.0,
                 )
                 u = _dot(g, b, u, LORA_DTYPE, INPUT_PRECISION, INTERPRET)
-                # The programs of row block m take turns over the N tiles, so each g tile feeds one partial.
-                if (n0 // BLOCK_N) % num_pid_k == pid_k:
-                    if HAS_DB:
-                        part = _dot(
-                            tl.trans(g), h, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
-                            LORA_DTYPE, INPUT_PRECISION, INTERPRET,
-                        )  # fmt: skip
-                        part_ptrs = part_b_ptr + (pid_m * N + offs_n[:, None]) * R + offs_r[None, :]
-                        tl.store(part_ptrs, part, mask=mask_n[:, None] & mask_r[None, :])
-                    if HAS_DBIAS:
-                        tl.store(part_bias_ptr + pid_m * N + offs_n, tl.sum(g.to(tl.float32), axis=0), mask=mask_n)
+                if HAS_DB or HAS_DBIAS:
+                    # Branch-free: every program forms this tile's dB (and dbias) product and only the one whose
+                    # turn it is stores it. A data-dependent `if` here made the compiler wait after every wgmma of
+                    # the loop; now the loop's products stay in flight up to the one wait this store needs.
+                    part = _dot(
+                        tl.trans(g), h, tl.zeros((BLOCK_N, BLOCK_RB), dtype=tl.float32),
+                        LORA_DTYPE, INPUT_PRECISION, INTERPRET,
+                    )  # fmt: skip
+                    # Row block m's programs take turns over the N tiles, so each g tile feeds one partial. (Per
+                    # column, not one scalar: the interpreter mis-types a scalar condition and'ed into a mask.)
+                    mine = (offs_n // BLOCK_N) % num_pid_k == pid_k
+                    part_ptrs = tl.where(
+                        (offs_rb < R)[None, :],
+                        part_b_ptr + (pid_m * N + offs_n[:, None]) * R + offs_rb[None, :],
+                        part_bias_ptr + pid_m * N + offs_n[:, None],
+                    )
+                    tl.store(part_ptrs, part, mask=(mask_n & mine)[:, None] & mask_rb[None, :])
 
         # ---- fused epilogue: + keep ⊙ (u_s A) (the mask on the LoRA term only)
         if FUSE_U:
@@ -184,7 +202,7 @@ def _lora_dx_kernel(
                 other=0.0,
             )
             if HAS_DROPOUT:
-                keep = _keep_mask(seed, offs_m, pid_k * BLOCK_K, n_groups, threshold, BLOCK_M, BLOCK_K)
+                keep = _keep_mask(key_ptr, offs_m, pid_k * BLOCK_K, n_groups, threshold, BLOCK_M, BLOCK_K)
                 lora = _dot(
                     u, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), LORA_DTYPE, INPUT_PRECISION, INTERPRET
                 )
@@ -226,7 +244,7 @@ def lora_backward(
     h: torch.Tensor,
     scaling: float,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    key: torch.Tensor | None = None,
     *,
     need_dx: bool = True,
     need_dA: bool = True,
@@ -278,7 +296,8 @@ def lora_backward(
         check_int32_offsets("x", x, 1)
     info = device_info(dev)
     threshold = dropout_threshold(dropout_p)
-    scale = scaling / (1.0 - dropout_p)
+    key = check_key(key, threshold, h)
+    scale = scaling * keep_scale(threshold)
     BLOCK_R = block_r(R)
     n_groups = dropout_groups(K)
     needs = (need_dA, need_dB, need_dbias)
@@ -304,6 +323,7 @@ def lora_backward(
         INPUT_PRECISION=input_precision,
         INTERPRET=interpreting(),
         BLOCK_R=BLOCK_R,
+        BLOCK_RB=block_r(R + 1) if need_dbias else BLOCK_R,
         R_CHUNK=rank_chunk(BLOCK_R, lora_dtype),
         BLOCK_F=finalize_configs()[0]["BLOCK_C"],
     )
@@ -313,10 +333,10 @@ def lora_backward(
         if fused:  # the partials of each row block of this tile shape
             box[:] = [Partials.allocate(triton.cdiv(M, c["BLOCK_M"]), N, K, R, needs, spare)]
         parts = box[0]
-        pointers = (g, weight, lora_A, lora_B, x, h, u, dx, parts.a, parts.b, parts.bias, *outputs)
+        pointers = (g, weight, lora_A, lora_B, x, h, u, dx, parts.a, parts.b, parts.bias, *outputs, key)
         strides = (*g.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *x.stride(), *h.stride())
         strides += (*u.stride(), *dx.stride())
-        return (*pointers, M, N, K, R, parts.S, *strides, float(scale), int(seed), threshold, n_groups)
+        return (*pointers, M, N, K, R, parts.S, *strides, float(scale), threshold, n_groups)
 
     candidates = dx_configs(base_dtype, input_precision, fused, threshold > 0, BLOCK_R, info)
     if fused:
@@ -330,10 +350,10 @@ def lora_backward(
     # ---- split: 1: u_s = scale · g B (when dx or dA needs it)
     u = torch.empty((M, R), dtype=torch.float32, device=dev) if (need_dx or need_dA) else spare
     if need_dx or need_dA:
-        lora_skinny(g, lora_B, u, scale, 0, 0, lora_dtype, input_precision, info)
+        lora_skinny(g, lora_B, u, scale, 0, spare, lora_dtype, input_precision, info)
     # ---- 2: the dA/dB/dbias partials over row splits (x and g read once more, the mask drawn once)
     if n_fin:
-        box[:] = [lora_reduce(x, u, g, h, needs, seed, threshold, lora_dtype, input_precision, info, spare)]
+        box[:] = [lora_reduce(x, u, g, h, needs, key, threshold, lora_dtype, input_precision, info, spare)]
     else:
         box[:] = [Partials(0, spare, spare, spare)]
     # ---- 3: dx = g W + keep ⊙ (u_s A), with the split-sum in extra programs; or the split-sum alone

@@ -26,14 +26,14 @@ import triton.language as tl
 
 from .configs import check_int32_offsets, device_info, forward_configs, launch
 from .cost import forward_design
-from .dropout import _keep_mask, dropout_groups, dropout_threshold
+from .dropout import _keep_mask, check_key, dropout_groups, dropout_threshold, keep_scale
 from .skinny import lora_skinny
 from .utils import TL_DTYPES, _dot, _grouped_pid, _rank_update, _to, block_r, interpreting, rank_chunk
 
 # ---------------------------------------------------------------- kernels
 
 
-@triton.jit(do_not_specialize=["seed", "threshold"])
+@triton.jit(do_not_specialize=["threshold"])
 def _lora_forward_kernel(
     # pointers
     x_ptr,
@@ -43,6 +43,7 @@ def _lora_forward_kernel(
     b_ptr,
     h_ptr,
     y_ptr,
+    key_ptr,
     # sizes
     M,
     N,
@@ -61,9 +62,8 @@ def _lora_forward_kernel(
     stride_hr,
     stride_ym,
     stride_yn,
-    # scalars: h_s = scale · keep(x) Aᵀ with scale = s/(1-p)
+    # scalars: h_s = scale · keep(x) Aᵀ with scale = s/keep
     scale,
-    seed,
     threshold,
     n_groups,
     # meta-parameters
@@ -123,8 +123,8 @@ def _lora_forward_kernel(
             )
             x_lora = x
             if HAS_DROPOUT:
-                # Dropout on the LoRA branch only; the mask is a select (1/(1-p) is in `scale`).
-                x_lora = tl.where(_keep_mask(seed, offs_m, k0, n_groups, threshold, BLOCK_M, BLOCK_K), x, 0.0)
+                # Dropout on the LoRA branch only; the mask is a select (1/keep is in `scale`).
+                x_lora = tl.where(_keep_mask(key_ptr, offs_m, k0, n_groups, threshold, BLOCK_M, BLOCK_K), x, 0.0)
             h = _dot(x_lora, a, h, LORA_DTYPE, INPUT_PRECISION, INTERPRET)
 
     # ---- epilogue: acc += h_s Bᵀ (h_s enters the dot in the LoRA dtype), + bias, one cast to y's dtype
@@ -185,7 +185,7 @@ def lora_forward(
     lora_B: torch.Tensor,
     scaling: float,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    key: torch.Tensor | None = None,
     *,
     base_dtype: torch.dtype | None = None,
     lora_dtype: torch.dtype | None = None,
@@ -218,15 +218,16 @@ def lora_forward(
     check_int32_offsets("lora_B", lora_B, 1)
     info = device_info(x.device)
     threshold = dropout_threshold(dropout_p)
-    scale = scaling / (1.0 - dropout_p)
+    key = check_key(key, threshold, h)
+    scale = scaling * keep_scale(threshold)
     BLOCK_R = block_r(R)
     fused = forward_design(design, M, N, K, R, dropout_p, base_dtype, input_precision) == "fused"
     if not fused:
-        lora_skinny(x, lora_A.t(), h, scale, threshold, seed, lora_dtype, input_precision, info)
-    pointers = (x, weight, bias if bias is not None else y, lora_A, lora_B, h, y)
+        lora_skinny(x, lora_A.t(), h, scale, threshold, key, lora_dtype, input_precision, info)
+    pointers = (x, weight, bias if bias is not None else y, lora_A, lora_B, h, y, key)
     sizes = (M, N, K, R)
     strides = (*x.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *h.stride(), *y.stride())
-    scalars = (float(scale), int(seed), threshold, dropout_groups(K))
+    scalars = (float(scale), threshold, dropout_groups(K))
     constexprs = dict(
         BASE_DTYPE=TL_DTYPES[base_dtype],
         LORA_DTYPE=TL_DTYPES[lora_dtype],

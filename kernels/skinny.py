@@ -21,12 +21,13 @@ from .utils import TL_DTYPES, _dot, block_r, interpreting
 # ---------------------------------------------------------------- kernels
 
 
-@triton.jit(do_not_specialize=["seed", "threshold"])
+@triton.jit(do_not_specialize=["threshold"])
 def _lora_skinny_kernel(
     # pointers
     in_ptr,
     proj_ptr,
     out_ptr,
+    key_ptr,
     # sizes
     M,
     C,
@@ -40,7 +41,6 @@ def _lora_skinny_kernel(
     stride_or,
     # scalars
     scale,
-    seed,
     threshold,
     n_groups,
     # meta-parameters
@@ -62,9 +62,9 @@ def _lora_skinny_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        # P's tile, x's dropout mask applied as a select (1/(1-p) is in `scale`).
+        # P's tile, x's dropout mask applied as a select (1/keep is in `scale`).
         tile = _load_dropped(
-            in_ptr, offs_m, offs_c, mask_m, mask_c, stride_im, stride_ic, c0, seed, threshold, n_groups,
+            in_ptr, offs_m, offs_c, mask_m, mask_c, stride_im, stride_ic, c0, key_ptr, threshold, n_groups,
             HAS_DROPOUT, BLOCK_M, BLOCK_C,
         )  # fmt: skip
         # Q tile (BLOCK_C, BLOCK_R); padded ranks load as 0 and give columns of 0.
@@ -87,22 +87,22 @@ def lora_skinny(
     out: torch.Tensor,
     scale: float,
     threshold: int,
-    seed: int,
+    key: torch.Tensor,
     lora_dtype: torch.dtype,
     input_precision: str,
     info,
 ) -> None:
     """``out (M, R) = scale · drop?(mat) proj`` for ``mat (M, C)`` and ``proj (C, R)``, both read through strides.
 
-    ``threshold > 0`` applies the dropout mask of ``(seed, threshold)`` to ``mat`` (which must then be x).
+    ``threshold > 0`` applies the dropout mask of ``(key, threshold)`` to ``mat`` (which must then be x).
     """
     M, C = mat.shape
     R = proj.shape[1]
     BLOCK_R = block_r(R)
-    pointers = (mat, proj, out)
+    pointers = (mat, proj, out, key)
     sizes = (M, C, R)
     strides = (*mat.stride(), *proj.stride(), *out.stride())
-    scalars = (float(scale), int(seed), int(threshold), dropout_groups(C))
+    scalars = (float(scale), int(threshold), dropout_groups(C))
     constexprs = dict(
         LORA_DTYPE=TL_DTYPES[lora_dtype],
         HAS_DROPOUT=threshold > 0,

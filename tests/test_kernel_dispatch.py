@@ -16,12 +16,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_fast.kernels import configs
 from lora_fast.kernels.cost import backward_design, forward_design
+from lora_fast.kernels.dropout import dropout_key
 from lora_fast.kernels.lora_backward import lora_backward
 from lora_fast.kernels.lora_forward import lora_forward
 from lora_fast.kernels.utils import interpreting
 from tests.helpers import ROOT
 
 cpu_tier = pytest.mark.skipif(not interpreting(), reason="CPU tier: launches are counted in Triton's interpreter")
+KEY = dropout_key("cpu", 7)
 
 # Allocations and views: what may run between two launches.
 ALLOWED_OPS = {
@@ -79,11 +81,11 @@ def test_launch_counts_and_nothing_but_allocations_between(design, forward_launc
     casts included. A stray torch op (a .sum, a .to, a .contiguous) between launches fails the op check."""
     x, weight, bias, A, B, g = _inputs()
     with count_launches() as (launches, ops):
-        _, h = lora_forward(x, weight, bias, A, B, 0.5, p, 7, design=design, input_precision="ieee")
+        _, h = lora_forward(x, weight, bias, A, B, 0.5, p, KEY, design=design, input_precision="ieee")
     assert len(launches) == forward_launches, launches
     assert set(ops) <= ALLOWED_OPS, sorted(set(ops) - ALLOWED_OPS)
     with count_launches() as (launches, ops):
-        lora_backward(g, x, weight, A, B, h, 0.5, p, 7, need_dbias=True, design=design, input_precision="ieee")
+        lora_backward(g, x, weight, A, B, h, 0.5, p, KEY, need_dbias=True, design=design, input_precision="ieee")
     assert len(launches) == backward_launches, launches
     assert set(ops) <= ALLOWED_OPS, sorted(set(ops) - ALLOWED_OPS)
 
@@ -92,9 +94,9 @@ def test_launch_counts_and_nothing_but_allocations_between(design, forward_launc
 def test_backward_without_dx_launches_at_most_three():
     """x frozen (the first LoRA layer of a model): u, the partials and the split-sum, nothing else."""
     x, weight, bias, A, B, g = _inputs()
-    _, h = lora_forward(x, weight, bias, A, B, 0.5, 0.1, 7, input_precision="ieee")
+    _, h = lora_forward(x, weight, bias, A, B, 0.5, 0.1, KEY, input_precision="ieee")
     with count_launches() as (launches, ops):
-        dx, dA, dB, dbias = lora_backward(g, x, weight, A, B, h, 0.5, 0.1, 7, need_dx=False, input_precision="ieee")
+        dx, dA, dB, dbias = lora_backward(g, x, weight, A, B, h, 0.5, 0.1, KEY, need_dx=False, input_precision="ieee")
     assert dx is None and dA is not None and dB is not None and dbias is None
     assert len(launches) <= 3, launches
     assert set(ops) <= ALLOWED_OPS, sorted(set(ops) - ALLOWED_OPS)
@@ -188,7 +190,8 @@ def _meta_backward(M, N, K, R, design="fused", layout="conv1d"):
     weight = torch.empty(K, N, **meta).t() if layout == "conv1d" else torch.empty(N, K, **meta)
     A, B = torch.empty(R, K, **meta), torch.empty(N, R, **meta)
     h = torch.empty(M, R, device="meta", dtype=torch.float32)
-    return lambda: lora_backward(g, x, weight, A, B, h, 0.5, 0.1, 3, need_dbias=True, design=design)
+    key = torch.empty(2, device="meta", dtype=torch.int64)
+    return lambda: lora_backward(g, x, weight, A, B, h, 0.5, 0.1, key, need_dbias=True, design=design)
 
 
 def _largest_partial(launches) -> int:

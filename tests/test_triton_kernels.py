@@ -14,7 +14,7 @@ import torch
 
 from lora_fast import lora_linear, reference
 from lora_fast.kernels import configs
-from lora_fast.kernels.dropout import lora_dropout_mask
+from lora_fast.kernels.dropout import dropout_key, lora_dropout_mask
 from lora_fast.kernels.lora_backward import lora_backward
 from lora_fast.kernels.lora_forward import lora_forward
 from lora_fast.kernels.utils import interpreting
@@ -71,7 +71,9 @@ def _check_against_reference(
     y.backward(g)
 
     d = lambda t: None if t is None else t.detach().double()
-    mask = lora_dropout_mask(x.numel() // K, K, p, seed, device).reshape(x.shape).double() if p > 0 else None
+    mask = None
+    if p > 0:
+        mask = lora_dropout_mask(x.numel() // K, K, p, dropout_key(device, seed)).reshape(x.shape).double()
     x64 = d(x).requires_grad_()
     A64, B64 = d(A).requires_grad_(), d(B).requires_grad_()
     b64 = d(b).requires_grad_() if bias else None
@@ -149,8 +151,9 @@ def test_launchers_write_every_element(fused):
     y = torch.full((M, N), float("nan"))
     h = torch.full((M, R), float("nan"))
     design = "fused" if fused else "split"
-    lora_forward(x, weight, b, A, B, s, 0.2, 99, design=design, input_precision="ieee", out=y, h_out=h)
-    mask = lora_dropout_mask(M, K, 0.2, 99, "cpu")
+    key = dropout_key("cpu", 99)
+    lora_forward(x, weight, b, A, B, s, 0.2, key, design=design, input_precision="ieee", out=y, h_out=h)
+    mask = lora_dropout_mask(M, K, 0.2, key)
     y_ref, h_ref = reference.lora_forward(
         x.double(), weight.double(), b.double(), A.double(), B.double(), s, mask.double()
     )
@@ -159,7 +162,7 @@ def test_launchers_write_every_element(fused):
     g = torch.randn(M, N)
     dx = torch.full((M, K), float("nan"))
     _, dA, dB, dbias = lora_backward(
-        g, x, weight, A, B, h, s, 0.2, 99, need_dbias=True, design=design, input_precision="ieee", dx_out=dx
+        g, x, weight, A, B, h, s, 0.2, key, need_dbias=True, design=design, input_precision="ieee", dx_out=dx
     )
     dx_ref, dA_ref, dB_ref = reference.lora_backward(
         g.double(), x.double(), weight.double(), A.double(), B.double(), s, mask.double()
@@ -222,17 +225,21 @@ def test_trainable_base_weight_and_bias_match_reference(layout, fused):
 
 
 @cpu_tier
-def test_dropout_mask_statistics_and_values():
-    p = 0.3
-    mask = lora_dropout_mask(256, 257, p, 5, "cpu")
+@pytest.mark.parametrize("p", [0.3, 0.999])
+def test_dropout_mask_statistics_and_values(p):
+    """Kept with the mask's real probability keep = (2¹⁶ - round(p·2¹⁶)) / 2¹⁶ and scaled by 1/keep, so E[mask] = 1
+    (at p = 0.999, 1/(1-p) would be 1.0071× too large)."""
+    mask = lora_dropout_mask(256, 257, p, dropout_key("cpu", 5))
     kept = (mask != 0).double().mean().item()
-    # Binomial(n, 1-p): 6 standard deviations of the kept fraction.
-    assert abs(kept - (1 - p)) <= 6 * ((p * (1 - p)) / mask.numel()) ** 0.5
+    keep = reference.keep_probability(p)
+    # Binomial(n, keep): 6 standard deviations of the kept fraction.
+    assert abs(kept - keep) <= 6 * ((keep * (1 - keep)) / mask.numel()) ** 0.5
     values = set(mask.unique().tolist())
-    assert values == {0.0, torch.tensor(1 / (1 - p), dtype=torch.float32).item()}
-    assert torch.equal(mask, lora_dropout_mask(256, 257, p, 5, "cpu"))
-    other = lora_dropout_mask(256, 257, p, 6, "cpu")
-    assert (other != mask).double().mean().item() > 0.2
+    assert values == {0.0, torch.tensor(1 / keep, dtype=torch.float32).item()}
+    assert torch.equal(mask, lora_dropout_mask(256, 257, p, dropout_key("cpu", 5)))
+    other = lora_dropout_mask(256, 257, p, dropout_key("cpu", 6))
+    # Independent masks disagree on a fraction 2·keep·(1 - keep); half of that is many deviations away.
+    assert (other != mask).double().mean().item() > keep * (1 - keep)
 
 
 @cpu_tier
@@ -282,8 +289,8 @@ def test_clear_errors_before_launch(monkeypatch):
         triton_lora_linear(x, weight, b, A, B[:, :4], 0.5, 0.0, None)
     with pytest.raises(TypeError, match="x has dtype torch.float64"):
         triton_lora_linear(x.double(), weight.double(), b.double(), A, B, 0.5, 0.0, None)
-    with pytest.raises(ValueError, match="integer seed"):
-        triton_lora_linear(x, weight, b, A, B, 0.5, 0.1, None)
+    with pytest.raises(ValueError, match=r"seed must be None \(a key drawn on the device\) or an integer.*got 1.5"):
+        triton_lora_linear(x, weight, b, A, B, 0.5, 0.1, 1.5)
     monkeypatch.setattr(config, "fp32_precision", "tf64")
     with pytest.raises(ValueError, match="fp32_precision"):
         triton_lora_linear(x, weight, b, A, B, 0.5, 0.0, None)
@@ -349,12 +356,13 @@ def test_inputs_checked_once_per_call(monkeypatch):
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) impls against the real kernels, and AOT dispatch, by torch.library.opcheck."""
     x, weight, b, A, B = (t.detach() for t in _make(6, 48, 40, 8, torch.float32, True, "conv1d", True, "cpu"))
-    fwd_args = (x, weight, b, A, B, 0.5, 0.1, 3, torch.float32, torch.float32, "fused", "ieee")
+    key = dropout_key("cpu", 3)
+    fwd_args = (x, weight, b, A, B, 0.5, 0.1, key, torch.float32, torch.float32, "fused", "ieee")
     torch.library.opcheck(torch.ops.lora_fast.triton_lora_forward.default, fwd_args)
     _, h = torch.ops.lora_fast.triton_lora_forward(*fwd_args)
     g = torch.randn(6, 40)
     for design, needs in (("fused", (True, True, False, True)), ("split", (False, True, True, True))):
-        bwd_args = (g, x, weight, A, B, h, 0.5, 0.1, 3, torch.float32, torch.float32, torch.float32, design, "ieee")
+        bwd_args = (g, x, weight, A, B, h, 0.5, 0.1, key, torch.float32, torch.float32, torch.float32, design, "ieee")
         torch.library.opcheck(torch.ops.lora_fast.triton_lora_backward.default, (*bwd_args, *needs))
         dx, dA, dB, dbias = torch.ops.lora_fast.triton_lora_backward(*bwd_args, *needs)
         assert [t.numel() > 0 for t in (dx, dA, dB, dbias)] == list(needs)
@@ -444,7 +452,7 @@ def test_mixed_precision_and_determinism_cuda():
 @requires_cuda
 def test_dropout_statistics_cuda():
     p = 0.1
-    mask = lora_dropout_mask(8192, 4096, p, 17, "cuda")
+    mask = lora_dropout_mask(8192, 4096, p, dropout_key("cuda", 17))
     kept = (mask != 0).double().mean().item()
     assert abs(kept - (1 - p)) <= 6 * ((p * (1 - p)) / mask.numel()) ** 0.5
 
@@ -458,9 +466,10 @@ def test_int64_offsets_cuda():
     weight = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / 32
     A = torch.randn(R, K, device="cuda", dtype=torch.bfloat16) / 32
     B = torch.randn(N, R, device="cuda", dtype=torch.bfloat16)
-    y, _ = lora_forward(x, weight, None, A, B, 0.5, 0.1, 9)
+    key = dropout_key("cuda", 9)
+    y, _ = lora_forward(x, weight, None, A, B, 0.5, 0.1, key)
     tail = slice(M - 128, M)
-    mask = lora_dropout_mask(M, K, 0.1, 9, "cuda")[tail].double()
+    mask = lora_dropout_mask(M, K, 0.1, key)[tail].double()
     y_ref, _ = reference.lora_forward(x[tail].double(), weight.double(), None, A.double(), B.double(), 0.5, mask)
     assert _rel(y[tail], y_ref) <= TOL[torch.bfloat16]
 
@@ -495,7 +504,7 @@ def test_without_dx_and_first_candidates_fit_cuda():
     y = lora_linear(x, weight, b, A, B, 0.5, dropout_p=0.1, seed=5, backend="triton")
     g = torch.randn_like(y)
     y.backward(g)
-    mask = lora_dropout_mask(2048, 768, 0.1, 5, "cuda").double()
+    mask = lora_dropout_mask(2048, 768, 0.1, dropout_key("cuda", 5)).double()
     d = lambda t: t.detach().double()  # noqa: E731
     _, dA_ref, dB_ref = reference.lora_backward(g.double(), d(x), d(weight), d(A), d(B), 0.5, mask)
     assert x.grad is None
