@@ -322,13 +322,17 @@ def lora_reduce(x, u, g, h, needs, key, threshold, lora_dtype, input_precision, 
         INTERPRET=interpreting(),
         BLOCK_R=BLOCK_R,
     )
-    launch(_lora_reduce_kernel, grid, args, constexprs, reduce_configs(BLOCK_R, lora_dtype, input_precision))
+    candidates = reduce_configs(BLOCK_R, lora_dtype, input_precision)
+    launch(_lora_reduce_kernel, grid, args, constexprs, candidates, info, f"M={M} N={N} K={K} R={R}")
     return parts[0]
 
 
-def lora_finalize(parts: Partials, outputs: tuple, N: int, K: int, R: int, needs: tuple[bool, bool, bool]) -> None:
+def lora_finalize(
+    parts: Partials, outputs: tuple, N: int, K: int, R: int, needs: tuple[bool, bool, bool], info
+) -> None:
     """The split-sum as its own launch: ``outputs`` = (dA, dB, dbias), placeholders where not asked for."""
     grid = lambda c: (finalize_blocks(N, K, needs[0], needs[1] or needs[2], c["BLOCK_C"]),)
     args = (parts.a, parts.b, parts.bias, *outputs, parts.S, N, K, R)
     constexprs = dict(HAS_DA=needs[0], HAS_DB=needs[1], HAS_DBIAS=needs[2], INTERPRET=interpreting())
-    launch(_lora_finalize_kernel, grid, args, dict(constexprs, BLOCK_R=block_r(R)), finalize_configs())
+    constexprs = dict(constexprs, BLOCK_R=block_r(R))
+    launch(_lora_finalize_kernel, grid, args, constexprs, finalize_configs(), info, f"S={parts.S} N={N} K={K} R={R}")

@@ -1,13 +1,14 @@
-"""The skinny product of the split design: ``out = c · drop?(P) Q`` for ``P (M, C)``, ``Q (C, R)``, fp32 ``out (M, R)``.
+"""The skinny product of the split and hybrid designs: ``out = c · drop?(P) Q``, ``P (M, C)``, ``Q (C, R)``, fp32.
 
 Two uses, one kernel:
 
-- forward, ``h_s = (s/(1-p)) · keep(x) Aᵀ``: P = x (dropout applied), Q = Aᵀ read through A's strides;
-- backward, ``u_s = (s/(1-p)) · g B``: P = g, Q = B, no dropout.
+- forward, ``h_s = (s/keep) · keep(x) Aᵀ``: P = x (dropout applied), Q = Aᵀ read through A's strides;
+- backward, ``u_s = (s/keep) · g B``: P = g, Q = B, no dropout.
 
-``s/(1-p)`` is folded in here, once per (M, R) element, so the GEMM epilogues that consume h_s and u_s add a plain
-product and the dropout mask is a select. One program owns BLOCK_M rows of ``out`` and streams ``P[rows, :]`` once.
-FLOPs 2·M·C·R; bytes: P once (e_P·M·C), Q once per program (from L2), out written once (4·M·R).
+``s/keep`` (keep: the mask's keep probability, :mod:`kernels.dropout`) is folded in here, once per (M, R) element,
+so the GEMM epilogues that consume h_s and u_s add a plain product and the dropout mask is a select. One program
+owns BLOCK_M rows of ``out`` and streams ``P[rows, :]`` once. FLOPs 2·M·C·R; bytes: P once (e_P·M·C), Q once per
+program (from L2), out written once (4·M·R).
 """
 
 import torch
@@ -113,4 +114,5 @@ def lora_skinny(
     elem = max(mat.element_size(), proj.element_size())
     candidates = skinny_configs(M, BLOCK_R, elem, info)
     grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]),)
-    launch(_lora_skinny_kernel, grid, (*pointers, *sizes, *strides, *scalars), constexprs, candidates)
+    args = (*pointers, *sizes, *strides, *scalars)
+    launch(_lora_skinny_kernel, grid, args, constexprs, candidates, info, f"M={M} C={C} R={R}")

@@ -19,8 +19,9 @@ A base weight the caller made trainable gets ``dW = gᵀ x`` (a plain matmul bes
 
 Settings (:data:`config`): ``fp32_precision`` ("auto" by default: fp32 operands round as torch's own fp32 matmuls do
 under the user's setting, see :func:`torch_fp32_precision`; "tf32" or "ieee", exact fp32, force one; env
-``LORA_FAST_FP32_PRECISION``) and ``design`` ("auto" by default: fused or split per pass and shape from the byte and
-FLOP counts of :mod:`lora_fast.kernels.cost`; "fused" or "split" force one; env ``LORA_FAST_DESIGN``).
+``LORA_FAST_FP32_PRECISION``) and ``design`` ("auto" by default: fused, split or hybrid per pass and shape by the
+calibrated cost model of :mod:`lora_fast.kernels.cost`, or by a measured table, ``LORA_FAST_DESIGNS=file.json``;
+"fused", "split" or "hybrid" force one; env ``LORA_FAST_DESIGN``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import os
 import torch
 
 from lora_fast.checks import check_lora_inputs, compute_dtypes
+from lora_fast.kernels.designs import CHOICES
 from lora_fast.kernels.dropout import dropout_key, dropout_threshold
 from lora_fast.kernels.lora_backward import lora_backward
 from lora_fast.kernels.lora_forward import lora_forward
@@ -49,7 +51,7 @@ __all__ = [
     "check_triton_inputs",
 ]
 
-DESIGNS = ("auto", "fused", "split")
+DESIGNS = CHOICES  # "auto", "fused", "split", "hybrid"
 FP32_PRECISIONS = ("auto", *INPUT_PRECISIONS)
 
 
