@@ -12,21 +12,25 @@
 #
 # and send it along: the device tool's `carry` must name ".device_data" (DEVICE_DATA points elsewhere if needed).
 #
-# Steps, each with its own time limit; the headline timing rows come first, so a cut-short run still has them:
+# Steps, each with its own time limit; the timing rows come first, so a cut-short run still has them:
 #   1. offline install of this checkout (no index, no dependencies, no build isolation); stop at once if
 #      the kernel modules (`lora_fast.kernels.lora_forward`, `.lora_backward`) do not import;
-#   2. kernel timing, headline rows (bench/kernel_timing.py; its JSON is rewritten after every row);
+#   2. kernel timing that attributes (bench/kernel_timing.py; its JSONs are rewritten after every row): per shape
+#      each pass of each design (fused, split, hybrid) alone and each of its kernels alone beside the cuBLAS
+#      floor, the configurations chosen and any fallback, a mixed-dtype row (bf16 with fp32 LoRA weights); and
+#      designs.json, the measured design table (LORA_FAST_DESIGNS=designs.json makes `auto` use it on this GPU);
 #   3. the CUDA test tier with the reduced case list (LORA_FAST_CUDA_QUICK=1), JUnit XML into $OUT;
 #   4. the main job as a user runs it: train_sentiment.py --fused on a small random GPT-2 with the real data for
-#      20 steps, then bench/run.py --quick --model-only.
+#      20 steps.
 # Every step runs with one TRITON_CACHE_DIR, so a kernel compiled once is not compiled again.
 #
-# Comes back in $OUT: device_check.log (every step's output and exit status), kernel_timing.json/.md,
-# pytest_cuda.xml, train_summary.json, bench.json/.md and plots/.
+# Comes back in $OUT: device_check.log (every step's output and exit status), kernel_timing.json/.md, designs.json,
+# pytest_cuda.xml, train_summary.json.
 #
-# Time budget (docs/KERNELS.md, "Device check"): about 40 distinct kernel compiles (1-2.5 s each in bf16, up to 10 s
-# in fp32 "ieee") plus the measurements: about 5 minutes expected. The per-step limits (60 + 30 + 120 + 150 + 30 + 90
-# + 90 s) add up to 9.5 minutes, so even a run that hits every limit ends inside a 10-minute call.
+# Time budget (docs/KERNELS.md, "Device check"): the worst case, every step killed at its limit (timeout -k: a
+# step that ignores SIGTERM is killed 5 s later), is 30 + 15 + 135 + 75 + 15 + 55 s + 6 × 5 s = 355 s, under 6
+# minutes, so a 15-minute lease can run it twice. The model benchmark (bench/run.py --quick --model-only, about a
+# minute) is not in it: run it as a second call where the lease allows.
 #
 # Exit status: 0 only when every step succeeded; 1 otherwise (the failed steps are listed at the end).
 set -uo pipefail
@@ -57,35 +61,33 @@ DRY_RUN="${DRY_RUN:-0}"
 failed=()
 
 # ---------------------------------------------------------------- the commands a user runs (one place)
-# The main job as a user runs it (train_sentiment.py, lora_fast.study.tiny, bench/run.py): change it here only.
+# The main job as a user runs it (train_sentiment.py, lora_fast.study.tiny): change it here only.
 TINY="$WORK/tiny-gpt2"
 if [ "$DRY_RUN" = "1" ]; then
     export TRITON_INTERPRET=1
     DEVICE=cpu
     TRAIN_STEPS=2
     TIMING_ARGS=(--device cpu)
-    BENCH_ARGS=(--device cpu --model-only --rows lora_fast --steps 1 --warmup 0 --rounds 1 --batch 1 --seq 16)
 else
     DEVICE=cuda
     TRAIN_STEPS=20
-    TIMING_ARGS=(--device cuda --rows headline)
-    BENCH_ARGS=(--quick --device cuda --model-only)
+    TIMING_ARGS=(--device cuda)
 fi
 MAKE_TINY=(python3 -m lora_fast.study.tiny "$TINY" --tokenizer "$DATA/gpt2-tokenizer")
 TRAIN=(python3 train_sentiment.py --fused --device "$DEVICE" --model "$TINY" --data-dir "$DATA/rotten_tomatoes"
     --max-steps "$TRAIN_STEPS" --batch-size 8 --grad-accum 1 --eval-every "$TRAIN_STEPS" --max-val 64 --max-test 64
     --out "$WORK/train")
-BENCH=(python3 bench/run.py "${BENCH_ARGS[@]}" --json "$OUT/bench.json" --md "$OUT/bench.md" --plot "$OUT/plots")
 # ----------------------------------------------------------------
 
 # run NAME LIMIT_S CMD...: the command's output goes to the terminal and to $LOG; a failure (or a timeout, status
-# 124) is recorded and the script goes on. pipefail makes the status the command's, not tee's.
+# 124, or 137 where SIGTERM was ignored) is recorded and the script goes on. pipefail makes the status the
+# command's, not tee's.
 run() {
     local name="$1" limit="$2"
     shift 2
     echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
     local start=$SECONDS
-    timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+    timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$LOG"
     local rc=$?
     echo "== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
     [ "$rc" -eq 0 ] || failed+=("$name (exit $rc)")
@@ -96,24 +98,24 @@ run() {
 if [ "$DRY_RUN" = "1" ]; then
     echo "== install: skipped (DRY_RUN: the checkout is already installed here)" | tee -a "$LOG"
 else
-    run install 60 env PIP_NO_INDEX=1 python3 -m pip install -q --no-deps --no-build-isolation -e .
+    run install 30 env PIP_NO_INDEX=1 python3 -m pip install -q --no-deps --no-build-isolation -e .
 fi
-if ! run import 30 python3 -c "import lora_fast.kernels.lora_forward, lora_fast.kernels.lora_backward, torch, triton; print('torch', torch.__version__, 'triton', \
+if ! run import 15 python3 -c "import lora_fast.kernels.lora_forward, lora_fast.kernels.lora_backward, torch, triton; print('torch', torch.__version__, 'triton', \
 triton.__version__, 'cuda', torch.cuda.is_available())"; then
     echo "device check: lora_fast.kernels does not import; stopping" >&2
     exit 1
 fi
 
-# 2. The headline rows first, each written to $OUT/kernel_timing.json as soon as it is measured.
-run kernel_timing 120 python3 bench/kernel_timing.py --out "$OUT" "${TIMING_ARGS[@]}"
+# 2. The timing rows, each written to $OUT/kernel_timing.json and $OUT/designs.json as soon as it is measured.
+run kernel_timing 135 python3 bench/kernel_timing.py --out "$OUT" "${TIMING_ARGS[@]}"
 
 # 3. The CUDA tier (on CPU every case is skipped, visibly: the plumbing and the JUnit file still run).
-run pytest_cuda 150 env LORA_FAST_CUDA_QUICK=1 python3 -m pytest tests -m cuda -q -rs -p no:cacheprovider \
+run pytest_cuda 75 env LORA_FAST_CUDA_QUICK=1 python3 -m pytest tests -m cuda -q -rs -p no:cacheprovider \
     --junitxml="$OUT/pytest_cuda.xml"
 
 # 4. The main job as a user runs it.
 if [ -d "$DATA/rotten_tomatoes" ] && [ -d "$DATA/gpt2-tokenizer" ]; then
-    if run tiny_model 30 "${MAKE_TINY[@]}" && run train 90 "${TRAIN[@]}"; then
+    if run tiny_model 15 "${MAKE_TINY[@]}" && run train 55 "${TRAIN[@]}"; then
         if [ -s "$WORK/train/summary.json" ]; then
             cp "$WORK/train/summary.json" "$OUT/train_summary.json"
         else
@@ -125,9 +127,7 @@ else
         | tee -a "$LOG"
     failed+=("train (no data in $DATA)")
 fi
-run bench_quick 90 "${BENCH[@]}"
-
-echo "== results in $OUT" | tee -a "$LOG"
+echo "== results in $OUT (the measured design table: LORA_FAST_DESIGNS=$OUT/designs.json)" | tee -a "$LOG"
 if [ "${#failed[@]}" -gt 0 ]; then
     printf 'FAILED: %s\n' "${failed[@]}" | tee -a "$LOG" >&2
     exit 1

@@ -1,24 +1,25 @@
-"""Kernel timing: the LoRA layer (forward + backward) against the frozen-layer floor and PEFT-style eager LoRA.
+"""Kernel timing that attributes: per shape, each pass of each design timed alone, each of its kernels timed alone
+against its cuBLAS counterpart, the configurations the launches chose (and any fallback), and the measured design
+table that ``auto`` loads (``LORA_FAST_DESIGNS=designs.json``).
 
-    python3 bench/kernel_timing.py --out OUT                 # the headline rows (CUDA)
-    python3 bench/kernel_timing.py --out OUT --rows full     # and the rest of the GPT-2 shapes, R = 128
+    python3 bench/kernel_timing.py --out OUT                 # the rows below (CUDA)
     python3 bench/kernel_timing.py --out OUT --device cpu    # plumbing only: tiny shapes, Triton's interpreter
 
-Rows: K→N, M = 8192 tokens, bf16, Conv1D-layout weight, dropout p. Headline: 768→2304 and 3072→768 at R = 16,
-p ∈ {0, 0.1}; 4096→4096 at R = 16, p ∈ {0, 0.1}. Columns, each forward + backward (dx, dA, dB; every gradient set
-to None before each repetition, so no accumulation kernel runs):
+Rows: K→N, M = 8192 tokens, Conv1D-layout weight, R = 16: 768→2304 and 3072→768 at p ∈ {0, 0.1}, 4096→4096 at
+p ∈ {0, 0.1}, all bf16; and one mixed row, 768→2304 at p = 0.1 with bf16 activations and weights and fp32 LoRA
+weights without autocast (PEFT's default set-up). Per row, GPU time (``triton.testing.do_bench_cudagraph``, median):
 
-- floor: the frozen base layer alone, ``y = x Wᵀ + bias`` and ``dx = g W`` (2·2·M·K·N FLOPs);
-- eager: what HF PEFT runs: base linear, ``nn.functional.dropout`` on a copy of x, ``x Aᵀ``, ``· Bᵀ``, scale, add;
-- triton (the ``auto`` design), triton fused, triton split: :func:`lora_fast.lora_linear`, ``backend="triton"``.
+- ``floor``: ``x Wᵀ + bias`` and ``g W`` by cuBLAS, each alone;
+- per design (fused, split, hybrid): the forward launcher and the backward launcher (dx, dA, dB), each alone, and
+  within them every Triton kernel launch alone (``kernels``: name, configuration, its index in the candidate list,
+  0 unless it fell back, ms), beside the cuBLAS product it stands in for (the forward GEMM beside ``x Wᵀ``, the dx
+  GEMM beside ``g W``);
+- ``eager``: what HF PEFT runs, forward + backward through autograd; ``auto``: ``lora_linear(backend="triton")``,
+  forward + backward through autograd, as a user runs it;
+- ``predicted``: the cost model's estimate (H100) for the floor and each design.
 
-Two times per cell, both medians: ``gpu_ms`` from ``triton.testing.do_bench_cudagraph`` (the calls replayed from a
-CUDA graph: GPU time without launch gaps) and ``wall_ms`` from ``triton.testing.do_bench(return_mode="median")``
-(CUDA events around eager calls: what a training loop sees). Beside them, the cost model's prediction for the
-auto design (``lora_fast.kernels.cost``), so a device run checks the estimate in docs/KERNELS.md.
-
-``kernel_timing.json`` is rewritten (atomically) after every row, so a run cut short keeps what it measured;
-``kernel_timing.md`` is written at the end. Both stamped with device, versions and date.
+``kernel_timing.json`` and ``designs.json`` (per row, the measured fastest design of each pass, stamped with the GPU)
+are rewritten atomically after every row, so a run cut short keeps what it measured; ``kernel_timing.md`` at the end.
 """
 
 from __future__ import annotations
@@ -37,118 +38,183 @@ if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
 
 from lora_fast import lora_linear  # noqa: E402
-from lora_fast.kernels import cost  # noqa: E402
-from lora_fast.kernels.cost import backward_design, forward_design  # noqa: E402
+from lora_fast.kernels import configs, cost, designs  # noqa: E402
+from lora_fast.kernels.dropout import dropout_key  # noqa: E402
+from lora_fast.kernels.lora_backward import lora_backward  # noqa: E402
+from lora_fast.kernels.lora_forward import lora_forward  # noqa: E402
 from lora_fast.triton_backend import config  # noqa: E402
 
-HEADLINE = [(768, 2304, 16, 0.0), (768, 2304, 16, 0.1), (3072, 768, 16, 0.0), (3072, 768, 16, 0.1)]
-HEADLINE += [(4096, 4096, 16, 0.0), (4096, 4096, 16, 0.1)]
-FULL = [(768, 768, 16, 0.1), (768, 3072, 16, 0.1), (768, 2304, 128, 0.1), (3072, 768, 128, 0.1)]
-TINY = [(48, 40, 8, 0.0), (48, 40, 8, 0.1)]  # --device cpu
-VARIANTS = ("floor", "eager", "triton", "triton_fused", "triton_split")
+bf16, f32 = torch.bfloat16, torch.float32
+# (K, N, R, p, LoRA weights' dtype), most wanted first: a run cut short by its time limit keeps the rows it finished.
+ROWS = [(768, 2304, 16, 0.0, bf16), (768, 2304, 16, 0.1, bf16), (768, 2304, 16, 0.1, f32), (3072, 768, 16, 0.0, bf16)]
+ROWS += [(3072, 768, 16, 0.1, bf16), (4096, 4096, 16, 0.0, bf16), (4096, 4096, 16, 0.1, bf16)]
+TINY = [(48, 40, 8, 0.0, f32), (48, 40, 8, 0.1, f32)]  # --device cpu
 
 
 def _eager(x, weight, bias, A, B, s, p):
-    drop = torch.nn.functional.dropout(x, p) if p > 0 else x
-    return torch.nn.functional.linear(x, weight, bias) + s * ((drop @ A.t()) @ B.t())
+    lora_x = x.to(A.dtype)  # PEFT casts x to the LoRA weights' dtype
+    drop = torch.nn.functional.dropout(lora_x, p) if p > 0 else lora_x
+    return torch.nn.functional.linear(x, weight, bias) + (s * ((drop @ A.t()) @ B.t())).to(x.dtype)
 
 
-def _step(fn, g, params):
-    """One forward + backward; every gradient is set to None first, so no accumulation kernel runs."""
-
-    def step():
-        for t in params:
-            t.grad = None
-        fn().backward(g)
-
-    return step
-
-
-def _time(step, device: str) -> dict:
-    """Median ms: GPU time from CUDA-graph replays and wall time from eager calls (CUDA); a plain timer on CPU."""
+def _time(fn, device: str) -> float:
+    """Median ms: GPU time from CUDA-graph replays (CUDA, eager events where capture fails); a plain timer on CPU."""
     if device == "cpu":
-        step()
+        fn()
         samples = []
         for _ in range(3):
             t0 = time.perf_counter()
-            step()
+            fn()
             samples.append(1e3 * (time.perf_counter() - t0))
-        return {"wall_ms": round(statistics.median(samples), 4)}
-    out = {"wall_ms": round(triton.testing.do_bench(step, return_mode="median"), 4)}
+        return round(statistics.median(samples), 4)
     try:
-        out["gpu_ms"] = round(triton.testing.do_bench_cudagraph(step, return_mode="median"), 4)
-    except Exception as e:  # a capture failure is reported in the row, the wall time still stands
-        out["gpu_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    return out
+        return round(triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median"), 4)
+    except Exception:  # noqa: BLE001 (a capture failure: the eager time still stands)
+        return round(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"), 4)
 
 
-def time_row(M: int, K: int, N: int, r: int, p: float, device: str) -> dict:
-    """One row: every variant's forward+backward times at one shape (bf16 on CUDA, fp32 on CPU)."""
-    dt, s = (torch.bfloat16 if device == "cuda" else torch.float32), 2.0
+class KernelTimer:
+    """A launch hook (:func:`lora_fast.kernels.configs.capture_launches`): runs each launch as the pruner would (the
+    first candidate the GPU holds) and times it alone; records kernel, configuration, candidate index and ms."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.rows: list[dict] = []
+
+    def __call__(self, kernel, grid, arguments, constexprs, candidates):
+        for i, candidate in enumerate(candidates):
+            args = arguments(candidate)
+
+            def run(candidate=candidate, args=args):
+                kernel[grid(candidate)](*args, **constexprs, **candidate.kwargs())
+
+            try:
+                run()
+            except OutOfResources:
+                continue
+            ms = _time(run, self.device)
+            self.rows.append(dict(kernel=kernel.__name__, config=str(candidate), candidate=i, ms=ms))
+            return candidate
+        raise RuntimeError(f"{kernel.__name__}: no configuration fits")
+
+
+def time_row(M: int, K: int, N: int, R: int, p: float, lora_dtype: torch.dtype, device: str) -> dict:
+    """One row: the floor, every design's passes and kernels, PEFT's eager path, auto, the prediction."""
+    dt = bf16 if device == "cuda" else f32
+    s = 2.0
     gen = torch.Generator(device=device).manual_seed(0)
-    rnd = lambda *shape: torch.randn(*shape, device=device, dtype=dt, generator=gen)  # noqa: E731
-    x = rnd(M, K).requires_grad_()
+    rnd = lambda *shape, dtype=dt: torch.randn(*shape, device=device, dtype=dtype, generator=gen)  # noqa: E731
+    x = rnd(M, K)
     w = (rnd(K, N) / K**0.5).t()  # Conv1D layout, read through strides
     b = rnd(N)
-    A = (rnd(r, K) / K**0.5).requires_grad_()
-    B = rnd(N, r).requires_grad_()
+    A, B = rnd(R, K, dtype=lora_dtype) / K**0.5, rnd(N, R, dtype=lora_dtype)
     g = rnd(M, N)
-    fns = {
-        "floor": lambda: torch.nn.functional.linear(x, w, b),
-        "eager": lambda: _eager(x, w, b, A, B, s, p),
-        "triton": lambda: lora_linear(x, w, b, A, B, s, dropout_p=p, seed=1, backend="triton"),
-    }
-    row = {"K": K, "N": N, "r": r, "p": p, "M": M}
-    saved = config.design
+    key = dropout_key(device, 1) if p > 0 else None
+    precision = "ieee" if lora_dtype == f32 else "tf32"  # torch's default fp32 precision, as the backend's "auto"
+    info = configs.device_info(x.device)
+    row = {"K": K, "N": N, "R": R, "p": p, "M": M, "dtype": "bf16" if dt == bf16 else "fp32"}
+    row["lora_dtype"] = str(lora_dtype).removeprefix("torch.")
+    row["dtypes"] = designs.dtype_key(dt, lora_dtype)
+    row["floor"] = {"forward": _time(lambda: torch.nn.functional.linear(x, w, b), device),
+                    "backward": _time(lambda: g @ w, device)}  # fmt: skip
+    kw = dict(input_precision=precision, lora_dtype=lora_dtype)
+    row["designs"] = {}
+    for design in designs.DESIGNS:
+        fwd = lambda design=design: lora_forward(x, w, b, A, B, s, p, key, design=design, **kw)  # noqa: E731
+        _, h = fwd()
+        bwd = lambda design=design, h=h: lora_backward(g, x, w, A, B, h, s, p, key, design=design, **kw)  # noqa: E731
+        entry = {"forward": _time(fwd, device), "backward": _time(bwd, device), "kernels": {}}
+        for pass_, fn in (("forward", fwd), ("backward", bwd)):
+            timer = KernelTimer(device)
+            with configs.capture_launches(timer, info):
+                fn()
+            entry["kernels"][pass_] = timer.rows
+        row["designs"][design] = entry
+    xg, Ag, Bg = x.clone().requires_grad_(), A.clone().requires_grad_(), B.clone().requires_grad_()
+
+    def step(fn):
+        def run():
+            xg.grad = Ag.grad = Bg.grad = None
+            fn().backward(g)
+
+        return run
+
+    row["eager"] = _time(step(lambda: _eager(xg, w, b, Ag, Bg, s, p)), device)
+    saved = config.fp32_precision, config.design
+    config.fp32_precision, config.design = precision, "auto"
     try:
-        for name in VARIANTS:
-            config.design = {"triton_fused": "fused", "triton_split": "split"}.get(name, "auto")
-            fn = fns["triton" if name.startswith("triton") else name]
-            row[name] = _time(_step(fn, g, (x, A, B)), device)
+        row["auto"] = _time(step(lambda: lora_linear(xg, w, b, Ag, Bg, s, dropout_p=p, backend="triton")), device)
     finally:
-        config.design = saved
-    key = "gpu_ms" if "gpu_ms" in row["triton"] else "wall_ms"
-    row["timing"] = key
-    row["triton_over_floor"] = round(row["triton"][key] / row["floor"][key], 3)
-    row["eager_over_triton"] = round(row["eager"][key] / row["triton"][key], 3)
-    row["design"] = {
-        "forward": forward_design("auto", M, N, K, r, p, torch.bfloat16, "tf32"),
-        "backward": backward_design("auto", M, N, K, r, p, torch.bfloat16, "tf32"),
+        config.fp32_precision, config.design = saved
+    shape = cost.Shape(M, N, K, R, p, dt, lora_dtype, precision)
+    row["auto_design"] = {
+        pass_: designs.choose(pass_, "auto", shape, True, info.name) for pass_ in ("forward", "backward")
     }
-    row["predicted_ms"] = _predicted(M, N, K, r, p, row["design"])
+    row["fastest"] = {
+        pass_: min(designs.DESIGNS, key=lambda d: row["designs"][d][pass_]) for pass_ in ("forward", "backward")
+    }
+    floor = cost.floor_plan(shape)
+    row["predicted_ms"] = {"floor": {k: round(1e3 * cost.total_seconds(v), 4) for k, v in floor.items()}}
+    for design in designs.DESIGNS:
+        row["predicted_ms"][design] = {
+            "forward": round(1e3 * cost.total_seconds(cost.forward_plan(shape, design)), 4),
+            "backward": round(1e3 * cost.total_seconds(cost.backward_plan(shape, design)), 4),
+        }
+    row["fallbacks"] = [
+        k for d in row["designs"].values() for ks in d["kernels"].values() for k in ks if k["candidate"]
+    ]
     return row
 
 
-def _predicted(M, N, K, r, p, design) -> dict:
-    """The cost model's H100 estimate (ms) for the floor and the auto design, forward + backward."""
-    bf16 = (torch.bfloat16, "tf32")
-    floor = cost.floor_plan(M, N, K, *bf16)
-    plans = cost.forward_plan(M, N, K, r, p, *bf16, design["forward"] == "fused")
-    plans += cost.backward_plan(M, N, K, r, p, *bf16, design["backward"] == "fused")
-    floor_s = cost.total_seconds(floor["forward"] + floor["backward"])
-    return {"floor": round(1e3 * floor_s, 4), "triton": round(1e3 * cost.total_seconds(plans), 4)}
-
-
-def _write_json(path: pathlib.Path, meta: dict, rows: list[dict]) -> None:
+def _write(path: pathlib.Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(path)
 
 
+def design_table(meta: dict, rows: list[dict]) -> dict:
+    """The measured design table :func:`lora_fast.kernels.designs.load_table` reads: per row the fastest design of
+    each pass (a mixed row's dtypes are named ``bf16+fp32``, so it does not stand in for plain bf16)."""
+    out = [dict(K=r["K"], N=r["N"], R=r["R"], p=r["p"], M=r["M"], dtype=r["dtypes"], **r["fastest"]) for r in rows]
+    return {"device": meta["device"], "triton": meta["triton"], "date": meta["date"], "rows": out}
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
-    head = "| K→N | r | p | floor | eager | triton | fused | split | triton/floor | eager/triton | predicted/floor |"
-    lines = [f"# LoRA layer fwd+bwd, {meta['device']}, M={meta['M']}, {meta['dtype']} (median ms)", "", head]
-    lines.append("|" + "---|" * 11)
-    for rw in rows:
-        cells = " | ".join(f"{rw[name].get(rw['timing'], float('nan')):.4f}" for name in VARIANTS)
-        pred = rw["predicted_ms"]["triton"] / rw["predicted_ms"]["floor"]
+    lines = [f"# LoRA layer passes, {meta['device']}, M = {meta['M']} (median ms: {meta['timing']})", ""]
+    lines += ["| K→N | R | p | LoRA | pass | floor | fused | split | hybrid | fastest | auto picks | predicted best |"]
+    lines += ["|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for pass_ in ("forward", "backward"):
+            cells = " | ".join(f"{r['designs'][d][pass_]:.4f}" for d in designs.DESIGNS)
+            predicted = min(designs.DESIGNS, key=lambda d: r["predicted_ms"][d][pass_])
+            lines.append(
+                f"| {r['K']}→{r['N']} | {r['R']} | {r['p']} | {r['lora_dtype']} | {pass_} | {r['floor'][pass_]:.4f} "
+                f"| {cells} | {r['fastest'][pass_]} | {r['auto_design'][pass_]} | {predicted} |"
+            )
+    lines += ["", "Forward + backward through autograd: PEFT eager and `auto` (what a user runs):", ""]
+    lines += ["| K→N | R | p | LoRA | floor | eager | auto | auto / floor |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        floor = r["floor"]["forward"] + r["floor"]["backward"]
         lines.append(
-            f"| {rw['K']}→{rw['N']} | {rw['r']} | {rw['p']} | {cells} | {rw['triton_over_floor']} "
-            f"| {rw['eager_over_triton']} | {pred:.3f} |"
+            f"| {r['K']}→{r['N']} | {r['R']} | {r['p']} | {r['lora_dtype']} | {floor:.4f} | {r['eager']:.4f} "
+            f"| {r['auto']:.4f} | {r['auto'] / floor:.3f} |"
         )
-    lines += ["", f"Times: {rows[0]['timing'] if rows else '-'} (gpu_ms: CUDA-graph replays; wall_ms: eager calls)."]
+    lines += ["", "Each Triton launch alone (candidate > 0: it fell back from the table's tile):", ""]
+    lines += [
+        "| K→N | p | LoRA | design | pass | kernel | config | candidate | ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for d, entry in r["designs"].items():
+            for pass_, kernels in entry["kernels"].items():
+                for k in kernels:
+                    lines.append(
+                        f"| {r['K']}→{r['N']} | {r['p']} | {r['lora_dtype']} | {d} | {pass_} | {k['kernel']} "
+                        f"| {k['config']} | {k['candidate']} | {k['ms']:.4f} |"
+                    )
     return "\n".join(lines) + "\n"
 
 
@@ -156,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "device_out"), help="folder for the .json and .md")
     ap.add_argument("--M", type=int, help="tokens per call (default 8192 on CUDA, 64 on CPU)")
-    ap.add_argument("--rows", choices=["headline", "full"], default="headline", help="headline rows, or all")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: plumbing only (interpreter)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -164,22 +229,22 @@ def main(argv: list[str] | None = None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     M = args.M or (8192 if args.device == "cuda" else 64)
-    shapes = TINY if args.device == "cpu" else HEADLINE + (FULL if args.rows == "full" else [])
     meta = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)",
+        "device": configs.device_info(torch.device(args.device)).name,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "M": M,
-        "dtype": "bf16" if args.device == "cuda" else "fp32",
-        "timing": "median ms, forward+backward (dx, dA, dB): gpu_ms do_bench_cudagraph, wall_ms do_bench",
+        "timing": "do_bench_cudagraph" if args.device == "cuda" else "wall clock, Triton interpreter",
     }
     rows: list[dict] = []
-    json_path = out / "kernel_timing.json"
-    for K, N, r, p in shapes:
-        rows.append(time_row(M, K, N, r, p, args.device))
-        _write_json(json_path, meta, rows)
-        print(json.dumps(rows[-1]), flush=True)
+    for K, N, R, p, lora_dtype in TINY if args.device == "cpu" else ROWS:
+        rows.append(time_row(M, K, N, R, p, lora_dtype, args.device))
+        _write(out / "kernel_timing.json", {"meta": meta, "rows": rows})
+        _write(out / "designs.json", design_table(meta, rows))
+        print(
+            json.dumps({k: rows[-1][k] for k in ("K", "N", "p", "lora_dtype", "floor", "fastest", "auto")}), flush=True
+        )
     table = markdown(meta, rows)
     (out / "kernel_timing.md").write_text(table)
     print(table)

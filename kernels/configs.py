@@ -1,13 +1,15 @@
-"""Pinned launch configurations: one short, ordered candidate list per kernel and shape class, and a launch helper
-that takes the first candidate the device can hold.
+"""Pinned launch configurations: one short, ordered candidate list per kernel and shape, and a launch helper that
+takes the first candidate the device can hold.
 
-No autotuning. A candidate list depends only on the kernel's compile-time switches, the compute dtypes, the padded
-rank and, for the skinny kernels, on how many row blocks fill the GPU; :func:`launch` walks it in order and skips a
-candidate only when Triton refuses to load it for want of shared memory (``OutOfResources``, raised before anything
-runs). The last candidate of every list is a small tile that fits any CUDA GPU Triton supports. So the chosen
-configuration, and with it every bit of every result, is the same in every process on the same GPU model and
-Triton version; across models or versions the tile can differ (``bench/compile_check.py`` records which is chosen
-on sm_90 and sm_80).
+No autotuning. A candidate list depends only on the GPU class (:mod:`kernels.tiles`: shared memory and MMA
+instructions differ between sm_80, sm_86/89/120, sm_90 and sm_100), the kernel's compile-time switches, the compute
+dtypes, the padded rank and the shape (the GEMM tiles are ordered by wave count, the skinny kernels' row blocks by
+how many fill the GPU); :func:`launch` walks it in order and skips a candidate only when Triton refuses to load it
+for want of shared memory (``OutOfResources``, raised before anything runs), saying so once per kernel and shape in a
+warning that names the GPU. The last candidate of every list is a small tile that fits any CUDA GPU Triton supports.
+So the chosen configuration, and with it every bit of every result, is the same in every process on the same GPU
+model and Triton version for the same shape; across models or versions the tile can differ
+(``bench/compile_check.py`` records which is chosen on each target ptxas knows).
 
 Under Triton's interpreter one small tile serves every kernel (each program there costs milliseconds).
 
@@ -24,36 +26,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
+from .tiles import KernelConfig, by_waves, cfg, dx_tiles, forward_tiles, gpu_class
 from .utils import interpreting
 
-
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    """Meta-parameters (``BLOCK_*``, ``GROUP_M``) plus warps and pipeline stages of one launch."""
-
-    meta: tuple[tuple[str, int], ...]
-    num_warps: int = 4
-    num_stages: int = 2
-
-    def __getitem__(self, name: str) -> int:
-        return dict(self.meta)[name]
-
-    def kwargs(self) -> dict:
-        return {**dict(self.meta), "num_warps": self.num_warps, "num_stages": self.num_stages}
-
-    def __str__(self) -> str:
-        tiles = "x".join(str(v) for k, v in self.meta if k.startswith("BLOCK_"))
-        return f"{tiles} w{self.num_warps} s{self.num_stages}"
-
-
-def cfg(num_warps: int = 4, num_stages: int = 2, **meta: int) -> KernelConfig:
-    return KernelConfig(tuple(meta.items()), num_warps, num_stages)
+__all__ = ["KernelConfig", "cfg"]  # re-exported from kernels.tiles
 
 
 # ---------------------------------------------------------------- device facts
@@ -61,10 +44,20 @@ def cfg(num_warps: int = 4, num_stages: int = 2, **meta: int) -> KernelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DeviceInfo:
-    """What the launchers need to know about the GPU: SM count (grid sizing) and capability (config tables)."""
+    """What the launchers need to know about the GPU: SM count (grid sizing, wave counts), capability (tile tables)
+    and name (warnings)."""
 
     num_sms: int
     capability: tuple[int, int]
+    name: str = "GPU"
+
+    @property
+    def gpu_class(self) -> str:
+        return gpu_class(self.capability)
+
+
+# The cost model's GPU, and the launchers' where no device is given: an H100 SXM.
+H100 = DeviceInfo(132, (9, 0), "H100 SXM (assumed)")
 
 
 _DEVICE_OVERRIDE: DeviceInfo | None = None
@@ -76,8 +69,8 @@ def device_info(device: torch.device) -> DeviceInfo:
         return _DEVICE_OVERRIDE
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return DeviceInfo(props.multi_processor_count, (props.major, props.minor))
-    return DeviceInfo(2, (0, 0))
+        return DeviceInfo(props.multi_processor_count, (props.major, props.minor), props.name)
+    return DeviceInfo(2, (0, 0), f"{device.type} (Triton interpreter)")
 
 
 # ---------------------------------------------------------------- candidate lists
@@ -92,99 +85,54 @@ def dtype_class(dtype: torch.dtype, input_precision: str) -> str:
 
 _INTERPRET_GEMM = cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
 
-# A tile that fits every CUDA GPU Triton runs on (well under 99 KB of shared memory, fp32 and R = 256 included).
+# Tiles that fit every CUDA GPU Triton runs on (within 99 KB of shared memory, fp32 and R = 256 included): the fused
+# dx holds u, h_s and the dB product of its rows as well, so it takes half the rows.
 _FALLBACK_GEMM = cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
-
-# Forward GEMM: tile of y (BLOCK_M, BLOCK_N), loop over K in BLOCK_K steps. Key: (dtype class, rank work fused into
-# the loop, dropout mask drawn in the loop). A wide N tile divides the fused rank work (R/BLOCK_N extra FLOPs).
-_FORWARD = {
-    ("16", False, False): [cfg(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)],
-    ("16", True, False): [cfg(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)],
-    ("16", True, True): [cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)],
-    ("tf32", False, False): [cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)],
-    ("tf32", True, False): [cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)],
-    ("tf32", True, True): [cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)],
-    # fp32 "ieee" dots run on the FMA units with their operands in registers: smaller tiles, more warps.
-    ("ieee", False, False): [cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)],
-    ("ieee", True, False): [cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=2)],
-    ("ieee", True, True): [cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=2)],
-}
-
-# Before Hopper (no wgmma: mma.sync keeps its operand fragments in registers) the widest tiles spill; these replace
-# the forward entries above there.
-_FORWARD_PRE_HOPPER = {
-    ("16", fused, dropout): [cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)]
-    for fused in (False, True)
-    for dropout in (False, True)
-}
-
-
-# dx GEMM: tile of dx (BLOCK_M, BLOCK_K), loop over N in BLOCK_N steps. A wide K tile divides the fused rank work
-# (R/BLOCK_K extra FLOPs); the fused epilogue with dropout holds a second (BLOCK_M, BLOCK_K) fp32 tile (the masked
-# LoRA term), and a padded rank above 16 holds larger u, h and dA tiles, so both narrow the tile. Chosen so that no
-# configuration spills on sm_90 or sm_80 for R <= 64 (bench/compile_check.py checks it).
-def _dx_tile(cls: str, fused: bool, dropout: bool, wide_rank: bool, hopper: bool) -> KernelConfig:
-    def gemm(m: int, n: int, k: int, warps: int = 8, stages: int = 3) -> KernelConfig:
-        return cfg(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=warps, num_stages=stages)
-
-    if cls == "ieee":  # fp32 on the FMA units, operands in registers
-        return gemm(32, 16, 32, 4, 2) if fused else gemm(64, 32, 64, 4, 2)
-    if cls == "tf32":
-        if not fused:
-            return gemm(128, 32, 64 if dropout else 128)
-        if hopper:
-            return gemm(128, 32, 64 if (dropout or wide_rank) else 128)
-        return gemm(64 if wide_rank else 128, 32, 64)
-    if not fused:
-        return gemm(128, 64, 128 if (dropout or not hopper) else 256)
-    if hopper:
-        return gemm(128, 64, 64 if dropout else (128 if wide_rank else 256))
-    if wide_rank:
-        return gemm(64, 32, 64) if dropout else gemm(128, 32, 64)
-    return gemm(128, 32, 64, 4, 4) if dropout else gemm(128, 32, 128, 8, 4)
-
-
-def _gemm_table(hopper_table: dict, older: dict, key: tuple, info: DeviceInfo | None) -> list[KernelConfig]:
-    if info is not None and info.capability < (9, 0) and key in older:
-        return older[key]
-    return hopper_table[key]
-
-
-def _forward_key(dtype: torch.dtype, input_precision: str, fused: bool, dropout: bool) -> tuple[str, bool, bool]:
-    # The split forward GEMM draws no mask (the skinny kernel does).
-    return dtype_class(dtype, input_precision), fused, fused and dropout
+_FALLBACK_DX = cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
 
 
 def forward_configs(
-    dtype: torch.dtype, input_precision: str, fused: bool, dropout: bool, info: DeviceInfo | None = None
+    base_dtype: torch.dtype,
+    lora_dtype: torch.dtype,
+    input_precision: str,
+    fused: bool,
+    block_r: int = 16,
+    info: DeviceInfo | None = None,
+    M: int = 0,
+    N: int = 0,
 ) -> list[KernelConfig]:
-    """Candidates for the forward GEMM on ``info``'s GPU (an H100 when None), best first, the fallback last."""
+    """Candidates for the forward GEMM (tile of y) on ``info``'s GPU (an H100 when None), for ``M × N`` outputs at
+    padded rank ``block_r``: the GPU class's tiles by wave count, the fallback last (the forward GEMM never draws the
+    dropout mask)."""
     if interpreting():
         return [_INTERPRET_GEMM]
-    key = _forward_key(dtype, input_precision, fused, dropout)
-    return [*_gemm_table(_FORWARD, _FORWARD_PRE_HOPPER, key, info), _FALLBACK_GEMM]
+    info = info or H100
+    base, lora = dtype_class(base_dtype, input_precision), dtype_class(lora_dtype, input_precision)
+    tiles = forward_tiles(info.gpu_class, base, lora, fused)
+    # The fused forward repeats h = x Aᵀ per column tile: R_padded/BLOCK_N of the tile's work.
+    return [*by_waves(tiles, M, N, "BLOCK_N", info.num_sms, float(block_r) if fused else 0.0), _FALLBACK_GEMM]
 
 
 def dx_configs(
-    dtype: torch.dtype, input_precision: str, fused: bool, dropout: bool, block_r: int, info: DeviceInfo | None = None
+    base_dtype: torch.dtype,
+    lora_dtype: torch.dtype,
+    input_precision: str,
+    fused: bool,
+    dropout: bool,
+    block_r: int,
+    info: DeviceInfo | None = None,
+    M: int = 0,
+    K: int = 0,
 ) -> list[KernelConfig]:
-    """Candidates for the dx GEMM on ``info``'s GPU (an H100 when None), best first, the fallback last."""
+    """Candidates for the dx GEMM (tile of dx) on ``info``'s GPU (an H100 when None), for ``M × K`` outputs: the GPU
+    class's tiles by wave count, the fallback last."""
     if interpreting():
         return [_INTERPRET_GEMM]
-    return [dx_tile(dtype, input_precision, fused, dropout, block_r, info), _FALLBACK_GEMM]
-
-
-def forward_tile(dtype: torch.dtype, input_precision: str, fused: bool, dropout: bool) -> KernelConfig:
-    """The forward GEMM's configuration on an H100 (the cost model's tile, under the interpreter too)."""
-    return _FORWARD[_forward_key(dtype, input_precision, fused, dropout)][0]
-
-
-def dx_tile(
-    dtype: torch.dtype, input_precision: str, fused: bool, dropout: bool, block_r: int, info: DeviceInfo | None = None
-) -> KernelConfig:
-    """The dx GEMM's preferred configuration on ``info``'s GPU (an H100 when None: the cost model's tile)."""
-    hopper = info is None or info.capability >= (9, 0)
-    return _dx_tile(dtype_class(dtype, input_precision), fused, dropout, block_r > 16, hopper)
+    info = info or H100
+    base, lora = dtype_class(base_dtype, input_precision), dtype_class(lora_dtype, input_precision)
+    tiles = dx_tiles(info.gpu_class, base, lora, fused, dropout, block_r > 16)
+    # The fused dx repeats u = g B and the dB product per column tile: 2·R_padded/BLOCK_K of the tile's work.
+    return [*by_waves(tiles, M, K, "BLOCK_K", info.num_sms, 2.0 * block_r if fused else 0.0), _FALLBACK_DX]
 
 
 def skinny_configs(M: int, block_r: int, elem_bytes: int, info: DeviceInfo) -> list[KernelConfig]:
@@ -213,6 +161,17 @@ def reduce_configs(block_r: int, dtype: torch.dtype, input_precision: str) -> li
     return [
         cfg(BLOCK_M=64 if cls == "16" else 32, BLOCK_C=32 if narrow else 64, num_warps=warps, num_stages=3),
         cfg(BLOCK_M=32, BLOCK_C=32, num_warps=warps, num_stages=1),
+    ]
+
+
+def rank_out_configs() -> list[KernelConfig]:
+    """The hybrid design's LoRA-term writer: a (BLOCK_M, BLOCK_C) tile of the output from a rank-R product (memory
+    bound: one write of the output)."""
+    if interpreting():
+        return [cfg(BLOCK_M=16, BLOCK_C=32, GROUP_M=4, num_warps=4, num_stages=1)]
+    return [
+        cfg(BLOCK_M=64, BLOCK_C=128, GROUP_M=8, num_warps=4, num_stages=2),
+        cfg(BLOCK_M=32, BLOCK_C=64, GROUP_M=8, num_warps=4, num_stages=1),
     ]
 
 
@@ -262,12 +221,16 @@ def launch(
     args: tuple | Callable[[KernelConfig], tuple],
     constexprs: dict,
     candidates: Sequence[KernelConfig],
+    info: DeviceInfo | None = None,
+    shape: str = "",
 ) -> KernelConfig:
     """Launch ``kernel[grid(config)](*args, **constexprs, **config)`` with the first candidate the device can hold.
 
     ``args`` may be a function of the configuration (buffers sized by the tile); it is called before ``grid``.
     Returns the configuration used. A candidate Triton refuses (``OutOfResources``: more shared memory than the
-    device's per-block limit) is skipped and remembered, so later calls start at the one that worked.
+    device's per-block limit) is skipped and remembered, so later calls start at the one that worked; the first time a
+    launch runs on a later candidate than the first, a RuntimeWarning names the GPU (``info``), the kernel, the
+    ``shape`` and both tiles: the tile tables (:mod:`kernels.tiles`) have no tile sized for this GPU.
     """
     arguments = args if callable(args) else (lambda config: args)
     if _HOOK is not None:
@@ -282,6 +245,15 @@ def launch(
             kernel[grid(config)](*call_args, **constexprs, **config.kwargs())
         except OutOfResources:
             continue
+        if i > 0 and key not in _CHOSEN:
+            gpu = info or DeviceInfo(0, (0, 0))
+            warnings.warn(
+                f"lora_fast: {getattr(kernel, '__name__', kernel)} on {gpu.name} (compute capability "
+                f"{gpu.capability[0]}.{gpu.capability[1]}), {shape or 'this shape'}: its tile {candidates[0]} does "
+                f"not fit this GPU's shared memory; running the smaller {config}, which is slower",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         _CHOSEN[key] = i
         return config
     raise RuntimeError(

@@ -1,15 +1,23 @@
-"""Counts for every launch of the two designs and of the frozen-layer floor, the H100 time they predict, and the
-design choice built on them.
+"""The calibrated cost model: per launch of each design, of the frozen-layer floor and of PEFT's eager path, the
+tensor-core FLOPs, the HBM bytes, the L2 re-reads, the dropout mask draws and the CTAs, and the time they predict.
 
-Per launch: tensor-core FLOPs (padded ranks counted as the dots run them), the fewest HBM bytes it must move
-(each operand read once per launch, small weights once, outputs written once) and the dropout mask elements it
-draws. Predicted time ``max(bytes / BW, FLOPs / MMA + draws · RNG_INSTR / INT) + LAUNCH``: memory and tensor-core
-work overlap, integer work for the mask competes with the dot's issue slots, every launch costs a gap. The same
-formula prices the floor (``y = x Wᵀ + bias``, ``dx = g W``), so the ratio is what the design adds.
+Predicted time of a launch on a :class:`Machine`:
 
-These are estimates on a data sheet's H100 SXM (below), not measurements: ``bench/device_check.sh`` measures.
-:func:`forward_design` and :func:`backward_design` ("auto") pick the design with the lower prediction, so the choice
-is a pure function of the shape, the same in every process.
+    max(bytes / HBM, l2_bytes / L2, FLOPs / (peak · efficiency · wave_fill) + draws · RNG_INSTR / INT) + LAUNCH
+
+- ``bytes``: the fewest HBM bytes the launch must move (each operand read once, outputs written once);
+- ``l2_bytes`` (Triton GEMMs): the operand tiles each CTA streams, ``e · Kdim · (rows · col_tiles + cols ·
+  row_tiles)``, which a narrow tile multiplies (the dropout dx's 128×64 tile at 768→2304 streams ~680 MB);
+- ``efficiency``: cuBLAS runs at :attr:`Machine.cublas` of the data sheet's peak, a Triton GEMM main loop at
+  :attr:`Machine.triton` of cuBLAS's (no TMA, no persistence, no clusters); memory passes have no FLOP term to speak of;
+- ``wave_fill`` (Triton GEMMs, one CTA per SM): ``waves / ceil(waves)``; cuBLAS is taken to choose its tiles (and
+  stream-K) so that it loses nothing to the last wave;
+- ``draws``: dropout mask elements, ~12.5 SASS integer instructions each (measured in the compile tier), competing
+  with the MMAs for issue slots.
+
+The constants are public figures and assumptions, stated in :data:`H100` and :data:`A100`; nothing here is measured
+on a GPU. ``bench/device_check.sh`` measures each kernel against its cuBLAS counterpart and writes a design table
+that :func:`kernels.designs.choose` loads (``LORA_FAST_DESIGNS=file.json``) in place of these predictions.
 """
 
 from __future__ import annotations
@@ -19,160 +27,231 @@ import math
 
 import torch
 
-from .configs import dtype_class, dx_tile, forward_tile, reduce_configs
+from .configs import KernelConfig, dtype_class, reduce_configs
+from .tiles import by_waves, dx_tiles, forward_tiles, gpu_class
 from .utils import block_r
 
-# ---------------------------------------------------------------- the machine (H100 SXM, data sheet)
-
-BW = 3.35e12  # HBM3 bytes/s
-MMA = {"16": 989e12, "tf32": 494e12, "ieee": 67e12}  # dense FLOP/s: bf16/fp16 tensor cores, TF32, fp32 FMA
-INT = 64 * 132 * 1.755e9  # 32-bit integer instructions/s: 64 per SM per clock (sm_90), 132 SMs, 1.755 GHz
-SMS = 132
-LAUNCH = 2e-6  # s between dependent launches in one stream
 # SASS instructions per dropout-mask element (Philox-4x32-10, eight 16-bit lanes per call, compare, select), as
 # bench/compile_check.py measures them in the mask probe on sm_90; tests/test_compile_tier.py checks it still holds.
 RNG_INSTR = 12.5
 
 
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """A GPU as the model sees it. ``cublas``: fraction of the peak cuBLAS reaches on LoRA-sized GEMMs (M = 8192,
+    K, N of 768-4096); ``triton``: a Triton GEMM main loop relative to cuBLAS's."""
+
+    name: str
+    sms: int
+    capability: tuple[int, int]
+    hbm: float  # bytes/s
+    l2: float  # bytes/s the SMs can stream from L2 together
+    mma: dict  # dense FLOP/s by dtype class: "16" (bf16/fp16 tensor cores), "tf32", "ieee" (fp32 FMA)
+    int_rate: float  # 32-bit integer instructions/s
+    launch: float = 2e-6  # s between dependent launches in one stream
+    cublas: float = 0.70
+    triton: float = 0.88
+
+
+# H100 SXM (data sheet: 3.35 TB/s, 989 / 494 / 67 TFLOP/s dense, 132 SMs at 1.755 GHz boost); L2 at 64 B per SM and
+# clock (assumed); cuBLAS at 70% of peak and Triton's loop at 0.88 of cuBLAS (midpoint of 0.85-0.92 reported for
+# Triton GEMMs without TMA or persistence).
+H100 = Machine("H100 SXM", 132, (9, 0), 3.35e12, 132 * 64 * 1.755e9, {"16": 989e12, "tf32": 494e12, "ieee": 67e12},
+               64 * 132 * 1.755e9)  # fmt: skip
+# A100 SXM 80 GB (2.04 TB/s, 312 / 156 / 19.5 TFLOP/s, 108 SMs at 1.41 GHz), same assumptions.
+A100 = Machine("A100 SXM", 108, (8, 0), 2.04e12, 108 * 64 * 1.41e9, {"16": 312e12, "tf32": 156e12, "ieee": 19.5e12},
+               64 * 108 * 1.41e9)  # fmt: skip
+
+
 @dataclasses.dataclass
 class Launch:
-    """One kernel launch: what it must compute and move."""
+    """One kernel launch: what it must compute and move. ``impl``: "triton", "cublas" or "memory" (an elementwise or
+    skinny pass: bandwidth-bound, its FLOPs at the tensor cores' rate). ``ctas``: the GEMM grid, for the wave fill."""
 
     kernel: str
     flops: float
     bytes: float
-    draws: float = 0.0  # dropout mask elements drawn
+    draws: float = 0.0
     mma: str = "16"
+    impl: str = "triton"
+    ctas: int = 0
+    l2_bytes: float = 0.0
 
-    def seconds(self) -> float:
-        return max(self.bytes / BW, self.flops / MMA[self.mma] + self.draws * RNG_INSTR / INT) + LAUNCH
+    def seconds(self, machine: Machine = H100) -> float:
+        rate = machine.mma[self.mma] * machine.cublas
+        if self.impl == "triton" and self.ctas:
+            rate *= machine.triton * wave_fill(self.ctas, machine.sms)
+        compute = self.flops / rate + self.draws * RNG_INSTR / machine.int_rate
+        return max(self.bytes / machine.hbm, self.l2_bytes / machine.l2, compute) + machine.launch
 
 
-def total_seconds(plan: list[Launch]) -> float:
-    return sum(launch.seconds() for launch in plan)
+def wave_fill(ctas: int, sms: int) -> float:
+    """Busy fraction of the SMs over a grid's waves, one CTA per SM: 192 CTAs on 132 SMs fill 1.45 of 2 waves."""
+    waves = ctas / sms
+    return waves / math.ceil(waves)
+
+
+def total_seconds(plan: list[Launch], machine: Machine = H100) -> float:
+    return sum(launch.seconds(machine) for launch in plan)
+
+
+# ---------------------------------------------------------------- shapes the launchers will choose
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One layer call: tokens, features, rank, dropout, and the dtypes (base compute, LoRA compute, fp32 precision)."""
+
+    M: int
+    N: int
+    K: int
+    R: int
+    p: float = 0.0
+    dtype: torch.dtype = torch.bfloat16
+    lora_dtype: torch.dtype | None = None
+    precision: str = "tf32"
+
+    @property
+    def e(self) -> int:
+        return torch.finfo(self.dtype).bits // 8
+
+    @property
+    def el(self) -> int:
+        return torch.finfo(self.lora_dtype or self.dtype).bits // 8
+
+    @property
+    def mma(self) -> str:
+        return dtype_class(self.dtype, self.precision)
+
+    @property
+    def lora_mma(self) -> str:
+        return dtype_class(self.lora_dtype or self.dtype, self.precision)
+
+    @property
+    def rp(self) -> int:
+        return block_r(self.R)
+
+    @property
+    def draws(self) -> int:
+        return self.M * self.K if self.p > 0 else 0
+
+
+def gemm_tile(kind: str, s: Shape, fused: bool, machine: Machine = H100) -> KernelConfig:
+    """The tile the launchers choose on ``machine`` for the forward ("forward") or dx ("dx") GEMM."""
+    gpu = gpu_class(machine.capability)
+    if kind == "forward":
+        tiles = forward_tiles(gpu, s.mma, s.lora_mma, fused)
+        return by_waves(tiles, s.M, s.N, "BLOCK_N", machine.sms, float(s.rp) if fused else 0.0)[0]
+    tiles = dx_tiles(gpu, s.mma, s.lora_mma, fused, s.p > 0, s.rp > 16)
+    return by_waves(tiles, s.M, s.K, "BLOCK_K", machine.sms, 2.0 * s.rp if fused else 0.0)[0]
+
+
+def _gemm(name: str, s: Shape, flops: float, bytes_: float, tile: KernelConfig, col_key: str, **kw) -> Launch:
+    """A Triton GEMM launch over (M, cols) output tiles (``col_key`` "BLOCK_N": y, over K; "BLOCK_K": dx, over N):
+    its CTAs and the operand bytes its CTAs stream through L2."""
+    cols, kdim = (s.N, s.K) if col_key == "BLOCK_N" else (s.K, s.N)
+    row_tiles, col_tiles = math.ceil(s.M / tile["BLOCK_M"]), math.ceil(cols / tile[col_key])
+    l2 = s.e * kdim * (s.M * col_tiles + cols * row_tiles)
+    return Launch(name, flops, bytes_, ctas=row_tiles * col_tiles, l2_bytes=l2, mma=s.mma, **kw)
 
 
 # ---------------------------------------------------------------- plans
 
 
-def floor_plan(M: int, N: int, K: int, dtype: torch.dtype, input_precision: str = "tf32") -> dict[str, list[Launch]]:
-    """The frozen layer alone: one GEMM each way (cuBLAS-like, at the same rates)."""
-    e, mma = torch.finfo(dtype).bits // 8, dtype_class(dtype, input_precision)
+def floor_plan(s: Shape) -> dict[str, list[Launch]]:
+    """The frozen layer alone, by cuBLAS: ``x Wᵀ + bias`` and ``g W``."""
+    M, N, K, e = s.M, s.N, s.K, s.e
     return {
-        "forward": [Launch("x Wᵀ + bias", 2 * M * N * K, e * (M * K + N * K + M * N + N), mma=mma)],
-        "backward": [Launch("g W", 2 * M * N * K, e * (M * N + N * K + M * K), mma=mma)],
+        "forward": [
+            Launch("cuBLAS x Wᵀ + bias", 2 * M * N * K, e * (M * K + N * K + M * N + N), mma=s.mma, impl="cublas")
+        ],
+        "backward": [Launch("cuBLAS g W", 2 * M * N * K, e * (M * N + N * K + M * K), mma=s.mma, impl="cublas")],
     }
 
 
-def forward_plan(
-    M: int, N: int, K: int, R: int, p: float, dtype: torch.dtype, input_precision: str, fused: bool
-) -> list[Launch]:
-    """The forward's launches for one design (dtype: the base and LoRA compute dtype)."""
-    e, mma, rp = torch.finfo(dtype).bits // 8, dtype_class(dtype, input_precision), block_r(R)
-    base_bytes = e * (M * K + N * K + M * N + N) + e * (R * K + N * R) + 4 * M * R  # + A, B; h_s written
-    draws = M * K if p > 0 else 0
-    if fused:
-        n_tiles = math.ceil(N / forward_tile(dtype, input_precision, True, p > 0)["BLOCK_N"])
-        flops = 2 * M * N * K + n_tiles * 2 * M * K * rp + 2 * M * rp * N
-        return [Launch("forward, h fused", flops, base_bytes, draws * n_tiles, mma)]
-    return [
-        Launch("skinny h_s", 2 * M * K * rp, e * (M * K + R * K) + 4 * M * R, draws, mma),
-        Launch("forward, h_s read", 2 * M * N * K + 2 * M * rp * N, base_bytes, 0, mma),
+def peft_plan(s: Shape) -> dict[str, list[Launch]]:
+    """HF PEFT's eager LoRA: the base layer, dropout on a copy of x (and its mask), ``x Aᵀ``, ``· Bᵀ``, the scaling
+    and the sum each a launch; backward mirrors it and adds the two dx."""
+    M, N, K, R, e = s.M, s.N, s.K, s.R, s.e
+    mem = dict(mma=s.mma, impl="memory")
+    floor = floor_plan(s)
+    fwd = list(floor["forward"])
+    if s.p > 0:
+        fwd.append(Launch("dropout (copy of x, mask)", 0, e * 2 * M * K + M * K, **mem))
+    fwd += [
+        Launch("x Aᵀ", 2 * M * K * R, e * (M * K + R * K + M * R), **mem),
+        Launch("h Bᵀ", 2 * M * R * N, e * (M * R + N * R + M * N), **mem),
+        Launch("· scaling", 0, 2 * e * M * N, **mem),
+        Launch("base + lora", 0, 3 * e * M * N, **mem),
     ]
+    bwd = [
+        Launch("g · scaling", 0, 2 * e * M * N, **mem),
+        Launch("dB = gᵀ h", 2 * M * N * R, e * (M * N + M * R), **mem),
+        Launch("dh = g B", 2 * M * N * R, e * (M * N + M * R), **mem),
+        Launch("dA = dhᵀ x", 2 * M * K * R, e * (M * K + M * R), **mem),
+        Launch("dh A", 2 * M * R * K, e * (M * R + M * K), **mem),
+    ]
+    if s.p > 0:
+        bwd.append(Launch("dropout backward", 0, e * 2 * M * K + M * K, **mem))
+    bwd += [*floor["backward"], Launch("dx + dx_lora", 0, 3 * e * M * K, **mem)]
+    return {"forward": fwd, "backward": bwd}
 
 
-def backward_plan(
-    M: int, N: int, K: int, R: int, p: float, dtype: torch.dtype, input_precision: str, fused: bool
-) -> list[Launch]:
-    """The backward's launches for one design, all of dx, dA, dB and dbias asked for."""
-    e, mma, rp = torch.finfo(dtype).bits // 8, dtype_class(dtype, input_precision), block_r(R)
-    draws = M * K if p > 0 else 0
-    small = e * (R * K + N * R)  # A and B
+def forward_plan(s: Shape, design: str, machine: Machine = H100) -> list[Launch]:
+    """The forward's launches for one design ("fused", "split" or "hybrid") on ``machine``."""
+    M, N, K, R, rp, e, el = s.M, s.N, s.K, s.R, s.rp, s.e, s.el
+    small = el * (R * K + N * R)  # A and B
+    gemm_bytes = e * (M * K + N * K + M * N + N) + small + 4 * M * R  # h_s written or read
+    skinny = Launch("skinny h_s", 2 * M * K * rp, e * M * K + el * R * K + 4 * M * R, s.draws, s.lora_mma, "memory")
+    if design == "fused" and s.p == 0:  # with dropout "fused" runs split (kernels.lora_forward)
+        tile = gemm_tile("forward", s, True, machine)
+        col_tiles = math.ceil(N / tile["BLOCK_N"])
+        flops = 2 * M * N * K + col_tiles * 2 * M * K * rp + 2 * M * rp * N
+        return [_gemm("forward, h fused", s, flops, gemm_bytes, tile, "BLOCK_N")]
+    if design in ("fused", "split"):
+        tile = gemm_tile("forward", s, False, machine)
+        return [skinny, _gemm("forward, h_s read", s, 2 * M * N * K + 2 * M * rp * N, gemm_bytes, tile, "BLOCK_N")]
+    out = Launch("C = bias + h_s Bᵀ", 2 * M * rp * N, 4 * M * R + el * N * R + e * (M * N + N), 0, s.lora_mma, "memory")
+    base = Launch("cuBLAS C += x Wᵀ", 2 * M * N * K, e * (M * K + N * K + 2 * M * N), mma=s.mma, impl="cublas")
+    return [skinny, out, base]
+
+
+def _partials(s: Shape, S: int) -> float:
+    return 4 * S * ((s.K + s.N) * s.R + s.N)
+
+
+def _splits(s: Shape, machine: Machine = H100) -> int:
+    block_c = reduce_configs(s.rp, s.lora_dtype or s.dtype, s.precision)[0]["BLOCK_C"] if s.M else 64
+    return max(1, min(math.ceil(s.M / 64), 4 * machine.sms // (math.ceil(s.K / block_c) + math.ceil(s.N / block_c))))
+
+
+def backward_plan(s: Shape, design: str, machine: Machine = H100) -> list[Launch]:
+    """The backward's launches for one design on ``machine``, all of dx, dA, dB and dbias asked for."""
+    M, N, K, R, rp, e, el = s.M, s.N, s.K, s.R, s.rp, s.e, s.el
+    small = el * (R * K + N * R)
     dx_bytes = e * (M * N + N * K + M * K) + small
-    if fused:
-        tile = dx_tile(dtype, input_precision, True, p > 0, rp)
-        S = math.ceil(M / tile["BLOCK_M"])
-        n_tiles = math.ceil(K / tile["BLOCK_K"])
-        parts = 4 * S * ((K + N) * R + N)
-        flops = 2 * M * N * K + n_tiles * 2 * M * N * rp + 2 * M * rp * K + 2 * M * N * rp + 2 * M * K * rp
-        return [
-            Launch("dx, u fused, partials", flops, dx_bytes + e * M * K + 4 * M * R + parts, draws, mma),
-            Launch("split-sum", 0, parts + e * ((K + N) * R + N), 0, mma),
-        ]
-    block_c = reduce_configs(rp, dtype, input_precision)[0]["BLOCK_C"] if M else 64
-    n_blocks = math.ceil(K / block_c) + math.ceil(N / block_c)
-    S = max(1, min(math.ceil(M / 64), 4 * SMS // n_blocks))
-    parts = 4 * S * ((K + N) * R + N)
-    return [
-        Launch("skinny u_s", 2 * M * N * rp, e * (M * N + N * R) + 4 * M * R, 0, mma),
-        Launch("partials over splits", 2 * M * (K + N) * rp, e * (M * K + M * N) + 8 * M * R + parts, draws, mma),
-        Launch("dx, u_s read; split-sum", 2 * M * N * K + 2 * M * rp * K, dx_bytes + 4 * M * R + parts, draws, mma),
-    ]
-
-
-# ---------------------------------------------------------------- the design choice
-
-
-def _choose(design: str, plans: dict[str, list[Launch]]) -> str:
-    if design not in ("auto", "fused", "split"):
-        raise ValueError(f"design must be 'auto', 'fused' or 'split', got {design!r}")
-    if design != "auto":
-        return design
-    return min(plans, key=lambda name: (total_seconds(plans[name]), name))
-
-
-def forward_design(
-    design: str, M: int, N: int, K: int, R: int, p: float, dtype: torch.dtype, input_precision: str
-) -> str:
-    """``"fused"`` or ``"split"`` for the forward: ``design`` itself unless "auto", else the lower prediction. With
-    dropout the fused design draws the mask once per N tile, so "auto" all but always splits then."""
-    plans = {d: forward_plan(M, N, K, R, p, dtype, input_precision, d == "fused") for d in ("fused", "split")}
-    return _choose(design, plans)
-
-
-def backward_design(
-    design: str, M: int, N: int, K: int, R: int, p: float, dtype: torch.dtype, input_precision: str
-) -> str:
-    """``"fused"`` or ``"split"`` for the backward: the fused design repeats u = g B for each K tile and writes
-    partials per row block (both grow with R); the split design reads g twice more and launches once more."""
-    plans = {d: backward_plan(M, N, K, R, p, dtype, input_precision, d == "fused") for d in ("fused", "split")}
-    return _choose(design, plans)
-
-
-# ---------------------------------------------------------------- the estimate table (docs/KERNELS.md)
-
-HEADLINE = [(768, 2304, 16, 0.0), (768, 2304, 16, 0.1), (3072, 768, 16, 0.0), (3072, 768, 16, 0.1)]
-HEADLINE += [(4096, 4096, 16, 0.0), (4096, 4096, 16, 0.1), (768, 2304, 128, 0.1)]
-
-
-def estimate_markdown(M: int = 8192, shapes=HEADLINE) -> str:
-    """Per headline shape (bf16, auto design): each launch's FLOPs, bytes, mask draws, mask instructions and
-    predicted µs, then the totals against the floor. ``python -m lora_fast.kernels`` prints it."""
-    bf16 = (torch.bfloat16, "tf32")
-    lines = [
-        "| K→N | R | p | pass | design | launch | GFLOP | MB | mask draws (M) | mask instr (M) | µs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    totals = [
-        "| K→N | R | p | floor fwd µs | fwd µs | fwd / floor | floor bwd µs | bwd µs | bwd / floor | fwd+bwd / floor |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for K, N, R, p in shapes:
-        floor = floor_plan(M, N, K, *bf16)
-        passes = {}
-        for name, plan_fn, choose in (("fwd", forward_plan, forward_design), ("bwd", backward_plan, backward_design)):
-            design = choose("auto", M, N, K, R, p, *bf16)
-            passes[name] = plan_fn(M, N, K, R, p, *bf16, design == "fused")
-            for launch in passes[name]:
-                lines.append(
-                    f"| {K}→{N} | {R} | {p} | {name} | {design} | {launch.kernel} | {launch.flops / 1e9:.2f} "
-                    f"| {launch.bytes / 1e6:.1f} | {launch.draws / 1e6:.2f} | {launch.draws * RNG_INSTR / 1e6:.0f} "
-                    f"| {1e6 * launch.seconds():.1f} |"
-                )
-        f0, b0 = total_seconds(floor["forward"]), total_seconds(floor["backward"])
-        f1, b1 = total_seconds(passes["fwd"]), total_seconds(passes["bwd"])
-        totals.append(
-            f"| {K}→{N} | {R} | {p} | {1e6 * f0:.1f} | {1e6 * f1:.1f} | {f1 / f0:.2f} | {1e6 * b0:.1f} "
-            f"| {1e6 * b1:.1f} | {b1 / b0:.2f} | **{(f1 + b1) / (f0 + b0):.2f}** |"
-        )
-    return "\n".join(totals) + "\n\nPer launch:\n\n" + "\n".join(lines) + "\n"
+    if design == "fused":
+        tile = gemm_tile("dx", s, True, machine)
+        S, col_tiles = math.ceil(M / tile["BLOCK_M"]), math.ceil(K / tile["BLOCK_K"])
+        parts = _partials(s, S)
+        # g W, u = g B and the branch-free dB product per column tile, u A, dA
+        flops = 2 * M * N * K + col_tiles * 2 * 2 * M * N * rp + 2 * M * rp * K + 2 * M * K * rp
+        fused = _gemm("dx, u fused, partials", s, flops, dx_bytes + e * M * K + 4 * M * R + parts, tile, "BLOCK_K",
+                      draws=s.draws)  # fmt: skip
+        return [fused, Launch("split-sum", 0, parts + el * (K + N) * R + e * N, impl="memory")]
+    S = _splits(s, machine)
+    parts = _partials(s, S)
+    skinny = Launch("skinny u_s", 2 * M * N * rp, e * M * N + el * N * R + 4 * M * R, 0, s.lora_mma, "memory")
+    if design == "split":
+        tile = gemm_tile("dx", s, False, machine)
+        reduce = Launch("partials over splits", 2 * M * (K + N) * rp, e * (M * K + M * N) + 8 * M * R + parts,
+                        s.draws, s.lora_mma, "memory")  # fmt: skip
+        dx = _gemm("dx, u_s read; split-sum", s, 2 * M * N * K + 2 * M * rp * K, dx_bytes + 4 * M * R + parts, tile,
+                   "BLOCK_K", draws=s.draws)  # fmt: skip
+        return [skinny, reduce, dx]
+    reduce = Launch("partials over splits", 2 * M * (K + N) * rp, e * (M * K + M * N) + 8 * M * R + parts, s.draws,
+                    s.lora_mma, "memory")  # fmt: skip
+    out = Launch("C = keep ⊙ u_s A; split-sum", 2 * M * rp * K, 4 * M * R + el * R * K + e * M * K + parts, s.draws,
+                 s.lora_mma, "memory")  # fmt: skip
+    base = Launch("cuBLAS C += g W", 2 * M * N * K, e * (M * N + N * K + 2 * M * K), mma=s.mma, impl="cublas")
+    return [skinny, reduce, out, base]

@@ -2,22 +2,26 @@
 
 Shapes: ``g (M, N)``, ``x (M, K)``, ``W (N, K)`` (any strides), ``A (R, K)``, ``B (N, R)``, ``h_s = s · drop(x) Aᵀ``
 (M, R) fp32 from the forward, ``dx (M, K)`` in x's dtype, ``dA``/``dB``/``dbias`` in A's/B's/bias's dtypes, cast
-once by the split-sum that produces them. ``s/(1-p)`` sits in u_s and h_s, so the dropout mask, regenerated from the
-forward's seed, is a select. Weight gradients are deterministic fp32 partial sums (:mod:`kernels.partials`).
+once by the split-sum that produces them. ``s/keep`` sits in u_s and h_s, so the dropout mask, regenerated from the
+forward's key, is a select. Weight gradients are deterministic fp32 partial sums (:mod:`kernels.partials`).
 
-Two designs; :func:`kernels.cost.backward_design` picks one from the byte and FLOP counts:
+Three designs; :func:`kernels.designs.backward_design` picks one from the cost model (or a measured table):
 
 - fused (2 launches: ``_lora_dx_kernel`` then the split-sum): the program owning dx tile (m, k) streams ``g[m, :]``
-  over N for ``g W`` and accumulates ``u[m, :] = g[m, :] B`` from the same tiles (R/BLOCK_K extra FLOPs); each of the
-  ``cdiv(K, BLOCK_K)`` programs of row block m also writes the dB and dbias partials of every
-  ``cdiv(K, BLOCK_K)``-th N tile it streams (``gᵀ h_s``, column sums of g), so g is read once in all; its epilogue
-  draws the mask of its (m, k) tile once, adds ``keep ⊙ (u_s A)`` to dx, reads the x tile and writes the dA partial
-  ``keep(x)ᵀ u_s``. Partials: 4·cdiv(M, BLOCK_M)·(K + N)·R bytes each way.
+  over N for ``g W`` and accumulates ``u[m, :] = g[m, :] B`` from the same tiles; it also forms, for every N tile,
+  the dB product ``gᵀ h_s`` (and, when dbias is asked for, ``gᵀ 1``: the column sums of g), and stores it only for
+  every ``cdiv(K, BLOCK_K)``-th N tile, its share, so g is read once in all and the loop has no branch
+  (2·R/BLOCK_K extra FLOPs for u and dB); its epilogue draws the mask of its (m, k) tile once, adds
+  ``keep ⊙ (u_s A)`` to dx, reads the x tile and writes the dA partial ``keep(x)ᵀ u_s``. Partials:
+  4·cdiv(M, BLOCK_M)·((K + N)·R + N) bytes each way.
 - split (3 launches): the skinny kernel makes ``u_s`` (one read of g), ``_lora_reduce_kernel`` the partials over a
   few row splits (x and g read once more, the mask drawn once), then ``_lora_dx_kernel`` adds ``keep ⊙ (u_s A)``
   R_CHUNK ranks at a time, while extra programs of the same launch run the split-sum. No rank work is repeated.
+- hybrid (4 launches): u_s and the partials as split, then :mod:`kernels.hybrid` writes ``keep ⊙ (u_s A)`` into dx
+  (extra programs: the split-sum) and cuBLAS adds ``g W`` to it (``addmm_``).
 
-FLOPs: 2·M·N·K (dx base) + 2·M·N·R (u; ×cdiv(K, BLOCK_K) fused) + 2·M·R·K (u A) + 2·M·N·R (dB) + 2·M·K·R (dA).
+FLOPs: 2·M·N·K (dx base) + 2·M·N·R (u; ×cdiv(K, BLOCK_K) fused) + 2·M·R·K (u A) + 2·M·N·R (dB; ×cdiv(K, BLOCK_K)
+fused) + 2·M·K·R (dA).
 """
 
 import torch
@@ -25,16 +29,27 @@ import triton
 import triton.language as tl
 
 from .configs import check_int32_offsets, device_info, dx_configs, finalize_configs, launch
-from .cost import backward_design
-from .dropout import _keep_mask, dropout_groups, dropout_threshold
+from .designs import backward_design, hybrid_supported
+from .dropout import _keep_mask, check_key, dropout_groups, dropout_threshold, keep_scale
+from .hybrid import lora_rank_out
 from .partials import Partials, _finalize_block, finalize_blocks, lora_finalize, lora_reduce, max_partials
 from .skinny import lora_skinny
-from .utils import TL_DTYPES, _dot, _grouped_pid, _rank_update, _to, block_r, interpreting, rank_chunk
+from .utils import (
+    TL_DTYPES,
+    _dot,
+    _grouped_pid,
+    _rank_update,
+    _to,
+    block_r,
+    interpreting,
+    no_autocast,
+    rank_chunk,
+)
 
 # ---------------------------------------------------------------- kernels
 
 
-@triton.jit(do_not_specialize=["seed", "threshold"])
+@triton.jit(do_not_specialize=["threshold"])
 def _lora_dx_kernel(
     # pointers
     g_ptr,
@@ -51,6 +66,7 @@ def _lora_dx_kernel(
     da_ptr,
     db_ptr,
     dbias_ptr,
+    key_ptr,
     # sizes
     M,
     N,
@@ -74,9 +90,8 @@ def _lora_dx_kernel(
     stride_ur,
     stride_dxm,
     stride_dxk,
-    # scalars: u_s = scale · g B with scale = s/(1-p)
+    # scalars: u_s = scale · g B with scale = s/keep
     scale,
-    seed,
     threshold,
     n_groups,
     # meta-parameters
@@ -91,6 +106,8 @@ def _lora_dx_kernel(
     INPUT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    BLOCK_RB: tl.constexpr,
+    BIAS_IN_H: tl.constexpr,
     R_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -128,18 +145,29 @@ def _lora_dx_kernel(
             )  # fmt: skip
             if HAS_DROPOUT:
                 acc = tl.where(
-                    _keep_mask(seed, offs_m, pid_k * BLOCK_K, n_groups, threshold, BLOCK_M, BLOCK_K), acc, 0.0
+                    _keep_mask(key_ptr, offs_m, pid_k * BLOCK_K, n_groups, threshold, BLOCK_M, BLOCK_K), acc, 0.0
                 )
         if FUSE_U:
             offs_r = tl.arange(0, BLOCK_R)
             mask_r = offs_r < R
             u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            if HAS_DB:
-                h = tl.load(
-                    h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                    mask=mask_m[:, None] & mask_r[None, :],
-                    other=0.0,
-                )
+            # The dB product's right operand: h_s in columns [0, R) and, for dbias with BIAS_IN_H, ones in column R:
+            # the column sums of g come out of the same product (one store, one wait per iteration). Where R + 1
+            # columns would double a wide padded rank, dbias is a second, 16-wide product with ones.
+            offs_rb = tl.arange(0, BLOCK_RB)
+            if HAS_DB or BIAS_IN_H:
+                h = tl.zeros((BLOCK_M, BLOCK_RB), dtype=tl.float32)
+                if HAS_DB:
+                    h = tl.load(
+                        h_ptr + offs_m[:, None] * stride_hm + offs_rb[None, :] * stride_hr,
+                        mask=mask_m[:, None] & (offs_rb < R)[None, :],
+                        other=0.0,
+                    )
+                if BIAS_IN_H:
+                    h = tl.where((offs_rb == R)[None, :], 1.0, h)
+            if HAS_DBIAS and not BIAS_IN_H:
+                offs_1 = tl.arange(0, 16)
+                ones = tl.full((BLOCK_M, 16), 1.0, dtype=tl.float32)
         # ---- main loop over N: acc += g W; fused also u = g B, and this program's share of the dB/dbias partials
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -163,17 +191,32 @@ def _lora_dx_kernel(
                     other=0.0,
                 )
                 u = _dot(g, b, u, LORA_DTYPE, INPUT_PRECISION, INTERPRET)
-                # The programs of row block m take turns over the N tiles, so each g tile feeds one partial.
-                if (n0 // BLOCK_N) % num_pid_k == pid_k:
-                    if HAS_DB:
-                        part = _dot(
-                            tl.trans(g), h, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
-                            LORA_DTYPE, INPUT_PRECISION, INTERPRET,
-                        )  # fmt: skip
-                        part_ptrs = part_b_ptr + (pid_m * N + offs_n[:, None]) * R + offs_r[None, :]
-                        tl.store(part_ptrs, part, mask=mask_n[:, None] & mask_r[None, :])
-                    if HAS_DBIAS:
-                        tl.store(part_bias_ptr + pid_m * N + offs_n, tl.sum(g.to(tl.float32), axis=0), mask=mask_n)
+                # Branch-free: every program forms this g tile's dB (and dbias) product and only the one whose turn
+                # it is stores it (row block m's programs take turns over the N tiles, so each g tile feeds one
+                # partial). A data-dependent `if` here made the compiler wait after every wgmma of the loop; now
+                # the loop's products stay in flight up to the one wait the store needs. (The turn per column, not
+                # one scalar: the interpreter mis-types a scalar condition and'ed into a mask.)
+                mine = mask_n & ((offs_n // BLOCK_N) % num_pid_k == pid_k)
+                if HAS_DB or BIAS_IN_H:
+                    # Columns [0, R) to the dB partial (S, N, R); column R (BIAS_IN_H) to the dbias partial (S, N).
+                    part = _dot(
+                        tl.trans(g), h, tl.zeros((BLOCK_N, BLOCK_RB), dtype=tl.float32),
+                        LORA_DTYPE, INPUT_PRECISION, INTERPRET,
+                    )  # fmt: skip
+                    part_ptrs = tl.where(
+                        (offs_rb < R)[None, :],
+                        part_b_ptr + (pid_m * N + offs_n[:, None]) * R + offs_rb[None, :],
+                        part_bias_ptr + pid_m * N + offs_n[:, None],
+                    )
+                    cols = ((offs_rb < R) & HAS_DB) | ((offs_rb == R) & BIAS_IN_H)
+                    tl.store(part_ptrs, part, mask=mine[:, None] & cols[None, :])
+                if HAS_DBIAS and not BIAS_IN_H:
+                    sums = _dot(
+                        tl.trans(g), ones, tl.zeros((BLOCK_N, 16), dtype=tl.float32),
+                        LORA_DTYPE, INPUT_PRECISION, INTERPRET,
+                    )  # fmt: skip
+                    sum_ptrs = part_bias_ptr + pid_m * N + offs_n[:, None] + offs_1[None, :]
+                    tl.store(sum_ptrs, sums, mask=mine[:, None] & (offs_1 == 0)[None, :])
 
         # ---- fused epilogue: + keep ⊙ (u_s A) (the mask on the LoRA term only)
         if FUSE_U:
@@ -184,7 +227,7 @@ def _lora_dx_kernel(
                 other=0.0,
             )
             if HAS_DROPOUT:
-                keep = _keep_mask(seed, offs_m, pid_k * BLOCK_K, n_groups, threshold, BLOCK_M, BLOCK_K)
+                keep = _keep_mask(key_ptr, offs_m, pid_k * BLOCK_K, n_groups, threshold, BLOCK_M, BLOCK_K)
                 lora = _dot(
                     u, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), LORA_DTYPE, INPUT_PRECISION, INTERPRET
                 )
@@ -226,7 +269,7 @@ def lora_backward(
     h: torch.Tensor,
     scaling: float,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    key: torch.Tensor | None = None,
     *,
     need_dx: bool = True,
     need_dA: bool = True,
@@ -278,15 +321,25 @@ def lora_backward(
         check_int32_offsets("x", x, 1)
     info = device_info(dev)
     threshold = dropout_threshold(dropout_p)
-    scale = scaling / (1.0 - dropout_p)
+    key = check_key(key, threshold, h)
+    scale = scaling * keep_scale(threshold)
     BLOCK_R = block_r(R)
     n_groups = dropout_groups(K)
     needs = (need_dA, need_dB, need_dbias)
-    fused = need_dx and backward_design(design, M, N, K, R, dropout_p, base_dtype, input_precision) == "fused"
+    # dbias from a ones column of the dB product where R + 1 columns fit the padded rank or 32 (R <= 31, or R not a
+    # power of two): one product and one wait per iteration of the fused loop; else (a wider product spills at
+    # R = 64 on sm_90) a second, 16-wide product and a second wait.
+    bias_in_h = need_dbias and block_r(R + 1) <= max(BLOCK_R, 32)
+    hybrid_ok = need_dx and hybrid_supported(base_dtype, x.dtype, weight.dtype, g.dtype)
+    chosen = backward_design(
+        design, M, N, K, R, dropout_p, base_dtype, input_precision, lora_dtype, hybrid_ok, info.name
+    )  # fmt: skip
+    fused = need_dx and chosen == "fused"
     if fused:
         # One partial per row block of the tile that runs (at most the smallest candidate's); past int32 offsets the
         # split design's few row splits take over.
-        rows = min(c["BLOCK_M"] for c in dx_configs(base_dtype, input_precision, True, threshold > 0, BLOCK_R, info))
+        tiles = dx_configs(base_dtype, lora_dtype, input_precision, True, threshold > 0, BLOCK_R, info, M, K)
+        rows = min(c["BLOCK_M"] for c in tiles)
         fused = triton.cdiv(M, rows) <= max_partials(N, K, R, needs)
     # Placeholders for pointers a launch does not use (its constexpr switches never touch them).
     spare = h
@@ -304,6 +357,8 @@ def lora_backward(
         INPUT_PRECISION=input_precision,
         INTERPRET=interpreting(),
         BLOCK_R=BLOCK_R,
+        BLOCK_RB=block_r(R + 1) if bias_in_h else BLOCK_R,
+        BIAS_IN_H=bias_in_h,
         R_CHUNK=rank_chunk(BLOCK_R, lora_dtype),
         BLOCK_F=finalize_configs()[0]["BLOCK_C"],
     )
@@ -313,33 +368,40 @@ def lora_backward(
         if fused:  # the partials of each row block of this tile shape
             box[:] = [Partials.allocate(triton.cdiv(M, c["BLOCK_M"]), N, K, R, needs, spare)]
         parts = box[0]
-        pointers = (g, weight, lora_A, lora_B, x, h, u, dx, parts.a, parts.b, parts.bias, *outputs)
+        pointers = (g, weight, lora_A, lora_B, x, h, u, dx, parts.a, parts.b, parts.bias, *outputs, key)
         strides = (*g.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *x.stride(), *h.stride())
         strides += (*u.stride(), *dx.stride())
-        return (*pointers, M, N, K, R, parts.S, *strides, float(scale), int(seed), threshold, n_groups)
+        return (*pointers, M, N, K, R, parts.S, *strides, float(scale), threshold, n_groups)
 
-    candidates = dx_configs(base_dtype, input_precision, fused, threshold > 0, BLOCK_R, info)
+    candidates = dx_configs(base_dtype, lora_dtype, input_precision, fused, threshold > 0, BLOCK_R, info, M, K)
+    shape = f"M={M} N={N} K={K} R={R}"
     if fused:
         # ---- 1: dx with u, and the dA/dB/dbias partials of each row block; 2: the split-sum
         grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),)
-        launch(_lora_dx_kernel, grid, lambda c: dx_args(c, h), constexprs, candidates)
+        launch(_lora_dx_kernel, grid, lambda c: dx_args(c, h), constexprs, candidates, info, shape)
         if n_fin:
-            lora_finalize(box[0], outputs, N, K, R, needs)
+            lora_finalize(box[0], outputs, N, K, R, needs, info)
         return dx, dA, dB, dbias
 
     # ---- split: 1: u_s = scale · g B (when dx or dA needs it)
     u = torch.empty((M, R), dtype=torch.float32, device=dev) if (need_dx or need_dA) else spare
     if need_dx or need_dA:
-        lora_skinny(g, lora_B, u, scale, 0, 0, lora_dtype, input_precision, info)
+        lora_skinny(g, lora_B, u, scale, 0, spare, lora_dtype, input_precision, info)
     # ---- 2: the dA/dB/dbias partials over row splits (x and g read once more, the mask drawn once)
     if n_fin:
-        box[:] = [lora_reduce(x, u, g, h, needs, seed, threshold, lora_dtype, input_precision, info, spare)]
+        box[:] = [lora_reduce(x, u, g, h, needs, key, threshold, lora_dtype, input_precision, info, spare)]
     else:
         box[:] = [Partials(0, spare, spare, spare)]
     # ---- 3: dx = g W + keep ⊙ (u_s A), with the split-sum in extra programs; or the split-sum alone
-    if need_dx:
+    if need_dx and chosen == "hybrid":
+        # dx = keep ⊙ (u_s A) by Triton (and the split-sum), then dx += g W by cuBLAS.
+        fin = (box[0], outputs, N, K, needs) if n_fin else None
+        lora_rank_out(u, lora_A, None, dx, key, threshold, base_dtype, lora_dtype, input_precision, info, fin)
+        with no_autocast(x.device):  # the operands are in base_dtype already
+            dx.addmm_(g, weight)
+    elif need_dx:
         grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]) + n_fin,)
-        launch(_lora_dx_kernel, grid, lambda c: dx_args(c, u), constexprs, candidates)
+        launch(_lora_dx_kernel, grid, lambda c: dx_args(c, u), constexprs, candidates, info, shape)
     elif n_fin:
-        lora_finalize(box[0], outputs, N, K, R, needs)
+        lora_finalize(box[0], outputs, N, K, R, needs, info)
     return dx, dA, dB, dbias

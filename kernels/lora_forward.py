@@ -1,20 +1,22 @@
-"""LoRA forward: ``y = x Wᵀ + bias + h_s Bᵀ`` with ``h_s = s · drop(x) Aᵀ`` (fp32, kept for backward).
+"""LoRA forward: ``y = x Wᵀ + bias + h_s Bᵀ`` with ``h_s = s · drop(x) Aᵀ / keep`` (fp32, kept for backward).
 
 Shapes: ``x (M, K)`` and ``W (N, K)`` with any strides (GPT-2's Conv1D weight arrives as the view ``weight.t()``),
 ``bias (N,)``, ``A (R, K)``, ``B (N, R)``, ``h_s (M, R)`` fp32, ``y (M, N)``. The scaling ``s`` and dropout's
-``1/(1-p)`` are folded into ``h_s`` (an (M, R) tile), so the epilogue adds one product into the base accumulator and
-the mask is a select. Accumulation is fp32; the base product runs in ``BASE_DTYPE`` and the LoRA branch in
-``LORA_DTYPE``, each tile cast once when loaded.
+``1/keep`` are folded into ``h_s`` (an (M, R) tile), so the epilogue adds one product into the base accumulator.
+Accumulation is fp32; the base product runs in ``BASE_DTYPE`` and the LoRA branch in ``LORA_DTYPE``, each tile cast
+once when loaded.
 
-Two designs, one GEMM kernel (``FUSE_H``); :func:`kernels.cost.forward_design` picks one from the byte and FLOP
-counts:
+Three designs; :func:`kernels.designs.forward_design` picks one from the cost model (or a measured table):
 
-- fused (1 launch): the program owning tile (m, n) streams ``x[m, :]`` over K for the base GEMM and accumulates its
-  own ``h[m, :]`` from the same tiles (the A tile is the only extra read); programs of column 0 store h_s. The rank
-  work is repeated for each of the ``cdiv(N, BLOCK_N)`` column tiles (R/BLOCK_N extra FLOPs), and so would the
-  dropout mask be: the dispatcher uses it without dropout only.
+- fused (1 launch), without dropout only: the program owning tile (m, n) streams ``x[m, :]`` over K for the base GEMM
+  and accumulates its own ``h[m, :]`` from the same tiles (the A tile is the only extra read); programs of column 0
+  store h_s. The rank work is repeated for each of the ``cdiv(N, BLOCK_N)`` column tiles (R/BLOCK_N extra FLOPs),
+  and so would the dropout mask be, with its tile in registers (the compile tier found two wgmma waits per
+  iteration then): with dropout, "fused" runs split.
 - split (2 launches): the skinny kernel (:mod:`kernels.skinny`) makes h_s, drawing the mask once per element of x,
   then this kernel adds ``h_s Bᵀ`` in its epilogue, R_CHUNK ranks at a time. One more read of x (e_x·M·K bytes).
+- hybrid (3 launches): h_s as split, then :mod:`kernels.hybrid` writes ``bias + h_s Bᵀ`` into y and cuBLAS adds
+  ``x Wᵀ`` (``addmm_``).
 
 FLOPs: 2·M·K·N (base) + 2·M·K·R (h; ×cdiv(N, BLOCK_N) fused) + 2·M·R·N (h Bᵀ). Bytes: x (twice, split), W, A, B,
 bias once per row of programs, y and h_s (4·M·R) written once.
@@ -25,15 +27,26 @@ import triton
 import triton.language as tl
 
 from .configs import check_int32_offsets, device_info, forward_configs, launch
-from .cost import forward_design
-from .dropout import _keep_mask, dropout_groups, dropout_threshold
+from .designs import forward_design, hybrid_supported
+from .dropout import check_key, dropout_threshold, keep_scale
+from .hybrid import lora_rank_out
 from .skinny import lora_skinny
-from .utils import TL_DTYPES, _dot, _grouped_pid, _rank_update, _to, block_r, interpreting, rank_chunk
+from .utils import (
+    TL_DTYPES,
+    _dot,
+    _grouped_pid,
+    _rank_update,
+    _to,
+    block_r,
+    interpreting,
+    no_autocast,
+    rank_chunk,
+)
 
 # ---------------------------------------------------------------- kernels
 
 
-@triton.jit(do_not_specialize=["seed", "threshold"])
+@triton.jit
 def _lora_forward_kernel(
     # pointers
     x_ptr,
@@ -61,16 +74,12 @@ def _lora_forward_kernel(
     stride_hr,
     stride_ym,
     stride_yn,
-    # scalars: h_s = scale · keep(x) Aᵀ with scale = s/(1-p)
+    # scalars: h_s = scale · x Aᵀ with scale = s
     scale,
-    seed,
-    threshold,
-    n_groups,
     # meta-parameters
     BASE_DTYPE: tl.constexpr,
     LORA_DTYPE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
     FUSE_H: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -94,7 +103,7 @@ def _lora_forward_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
 
-    # ---- main loop over K: acc = x Wᵀ (and, fused, h = keep(x) Aᵀ from the same x tiles)
+    # ---- main loop over K: acc = x Wᵀ (and, fused, h = x Aᵀ from the same x tiles)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FUSE_H:
         offs_r = tl.arange(0, BLOCK_R)
@@ -121,11 +130,7 @@ def _lora_forward_kernel(
                 mask=mask_k[:, None] & mask_r[None, :],
                 other=0.0,
             )
-            x_lora = x
-            if HAS_DROPOUT:
-                # Dropout on the LoRA branch only; the mask is a select (1/(1-p) is in `scale`).
-                x_lora = tl.where(_keep_mask(seed, offs_m, k0, n_groups, threshold, BLOCK_M, BLOCK_K), x, 0.0)
-            h = _dot(x_lora, a, h, LORA_DTYPE, INPUT_PRECISION, INTERPRET)
+            h = _dot(x, a, h, LORA_DTYPE, INPUT_PRECISION, INTERPRET)
 
     # ---- epilogue: acc += h_s Bᵀ (h_s enters the dot in the LoRA dtype), + bias, one cast to y's dtype
     if FUSE_H:
@@ -185,7 +190,7 @@ def lora_forward(
     lora_B: torch.Tensor,
     scaling: float,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    key: torch.Tensor | None = None,
     *,
     base_dtype: torch.dtype | None = None,
     lora_dtype: torch.dtype | None = None,
@@ -198,10 +203,11 @@ def lora_forward(
     ``h_s = scaling · drop(x) Aᵀ`` is what :func:`kernels.lora_backward` takes.
 
     ``base_dtype``/``lora_dtype`` default to x's and lora_A's dtypes; ``y`` is in ``base_dtype``. ``design`` is
-    ``"auto"`` (by the cost model), ``"fused"`` or ``"split"``. ``out``/``h_out`` are optional preallocated outputs
-    (tests poison them to catch unwritten elements). Inputs are assumed checked by the caller
+    ``"auto"`` (:mod:`kernels.designs`), ``"fused"``, ``"split"`` or ``"hybrid"``. ``key``: the dropout key
+    (:func:`kernels.dropout.dropout_key`), needed when ``dropout_p > 0``. ``out``/``h_out`` are optional
+    preallocated outputs (tests poison them to catch unwritten elements). Inputs are assumed checked by the caller
     (:func:`lora_fast.triton_backend.triton_lora_linear` does), except that a ValueError names the tensor where an
-    offset the kernels form in int32 would pass it. Launches: 1 fused, 2 split.
+    offset the kernels form in int32 would pass it. Launches: 1 fused, 2 split, 3 hybrid (the third cuBLAS's).
     """
     M, K = x.shape
     N, R = lora_B.shape
@@ -218,20 +224,30 @@ def lora_forward(
     check_int32_offsets("lora_B", lora_B, 1)
     info = device_info(x.device)
     threshold = dropout_threshold(dropout_p)
-    scale = scaling / (1.0 - dropout_p)
+    key = check_key(key, threshold, h)
+    scale = scaling * keep_scale(threshold)
     BLOCK_R = block_r(R)
-    fused = forward_design(design, M, N, K, R, dropout_p, base_dtype, input_precision) == "fused"
+    hybrid_ok = hybrid_supported(base_dtype, x.dtype, weight.dtype, y.dtype)
+    chosen = forward_design(
+        design, M, N, K, R, dropout_p, base_dtype, input_precision, lora_dtype, hybrid_ok, info.name
+    )  # fmt: skip
+    fused = chosen == "fused"  # kernels.designs: never with dropout
     if not fused:
-        lora_skinny(x, lora_A.t(), h, scale, threshold, seed, lora_dtype, input_precision, info)
+        lora_skinny(x, lora_A.t(), h, scale, threshold, key, lora_dtype, input_precision, info)
+    if chosen == "hybrid":
+        # y = bias + h_s Bᵀ by Triton, then y += x Wᵀ by cuBLAS (Bᵀ and Wᵀ are views: B's and W's strides).
+        lora_rank_out(h, lora_B.t(), bias, y, key, 0, base_dtype, lora_dtype, input_precision, info)
+        with no_autocast(x.device):  # the operands are in base_dtype already
+            y.addmm_(x, weight.t())
+        return y, h
     pointers = (x, weight, bias if bias is not None else y, lora_A, lora_B, h, y)
     sizes = (M, N, K, R)
     strides = (*x.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *h.stride(), *y.stride())
-    scalars = (float(scale), int(seed), threshold, dropout_groups(K))
+    scalars = (float(scale),)
     constexprs = dict(
         BASE_DTYPE=TL_DTYPES[base_dtype],
         LORA_DTYPE=TL_DTYPES[lora_dtype],
         HAS_BIAS=bias is not None,
-        HAS_DROPOUT=fused and threshold > 0,
         FUSE_H=fused,
         INPUT_PRECISION=input_precision,
         INTERPRET=interpreting(),
@@ -239,6 +255,7 @@ def lora_forward(
         R_CHUNK=rank_chunk(BLOCK_R, lora_dtype),
     )
     grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
-    candidates = forward_configs(base_dtype, input_precision, fused, threshold > 0, info)
-    launch(_lora_forward_kernel, grid, (*pointers, *sizes, *strides, *scalars), constexprs, candidates)
+    candidates = forward_configs(base_dtype, lora_dtype, input_precision, fused, BLOCK_R, info, M, N)
+    args = (*pointers, *sizes, *strides, *scalars)
+    launch(_lora_forward_kernel, grid, args, constexprs, candidates, info, f"M={M} N={N} K={K} R={R}")
     return y, h

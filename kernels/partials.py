@@ -44,7 +44,7 @@ def _reduce_block(
     stride_mc,
     stride_rm,
     stride_rr,
-    seed,
+    key_ptr,
     threshold,
     n_groups,
     LORA_DTYPE: tl.constexpr,
@@ -72,7 +72,7 @@ def _reduce_block(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
         tile = _load_dropped(
-            mat_ptr, offs_m, offs_c, mask_m, mask_c, stride_mm, stride_mc, c0, seed, threshold, n_groups,
+            mat_ptr, offs_m, offs_c, mask_m, mask_c, stride_mm, stride_mc, c0, key_ptr, threshold, n_groups,
             HAS_DROPOUT, BLOCK_M, BLOCK_C,
         )  # fmt: skip
         if HAS_SUM:
@@ -159,7 +159,7 @@ def finalize_blocks(N: int, K: int, has_da: bool, has_db_or_bias: bool, block_c:
 # ---------------------------------------------------------------- kernels
 
 
-@triton.jit(do_not_specialize=["seed", "threshold"])
+@triton.jit(do_not_specialize=["threshold"])
 def _lora_reduce_kernel(
     # pointers
     x_ptr,
@@ -169,6 +169,7 @@ def _lora_reduce_kernel(
     part_a_ptr,
     part_b_ptr,
     part_bias_ptr,
+    key_ptr,
     # sizes
     M,
     N,
@@ -185,7 +186,6 @@ def _lora_reduce_kernel(
     stride_hm,
     stride_hr,
     # scalars
-    seed,
     threshold,
     n_groups,
     # meta-parameters
@@ -210,13 +210,13 @@ def _lora_reduce_kernel(
     if pid_c < n_blocks_a:
         _reduce_block(
             x_ptr, u_ptr, part_a_ptr, part_a_ptr, pid_c, pid_s, M, K, R, rows_per_split,
-            stride_xm, stride_xk, stride_um, stride_ur, seed, threshold, n_groups,
+            stride_xm, stride_xk, stride_um, stride_ur, key_ptr, threshold, n_groups,
             LORA_DTYPE, HAS_DROPOUT, True, False, INPUT_PRECISION, INTERPRET, BLOCK_M, BLOCK_C, BLOCK_R,
         )  # fmt: skip
     else:
         _reduce_block(
             g_ptr, h_ptr, part_b_ptr, part_bias_ptr, pid_c - n_blocks_a, pid_s, M, N, R, rows_per_split,
-            stride_gm, stride_gn, stride_hm, stride_hr, seed, threshold, n_groups,
+            stride_gm, stride_gn, stride_hm, stride_hr, key_ptr, threshold, n_groups,
             LORA_DTYPE, False, HAS_DB, HAS_DBIAS, INPUT_PRECISION, INTERPRET, BLOCK_M, BLOCK_C, BLOCK_R,
         )  # fmt: skip
 
@@ -292,7 +292,7 @@ class Partials:
         )
 
 
-def lora_reduce(x, u, g, h, needs, seed, threshold, lora_dtype, input_precision, info, spare) -> Partials:
+def lora_reduce(x, u, g, h, needs, key, threshold, lora_dtype, input_precision, info, spare) -> Partials:
     """Split backward, launch 2: the dA/dB/dbias partials over row splits (``needs`` = (dA, dB, dbias))."""
     M, K = x.shape
     N, R = g.shape[1], h.shape[1]
@@ -307,9 +307,9 @@ def lora_reduce(x, u, g, h, needs, seed, threshold, lora_dtype, input_precision,
         n_split = max(1, min(triton.cdiv(M, c["BLOCK_M"]), 4 * info.num_sms // n_blocks, most))
         rows = triton.cdiv(triton.cdiv(M, n_split), c["BLOCK_M"]) * c["BLOCK_M"]
         parts[:] = [Partials.allocate(triton.cdiv(M, rows), N, K, R, needs, spare)]
-        pointers = (x, u, g, h, parts[0].a, parts[0].b, parts[0].bias)
+        pointers = (x, u, g, h, parts[0].a, parts[0].b, parts[0].bias, key)
         strides = (*x.stride(), *u.stride(), *g.stride(), *h.stride())
-        return (*pointers, M, N, K, R, rows, *strides, int(seed), threshold, dropout_groups(K))
+        return (*pointers, M, N, K, R, rows, *strides, threshold, dropout_groups(K))
 
     grid = lambda c: (finalize_blocks(N, K, needs[0], needs[1] or needs[2], c["BLOCK_C"]), parts[0].S)
     constexprs = dict(
@@ -322,13 +322,17 @@ def lora_reduce(x, u, g, h, needs, seed, threshold, lora_dtype, input_precision,
         INTERPRET=interpreting(),
         BLOCK_R=BLOCK_R,
     )
-    launch(_lora_reduce_kernel, grid, args, constexprs, reduce_configs(BLOCK_R, lora_dtype, input_precision))
+    candidates = reduce_configs(BLOCK_R, lora_dtype, input_precision)
+    launch(_lora_reduce_kernel, grid, args, constexprs, candidates, info, f"M={M} N={N} K={K} R={R}")
     return parts[0]
 
 
-def lora_finalize(parts: Partials, outputs: tuple, N: int, K: int, R: int, needs: tuple[bool, bool, bool]) -> None:
+def lora_finalize(
+    parts: Partials, outputs: tuple, N: int, K: int, R: int, needs: tuple[bool, bool, bool], info
+) -> None:
     """The split-sum as its own launch: ``outputs`` = (dA, dB, dbias), placeholders where not asked for."""
     grid = lambda c: (finalize_blocks(N, K, needs[0], needs[1] or needs[2], c["BLOCK_C"]),)
     args = (parts.a, parts.b, parts.bias, *outputs, parts.S, N, K, R)
     constexprs = dict(HAS_DA=needs[0], HAS_DB=needs[1], HAS_DBIAS=needs[2], INTERPRET=interpreting())
-    launch(_lora_finalize_kernel, grid, args, dict(constexprs, BLOCK_R=block_r(R)), finalize_configs())
+    constexprs = dict(constexprs, BLOCK_R=block_r(R))
+    launch(_lora_finalize_kernel, grid, args, constexprs, finalize_configs(), info, f"S={parts.S} N={N} K={K} R={R}")

@@ -1,13 +1,14 @@
-"""The skinny product of the split design: ``out = c · drop?(P) Q`` for ``P (M, C)``, ``Q (C, R)``, fp32 ``out (M, R)``.
+"""The skinny product of the split and hybrid designs: ``out = c · drop?(P) Q``, ``P (M, C)``, ``Q (C, R)``, fp32.
 
 Two uses, one kernel:
 
-- forward, ``h_s = (s/(1-p)) · keep(x) Aᵀ``: P = x (dropout applied), Q = Aᵀ read through A's strides;
-- backward, ``u_s = (s/(1-p)) · g B``: P = g, Q = B, no dropout.
+- forward, ``h_s = (s/keep) · keep(x) Aᵀ``: P = x (dropout applied), Q = Aᵀ read through A's strides;
+- backward, ``u_s = (s/keep) · g B``: P = g, Q = B, no dropout.
 
-``s/(1-p)`` is folded in here, once per (M, R) element, so the GEMM epilogues that consume h_s and u_s add a plain
-product and the dropout mask is a select. One program owns BLOCK_M rows of ``out`` and streams ``P[rows, :]`` once.
-FLOPs 2·M·C·R; bytes: P once (e_P·M·C), Q once per program (from L2), out written once (4·M·R).
+``s/keep`` (keep: the mask's keep probability, :mod:`kernels.dropout`) is folded in here, once per (M, R) element,
+so the GEMM epilogues that consume h_s and u_s add a plain product and the dropout mask is a select. One program
+owns BLOCK_M rows of ``out`` and streams ``P[rows, :]`` once. FLOPs 2·M·C·R; bytes: P once (e_P·M·C), Q once per
+program (from L2), out written once (4·M·R).
 """
 
 import torch
@@ -21,12 +22,13 @@ from .utils import TL_DTYPES, _dot, block_r, interpreting
 # ---------------------------------------------------------------- kernels
 
 
-@triton.jit(do_not_specialize=["seed", "threshold"])
+@triton.jit(do_not_specialize=["threshold"])
 def _lora_skinny_kernel(
     # pointers
     in_ptr,
     proj_ptr,
     out_ptr,
+    key_ptr,
     # sizes
     M,
     C,
@@ -40,7 +42,6 @@ def _lora_skinny_kernel(
     stride_or,
     # scalars
     scale,
-    seed,
     threshold,
     n_groups,
     # meta-parameters
@@ -62,9 +63,9 @@ def _lora_skinny_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        # P's tile, x's dropout mask applied as a select (1/(1-p) is in `scale`).
+        # P's tile, x's dropout mask applied as a select (1/keep is in `scale`).
         tile = _load_dropped(
-            in_ptr, offs_m, offs_c, mask_m, mask_c, stride_im, stride_ic, c0, seed, threshold, n_groups,
+            in_ptr, offs_m, offs_c, mask_m, mask_c, stride_im, stride_ic, c0, key_ptr, threshold, n_groups,
             HAS_DROPOUT, BLOCK_M, BLOCK_C,
         )  # fmt: skip
         # Q tile (BLOCK_C, BLOCK_R); padded ranks load as 0 and give columns of 0.
@@ -87,22 +88,22 @@ def lora_skinny(
     out: torch.Tensor,
     scale: float,
     threshold: int,
-    seed: int,
+    key: torch.Tensor,
     lora_dtype: torch.dtype,
     input_precision: str,
     info,
 ) -> None:
     """``out (M, R) = scale · drop?(mat) proj`` for ``mat (M, C)`` and ``proj (C, R)``, both read through strides.
 
-    ``threshold > 0`` applies the dropout mask of ``(seed, threshold)`` to ``mat`` (which must then be x).
+    ``threshold > 0`` applies the dropout mask of ``(key, threshold)`` to ``mat`` (which must then be x).
     """
     M, C = mat.shape
     R = proj.shape[1]
     BLOCK_R = block_r(R)
-    pointers = (mat, proj, out)
+    pointers = (mat, proj, out, key)
     sizes = (M, C, R)
     strides = (*mat.stride(), *proj.stride(), *out.stride())
-    scalars = (float(scale), int(seed), int(threshold), dropout_groups(C))
+    scalars = (float(scale), int(threshold), dropout_groups(C))
     constexprs = dict(
         LORA_DTYPE=TL_DTYPES[lora_dtype],
         HAS_DROPOUT=threshold > 0,
@@ -113,4 +114,5 @@ def lora_skinny(
     elem = max(mat.element_size(), proj.element_size())
     candidates = skinny_configs(M, BLOCK_R, elem, info)
     grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]),)
-    launch(_lora_skinny_kernel, grid, (*pointers, *sizes, *strides, *scalars), constexprs, candidates)
+    args = (*pointers, *sizes, *strides, *scalars)
+    launch(_lora_skinny_kernel, grid, args, constexprs, candidates, info, f"M={M} C={C} R={R}")

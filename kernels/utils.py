@@ -15,6 +15,7 @@ tensor, so the dot sees exactly the bf16 inputs the GPU would, accumulated in fp
 CUDA tier runs the real bf16 ``tl.dot`` and bf16 conversion instructions.
 """
 
+import contextlib
 import os
 
 import torch
@@ -32,6 +33,11 @@ TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device`` (cuBLAS calls of the hybrid design get operands already in the compute dtype)."""
+    return torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else contextlib.nullcontext()
 
 
 def block_r(r: int) -> int:

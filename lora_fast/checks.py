@@ -9,6 +9,7 @@ import numbers
 import torch
 
 from lora_fast.gguf.packed import PackedWeight
+from lora_fast.reference import dropout_threshold
 
 __all__ = ["check_lora_inputs", "compute_dtypes"]
 
@@ -31,8 +32,10 @@ def check_lora_inputs(
     Expected: ``x (..., K)``, ``weight (N, K)``, ``bias (N,)`` or None, ``lora_A (R, K)`` with R ≥ 1,
     ``lora_B (N, R)``; all on one device; ``x``, ``weight`` and ``bias`` of one floating dtype (``lora_A``/``lora_B``
     may differ: fp32 masters beside bf16 activations are the usual mixed-precision set-up); ``scaling`` a finite
-    non-zero real number and ``dropout_p`` a real number in [0, 1), neither a bool. A GGUF-packed ``weight``
-    (:class:`lora_fast.gguf.PackedWeight`) has no dtype to match: it is dequantised to the base GEMM's dtype.
+    non-zero real number and ``dropout_p`` a real number in [0, 1), neither a bool, that the dropout mask can draw (p
+    has a resolution of 1/65536: a nonzero p that rounds to 0 or 1 is refused,
+    :func:`lora_fast.reference.dropout_threshold`). A GGUF-packed ``weight`` (:class:`lora_fast.gguf.PackedWeight`) has
+    no dtype to match: it is dequantised to the base GEMM's dtype.
     """
     packed = isinstance(weight, PackedWeight)
     tensors = {"x": x} if packed else {"x": x, "weight": weight}
@@ -82,8 +85,7 @@ def check_lora_inputs(
             )
     if not math.isfinite(scaling) or scaling == 0:
         raise ValueError(f"scaling must be finite and non-zero (at 0 the LoRA weights get no gradient), got {scaling}")
-    if not 0.0 <= dropout_p < 1.0:  # NaN fails both comparisons
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    dropout_threshold(float(dropout_p))  # [0, 1), and not a p the mask's 1/65536 resolution rounds to 0 or 1
 
 
 def compute_dtypes(x: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:

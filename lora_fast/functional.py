@@ -70,15 +70,18 @@ def lora_linear(
     """``y = x Wᵀ + bias + scaling · (drop(x) Aᵀ) Bᵀ`` for ``x (..., K)``, ``weight (N, K)``.
 
     For a transformers ``Conv1D`` (which stores ``(K, N)``) pass ``conv1d.weight.t()``: a view, never a copy.
-    Dropout (probability ``dropout_p``, LoRA branch only) applies when ``training``; its mask comes from ``seed``
-    (drawn from torch's generator when None), so a given seed gives a deterministic result. A GGUF-packed ``weight``
-    gives the values of its dequantised float weight (dequantised per call, never kept).
+    Dropout (probability ``dropout_p``, LoRA branch only, a multiple of 1/65536) applies when ``training``; its mask
+    comes from ``seed``, so a given seed gives a deterministic result. When None, torch's generator draws it: the CPU
+    generator for ``reference`` and ``torch``; for ``triton`` the generator of x's device, on the device, so a step
+    captured in a CUDA graph draws a new mask at each replay. Either way ``torch.manual_seed`` makes runs repeatable
+    and ``torch.utils.checkpoint`` recomputes the same mask. A GGUF-packed
+    ``weight`` gives the values of its dequantised float weight (dequantised per call, never kept).
     """
     check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     p = float(dropout_p) if training else 0.0
-    if p > 0.0 and seed is None:
-        seed = draw_seed()
     which = resolve_backend(backend, x.device)
+    if p > 0.0 and seed is None and which != "triton":  # triton draws its key on the device itself
+        seed = draw_seed()
     if which == "reference":
         mask = None if p == 0.0 else seeded_dropout_mask(tuple(x.shape), p, seed, x.device)
         _, lora_dt = compute_dtypes(x, lora_A)

@@ -23,7 +23,8 @@ survive pickling; a forward hook cannot skip PEFT's computation.
 
 Fallback (PEFT's own forward), decided at every call because the state can change at run time: merged or disabled
 adapters, mixed-batch ``adapter_names`` or any other extra argument, zero or several active adapters, a LoRA variant
-(DoRA, aLoRA, ...), ``lora_bias``, a dropout other than ``nn.Dropout``/``nn.Identity``, a base layer that is not
+(DoRA, aLoRA, ...), ``lora_bias``, a dropout other than ``nn.Dropout``/``nn.Identity`` or whose p the mask cannot
+draw (p has a resolution of 1/65536: a nonzero p that rounds to 0 or 1), a base layer that is not
 exactly ``nn.Linear``/``Conv1D`` (quantized layers, for instance) or whose weight trains (the fast path is for frozen
 bases), hooks on the base or LoRA modules (DeepSpeed ZeRO-3 gathers parameters in hooks), mismatched dtypes or
 devices. The fast path is an allow-list of what the op computes exactly; anything else keeps PEFT's answer. Only
@@ -36,9 +37,11 @@ step apart). With ``backend="auto"`` on CUDA the triton backend is used where it
 fp16/bf16 compute, or fp32 when the kernels round fp32 as torch's own matmuls do (their default, ``"auto"``) or run
 exact fp32; otherwise the ``torch`` backend (cuBLAS, torch's precision setting).
 
-Dropout masks come from a seed drawn from torch's CPU generator at each call, so ``torch.utils.checkpoint``
-(which restores that generator's state before recomputing) regenerates the same mask; a different mask than PEFT's
-``nn.Dropout`` would draw, with the same keep rate ``1 - p`` and scale ``1 / (1 - p)``.
+Dropout masks come from a key drawn from torch's generator at each call (on the CPU for the ``torch`` backend, on the
+GPU for ``triton``), so ``torch.utils.checkpoint`` (which restores the generators' states before recomputing)
+regenerates the same mask; a different mask than PEFT's ``nn.Dropout`` would draw, with p rounded to a multiple of
+1/65536 (within 7.6e-6) and kept elements scaled by the inverse of that rounded keep rate, so that the expectation is
+PEFT's exactly.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from torch.nn.modules import module as _nn_module
 
 from lora_fast.checks import compute_dtypes
 from lora_fast.functional import check_backend, lora_linear, resolve_backend
+from lora_fast.reference import dropout_threshold
 
 __all__ = ["PatchReport", "patch_peft", "unpatch_peft"]  # and LoraFastLinear, built on first use
 
@@ -160,8 +164,11 @@ def _why_peft(layer, x: torch.Tensor | None = None) -> str | None:
         return f"adapter {name!r} has lora_bias"
     if not (type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and not dropout.inplace)):
         return f"adapter {name!r}: dropout {type(dropout).__name__} is not nn.Dropout/nn.Identity"
-    if type(dropout) is nn.Dropout and not 0.0 <= dropout.p < 1.0:
-        return f"adapter {name!r}: dropout p = {dropout.p} (lora_linear takes [0, 1))"
+    if type(dropout) is nn.Dropout:
+        try:
+            dropout_threshold(dropout.p)
+        except ValueError as e:  # outside [0, 1), or finer than the mask's 1/65536 resolution
+            return f"adapter {name!r}: {e}"
     scaling = layer.scaling[name]
     if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
         return f"adapter {name!r}: scaling is a {type(scaling).__name__}, not a number"

@@ -5,7 +5,8 @@ Letters (used everywhere in lora-fast):
     M tokens (leading dims of x flattened), K in_features, N out_features, R rank, s = alpha / r
     x (M, K)   W (N, K)   bias (N,)   A = lora_A (R, K)   B = lora_B (N, R)
 
-Forward, with ``drop(x) = x * mask`` and ``mask`` holding 0 or 1 / (1 - p):
+Forward, with ``drop(x) = x * mask`` and ``mask`` holding 0 or 1 / keep (``keep`` the mask's real keep
+probability, 1 - p to the mask's resolution of 1/65536, :func:`keep_probability`):
 
     h = drop(x) Aᵀ                      (M, R)
     y = x Wᵀ + bias + s · h Bᵀ          (M, N)
@@ -26,30 +27,69 @@ import math
 
 import torch
 
-__all__ = ["dropout_mask", "keep_mask", "lora_forward", "lora_backward"]
+__all__ = [
+    "DROPOUT_LANES",
+    "dropout_mask",
+    "dropout_threshold",
+    "keep_mask",
+    "keep_probability",
+    "lora_forward",
+    "lora_backward",
+]
+
+# p's resolution: a mask element compares 16 random bits with round(p · 2¹⁶), so p is a multiple of 1/65536.
+DROPOUT_LANES = 65536
+
+
+def dropout_threshold(p: float) -> int:
+    """``round(p · 2¹⁶)``: 16 random bits below it drop an element. Refuses (ValueError naming dropout_p and the
+    value) a p outside [0, 1), and one that rounds to "keep all" (0, unless p is exactly 0) or "drop all" (2¹⁶): the
+    mask cannot draw them, and scaling by 1/(1-p) would then be wrong."""
+    if not 0.0 <= p < 1.0:  # NaN fails both comparisons
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    threshold = round(p * DROPOUT_LANES)
+    if threshold >= DROPOUT_LANES:
+        raise ValueError(
+            f"dropout_p = {p} rounds to 1 at the dropout mask's resolution of 1/{DROPOUT_LANES}, which would drop "
+            f"every element; use dropout_p <= {(DROPOUT_LANES - 1) / DROPOUT_LANES}"
+        )
+    if threshold == 0 and p != 0.0:
+        raise ValueError(
+            f"dropout_p = {p} rounds to 0 at the dropout mask's resolution of 1/{DROPOUT_LANES}, which would drop "
+            f"nothing; use dropout_p = 0 or dropout_p >= {1 / DROPOUT_LANES}"
+        )
+    return threshold
+
+
+def keep_probability(p: float) -> float:
+    """The probability that the mask keeps an element: ``(2¹⁶ - round(p · 2¹⁶)) / 2¹⁶``, within 7.6e-6 of 1 - p.
+    Kept elements are scaled by its inverse, so ``E[mask] = 1`` exactly (1/(1-p) would be 1.0071× too large at
+    p = 0.999)."""
+    return (DROPOUT_LANES - dropout_threshold(p)) / DROPOUT_LANES
 
 
 def keep_mask(
     shape: tuple[int, ...], p: float, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """A boolean mask of ``shape``: False (dropped) with probability ``p``, quantised to 2⁻¹⁶ (within 7.6e-6 of p).
+    """A boolean mask of ``shape``: False (dropped) with probability ``p`` quantised to 2⁻¹⁶ (within 7.6e-6 of p;
+    :func:`dropout_threshold` refuses a p that rounds to 0 or 1).
 
     Each element compares 16 random bits with ``round(p · 2¹⁶)``; the bits come four to a 64-bit draw, which on a
     CPU is about four times cheaper than ``torch.rand`` or ``bernoulli_``. The same generator state, the same mask.
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout p must be in [0, 1), got {p}")
+    threshold = dropout_threshold(p)
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
     lanes = words.view(torch.int16)[:n].reshape(shape)  # uniform on [-2¹⁵, 2¹⁵)
-    return lanes >= round(p * 65536) - 32768
+    return lanes >= threshold - DROPOUT_LANES // 2
 
 
 def dropout_mask(
     shape: tuple[int, ...], p: float, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """A dropout multiplier of ``shape``: 0 with probability ``p``, else ``1 / (1 - p)`` (fp32)."""
-    return keep_mask(shape, p, generator, device).to(torch.float32) / (1.0 - p)
+    """A dropout multiplier of ``shape``: 0 with probability ``p``, else ``1 / keep`` (fp32), keep the mask's real
+    keep probability (:func:`keep_probability`)."""
+    return keep_mask(shape, p, generator, device).to(torch.float32) / keep_probability(p)
 
 
 def _drop(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

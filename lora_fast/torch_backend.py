@@ -39,7 +39,7 @@ def seeded_keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.
 
 
 def seeded_dropout_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The dropout multiplier (0 or 1/(1-p), fp32) of :func:`seeded_keep_mask`'s mask."""
+    """The dropout multiplier (0 or 1/keep, fp32) of :func:`seeded_keep_mask`'s mask."""
     return reference.dropout_mask(shape, p, _generator(seed, device), device)
 
 
@@ -55,8 +55,9 @@ class _TorchLoRAFunction(torch.autograd.Function):
     """Explicit forward/backward in torch ops. Saved: ``x`` and ``h (M, R)``; the dropout mask is regenerated.
     The base weight and bias get gradients when the caller made them trainable (``dW = gᵀ x``, ``dbias = Σ g``).
 
-    Dropout is a boolean keep-mask times ``1/(1-p)``; the factor is folded into the small operands (``h``, and the
-    scalars of ``dA`` and ``dx``'s LoRA term), so each pass touches an ``(M, K)`` tensor once for the mask.
+    Dropout is a boolean keep-mask times ``1/keep`` (:func:`lora_fast.reference.keep_probability`); the factor is
+    folded into the small operands (``h``, and the scalars of ``dA`` and ``dx``'s LoRA term), so each pass touches an
+    ``(M, K)`` tensor once for the mask.
 
     Every autodiff mode PEFT's plain autograd supports works here too: the backward is itself differentiable (under
     ``create_graph`` it recomputes ``h`` from ``x`` and ``A`` instead of reading the saved, graph-less copy, so a
@@ -102,7 +103,7 @@ class _TorchLoRAFunction(torch.autograd.Function):
         x, weight, lora_A, lora_B, h = _saved(ctx)
         base_dt, lora_dt = ctx.dtypes
         s, p = ctx.scaling, ctx.dropout_p
-        s_drop = s / (1.0 - p)  # s times the dropout multiplier's kept value
+        s_drop = s / reference.keep_probability(p)  # s times the dropout multiplier's kept value
         need_x, need_W, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
         dx = dW = d_bias = dA = dB = None
         with torch.autocast(x.device.type, enabled=False):
@@ -180,12 +181,12 @@ def _saved(ctx) -> tuple:
 
 
 def _h(x2: torch.Tensor, lora_A: torch.Tensor, lora_dt: torch.dtype, p: float, seed) -> torch.Tensor:
-    """``h = drop(x) Aᵀ`` (``(M, R)``, in ``lora_dt``): the keep-mask of ``seed`` and ``1/(1-p)`` when ``p > 0``."""
+    """``h = drop(x) Aᵀ`` (``(M, R)``, in ``lora_dt``): the keep-mask of ``seed`` and ``1/keep`` when ``p > 0``."""
     xl = x2.to(lora_dt)
     if p > 0.0:
         xl = xl * seeded_keep_mask(x2.shape, p, seed, x2.device)
     h = xl @ lora_A.to(lora_dt).t()
-    return h.mul_(1.0 / (1.0 - p)) if p > 0.0 else h
+    return h.mul_(1.0 / reference.keep_probability(p)) if p > 0.0 else h
 
 
 def torch_lora_linear(

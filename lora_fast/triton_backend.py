@@ -6,8 +6,9 @@ Three layers, thinnest first (Triton 06's ``attention = _attention.apply``):
 - two custom ops, ``lora_fast::triton_lora_forward`` -> ``(y, h_s)`` and ``lora_fast::triton_lora_backward`` ->
   ``(dx, dA, dB, dbias)``, each with a fake (meta) implementation, so ``torch.compile`` traces through them without
   a graph break; the kernels return every gradient in its final dtype, so nothing runs between their launches;
-- :class:`_TritonLoRAFunction`, the autograd Function calling them; it saves ``x``, ``W``, ``A``, ``B`` and the small
-  ``h_s = s · drop(x) Aᵀ (M, R)`` fp32, never a dropout mask (the kernels regenerate it from the seed);
+- :class:`_TritonLoRAFunction`, the autograd Function calling them; it saves ``x``, ``W``, ``A``, ``B``, the small
+  ``h_s = s · drop(x) Aᵀ (M, R)`` fp32 and the dropout key, never a dropout mask (the kernels regenerate it from the
+  key);
 - :func:`triton_lora_linear`, which checks the inputs, fixes the compute dtypes and calls the Function.
 
 Compute dtypes follow :func:`lora_fast.checks.compute_dtypes`: under autocast both the base GEMM and the LoRA
@@ -18,8 +19,9 @@ A base weight the caller made trainable gets ``dW = gᵀ x`` (a plain matmul bes
 
 Settings (:data:`config`): ``fp32_precision`` ("auto" by default: fp32 operands round as torch's own fp32 matmuls do
 under the user's setting, see :func:`torch_fp32_precision`; "tf32" or "ieee", exact fp32, force one; env
-``LORA_FAST_FP32_PRECISION``) and ``design`` ("auto" by default: fused or split per pass and shape from the byte and
-FLOP counts of :mod:`lora_fast.kernels.cost`; "fused" or "split" force one; env ``LORA_FAST_DESIGN``).
+``LORA_FAST_FP32_PRECISION``) and ``design`` ("auto" by default: fused, split or hybrid per pass and shape by the
+calibrated cost model of :mod:`lora_fast.kernels.cost`, or by a measured table, ``LORA_FAST_DESIGNS=file.json``;
+"fused", "split" or "hybrid" force one; env ``LORA_FAST_DESIGN``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import os
 import torch
 
 from lora_fast.checks import check_lora_inputs, compute_dtypes
-from lora_fast.kernels.dropout import dropout_threshold
+from lora_fast.kernels.designs import CHOICES
+from lora_fast.kernels.dropout import dropout_key, dropout_threshold
 from lora_fast.kernels.lora_backward import lora_backward
 from lora_fast.kernels.lora_forward import lora_forward
 from lora_fast.kernels.utils import INPUT_PRECISIONS, TL_DTYPES, interpreting
@@ -48,7 +51,7 @@ __all__ = [
     "check_triton_inputs",
 ]
 
-DESIGNS = ("auto", "fused", "split")
+DESIGNS = CHOICES  # "auto", "fused", "split", "hybrid"
 FP32_PRECISIONS = ("auto", *INPUT_PRECISIONS)
 
 
@@ -93,8 +96,8 @@ def check_triton_inputs(
     seed: int | None,
 ) -> None:
     """What the kernels need on top of :func:`lora_fast.checks.check_lora_inputs`: a device they run on, dtypes
-    ``tl.dot`` takes, a seed for dropout, a p the 16-bit mask can represent, known settings. Raises before any launch,
-    naming the tensor or setting."""
+    ``tl.dot`` takes, an integer seed or None (a key drawn on the device) for dropout, a p the 16-bit mask can
+    represent, known settings. Raises before any launch, naming the tensor or setting."""
     dev = x.device
     if dev.type == "cpu" and not interpreting():
         raise RuntimeError(
@@ -119,9 +122,9 @@ def check_triton_inputs(
             f"({list(TL_DTYPES)})"
         )
     if dropout_p > 0.0:
-        if not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise ValueError(f"dropout needs an integer seed in [0, 2**63), got {seed!r}")
-        dropout_threshold(dropout_p)  # refuses a p that rounds to 1 at the mask's 2^-16 resolution
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise ValueError(f"seed must be None (a key drawn on the device) or an integer in [0, 2**63), got {seed!r}")
+        dropout_threshold(dropout_p)  # refuses a p that rounds to 0 or 1 at the mask's 2^-16 resolution
     if config.fp32_precision not in FP32_PRECISIONS:
         raise ValueError(
             f"lora_fast.triton_backend.config.fp32_precision must be one of {FP32_PRECISIONS}, "
@@ -149,7 +152,7 @@ def _forward_op(
     lora_B: torch.Tensor,
     scaling: float,
     dropout_p: float,
-    seed: int,
+    key: torch.Tensor | None,
     base_dtype: torch.dtype,
     lora_dtype: torch.dtype,
     design: str,
@@ -161,14 +164,14 @@ def _forward_op(
     x2 = x.reshape(-1, x.shape[-1])
     with _on_device(x.device):
         y, h = lora_forward(
-            x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+            x2, weight, bias, lora_A, lora_B, scaling, dropout_p, key,
             base_dtype=base_dtype, lora_dtype=lora_dtype, design=design, input_precision=input_precision,
         )  # fmt: skip
     return y.reshape(*x.shape[:-1], weight.shape[0]), h
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_dtype, lora_dtype, design, input_precision):
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, key, base_dtype, lora_dtype, design, input_precision):
     m = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=base_dtype)
     return y, x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
@@ -184,7 +187,7 @@ def _backward_op(
     h: torch.Tensor,
     scaling: float,
     dropout_p: float,
-    seed: int,
+    key: torch.Tensor | None,
     base_dtype: torch.dtype,
     lora_dtype: torch.dtype,
     bias_dtype: torch.dtype,
@@ -201,7 +204,7 @@ def _backward_op(
     g2 = grad_y.reshape(-1, grad_y.shape[-1])
     with _on_device(x.device):
         dx, dA, dB, dbias = lora_backward(
-            g2, x2, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
+            g2, x2, weight, lora_A, lora_B, h, scaling, dropout_p, key,
             need_dx=need_dx, need_dA=need_dA, need_dB=need_dB, need_dbias=need_dbias, bias_dtype=bias_dtype,
             base_dtype=base_dtype, lora_dtype=lora_dtype, design=design, input_precision=input_precision,
         )  # fmt: skip
@@ -214,7 +217,7 @@ def _backward_op(
 
 
 @_backward_op.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, base_dtype, lora_dtype, bias_dtype, design,
+def _(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, key, base_dtype, lora_dtype, bias_dtype, design,
       input_precision, need_dx, need_dA, need_dB, need_dbias):  # fmt: skip
     return (
         torch.empty_like(x) if need_dx else x.new_empty(0),
@@ -228,27 +231,28 @@ def _(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, base_dtype
 
 
 class _TritonLoRAFunction(torch.autograd.Function):
-    """Saved for backward: x, W, A, B and h_s (M, R) fp32; the dropout mask is regenerated from ``seed``."""
+    """Saved for backward: x, W, A, B, h_s (M, R) fp32 and the dropout key; the mask is regenerated from the key."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_dtype, lora_dtype, design, prec):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, key, base_dtype, lora_dtype, design, prec):
         y, h = torch.ops.lora_fast.triton_lora_forward(
-            x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base_dtype, lora_dtype, design, prec
+            x, weight, bias, lora_A, lora_B, scaling, dropout_p, key, base_dtype, lora_dtype, design, prec
         )
-        ctx.save_for_backward(x, weight, lora_A, lora_B, h)
-        ctx.args = (scaling, dropout_p, seed, base_dtype, lora_dtype)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, h, key)
+        ctx.args = (scaling, dropout_p)
+        ctx.dtypes = (base_dtype, lora_dtype)
         ctx.bias_dtype = base_dtype if bias is None else bias.dtype
         ctx.options = (design, prec)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, h = ctx.saved_tensors
+        x, weight, lora_A, lora_B, h, key = ctx.saved_tensors
         need_dx, need_dW, need_dbias, need_dA, need_dB = ctx.needs_input_grad[:5]
         dx = dW = dbias = dA = dB = None
         if need_dx or need_dA or need_dB or need_dbias:
             dx, dA, dB, dbias = torch.ops.lora_fast.triton_lora_backward(
-                grad_y, x, weight, lora_A, lora_B, h, *ctx.args, ctx.bias_dtype, *ctx.options,
+                grad_y, x, weight, lora_A, lora_B, h, *ctx.args, key, *ctx.dtypes, ctx.bias_dtype, *ctx.options,
                 need_dx, need_dA, need_dB, need_dbias,
             )  # fmt: skip
             dx, dA, dB = (dx if need_dx else None), (dA if need_dA else None), (dB if need_dB else None)
@@ -256,7 +260,7 @@ class _TritonLoRAFunction(torch.autograd.Function):
         if need_dW:
             # A base weight the caller made trainable: dW = gᵀ x in W's (N, K) layout (autograd routes it through
             # a Conv1D's .t() view to the stored (K, N) parameter); a plain matmul in the base dtype.
-            base_dtype = ctx.args[3]
+            base_dtype = ctx.dtypes[0]
             g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(base_dtype)
             dW = (g2.t() @ x.reshape(-1, x.shape[-1]).to(base_dtype)).to(weight.dtype)
         return dx, dW, dbias, dA, dB, None, None, None, None, None, None, None
@@ -279,7 +283,9 @@ def triton_lora_linear(
 ) -> torch.Tensor:
     """``y = x Wᵀ + bias + scaling · (drop(x) Aᵀ) Bᵀ`` by the fused kernels; ``weight (N, K)`` with any strides.
 
-    ``seed`` must be an int when ``dropout_p > 0``. Raises a clear error before any launch on bad inputs; ``check``
+    With ``dropout_p > 0`` the mask's key is drawn on x's device from torch's generator when ``seed`` is None (a new
+    mask per call and per CUDA-graph replay; :func:`lora_fast.kernels.dropout.dropout_key`), else fixed by the
+    integer ``seed``. Raises a clear error before any launch on bad inputs; ``check``
     False skips :func:`lora_fast.checks.check_lora_inputs` (:func:`lora_fast.lora_linear` has run it), never
     :func:`check_triton_inputs`.
     """
@@ -288,7 +294,8 @@ def triton_lora_linear(
     check_triton_inputs(x, weight, bias, lora_A, lora_B, float(dropout_p), seed)
     base_dtype, lora_dtype = compute_dtypes(x, lora_A)
     p = float(dropout_p)
+    key = dropout_key(x.device, seed) if p > 0 else None
     return _TritonLoRAFunction.apply(
-        x, weight, bias, lora_A, lora_B, float(scaling), p, int(seed) if p > 0 else 0,
-        base_dtype, lora_dtype, config.design, fp32_precision(),
+        x, weight, bias, lora_A, lora_B, float(scaling), p, key, base_dtype, lora_dtype, config.design,
+        fp32_precision(),
     )  # fmt: skip

@@ -40,8 +40,9 @@ def test_gradcheck(backend, r, bias, layout, dropout):
 def test_torch_backend_matches_spec(dropout, layout):
     x, weight, b, lora_A, lora_B = _inputs(16, True, layout, lead=(4, 9), k=12, n=10)
     s, seed = 0.5, 7
-    # The multiplier in fp64 (the kernels keep 1/(1-p) in fp32; in fp64 the backend uses it exactly).
-    mask = seeded_keep_mask(tuple(x.shape), dropout, seed, x.device).double() / (1 - dropout) if dropout else None
+    # The multiplier in fp64 (the kernels keep 1/keep in fp32; in fp64 the backend uses it exactly).
+    keep = seeded_keep_mask(tuple(x.shape), dropout, seed, x.device).double()
+    mask = keep / reference.keep_probability(dropout) if dropout else None
     y = lora_linear(x, weight, b, lora_A, lora_B, s, dropout_p=dropout, seed=seed, backend="torch")
     y_ref, _ = reference.lora_forward(x, weight, b, lora_A, lora_B, s, mask)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
@@ -80,7 +81,50 @@ def test_dropout_kept_fraction():
     kept = (mask > 0).float().mean().item()
     # 200,000 Bernoulli(0.9) draws: standard deviation 6.7e-4, so 5 sigma is 3.4e-3.
     assert abs(kept - 0.9) < 3.4e-3
-    assert torch.allclose(mask[mask > 0], torch.tensor(1 / 0.9))
+    assert torch.allclose(mask[mask > 0], torch.tensor(1 / reference.keep_probability(0.1)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_dropout_near_one_scales_by_the_masks_keep_rate(backend):
+    """p = 0.999: the mask keeps an element when 16 random bits are >= round(0.999 · 2¹⁶) = 65470, with probability
+    66/65536, so kept elements are scaled by 65536/66 (E[mask] = 1), not by 1/(1-p) = 1000 (0.71% too much)."""
+    p, seed, s = 0.999, 4, 0.5
+    mask = seeded_dropout_mask((400, 500), p, 11, torch.device("cpu"))
+    assert set(mask.unique().tolist()) == {0.0, torch.tensor(65536 / 66, dtype=torch.float32).item()}
+    x, weight, b, lora_A, lora_B = _inputs(8, True, "linear", lead=(64,), k=64, n=6)
+    multiplier = seeded_keep_mask(tuple(x.shape), p, seed, x.device).double() * (65536 / 66)
+    assert multiplier.count_nonzero() > 0  # some elements kept: the scale is seen
+    y = lora_linear(x, weight, b, lora_A, lora_B, s, dropout_p=p, seed=seed, backend=backend)
+    y_ref, _ = reference.lora_forward(x, weight, b, lora_A, lora_B, s, multiplier)
+    close = dict(rtol=1e-6, atol=1e-9)  # the reference backend's multiplier is fp32 (3e-8); 1000 would be 7e-3 off
+    torch.testing.assert_close(y, y_ref, **close)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, lora_A, lora_B), g)
+    for a, w in zip(got, reference.lora_backward(g, x, weight, lora_A, lora_B, s, multiplier), strict=True):
+        torch.testing.assert_close(a, w, **close)
+    assert reference.keep_probability(p) == 66 / 65536
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize(
+    "p, message",
+    [
+        (0.999995, "dropout_p = 0.999995 rounds to 1 at the dropout mask's resolution of 1/65536"),
+        (1e-6, "dropout_p = 1e-06 rounds to 0 at the dropout mask's resolution of 1/65536"),
+        (2**-18, "dropout_p = 3.814697265625e-06 rounds to 0"),
+    ],
+)
+def test_dropout_p_the_mask_cannot_draw_is_refused(backend, p, message):
+    """round(p · 2¹⁶) of 2¹⁶ would drop everything (and overflowed the 16-bit comparison, keeping everything scaled by
+    1/(1-p)); of 0 would drop nothing though p > 0. Every backend refuses both, in training and in eval, before any
+    work; p = 0 exactly and the extreme representable values are accepted."""
+    x, weight, b, lora_A, lora_B = _inputs(4, True, "linear", lead=(3,), dtype=torch.float32)
+    for training in (True, False):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+            lora_linear(x, weight, b, lora_A, lora_B, 1.0, dropout_p=p, training=training, seed=1, backend=backend)
+    if backend != "triton":  # the triton backend runs on CPU only under its interpreter (tests/test_triton_kernels)
+        for ok in (0.0, 2**-16, 65535 / 65536):
+            lora_linear(x, weight, b, lora_A, lora_B, 1.0, dropout_p=ok, seed=1, backend=backend)
 
 
 def test_eval_mode_has_no_dropout():
@@ -141,6 +185,7 @@ def test_autocast_cpu():
         (dict(x=torch.ones(3, 7, dtype=torch.long)), "x must be a floating-point tensor"),
         (dict(dropout_p=1.0), "dropout_p must be in [0, 1)"),
         (dict(dropout_p=float("nan")), "dropout_p must be in [0, 1), got nan"),
+        (dict(dropout_p=0.999995), "dropout_p = 0.999995 rounds to 1"),
         (dict(dropout_p=False), "dropout_p must be a real number (int or float, not bool), got bool False"),
         (dict(dropout_p="0.1"), "dropout_p must be a real number (int or float, not bool), got str '0.1'"),
         (dict(dropout_p=None), "dropout_p must be a real number (int or float, not bool), got NoneType None"),

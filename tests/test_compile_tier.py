@@ -1,16 +1,19 @@
-"""The offline compile tier (bench/compile_check.py) in CI, in about a minute: the committed full results
-(``bench/results/compile_tier.json``: every dtype × rank × dropout × design on sm_90 and sm_80, about an hour of one
-core) must cover every case, pass the tier's checks and come from today's kernels; the headline case is compiled live
-for sm_90 and must match them; fp32 at R = 256 must fit sm_80; the dropout-mask probe must cost what the cost model
-assumes. It runs in its own process: the test session's interpreter switch would turn the kernels into interpreted
-functions, which cannot be compiled for a GPU.
+"""The offline compile tier (bench/compile_check.py) in CI: the committed full results
+(``bench/results/compile_tier.json``: every dtype × rank × dropout × design on sm_90 and sm_80, and a reduced grid on
+sm_86, sm_89, sm_100 and sm_120, hours of one core) must cover every case, pass the tier's checks and come from
+today's kernels; a few cases are compiled live and must match them; the dropout-mask probe must cost what the cost
+model assumes. ``--verify`` runs in its own process: the test session's interpreter switch would turn the kernels
+into interpreted functions, which cannot be compiled for a GPU. The schedule test reads the committed results.
 """
 
+import json
 import os
 import subprocess
 import sys
 
 from tests.helpers import ROOT
+
+RESULTS = ROOT / "bench" / "results" / "compile_tier.json"
 
 
 def test_compile_tier_verifies():
@@ -26,3 +29,25 @@ def test_compile_tier_verifies():
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "compile tier verified" in proc.stdout
+
+
+def test_bf16_fp16_main_loops_keep_their_wgmmas_in_flight():
+    """Every compiled configuration records its wgmma waits per main-loop iteration (from the SASS); on sm_90 every
+    main loop of every bf16/fp16 kernel (bias frozen, as LoRA trains) waits at most once per iteration, and the fused
+    dx's loop issues its 16 HGMMAs (g W, u = g B, the dB product) with that one wait."""
+    data = json.loads(RESULTS.read_text())
+    assert all("wgmma_waits_per_iter" in stats and "mma_loops" in stats for stats in data["cache"].values())
+    loops = 0
+    fused_dx = []
+    for case in data["cases"]:
+        if case["arch"] != 90 or case["dtype"] not in ("bf16", "fp16"):
+            continue
+        for launch in case["launches"]:
+            for tried in launch["tried"]:
+                waits = tried["wgmma_waits_per_iter"]
+                assert waits is None or waits <= 1, (case["dtype"], case["R"], launch["kernel"], tried["config"])
+                loops += len(tried["mma_loops"])
+                if launch["kernel"] == "_lora_dx_kernel" and launch["switches"]["FUSE_U"] == "True":
+                    fused_dx.extend(tried["mma_loops"])
+    assert loops > 100  # the check saw the loops (not an empty file)
+    assert [16, 1] in fused_dx

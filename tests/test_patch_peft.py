@@ -188,7 +188,8 @@ def test_dropout_is_peft_formula_with_a_keep_mask(op_calls):
     A = layer.lora_A["default"].weight.detach().clone().requires_grad_()
     B = layer.lora_B["default"].weight.detach().clone().requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
-    y_ref = layer.base_layer(x_ref) + s * ((x_ref * keep / (1 - p)) @ A.t()) @ B.t()
+    # Kept elements scaled by the mask's real keep rate (p to 1/65536), so that E[mask] = 1 exactly, as PEFT's.
+    y_ref = layer.base_layer(x_ref) + s * ((x_ref * keep / lora_fast.reference.keep_probability(p)) @ A.t()) @ B.t()
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(y)
     y.backward(g)
@@ -338,6 +339,9 @@ FALLBACKS = {
     "hooked_base": ({}, _hook_base_layers, "base layer has hooks"),
     "trainable_base": ({}, _train_base_weights, "base weight trains"),
     "alpha_zero": (dict(lora_alpha=0), None, "scaling 0.0 (lora_linear refuses a zero or non-finite one)"),
+    # p finer than the mask's 1/65536 resolution: it would round to "drop all" or "keep all"
+    "dropout_near_1": (dict(lora_dropout=0.999995), None, "dropout_p = 0.999995 rounds to 1"),
+    "dropout_near_0": (dict(lora_dropout=1e-6), None, "dropout_p = 1e-06 rounds to 0"),
 }
 
 

@@ -14,7 +14,7 @@ import torch
 
 from lora_fast import lora_linear, reference
 from lora_fast.kernels import configs
-from lora_fast.kernels.dropout import lora_dropout_mask
+from lora_fast.kernels.dropout import dropout_key, lora_dropout_mask
 from lora_fast.kernels.lora_backward import lora_backward
 from lora_fast.kernels.lora_forward import lora_forward
 from lora_fast.kernels.utils import interpreting
@@ -31,7 +31,8 @@ cpu_tier = pytest.mark.skipif(not interpreting(), reason="CPU tier: runs only un
 
 @pytest.fixture(autouse=True)
 def _ieee_fused(monkeypatch):
-    """Exact fp32 dots and the fused design unless a test says otherwise."""
+    """Exact fp32 dots and the fused design unless a test says otherwise ("hybrid" runs as "split" where the base
+    product is not 16-bit: kernels.designs)."""
     monkeypatch.setattr(config, "fp32_precision", "ieee")
     monkeypatch.setattr(config, "design", "fused")
 
@@ -61,9 +62,9 @@ def _make(M, K, N, R, dtype, bias, layout, contiguous, device, lora_dtype=None, 
 
 
 def _check_against_reference(
-    M, K, N, R, dtype, bias, layout, contiguous, p, fused, device, lora_dtype=None, tol=None, lead=()
+    M, K, N, R, dtype, bias, layout, contiguous, p, design, device, lora_dtype=None, tol=None, lead=()
 ):
-    config.design = "fused" if fused else "split"
+    config.design = design
     x, weight, b, A, B = _make(M, K, N, R, dtype, bias, layout, contiguous, device, lora_dtype, lead)
     s, seed = 0.75, 1234
     y = lora_linear(x, weight, b, A, B, s, dropout_p=p, seed=seed, backend="triton")
@@ -71,7 +72,9 @@ def _check_against_reference(
     y.backward(g)
 
     d = lambda t: None if t is None else t.detach().double()
-    mask = lora_dropout_mask(x.numel() // K, K, p, seed, device).reshape(x.shape).double() if p > 0 else None
+    mask = None
+    if p > 0:
+        mask = lora_dropout_mask(x.numel() // K, K, p, dropout_key(device, seed)).reshape(x.shape).double()
     x64 = d(x).requires_grad_()
     A64, B64 = d(A).requires_grad_(), d(B).requires_grad_()
     b64 = d(b).requires_grad_() if bias else None
@@ -94,31 +97,34 @@ def _check_against_reference(
 # ---------------------------------------------------------------- CPU tier: forward and every gradient
 
 # A pruned cross-product: every value of every axis appears, odd sizes throughout.
-#        M   K    N    R    dtype           bias   layout     contig  p     fused
+#        M   K    N    R    dtype           bias   layout     contig  p     design
 CASES = [
-    (1, 48, 130, 1, torch.float32, True, "linear", True, 0.0, True),
-    (7, 130, 5, 8, torch.float32, False, "conv1d", False, 0.1, True),
-    (33, 5, 48, 16, torch.float32, True, "linear", False, 0.0, False),
-    (33, 130, 130, 33, torch.float32, True, "conv1d", True, 0.3, False),
-    (7, 48, 48, 128, torch.float32, False, "conv1d", True, 0.0, True),  # square: orientation must be right
-    (33, 48, 130, 16, torch.bfloat16, True, "linear", True, 0.1, True),
-    (7, 130, 48, 8, torch.bfloat16, False, "conv1d", False, 0.0, False),
-    (33, 130, 5, 33, torch.float16, True, "linear", False, 0.2, True),
-    (1, 5, 48, 128, torch.float16, False, "conv1d", True, 0.0, False),
+    (1, 48, 130, 1, torch.float32, True, "linear", True, 0.0, "fused"),
+    (7, 130, 5, 8, torch.float32, False, "conv1d", False, 0.1, "fused"),
+    (33, 5, 48, 16, torch.float32, True, "linear", False, 0.0, "split"),
+    (33, 130, 130, 33, torch.float32, True, "conv1d", True, 0.3, "split"),
+    (7, 48, 48, 128, torch.float32, False, "conv1d", True, 0.0, "fused"),  # square: orientation must be right
+    (33, 48, 130, 16, torch.bfloat16, True, "linear", True, 0.1, "fused"),
+    (7, 130, 48, 8, torch.bfloat16, False, "conv1d", False, 0.0, "split"),
+    (33, 130, 5, 33, torch.float16, True, "linear", False, 0.2, "fused"),
+    (1, 5, 48, 128, torch.float16, False, "conv1d", True, 0.0, "split"),
+    (33, 48, 130, 16, torch.bfloat16, True, "linear", True, 0.1, "hybrid"),
+    (7, 130, 48, 8, torch.float16, False, "conv1d", False, 0.2, "hybrid"),
+    (7, 130, 48, 33, torch.float32, True, "conv1d", True, 0.1, "hybrid"),  # fp32: runs split
 ]
 
 
 @cpu_tier
-@pytest.mark.parametrize("M,K,N,R,dtype,bias,layout,contiguous,p,fused", CASES)
-def test_matches_reference(M, K, N, R, dtype, bias, layout, contiguous, p, fused):
-    _check_against_reference(M, K, N, R, dtype, bias, layout, contiguous, p, fused, "cpu")
+@pytest.mark.parametrize("M,K,N,R,dtype,bias,layout,contiguous,p,design", CASES)
+def test_matches_reference(M, K, N, R, dtype, bias, layout, contiguous, p, design):
+    _check_against_reference(M, K, N, R, dtype, bias, layout, contiguous, p, design, "cpu")
 
 
 @cpu_tier
 def test_leading_dims_and_mixed_precision():
     """x (2, 3, K) in bf16 with fp32 LoRA masters: LoRA branch in fp32, dA/dB back in fp32, dx in bf16."""
     _check_against_reference(
-        3, 48, 40, 8, torch.bfloat16, True, "linear", True, 0.1, True, "cpu", lora_dtype=torch.float32, lead=(2,)
+        3, 48, 40, 8, torch.bfloat16, True, "linear", True, 0.1, "fused", "cpu", lora_dtype=torch.float32, lead=(2,)
     )
 
 
@@ -139,33 +145,32 @@ def test_autocast_dtypes_match_torch_backend():
 
 
 @cpu_tier
-@pytest.mark.parametrize("fused", [True, False])
-def test_launchers_write_every_element(fused):
-    """Outputs poisoned with NaN before the launch: any element the kernels skip stays NaN."""
+@pytest.mark.parametrize(
+    "design, dtype", [("fused", torch.float32), ("split", torch.float32), ("hybrid", torch.bfloat16)]
+)
+def test_launchers_write_every_element(design, dtype):
+    """Outputs poisoned with NaN before the launch: any element the kernels (or cuBLAS, hybrid) skip stays NaN."""
     M, K, N, R, s = 33, 130, 48, 8, 0.5
     x, weight, b, A, B = (
-        t.detach() if t is not None else t for t in _make(M, K, N, R, torch.float32, True, "linear", True, "cpu")
+        t.detach() if t is not None else t for t in _make(M, K, N, R, dtype, True, "linear", True, "cpu")
     )
-    y = torch.full((M, N), float("nan"))
+    y = torch.full((M, N), float("nan"), dtype=dtype)
     h = torch.full((M, R), float("nan"))
-    design = "fused" if fused else "split"
-    lora_forward(x, weight, b, A, B, s, 0.2, 99, design=design, input_precision="ieee", out=y, h_out=h)
-    mask = lora_dropout_mask(M, K, 0.2, 99, "cpu")
-    y_ref, h_ref = reference.lora_forward(
-        x.double(), weight.double(), b.double(), A.double(), B.double(), s, mask.double()
-    )
-    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h.double(), s * h_ref, rtol=1e-5, atol=1e-5)  # h_s: the scaling folded in
-    g = torch.randn(M, N)
-    dx = torch.full((M, K), float("nan"))
+    key = dropout_key("cpu", 99)
+    lora_forward(x, weight, b, A, B, s, 0.2, key, design=design, input_precision="ieee", out=y, h_out=h)
+    mask = lora_dropout_mask(M, K, 0.2, key).double()
+    d = lambda t: t.double()  # noqa: E731
+    y_ref, h_ref = reference.lora_forward(d(x), d(weight), d(b), d(A), d(B), s, mask)
+    g = torch.randn(M, N).to(dtype)
+    dx = torch.full((M, K), float("nan"), dtype=dtype)
     _, dA, dB, dbias = lora_backward(
-        g, x, weight, A, B, h, s, 0.2, 99, need_dbias=True, design=design, input_precision="ieee", dx_out=dx
+        g, x, weight, A, B, h, s, 0.2, key, need_dbias=True, design=design, input_precision="ieee", dx_out=dx
     )
-    dx_ref, dA_ref, dB_ref = reference.lora_backward(
-        g.double(), x.double(), weight.double(), A.double(), B.double(), s, mask.double()
-    )
-    for got, ref in ((dx, dx_ref), (dA, dA_ref), (dB, dB_ref), (dbias, g.double().sum(0))):
-        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    dx_ref, dA_ref, dB_ref = reference.lora_backward(d(g), d(x), d(weight), d(A), d(B), s, mask)
+    pairs = ((y, y_ref), (h, s * h_ref), (dx, dx_ref), (dA, dA_ref), (dB, dB_ref), (dbias, d(g).sum(0)))
+    for got, ref in pairs:  # h_s: the scaling folded in
+        assert torch.isfinite(got).all()
+        assert _rel(got, ref) <= TOL[dtype]
 
 
 @cpu_tier
@@ -198,11 +203,11 @@ def test_empty_batch_returns_without_launching():
 
 @cpu_tier
 @pytest.mark.parametrize("layout", ["linear", "conv1d"])
-@pytest.mark.parametrize("fused", [True, False])
-def test_trainable_base_weight_and_bias_match_reference(layout, fused):
+@pytest.mark.parametrize("design", ["fused", "split"])
+def test_trainable_base_weight_and_bias_match_reference(layout, design):
     """W unfrozen by the user: dW = gᵀ x reaches the stored parameter (through Conv1D's .t() view); dbias from the
     kernels' partials. Both against the reference backend's autograd in fp64."""
-    config.design = "fused" if fused else "split"
+    config.design = design
     x, weight, b, A, B = _make(9, 48, 40, 8, torch.float32, True, layout, True, "cpu")
     stored = (weight.t() if layout == "conv1d" else weight).detach().clone().requires_grad_()
     grads, g = {}, torch.randn(9, 40)
@@ -222,17 +227,21 @@ def test_trainable_base_weight_and_bias_match_reference(layout, fused):
 
 
 @cpu_tier
-def test_dropout_mask_statistics_and_values():
-    p = 0.3
-    mask = lora_dropout_mask(256, 257, p, 5, "cpu")
+@pytest.mark.parametrize("p", [0.3, 0.999])
+def test_dropout_mask_statistics_and_values(p):
+    """Kept with the mask's real probability keep = (2¹⁶ - round(p·2¹⁶)) / 2¹⁶ and scaled by 1/keep, so E[mask] = 1
+    (at p = 0.999, 1/(1-p) would be 1.0071× too large)."""
+    mask = lora_dropout_mask(256, 257, p, dropout_key("cpu", 5))
     kept = (mask != 0).double().mean().item()
-    # Binomial(n, 1-p): 6 standard deviations of the kept fraction.
-    assert abs(kept - (1 - p)) <= 6 * ((p * (1 - p)) / mask.numel()) ** 0.5
+    keep = reference.keep_probability(p)
+    # Binomial(n, keep): 6 standard deviations of the kept fraction.
+    assert abs(kept - keep) <= 6 * ((keep * (1 - keep)) / mask.numel()) ** 0.5
     values = set(mask.unique().tolist())
-    assert values == {0.0, torch.tensor(1 / (1 - p), dtype=torch.float32).item()}
-    assert torch.equal(mask, lora_dropout_mask(256, 257, p, 5, "cpu"))
-    other = lora_dropout_mask(256, 257, p, 6, "cpu")
-    assert (other != mask).double().mean().item() > 0.2
+    assert values == {0.0, torch.tensor(1 / keep, dtype=torch.float32).item()}
+    assert torch.equal(mask, lora_dropout_mask(256, 257, p, dropout_key("cpu", 5)))
+    other = lora_dropout_mask(256, 257, p, dropout_key("cpu", 6))
+    # Independent masks disagree on a fraction 2·keep·(1 - keep); half of that is many deviations away.
+    assert (other != mask).double().mean().item() > keep * (1 - keep)
 
 
 @cpu_tier
@@ -253,12 +262,14 @@ def test_dropout_same_seed_same_results_different_seed_differs():
 
 
 @cpu_tier
-@pytest.mark.parametrize("fused", [True, False])
-def test_backward_is_bitwise_deterministic(fused):
+@pytest.mark.parametrize(
+    "design, dtype", [("fused", torch.float32), ("split", torch.float32), ("hybrid", torch.bfloat16)]
+)
+def test_backward_is_bitwise_deterministic(design, dtype):
     """dA/dB/dbias sum fp32 partials over row blocks in a fixed order: two runs agree bitwise."""
-    config.design = "fused" if fused else "split"
-    x, weight, b, A, B = _make(40, 48, 40, 16, torch.float32, True, "conv1d", True, "cpu")
-    g = torch.randn(40, 40)
+    config.design = design
+    x, weight, b, A, B = _make(40, 48, 40, 16, dtype, True, "conv1d", True, "cpu")
+    g = torch.randn(40, 40).to(dtype)
     grads = []
     for _ in range(2):
         lora_linear(x, weight, b, A, B, 0.5, dropout_p=0.1, seed=3, backend="triton").backward(g)
@@ -282,8 +293,8 @@ def test_clear_errors_before_launch(monkeypatch):
         triton_lora_linear(x, weight, b, A, B[:, :4], 0.5, 0.0, None)
     with pytest.raises(TypeError, match="x has dtype torch.float64"):
         triton_lora_linear(x.double(), weight.double(), b.double(), A, B, 0.5, 0.0, None)
-    with pytest.raises(ValueError, match="integer seed"):
-        triton_lora_linear(x, weight, b, A, B, 0.5, 0.1, None)
+    with pytest.raises(ValueError, match=r"seed must be None \(a key drawn on the device\) or an integer.*got 1.5"):
+        triton_lora_linear(x, weight, b, A, B, 0.5, 0.1, 1.5)
     monkeypatch.setattr(config, "fp32_precision", "tf64")
     with pytest.raises(ValueError, match="fp32_precision"):
         triton_lora_linear(x, weight, b, A, B, 0.5, 0.0, None)
@@ -349,12 +360,13 @@ def test_inputs_checked_once_per_call(monkeypatch):
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) impls against the real kernels, and AOT dispatch, by torch.library.opcheck."""
     x, weight, b, A, B = (t.detach() for t in _make(6, 48, 40, 8, torch.float32, True, "conv1d", True, "cpu"))
-    fwd_args = (x, weight, b, A, B, 0.5, 0.1, 3, torch.float32, torch.float32, "fused", "ieee")
+    key = dropout_key("cpu", 3)
+    fwd_args = (x, weight, b, A, B, 0.5, 0.1, key, torch.float32, torch.float32, "fused", "ieee")
     torch.library.opcheck(torch.ops.lora_fast.triton_lora_forward.default, fwd_args)
     _, h = torch.ops.lora_fast.triton_lora_forward(*fwd_args)
     g = torch.randn(6, 40)
     for design, needs in (("fused", (True, True, False, True)), ("split", (False, True, True, True))):
-        bwd_args = (g, x, weight, A, B, h, 0.5, 0.1, 3, torch.float32, torch.float32, torch.float32, design, "ieee")
+        bwd_args = (g, x, weight, A, B, h, 0.5, 0.1, key, torch.float32, torch.float32, torch.float32, design, "ieee")
         torch.library.opcheck(torch.ops.lora_fast.triton_lora_backward.default, (*bwd_args, *needs))
         dx, dA, dB, dbias = torch.ops.lora_fast.triton_lora_backward(*bwd_args, *needs)
         assert [t.numel() > 0 for t in (dx, dA, dB, dbias)] == list(needs)
@@ -382,33 +394,34 @@ def test_torch_compile_traces_without_graph_break():
 # ---------------------------------------------------------------- CUDA tier: the same checks at realistic sizes
 
 CUDA_CASES = [
-    (4096, 768, 2304, 16, torch.bfloat16, True, "conv1d", True, 0.1, True),
-    (4096, 768, 2304, 16, torch.bfloat16, True, "conv1d", True, 0.1, False),
-    (4096, 768, 768, 128, torch.bfloat16, True, "conv1d", True, 0.0, True),
-    (2048, 3072, 768, 8, torch.float16, True, "linear", False, 0.1, True),
-    (1000, 1000, 1000, 33, torch.bfloat16, False, "linear", True, 0.0, False),
-    (1, 768, 3072, 16, torch.bfloat16, True, "conv1d", True, 0.1, True),
-    (2048, 768, 768, 16, torch.float32, True, "conv1d", True, 0.1, True),
+    (4096, 768, 2304, 16, torch.bfloat16, True, "conv1d", True, 0.1, "fused"),
+    (4096, 768, 2304, 16, torch.bfloat16, True, "conv1d", True, 0.1, "split"),
+    (4096, 768, 768, 128, torch.bfloat16, True, "conv1d", True, 0.0, "fused"),
+    (2048, 3072, 768, 8, torch.float16, True, "linear", False, 0.1, "fused"),
+    (1000, 1000, 1000, 33, torch.bfloat16, False, "linear", True, 0.0, "split"),
+    (1, 768, 3072, 16, torch.bfloat16, True, "conv1d", True, 0.1, "fused"),
+    (2048, 768, 768, 16, torch.float32, True, "conv1d", True, 0.1, "fused"),
+    (4096, 768, 2304, 16, torch.bfloat16, True, "conv1d", True, 0.1, "hybrid"),
 ]
 # LORA_FAST_CUDA_QUICK=1 (bench/device_check.sh): the cases that compile distinct kernels for the headline dtypes,
 # so one device check stays within its time; odd shapes, fp16 and M = 1 run in the full tier.
 if os.environ.get("LORA_FAST_CUDA_QUICK") == "1":
-    CUDA_CASES = [CUDA_CASES[i] for i in (0, 1, 2, 6)]
+    CUDA_CASES = [CUDA_CASES[i] for i in (0, 1, 2, 6, 7)]
 
 
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.parametrize("M,K,N,R,dtype,bias,layout,contiguous,p,fused", CUDA_CASES)
-def test_matches_reference_cuda(M, K, N, R, dtype, bias, layout, contiguous, p, fused):
+@pytest.mark.parametrize("M,K,N,R,dtype,bias,layout,contiguous,p,design", CUDA_CASES)
+def test_matches_reference_cuda(M, K, N, R, dtype, bias, layout, contiguous, p, design):
     tol = TOL_TF32 if dtype == torch.float32 else TOL[dtype]
     config.fp32_precision = "tf32" if dtype == torch.float32 else "ieee"
-    _check_against_reference(M, K, N, R, dtype, bias, layout, contiguous, p, fused, "cuda", tol=tol)
+    _check_against_reference(M, K, N, R, dtype, bias, layout, contiguous, p, design, "cuda", tol=tol)
 
 
 @pytest.mark.cuda
 @requires_cuda
 def test_ieee_fp32_exact_cuda():
-    _check_against_reference(512, 768, 768, 16, torch.float32, True, "conv1d", True, 0.1, True, "cuda")
+    _check_against_reference(512, 768, 768, 16, torch.float32, True, "conv1d", True, 0.1, "fused", "cuda")
 
 
 @pytest.mark.cuda
@@ -424,7 +437,7 @@ def test_mixed_precision_and_determinism_cuda():
         "conv1d",
         True,
         0.1,
-        True,
+        "fused",
         "cuda",
         lora_dtype=torch.float32,
         lead=(4,),
@@ -444,7 +457,7 @@ def test_mixed_precision_and_determinism_cuda():
 @requires_cuda
 def test_dropout_statistics_cuda():
     p = 0.1
-    mask = lora_dropout_mask(8192, 4096, p, 17, "cuda")
+    mask = lora_dropout_mask(8192, 4096, p, dropout_key("cuda", 17))
     kept = (mask != 0).double().mean().item()
     assert abs(kept - (1 - p)) <= 6 * ((p * (1 - p)) / mask.numel()) ** 0.5
 
@@ -458,9 +471,10 @@ def test_int64_offsets_cuda():
     weight = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / 32
     A = torch.randn(R, K, device="cuda", dtype=torch.bfloat16) / 32
     B = torch.randn(N, R, device="cuda", dtype=torch.bfloat16)
-    y, _ = lora_forward(x, weight, None, A, B, 0.5, 0.1, 9)
+    key = dropout_key("cuda", 9)
+    y, _ = lora_forward(x, weight, None, A, B, 0.5, 0.1, key)
     tail = slice(M - 128, M)
-    mask = lora_dropout_mask(M, K, 0.1, 9, "cuda")[tail].double()
+    mask = lora_dropout_mask(M, K, 0.1, key)[tail].double()
     y_ref, _ = reference.lora_forward(x[tail].double(), weight.double(), None, A.double(), B.double(), 0.5, mask)
     assert _rel(y[tail], y_ref) <= TOL[torch.bfloat16]
 
@@ -471,7 +485,7 @@ def test_second_device_while_first_is_current_cuda():
     """Tensors on cuda:1 while cuda:0 is current: the ops launch on the tensors' device and stream, not the current
     one (whose kernels would read cuda:1's memory), forward and every gradient, both designs."""
     assert torch.cuda.current_device() == 0
-    _check_against_reference(512, 768, 768, 16, torch.bfloat16, True, "conv1d", True, 0.0, True, "cuda:1")
+    _check_against_reference(512, 768, 768, 16, torch.bfloat16, True, "conv1d", True, 0.0, "fused", "cuda:1")
     # With dropout (the reference's mask would itself launch on the current device): cuda:1 against cuda:0.
     config.design = "split"
     results = []
@@ -495,7 +509,7 @@ def test_without_dx_and_first_candidates_fit_cuda():
     y = lora_linear(x, weight, b, A, B, 0.5, dropout_p=0.1, seed=5, backend="triton")
     g = torch.randn_like(y)
     y.backward(g)
-    mask = lora_dropout_mask(2048, 768, 0.1, 5, "cuda").double()
+    mask = lora_dropout_mask(2048, 768, 0.1, dropout_key("cuda", 5)).double()
     d = lambda t: t.detach().double()  # noqa: E731
     _, dA_ref, dB_ref = reference.lora_backward(g.double(), d(x), d(weight), d(A), d(B), 0.5, mask)
     assert x.grad is None

@@ -1,0 +1,256 @@
+"""The design choice of ``design="auto"``: per pass and shape, the design the cost model (:mod:`kernels.cost`)
+predicts fastest on an H100, or the one a measured design table names.
+
+Designs: ``fused`` (one Triton GEMM per pass doing the rank work in its loop), ``split`` (the rank work in skinny
+passes, the GEMM reads it back), ``hybrid`` (the base GEMM by cuBLAS, ``addmm_`` into a buffer the Triton passes
+filled with the LoRA term: only the LoRA work in Triton). ``hybrid`` needs a 16-bit base product whose operands are
+already in that dtype (cuBLAS then computes what the Triton GEMM would); elsewhere ``auto`` does not pick it and
+asking for it runs ``split``.
+
+A measured table (``LORA_FAST_DESIGNS=path.json``, written by ``bench/device_check.sh``) replaces the prediction for
+the shapes it holds, on the GPU it was measured on (a table from another GPU, or a corrupt one, is refused with a
+ValueError naming the file): rows ``{"K", "N", "R", "p", "dtype", "M", "forward", "backward"}``, matched on K, N,
+the padded rank, dropout on or off and the dtypes (:func:`dtype_key`: "bf16", "bf16+fp32"), then the nearest M. The
+choice is a pure function of the shape (and the table), the same in every process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+
+import torch
+
+from .cost import (
+    A100,
+    H100,
+    Machine,
+    Shape,
+    backward_plan,
+    floor_plan,
+    forward_plan,
+    gemm_tile,
+    peft_plan,
+    total_seconds,
+)
+from .tiles import waves as wave_count
+from .utils import block_r
+
+DESIGNS = ("fused", "split", "hybrid")
+CHOICES = ("auto", *DESIGNS)
+TABLE_ENV = "LORA_FAST_DESIGNS"
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def dtype_key(dtype: torch.dtype, lora_dtype: torch.dtype | None = None) -> str:
+    """A design table's name for the compute dtypes: "bf16", or "bf16+fp32" where the LoRA branch differs."""
+    name = _DTYPE_NAMES.get(dtype, str(dtype))
+    if lora_dtype is None or lora_dtype == dtype:
+        return name
+    return f"{name}+{_DTYPE_NAMES.get(lora_dtype, str(lora_dtype))}"
+
+
+def hybrid_supported(base_dtype: torch.dtype, *operand_dtypes: torch.dtype) -> bool:
+    """cuBLAS computes the base product as the Triton GEMM would: a 16-bit product of operands in that dtype."""
+    return base_dtype in (torch.float16, torch.bfloat16) and all(d == base_dtype for d in operand_dtypes)
+
+
+# ---------------------------------------------------------------- measured tables
+
+_TABLES: dict[tuple[str, float], dict] = {}
+
+
+def load_table(path: str | os.PathLike) -> dict:
+    """The design table at ``path``: ``{"device": name, "rows": {key: [(M, forward, backward), ...]}}``. Raises
+    ValueError naming the file and the problem where it is not a table this version wrote."""
+    path = pathlib.Path(path)
+    try:
+        stamp = path.stat().st_mtime
+    except OSError as e:
+        raise ValueError(f"{TABLE_ENV}={path}: cannot read the design table ({e.strerror})") from e
+    cached = _TABLES.get((str(path), stamp))
+    if cached is not None:
+        return cached
+    try:
+        data = json.loads(path.read_text())
+        rows: dict[tuple, list] = {}
+        for row in data["rows"]:
+            for pass_ in ("forward", "backward"):
+                if row[pass_] not in DESIGNS:
+                    raise ValueError(f"{pass_} design {row[pass_]!r} is none of {DESIGNS}")
+            key = (int(row["K"]), int(row["N"]), block_r(int(row["R"])), float(row["p"]) > 0, str(row["dtype"]))
+            rows.setdefault(key, []).append((int(row["M"]), row["forward"], row["backward"]))
+        table = {"device": str(data["device"]), "rows": rows}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{TABLE_ENV}={path}: not a design table of bench/device_check.sh ({e!r})") from e
+    _TABLES[(str(path), stamp)] = table
+    return table
+
+
+def measured(pass_: str, s: Shape, device: str | None) -> str | None:
+    """The design the table of ``LORA_FAST_DESIGNS`` names for this pass and shape (None without a table or a row)."""
+    path = os.environ.get(TABLE_ENV)
+    if not path or device is None:
+        return None
+    table = load_table(path)
+    if table["device"] != device:
+        raise ValueError(f"{TABLE_ENV}={path} was measured on {table['device']}, but this GPU is {device}")
+    rows = table["rows"].get((s.K, s.N, s.rp, s.p > 0, dtype_key(s.dtype, s.lora_dtype)))
+    if not rows:
+        return None
+    M, forward, backward = min(rows, key=lambda r: (abs(math.log2(max(r[0], 1)) - math.log2(max(s.M, 1))), r[0]))
+    return forward if pass_ == "forward" else backward
+
+
+# ---------------------------------------------------------------- the choice
+
+
+def choose(pass_: str, design: str, s: Shape, hybrid: bool = True, device: str | None = None) -> str:
+    """The design one pass runs: ``design`` itself unless "auto" (then the measured table's, else the lowest
+    prediction); "hybrid" becomes "split" where ``hybrid`` (:func:`hybrid_supported`) is False, and so does a
+    "fused" forward with dropout."""
+    if design not in CHOICES:
+        raise ValueError(f"design must be one of {CHOICES}, got {design!r}")
+    if design == "auto":
+        design = measured(pass_, s, device) or predicted(pass_, s, hybrid)
+    if pass_ == "forward" and design == "fused" and s.p > 0:
+        return "split"  # the fused forward would draw the mask once per column tile (kernels.lora_forward)
+    return "split" if design == "hybrid" and not hybrid else design
+
+
+def predicted(pass_: str, s: Shape, hybrid: bool = True, machine: Machine = H100) -> str:
+    """The design with the lowest predicted time for this pass on ``machine`` (ties: the name first in order)."""
+    plan = forward_plan if pass_ == "forward" else backward_plan
+    options = [
+        d for d in DESIGNS if (hybrid or d != "hybrid") and not (pass_ == "forward" and d == "fused" and s.p > 0)
+    ]
+    return min(options, key=lambda d: (total_seconds(plan(s, d, machine), machine), d))
+
+
+def forward_design(
+    design: str,
+    M: int,
+    N: int,
+    K: int,
+    R: int,
+    p: float,
+    dtype: torch.dtype,
+    input_precision: str,
+    lora_dtype: torch.dtype | None = None,
+    hybrid: bool = True,
+    device: str | None = None,
+) -> str:
+    """The forward's design for this shape (see :func:`choose`)."""
+    return choose("forward", design, Shape(M, N, K, R, p, dtype, lora_dtype, input_precision), hybrid, device)
+
+
+def backward_design(
+    design: str,
+    M: int,
+    N: int,
+    K: int,
+    R: int,
+    p: float,
+    dtype: torch.dtype,
+    input_precision: str,
+    lora_dtype: torch.dtype | None = None,
+    hybrid: bool = True,
+    device: str | None = None,
+) -> str:
+    """The backward's design for this shape (see :func:`choose`)."""
+    return choose("backward", design, Shape(M, N, K, R, p, dtype, lora_dtype, input_precision), hybrid, device)
+
+
+# ---------------------------------------------------------------- the estimate table (docs/KERNELS.md)
+
+HEADLINE = [(768, 2304, 16, 0.0), (768, 2304, 16, 0.1), (3072, 768, 16, 0.0), (3072, 768, 16, 0.1)]
+HEADLINE += [(4096, 4096, 16, 0.0), (4096, 4096, 16, 0.1), (768, 2304, 128, 0.1)]
+
+
+def estimate_rows(M: int = 8192, shapes=HEADLINE, machine: Machine = H100) -> list[dict]:
+    """Per shape (bf16): the floor, PEFT's eager path, each design and ``auto`` (per pass), forward + backward µs."""
+    rows = []
+    for K, N, R, p in shapes:
+        s = Shape(M, N, K, R, p)
+        floor = {k: total_seconds(v, machine) for k, v in floor_plan(s).items()}
+        peft = {k: total_seconds(v, machine) for k, v in peft_plan(s).items()}
+        row = dict(K=K, N=N, R=R, p=p, floor=floor, peft=peft, designs={})
+        for d in DESIGNS:
+            row["designs"][d] = {
+                "forward": total_seconds(forward_plan(s, d, machine), machine),
+                "backward": total_seconds(backward_plan(s, d, machine), machine),
+            }
+        row["auto"] = {pass_: predicted(pass_, s, True, machine) for pass_ in ("forward", "backward")}
+        rows.append(row)
+    return rows
+
+
+def estimate_markdown(M: int = 8192, shapes=HEADLINE, machine: Machine = H100) -> str:
+    """The estimate table ``python -m lora_fast.kernels`` prints: fwd + bwd µs of the floor, PEFT's eager path and
+    each design, and ``auto``'s choice and ratio to the floor, then every launch of ``auto``'s plans."""
+    us = lambda d: 1e6 * (d["forward"] + d["backward"])  # noqa: E731
+    lines = [
+        f"{machine.name}, bf16, M = {M}, forward + backward µs (cost model, not measured):",
+        "",
+        "| K→N | R | p | floor | PEFT eager | fused | split | hybrid | auto (fwd / bwd) | auto µs | auto / floor "
+        "| PEFT / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    detail = [
+        "| K→N | R | p | pass | design | launch | GFLOP | MB | L2 MB | CTAs | mask draws (M) | µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in estimate_rows(M, shapes, machine):
+        s = Shape(M, row["N"], row["K"], row["R"], row["p"])
+        auto = {pass_: row["designs"][d][pass_] for pass_, d in row["auto"].items()}
+        floor, peft, total = us(row["floor"]), us(row["peft"]), us(auto)
+        cells = " | ".join(f"{us(row['designs'][d]):.1f}" for d in DESIGNS)
+        lines.append(
+            f"| {row['K']}→{row['N']} | {row['R']} | {row['p']} | {floor:.1f} | {peft:.1f} | {cells} "
+            f"| {row['auto']['forward']} / {row['auto']['backward']} | {total:.1f} | **{total / floor:.2f}** "
+            f"| {peft / floor:.2f} |"
+        )
+        for pass_, plan in (("fwd", forward_plan), ("bwd", backward_plan)):
+            design = row["auto"]["forward" if pass_ == "fwd" else "backward"]
+            for launch in plan(s, design, machine):
+                detail.append(
+                    f"| {row['K']}→{row['N']} | {row['R']} | {row['p']} | {pass_} | {design} | {launch.kernel} "
+                    f"| {launch.flops / 1e9:.2f} | {launch.bytes / 1e6:.1f} | {launch.l2_bytes / 1e6:.0f} "
+                    f"| {launch.ctas or '–'} | {launch.draws / 1e6:.2f} | {1e6 * launch.seconds(machine):.1f} |"
+                )
+    return "\n".join(lines) + "\n\nPer launch of `auto`:\n\n" + "\n".join(detail) + "\n"
+
+
+# ---------------------------------------------------------------- the wave table (docs/KERNELS.md)
+
+WAVE_SHAPES = [
+    ("GPT-2 c_attn", 768, 2304), ("GPT-2 c_proj", 768, 768), ("GPT-2 c_fc", 768, 3072), ("GPT-2 mlp c_proj", 3072, 768),
+    ("Llama-8B q/o", 4096, 4096), ("Llama-8B k/v", 4096, 1024), ("Llama-8B gate/up", 4096, 14336),
+    ("Llama-8B down", 14336, 4096),
+]  # fmt: skip
+
+
+def waves_markdown(M: int = 8192, R: int = 16) -> str:
+    """Per layer shape and GPU: the fused design's GEMM tiles the wave count picks (bf16, p = 0), their CTAs and
+    waves, how full the last wave is and the SMs' busy fraction over all waves (waves / ceil(waves))."""
+    lines = [
+        "| layer | K→N | GPU | forward tile | CTAs | waves | last wave | busy | dx tile | CTAs | waves | last wave "
+        "| busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for machine in (H100, A100):
+        for name, K, N in WAVE_SHAPES:
+            s = Shape(M, N, K, R)
+            cells = []
+            for kind, cols, col_key in (("forward", N, "BLOCK_N"), ("dx", K, "BLOCK_K")):
+                tile = gemm_tile(kind, s, True, machine)
+                ctas, waves = wave_count(M, cols, tile["BLOCK_M"], tile[col_key], machine.sms)
+                last = ctas - (math.ceil(waves) - 1) * machine.sms
+                cells.append(
+                    f"{tile['BLOCK_M']}×{tile[col_key]} | {ctas} | {waves:.2f} | {100 * last / machine.sms:.0f}% "
+                    f"| {100 * waves / math.ceil(waves):.0f}%"
+                )
+            lines.append(f"| {name} | {K}→{N} | {machine.name} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
