@@ -118,6 +118,11 @@ class Recorder:
             tried.append(dict(config=str(config), **stats))
             if chosen is None and stats["shared"] <= self.limit:
                 chosen = config
+        if chosen is None and not self.fallback and len(candidates) > 1:
+            # None of the table's tiles fits: the pruner runs the fallback (and warns); it must fit.
+            stats = self.compile(kernel, candidates[-1], arguments(candidates[-1]), constexprs)
+            if stats["shared"] <= self.limit:
+                chosen = candidates[-1]
         first = chosen or candidates[-1]
         arguments(first)  # the launcher's buffers sized for the configuration that runs
         self.launches.append(

@@ -108,7 +108,7 @@ def forward_configs(
         return [_INTERPRET_GEMM]
     info = info or H100
     base, lora = dtype_class(base_dtype, input_precision), dtype_class(lora_dtype, input_precision)
-    tiles = forward_tiles(info.gpu_class, base, lora, fused)
+    tiles = forward_tiles(info.gpu_class, base, lora, fused, block_r >= 64)
     # The fused forward repeats h = x Aᵀ per column tile: R_padded/BLOCK_N of the tile's work.
     return [*by_waves(tiles, M, N, "BLOCK_N", info.num_sms, float(block_r) if fused else 0.0), _FALLBACK_GEMM]
 
@@ -138,12 +138,12 @@ def dx_configs(
 def skinny_configs(M: int, block_r: int, elem_bytes: int, info: DeviceInfo) -> list[KernelConfig]:
     """Candidates for ``(M, C) @ (C, R)`` with one program per BLOCK_M rows: BLOCK_M is 64, or 32 where that would
     give fewer than two programs per SM (a memory-bound pass keeps every SM streaming); fp32 operands and ranks above
-    64 take a narrower C step, and 8 warps hold a rank of 128 or more (no spill, bench/compile_check.py)."""
+    64 take a narrower C step, and 8 warps hold a rank of 64 or more (no spill, bench/compile_check.py)."""
     if interpreting():
         return [cfg(BLOCK_M=16, BLOCK_C=32, num_warps=4, num_stages=1)]
     block_m = 64 if triton.cdiv(M, 64) >= 2 * info.num_sms else 32
     block_c = 64 if elem_bytes == 2 and block_r <= 64 else 32
-    warps = 8 if block_r >= 128 else 4
+    warps = 8 if block_r >= 64 else 4
     return [
         cfg(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps, num_stages=3),
         cfg(BLOCK_M=16, BLOCK_C=16, num_warps=warps, num_stages=1),
@@ -151,26 +151,28 @@ def skinny_configs(M: int, block_r: int, elem_bytes: int, info: DeviceInfo) -> l
 
 
 def reduce_configs(block_r: int, dtype: torch.dtype, input_precision: str) -> list[KernelConfig]:
-    """Candidates for the split reduction over M (programs own BLOCK_C columns × the rank, loop over rows); fp32
-    takes 32-row steps, fp32 "ieee" and large ranks 32-column blocks (no spill, bench/compile_check.py)."""
+    """Candidates for the split reduction over M (programs own BLOCK_C columns × the rank, loop over rows in 32-row
+    steps); fp32 "ieee" and ranks from 32 take 32-column blocks, 8 warps hold the rank (no spill on sm_80,
+    bench/compile_check.py)."""
     if interpreting():
         return [cfg(BLOCK_M=16, BLOCK_C=32, num_warps=4, num_stages=1)]
     cls = dtype_class(dtype, input_precision)
-    narrow = block_r > 64 or cls == "ieee"
-    warps = 8 if block_r >= 128 else 4
+    narrow = block_r >= 32 or cls == "ieee"
+    warps = 8
     return [
-        cfg(BLOCK_M=64 if cls == "16" else 32, BLOCK_C=32 if narrow else 64, num_warps=warps, num_stages=3),
+        cfg(BLOCK_M=32, BLOCK_C=32 if narrow else 64, num_warps=warps, num_stages=3),
         cfg(BLOCK_M=32, BLOCK_C=32, num_warps=warps, num_stages=1),
     ]
 
 
-def rank_out_configs() -> list[KernelConfig]:
+def rank_out_configs(lora_dtype: torch.dtype = torch.bfloat16) -> list[KernelConfig]:
     """The hybrid design's LoRA-term writer: a (BLOCK_M, BLOCK_C) tile of the output from a rank-R product (memory
-    bound: one write of the output)."""
+    bound: one write of the output); fp32 rank work (its operands in registers) takes an eighth of the tile."""
     if interpreting():
         return [cfg(BLOCK_M=16, BLOCK_C=32, GROUP_M=4, num_warps=4, num_stages=1)]
+    wide = lora_dtype.itemsize == 2
     return [
-        cfg(BLOCK_M=64, BLOCK_C=128, GROUP_M=8, num_warps=4, num_stages=2),
+        cfg(BLOCK_M=64 if wide else 32, BLOCK_C=128 if wide else 32, GROUP_M=8, num_warps=8, num_stages=2),
         cfg(BLOCK_M=32, BLOCK_C=64, GROUP_M=8, num_warps=4, num_stages=1),
     ]
 

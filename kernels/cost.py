@@ -76,12 +76,15 @@ class Launch:
     impl: str = "triton"
     ctas: int = 0
     l2_bytes: float = 0.0
+    lora_flops: float = 0.0  # rank work inside a GEMM launch, at its own dtype's rate (fp32 FMA beside bf16 MMAs)
+    lora_mma: str = "16"
 
     def seconds(self, machine: Machine = H100) -> float:
-        rate = machine.mma[self.mma] * machine.cublas
+        loop = machine.cublas
         if self.impl == "triton" and self.ctas:
-            rate *= machine.triton * wave_fill(self.ctas, machine.sms)
-        compute = self.flops / rate + self.draws * RNG_INSTR / machine.int_rate
+            loop *= machine.triton * wave_fill(self.ctas, machine.sms)
+        compute = self.flops / (machine.mma[self.mma] * loop) + self.lora_flops / (machine.mma[self.lora_mma] * loop)
+        compute += self.draws * RNG_INSTR / machine.int_rate
         return max(self.bytes / machine.hbm, self.l2_bytes / machine.l2, compute) + machine.launch
 
 
@@ -140,7 +143,7 @@ def gemm_tile(kind: str, s: Shape, fused: bool, machine: Machine = H100) -> Kern
     """The tile the launchers choose on ``machine`` for the forward ("forward") or dx ("dx") GEMM."""
     gpu = gpu_class(machine.capability)
     if kind == "forward":
-        tiles = forward_tiles(gpu, s.mma, s.lora_mma, fused)
+        tiles = forward_tiles(gpu, s.mma, s.lora_mma, fused, s.rp >= 64)
         return by_waves(tiles, s.M, s.N, "BLOCK_N", machine.sms, float(s.rp) if fused else 0.0)[0]
     tiles = dx_tiles(gpu, s.mma, s.lora_mma, fused, s.p > 0, s.rp > 16)
     return by_waves(tiles, s.M, s.K, "BLOCK_K", machine.sms, 2.0 * s.rp if fused else 0.0)[0]
@@ -152,7 +155,7 @@ def _gemm(name: str, s: Shape, flops: float, bytes_: float, tile: KernelConfig, 
     cols, kdim = (s.N, s.K) if col_key == "BLOCK_N" else (s.K, s.N)
     row_tiles, col_tiles = math.ceil(s.M / tile["BLOCK_M"]), math.ceil(cols / tile[col_key])
     l2 = s.e * kdim * (s.M * col_tiles + cols * row_tiles)
-    return Launch(name, flops, bytes_, ctas=row_tiles * col_tiles, l2_bytes=l2, mma=s.mma, **kw)
+    return Launch(name, flops, bytes_, ctas=row_tiles * col_tiles, l2_bytes=l2, mma=s.mma, lora_mma=s.lora_mma, **kw)
 
 
 # ---------------------------------------------------------------- plans
@@ -206,11 +209,12 @@ def forward_plan(s: Shape, design: str, machine: Machine = H100) -> list[Launch]
     if design == "fused" and s.p == 0:  # with dropout "fused" runs split (kernels.lora_forward)
         tile = gemm_tile("forward", s, True, machine)
         col_tiles = math.ceil(N / tile["BLOCK_N"])
-        flops = 2 * M * N * K + col_tiles * 2 * M * K * rp + 2 * M * rp * N
-        return [_gemm("forward, h fused", s, flops, gemm_bytes, tile, "BLOCK_N")]
+        rank = col_tiles * 2 * M * K * rp + 2 * M * rp * N
+        return [_gemm("forward, h fused", s, 2 * M * N * K, gemm_bytes, tile, "BLOCK_N", lora_flops=rank)]
     if design in ("fused", "split"):
         tile = gemm_tile("forward", s, False, machine)
-        return [skinny, _gemm("forward, h_s read", s, 2 * M * N * K + 2 * M * rp * N, gemm_bytes, tile, "BLOCK_N")]
+        gemm = _gemm("forward, h_s read", s, 2 * M * N * K, gemm_bytes, tile, "BLOCK_N", lora_flops=2 * M * rp * N)
+        return [skinny, gemm]
     out = Launch("C = bias + h_s Bᵀ", 2 * M * rp * N, 4 * M * R + el * N * R + e * (M * N + N), 0, s.lora_mma, "memory")
     base = Launch("cuBLAS C += x Wᵀ", 2 * M * N * K, e * (M * K + N * K + 2 * M * N), mma=s.mma, impl="cublas")
     return [skinny, out, base]
@@ -234,10 +238,10 @@ def backward_plan(s: Shape, design: str, machine: Machine = H100) -> list[Launch
         tile = gemm_tile("dx", s, True, machine)
         S, col_tiles = math.ceil(M / tile["BLOCK_M"]), math.ceil(K / tile["BLOCK_K"])
         parts = _partials(s, S)
-        # g W, u = g B and the branch-free dB product per column tile, u A, dA
-        flops = 2 * M * N * K + col_tiles * 2 * 2 * M * N * rp + 2 * M * rp * K + 2 * M * K * rp
-        fused = _gemm("dx, u fused, partials", s, flops, dx_bytes + e * M * K + 4 * M * R + parts, tile, "BLOCK_K",
-                      draws=s.draws)  # fmt: skip
+        # g W; u = g B and the branch-free dB product per column tile, u A, dA
+        rank = col_tiles * 2 * 2 * M * N * rp + 2 * M * rp * K + 2 * M * K * rp
+        fused = _gemm("dx, u fused, partials", s, 2 * M * N * K, dx_bytes + e * M * K + 4 * M * R + parts, tile,
+                      "BLOCK_K", draws=s.draws, lora_flops=rank)  # fmt: skip
         return [fused, Launch("split-sum", 0, parts + el * (K + N) * R + e * N, impl="memory")]
     S = _splits(s, machine)
     parts = _partials(s, S)
@@ -246,8 +250,8 @@ def backward_plan(s: Shape, design: str, machine: Machine = H100) -> list[Launch
         tile = gemm_tile("dx", s, False, machine)
         reduce = Launch("partials over splits", 2 * M * (K + N) * rp, e * (M * K + M * N) + 8 * M * R + parts,
                         s.draws, s.lora_mma, "memory")  # fmt: skip
-        dx = _gemm("dx, u_s read; split-sum", s, 2 * M * N * K + 2 * M * rp * K, dx_bytes + 4 * M * R + parts, tile,
-                   "BLOCK_K", draws=s.draws)  # fmt: skip
+        dx = _gemm("dx, u_s read; split-sum", s, 2 * M * N * K, dx_bytes + 4 * M * R + parts, tile, "BLOCK_K",
+                   draws=s.draws, lora_flops=2 * M * rp * K)  # fmt: skip
         return [skinny, reduce, dx]
     reduce = Launch("partials over splits", 2 * M * (K + N) * rp, e * (M * K + M * N) + 8 * M * R + parts, s.draws,
                     s.lora_mma, "memory")  # fmt: skip

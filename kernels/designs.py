@@ -217,7 +217,8 @@ def estimate_markdown(M: int = 8192, shapes=HEADLINE, machine: Machine = H100) -
             for launch in plan(s, design, machine):
                 detail.append(
                     f"| {row['K']}→{row['N']} | {row['R']} | {row['p']} | {pass_} | {design} | {launch.kernel} "
-                    f"| {launch.flops / 1e9:.2f} | {launch.bytes / 1e6:.1f} | {launch.l2_bytes / 1e6:.0f} "
+                    f"| {(launch.flops + launch.lora_flops) / 1e9:.2f} | {launch.bytes / 1e6:.1f} "
+                    f"| {launch.l2_bytes / 1e6:.0f} "
                     f"| {launch.ctas or '–'} | {launch.draws / 1e6:.2f} | {1e6 * launch.seconds(machine):.1f} |"
                 )
     return "\n".join(lines) + "\n\nPer launch of `auto`:\n\n" + "\n".join(detail) + "\n"

@@ -151,4 +151,5 @@ def lora_rank_out(
     )
     grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(C, c["BLOCK_C"]) + n_fin,)
     args = (*pointers, *sizes, *strides, threshold, dropout_groups(C))
-    launch(_lora_rank_out_kernel, grid, args, constexprs, rank_out_configs(), info, f"M={M} C={C} R={R}")
+    candidates = rank_out_configs(lora_dtype)
+    launch(_lora_rank_out_kernel, grid, args, constexprs, candidates, info, f"M={M} C={C} R={R}")

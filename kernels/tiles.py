@@ -76,20 +76,22 @@ def _gemm(m: int, n: int, k: int, warps: int = 8, stages: int = 3) -> KernelConf
 # ---------------------------------------------------------------- forward: tile (BLOCK_M, BLOCK_N) of y, loop over K
 
 
-def forward_tiles(gpu: str, base: str, lora: str, fused: bool) -> list[KernelConfig]:
+def forward_tiles(gpu: str, base: str, lora: str, fused: bool, wide_rank: bool = False) -> list[KernelConfig]:
     """Tiles for the forward GEMM. ``base``/``lora``: dtype classes ("16", "tf32", "ieee") of the base product and of
-    the rank work (fused: in the loop; split: in the epilogue)."""
+    the rank work (fused: in the loop; split: in the epilogue); ``wide_rank``: a padded rank of 64 or more."""
     if base == "ieee":  # fp32 on the FMA units, operands in registers: small tiles
         return [_gemm(64, 64, 16, 8, 2)] if fused else [_gemm(64, 64, 32, 4, 2)]
     if base == "tf32":
         if gpu == "sm86":
-            return [_gemm(128, 64, 32, 8, 3)]
+            return [_gemm(64, 64, 32, 4, 3)] if fused and wide_rank else [_gemm(128, 64, 32, 8, 3)]
         return [_gemm(128, 128, 32)]
     # 16-bit base product
-    if lora == "ieee":  # fp32 rank work on the FMA units inside a 16-bit tile (no autocast): narrower tiles
-        return [_gemm(128, 64, 64), _gemm(64, 128, 64)] if gpu in ("sm86", "sm80") else [_gemm(128, 128, 64)]
+    if lora in ("ieee", "tf32"):  # fp32 rank work inside a 16-bit tile (no autocast): fp32 tiles, narrower
+        return [_gemm(64, 64, 64, 4, 3)] if gpu in ("sm86", "sm80") else [_gemm(128, 64 if lora == "ieee" else 128, 64)]
     if gpu in ("sm86", "sm80"):  # mma.sync keeps operand fragments in registers: 128×256 spills
-        return [_gemm(128, 128, 64), _gemm(128, 64, 64, 4, 3)]
+        return [_gemm(128, 128, 64), _gemm(128, 64, 64)]
+    if wide_rank:  # h and B tiles of 64 ranks and more beside a 128×256 accumulator spill (fp32 weights, autocast)
+        return [_gemm(128, 128, 64, 8, 4)]
     return [_gemm(128, 256, 64), _gemm(128, 128, 64, 8, 4)]
 
 
@@ -102,28 +104,32 @@ def dx_tiles(gpu: str, base: str, lora: str, fused: bool, dropout: bool, wide_ra
     16 (``wide_rank``) larger u, h and dA tiles, so both narrow the tile."""
     hopper = gpu in ("sm90", "sm100")
     if base == "ieee":
-        return [_gemm(32, 16, 32, 4, 2)] if fused else [_gemm(64, 32, 64, 4, 2)]
+        return (
+            [_gemm(16, 16, 32, 4, 2)]
+            if fused and wide_rank
+            else [_gemm(32, 16, 32, 4, 2) if fused else _gemm(64, 32, 64, 4, 2)]
+        )
     if base == "tf32":
         if not fused:
             return [_gemm(128, 32, 64 if (dropout or gpu == "sm86") else 128)]
         if hopper:
             return [_gemm(128, 32, 64 if (dropout or wide_rank) else 128)]
         return [_gemm(64 if wide_rank else 128, 32, 64)]
-    if lora == "ieee":  # fp32 rank work on the FMA units: u and dB hold fp32 copies of the g tile
+    if lora in ("ieee", "tf32"):  # fp32 rank work: u and dB hold fp32 copies of the g tile
         if fused:
-            return [_gemm(64, 32, 64, 4, 3)] if wide_rank or not hopper else [_gemm(128, 32, 64)]
-        return [_gemm(128, 64, 128)] if hopper else [_gemm(128, 32, 64)]
+            return [_gemm(64, 32, 64, 4, 3)] if wide_rank or not hopper else [_gemm(64, 32, 64, 8, 3)]
+        return [_gemm(128, 64, 64)] if hopper else [_gemm(128, 32, 64)]
     if not fused:
         if hopper:
-            return [_gemm(128, 64, 128)] if dropout else [_gemm(128, 64, 256), _gemm(128, 64, 128)]
+            return [_gemm(128, 64, 128)] if dropout or wide_rank else [_gemm(128, 64, 256), _gemm(128, 64, 128)]
         return [_gemm(128, 64 if gpu == "sm80" else 32, 128)]
     if hopper:
         if dropout:
             return [_gemm(128, 64, 64)]
         return [_gemm(128, 64, 128)] if wide_rank else [_gemm(128, 64, 256), _gemm(128, 64, 128)]
-    if wide_rank:
-        return [_gemm(64, 32, 64)] if dropout else [_gemm(128, 32, 64)]
-    return [_gemm(128, 32, 64, 4, 4)] if dropout else [_gemm(128, 32, 128, 8, 4)]
+    if wide_rank:  # u, h_s and the dB product of 32+ ranks beside the mma.sync fragments: half the rows again
+        return [_gemm(32, 32, 64, 4, 3)] if dropout or gpu == "sm86" else [_gemm(64, 32, 64, 4, 3)]
+    return [_gemm(128, 32, 64, 8, 4)]
 
 
 # ---------------------------------------------------------------- the choice by waves
