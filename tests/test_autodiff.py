@@ -9,6 +9,7 @@ import torch
 from torch.autograd import forward_ad
 
 from lora_fast import lora_linear, patch_peft
+from lora_fast.reference import keep_probability
 from lora_fast.torch_backend import seeded_keep_mask
 
 M, K, N, R, S, SEED = 7, 5, 4, 3, 1.5, 123
@@ -21,8 +22,8 @@ def _inputs():
 
 
 def _plain(x, weight, bias, lora_A, lora_B, p):
-    """The specification as plain autograd ops, with the torch backend's own mask and 1/(1-p) in fp64."""
-    xl = x if p == 0 else x * seeded_keep_mask(tuple(x.shape), p, SEED, x.device) / (1 - p)
+    """The specification as plain autograd ops, with the torch backend's own mask and 1/keep in fp64."""
+    xl = x if p == 0 else x * seeded_keep_mask(tuple(x.shape), p, SEED, x.device) / keep_probability(p)
     return x @ weight.t() + bias + S * (xl @ lora_A.t()) @ lora_B.t()
 
 

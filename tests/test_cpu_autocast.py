@@ -74,7 +74,8 @@ def test_backend_under_cpu_autocast_matches_fp64(backend, shape, layout, dropout
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     rx, rstored, rbias, rA, rB = ref_leaves
     keep = seeded_keep_mask((M, K), dropout, seed, x.device) if dropout else None
-    mask = None if keep is None else keep.double() / (1 - dropout)  # the same mask the backends draw from the seed
+    # the same mask the backends draw from the seed, scaled by its keep rate
+    mask = None if keep is None else keep.double() / reference.keep_probability(dropout)
     y_ref, _ = reference.lora_forward(rx, rstored.t() if layout == "conv1d" else rstored, rbias, rA, rB, s, mask)
     grads_ref = torch.autograd.grad(y_ref, ref_leaves, g.bfloat16().double())
     assert _rel(y, y_ref) <= BF16_REL
@@ -85,7 +86,7 @@ def test_backend_under_cpu_autocast_matches_fp64(backend, shape, layout, dropout
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_torch_backend_lora_branch_is_bf16_with_fp32_accumulation(dropout):
     """h = drop(x) Aᵀ, saved for backward, is bf16 (half the bytes) and is the bf16 operands' exact product rounded
-    once (and, with dropout, once more by the 1/(1-p) scale), up to the fp32 sum's bound."""
+    once (and, with dropout, once more by the 1/keep scale), up to the fp32 sum's bound."""
     M, K, N, R = SHAPES["long_K"]
     (x, W, bias, A, B), _ = _layer(M, K, N, R, "linear")
     saved = []
@@ -102,7 +103,8 @@ def test_torch_backend_lora_branch_is_bf16_with_fp32_accumulation(dropout):
     want = exact.bfloat16().double()
     slack = 2.0**-8 * exact.abs() + fp32_sum_bound
     if dropout:
-        want, slack = (want / (1 - dropout)).bfloat16().double(), 2 * slack / (1 - dropout)
+        keep = reference.keep_probability(dropout)
+        want, slack = (want / keep).bfloat16().double(), 2 * slack / keep
     assert bool(((h.double() - want).abs() <= slack).all())
 
 

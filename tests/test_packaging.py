@@ -50,7 +50,11 @@ def test_wheel_installs_only_lora_fast_at_top_level(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"lora_fast"}
-    assert "lora_fast/study/__init__.py" in names
+    packages = [p.parent for p in (ROOT / "lora_fast").rglob("__init__.py")]
+    assert len(packages) >= 3  # lora_fast, lora_fast.study, lora_fast.gguf at least
+    for package in packages:
+        for module in package.glob("*.py"):
+            assert module.relative_to(ROOT).as_posix() in names, f"{module.relative_to(ROOT)} is missing from the wheel"
     kernel_files = {n.removeprefix("lora_fast/kernels/") for n in names if n.startswith("lora_fast/kernels/")}
     assert kernel_files == {p.name for p in (ROOT / "kernels").glob("*.py")}
 
