@@ -94,7 +94,9 @@ class Config:
     instruction: str | None = opt(None, "instruction text to use instead of --prompt's")
     shots: int = opt(0, "k labelled train examples placed in every prompt (in-context few-shot)")
     max_length: int = opt(
-        256, "prompt tokens kept (cut from the left, so 'Label:' stays), at most the model's positions"
+        256,
+        "prompt tokens kept (the text cut from the left after the tokenizer's BOS, if any, so 'Label:' stays), at "
+        "most the model's positions",
     )
     # method
     method: str = opt(

@@ -38,6 +38,7 @@ from lora_fast.study.distributed import all_sum, rank_and_world
 from lora_fast.study.errors import NonFiniteError
 from lora_fast.study.fsdp import lockstep
 from lora_fast.study.packing import Packing, model_mask
+from lora_fast.study.prompts import encode_text, text_prefix
 from lora_fast.study.training import collate, grad_norm
 
 __all__ = [
@@ -179,10 +180,11 @@ def pack(
 def make_prompts(
     texts: Sequence[str], tokenizer, n: int, min_tokens: int = 2, max_tokens: int = 8, seed: int = 0
 ) -> list[list[int]]:
-    """``n`` prompts: the first ``L ~ U{min_tokens..max_tokens}`` tokens of ``n`` reviews drawn without replacement."""
+    """``n`` prompts: the first ``L ~ U{min_tokens..max_tokens}`` tokens of ``n`` reviews drawn without replacement,
+    after the tokenizer's prefix (``prompts.text_prefix``: its BOS, where it adds one)."""
     if not 1 <= min_tokens <= max_tokens:
         raise ValueError(f"prompt lengths need 1 <= min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
-    rng = random.Random(seed)
+    rng, prefix = random.Random(seed), text_prefix(tokenizer)
     order = list(range(len(texts)))
     rng.shuffle(order)
     prompts = []
@@ -190,7 +192,7 @@ def make_prompts(
         ids = tokenizer.encode(texts[i], add_special_tokens=False)
         length = rng.randint(min_tokens, max_tokens)
         if len(ids) > length:  # keep prompts that leave the review unfinished
-            prompts.append(ids[:length])
+            prompts.append([*prefix, *ids[:length]])
         if len(prompts) == n:
             break
     if len(prompts) < n:
@@ -233,6 +235,15 @@ def sample_continuations(
     return out
 
 
+def sample_text(tokenizer, prompt: Sequence[int], sample: Sequence[int]) -> str:
+    """The text of ``prompt`` and its sampled continuation, for the scorer: without the tokenizer's prefix before the
+    prompt (``make_prompts`` put it there: a BOS, where it adds one) and the EOS that ended the sample; the scorer's
+    tokenizer adds its own prefix."""
+    prefix, eos = text_prefix(tokenizer), tokenizer.eos_token_id
+    body = list(prompt)[len(prefix) :] if list(prompt[: len(prefix)]) == prefix else list(prompt)
+    return tokenizer.decode(body + [t for t in sample if t != eos])
+
+
 @torch.no_grad()
 def sentiment_scores(
     scorer: nn.Module,
@@ -248,12 +259,10 @@ def sentiment_scores(
     computed (``logits_to_keep=1``): one ``(B, V)`` row per text instead of ``(B, T, V)``."""
     device = next(scorer.parameters()).device
     neg, pos = label_ids
-    scores = []
+    scores, prefix = [], text_prefix(tokenizer)
     with lockstep(scorer):
         for start in range(0, len(texts), batch_size):
-            rows = [
-                tokenizer.encode(build_prompt(t), add_special_tokens=False) for t in texts[start : start + batch_size]
-            ]
+            rows = [encode_text(tokenizer, build_prompt(t), prefix) for t in texts[start : start + batch_size]]
             batch = collate(rows, tokenizer.eos_token_id, "left", device)
             logits = scorer(
                 input_ids=batch["input_ids"],
@@ -343,7 +352,7 @@ def evaluate_policy(
     eos = tokenizer.eos_token_id
     samples = sample_continuations(model, prompts, k, max_new_tokens, eos)
     flat = [(p, y) for p, ys in zip(prompts, samples, strict=True) for y in ys]
-    texts = [tokenizer.decode(list(p) + [t for t in y if t != eos]) for p, y in flat]
+    texts = [sample_text(tokenizer, p, y) for p, y in flat]
     rewards = score(texts)
     device = next(model.parameters()).device
     exact, sampled = [], []

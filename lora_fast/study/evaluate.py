@@ -40,7 +40,7 @@ from lora_fast.study.distributed import all_sum, rank_and_world
 from lora_fast.study.fsdp import lockstep
 from lora_fast.study.packing import Packing, prefix_cached_forward, resolve_packing
 from lora_fast.study.progress import progress
-from lora_fast.study.prompts import LABEL_WORDS, EncodedSplit, label_token_ids
+from lora_fast.study.prompts import LABEL_WORDS, EncodedSplit, encode_prompt, label_token_ids, text_prefix
 from lora_fast.study.training import collate
 
 __all__ = [
@@ -189,9 +189,10 @@ def parse_label(generated: str) -> int:
 
 
 def _generation_ids(tokenizer, prompts: Sequence[str], max_new_tokens: int, max_length: int) -> list[list[int]]:
-    """The generation metric's input per prompt: ``prompt + " "`` tokenised, cut from the left to leave room for the
-    new tokens."""
-    return [tokenizer.encode(p + " ", add_special_tokens=False)[-(max_length - max_new_tokens) :] for p in prompts]
+    """The generation metric's input per prompt: ``prompt + " "`` tokenised after the tokenizer's prefix (a BOS, where
+    it adds one), cut from the left of the text to leave room for the new tokens."""
+    prefix = text_prefix(tokenizer)
+    return [encode_prompt(tokenizer, p + " ", max_length - max_new_tokens, prefix) for p in prompts]
 
 
 def _generation_pad_id(tokenizer) -> int:

@@ -7,6 +7,11 @@ included; ``label_token_ids`` refuses a tokenizer where they are not). A prompt 
 ours (the study's exact texts are not available); ``docs/TRAINING.md`` lists them.
 
 Few-shot prompts put the instruction once, then ``k`` solved examples, then the query, separated by blank lines.
+
+Every prompt is encoded as the model's tokenizer encodes text by default at its start (``text_prefix``): the
+beginning-of-sequence token of Llama 3, Mistral, Gemma, Phi and others, once, before the instruction; nothing for
+GPT-2 and SmolLM2, whose tokenizers add nothing. What a tokenizer appends by default (an end-of-sequence token, for
+some) is never added: the prompt goes on with the label word.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ __all__ = [
     "encode_prompt",
     "encode_example",
     "encode_split",
+    "encode_text",
     "resolve_instruction",
+    "text_prefix",
 ]
 
 # Index = dataset label: 0 negative, 1 positive.
@@ -98,10 +105,37 @@ def _name(tokenizer) -> str:
     return repr(getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__)
 
 
-def encode_prompt(tokenizer, prompt: str, max_length: int) -> list[int]:
-    """Token ids of ``prompt``, cut from the left to ``max_length`` so that ``"Label:"`` always stays."""
+def text_prefix(tokenizer) -> list[int]:
+    """The ids ``tokenizer`` puts before any text by default (``tokenizer.encode(text)`` is these, then the text's own
+    ids, then anything it appends): ``[bos_token_id]`` for Llama 3, Mistral, Gemma, Phi; ``[]`` for GPT-2 and SmolLM2.
+    A UsageError when the default encoding does not contain the plain one (the prompt's ids would not be the
+    model's)."""
+    plain = list(tokenizer.encode("Label:", add_special_tokens=False))
+    full = list(tokenizer.encode("Label:"))
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    raise UsageError(
+        f"the tokenizer of {_name(tokenizer)} encodes 'Label:' as {full} by default and as {plain} without its special "
+        f"tokens: the study cannot tell which ids it adds before a text"
+    )
+
+
+def encode_text(tokenizer, text: str, prefix: Sequence[int] | None = None) -> list[int]:
+    """``text`` as the model reads the start of a sequence: ``prefix`` (``text_prefix``, computed when None), then the
+    text's own ids."""
+    prefix = text_prefix(tokenizer) if prefix is None else prefix
+    return [*prefix, *tokenizer.encode(text, add_special_tokens=False)]
+
+
+def encode_prompt(tokenizer, prompt: str, max_length: int, prefix: Sequence[int] | None = None) -> list[int]:
+    """Token ids of ``prompt`` after the tokenizer's ``prefix`` (``text_prefix``), cut to ``max_length`` from the left
+    of the text, so that the prefix (a BOS) and ``"Label:"`` always stay."""
+    prefix = text_prefix(tokenizer) if prefix is None else list(prefix)
+    if max_length <= len(prefix):
+        raise UsageError(f"max_length {max_length} leaves no room for a prompt after the tokenizer's prefix {prefix}")
     ids = tokenizer.encode(prompt, add_special_tokens=False)
-    return ids[-max_length:]
+    return [*prefix, *ids[-(max_length - len(prefix)) :]]
 
 
 def encode_example(tokenizer, prompt: str, label: int, max_length: int = 1024) -> dict[str, list[int]]:
@@ -132,10 +166,10 @@ def encode_split(
     """``rows`` (``{"text", "label"}``) as prompts with ``instruction`` and ``shots``, tokenised (``encode_prompt``)."""
     prompts = [build_prompt(r["text"], instruction, shots) for r in rows]
     labels = [int(r["label"]) for r in rows]
-    label_ids = label_token_ids(tokenizer)
+    label_ids, prefix = label_token_ids(tokenizer), text_prefix(tokenizer)
     return EncodedSplit(
         prompts=prompts,
-        sequences=[encode_prompt(tokenizer, p, max_length) for p in prompts],
+        sequences=[encode_prompt(tokenizer, p, max_length, prefix) for p in prompts],
         labels=labels,
         targets=[label_ids[y] for y in labels],
     )
