@@ -77,7 +77,7 @@ def worker(args: argparse.Namespace) -> dict:
     device = distributed.resolve_device(args.device)
     rank, world, device = distributed.setup(device)
     cfg = StepConfig(device=distributed.load_device(parallel, device).type, model=args.model, seed=0)
-    model, targets = build_model(cfg)
+    model, targets, _ = build_model(cfg)
     use_fused_gelu(model)
     torch.manual_seed(0)
     apply_lora(model, targets, r=16, alpha=32.0, dropout=0.05, backend="auto")
@@ -197,14 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     if "one" not in args.rows:
         ap.error("--rows must include one: the other rows are compared with it")
     from bench.common import environment
+    from lora_fast.io import atomic_write_text
 
     results = [run_row(row, args) for row in ("one", *[r for r in ROWS[1:] if r in args.rows])]
     text = table(results)
     print(text)
     if args.out:
         env = environment(args.device)
-        Path(args.out).write_text(json.dumps({**env, "config": vars(args), "rows": results}, indent=1) + "\n")
-        Path(args.out).with_suffix(".md").write_text(f"{env['device']}, {env['date']}\n\n{text}\n")
+        atomic_write_text(args.out, json.dumps({**env, "config": vars(args), "rows": results}, indent=1) + "\n")
+        atomic_write_text(Path(args.out).with_suffix(".md"), f"{env['device']}, {env['date']}\n\n{text}\n")
     return 0
 
 
