@@ -55,7 +55,7 @@ from lora_fast.study.dpo import (
     make_prompts,
     reference_logprobs,
     sample_continuations,
-    sample_text,
+    sample_texts,
     sentiment_scores,
 )
 from lora_fast.study.errors import NonFiniteError, UsageError
@@ -198,7 +198,7 @@ def preference_pairs(cfg: DPOConfig, policy, tokenizer, prompts: list[list[int]]
     torch.manual_seed(cfg.seed)
     with disable_lora(policy):
         samples = sample_continuations(policy, prompts, cfg.samples_per_prompt, cfg.max_new_tokens, eos)
-    texts = [sample_text(tokenizer, p, y) for p, ys in zip(prompts, samples, strict=True) for y in ys]
+    texts = sample_texts(tokenizer, [(p, y) for p, ys in zip(prompts, samples, strict=True) for y in ys])
     scores = score(texts).view(len(prompts), cfg.samples_per_prompt)
     pairs = distributed.from_rank0(make_pairs(prompts, samples, scores.tolist()))
     if not pairs:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -235,13 +235,16 @@ def sample_continuations(
     return out
 
 
-def sample_text(tokenizer, prompt: Sequence[int], sample: Sequence[int]) -> str:
-    """The text of ``prompt`` and its sampled continuation, for the scorer: without the tokenizer's prefix before the
+def sample_texts(tokenizer, pairs: Iterable[tuple[Sequence[int], Sequence[int]]]) -> list[str]:
+    """The text of each ``(prompt, sampled continuation)``, for the scorer: without the tokenizer's prefix before the
     prompt (``make_prompts`` put it there: a BOS, where it adds one) and the EOS that ended the sample; the scorer's
     tokenizer adds its own prefix."""
     prefix, eos = text_prefix(tokenizer), tokenizer.eos_token_id
-    body = list(prompt)[len(prefix) :] if list(prompt[: len(prefix)]) == prefix else list(prompt)
-    return tokenizer.decode(body + [t for t in sample if t != eos])
+    texts = []
+    for prompt, sample in pairs:
+        body = list(prompt)[len(prefix) :] if list(prompt[: len(prefix)]) == prefix else list(prompt)
+        texts.append(tokenizer.decode(body + [t for t in sample if t != eos]))
+    return texts
 
 
 @torch.no_grad()
@@ -352,7 +355,7 @@ def evaluate_policy(
     eos = tokenizer.eos_token_id
     samples = sample_continuations(model, prompts, k, max_new_tokens, eos)
     flat = [(p, y) for p, ys in zip(prompts, samples, strict=True) for y in ys]
-    texts = [sample_text(tokenizer, p, y) for p, y in flat]
+    texts = sample_texts(tokenizer, flat)
     rewards = score(texts)
     device = next(model.parameters()).device
     exact, sampled = [], []

@@ -80,7 +80,8 @@ def test_every_encoding_path_starts_with_exactly_one_bos(bos):
     texts = [r["text"] for r in ROWS] * 4
     for ids in dpo.make_prompts(texts, tok, 4, 2, 3):  # the DPO policy's prompts
         assert _starts_with_one_bos(ids, bos_id) and 3 <= len(ids) <= 4
-        assert bos_id not in tok.encode(dpo.sample_text(tok, ids, [5, tok.eos_token_id]), add_special_tokens=False)
+        (text,) = dpo.sample_texts(tok, [(ids, [5, tok.eos_token_id])])
+        assert bos_id not in tok.encode(text, add_special_tokens=False)
 
 
 def test_truncation_keeps_the_bos_and_the_label_anchor(bos):
