@@ -64,8 +64,8 @@ from bench.compile_report import check, markdown, write_docs  # noqa: E402
 from bench.sass import compile_one, kernel_key, signature  # noqa: E402
 from lora_fast.kernels import configs, cost  # noqa: E402
 from lora_fast.kernels.dropout import _keep_mask  # noqa: E402
-from lora_fast.kernels.lora_backward import lora_backward  # noqa: E402
-from lora_fast.kernels.lora_forward import lora_forward  # noqa: E402
+from lora_fast.kernels.lora_backward import launch_lora_backward  # noqa: E402
+from lora_fast.kernels.lora_forward import launch_lora_forward  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "compile_tier.json"
@@ -151,10 +151,10 @@ def run_case(dtype_name: str, R: int, p: float, design: str, arch: int, cache: d
     key = torch.empty(2, device="meta", dtype=torch.int64)
     kw = dict(design=design, input_precision=precision, lora_dtype=lora_compute)
     with configs.capture_launches(recorder, info):
-        _, h = lora_forward(x, weight, bias, A, B, 2.0, p, key, **kw)
+        _, h = launch_lora_forward(x, weight, bias, A, B, 2.0, p, key, **kw)
         n_forward = len(recorder.launches)
         need_dbias = dtype_name.endswith("-dbias")  # LoRA's norm: the bias frozen
-        lora_backward(g, x, weight, A, B, h, 2.0, p, key, need_dbias=need_dbias, bias_dtype=dtype, **kw)
+        launch_lora_backward(g, x, weight, A, B, h, 2.0, p, key, need_dbias=need_dbias, bias_dtype=dtype, **kw)
     for i, launch in enumerate(recorder.launches):
         launch["pass"] = "forward" if i < n_forward else "backward"
     return dict(dtype=dtype_name, R=R, p=p, design=design, arch=arch, launches=recorder.launches, keys=recorder.used)

@@ -4,7 +4,7 @@
 #
 #     bash bench/device_check.sh              # on the GPU machine; results under $OUT (./device_out when unset)
 #     DRY_RUN=1 bash bench/device_check.sh    # on a CPU machine: the same steps on tiny shapes under Triton's
-#                                             # interpreter, to keep the plumbing working (tests/test_device_check.py)
+#                                             # interpreter, to keep the plumbing working (tests/bench/test_device_check.py)
 #
 # The real data does not travel with the checkout. Before the GPU run, fill the ignored folder .device_data/ once:
 #

@@ -43,8 +43,8 @@ from triton.runtime.errors import OutOfResources  # noqa: E402
 from lora_fast import lora_linear  # noqa: E402
 from lora_fast.kernels import configs, cost, designs  # noqa: E402
 from lora_fast.kernels.dropout import dropout_key  # noqa: E402
-from lora_fast.kernels.lora_backward import lora_backward  # noqa: E402
-from lora_fast.kernels.lora_forward import lora_forward  # noqa: E402
+from lora_fast.kernels.lora_backward import launch_lora_backward  # noqa: E402
+from lora_fast.kernels.lora_forward import launch_lora_forward  # noqa: E402
 from lora_fast.triton_backend import config  # noqa: E402
 
 bf16, f32 = torch.bfloat16, torch.float32
@@ -123,9 +123,9 @@ def time_row(M: int, K: int, N: int, R: int, p: float, lora_dtype: torch.dtype, 
     kw = dict(input_precision=precision, lora_dtype=lora_dtype)
     row["designs"] = {}
     for design in designs.DESIGNS:
-        fwd = lambda design=design: lora_forward(x, w, b, A, B, s, p, key, design=design, **kw)  # noqa: E731
+        fwd = lambda design=design: launch_lora_forward(x, w, b, A, B, s, p, key, design=design, **kw)  # noqa: E731
         _, h = fwd()
-        bwd = lambda design=design, h=h: lora_backward(g, x, w, A, B, h, s, p, key, design=design, **kw)  # noqa: E731
+        bwd = lambda design=design, h=h: launch_lora_backward(g, x, w, A, B, h, s, p, key, design=design, **kw)  # noqa: E731
         entry = {"forward": _time(fwd, device), "backward": _time(bwd, device), "kernels": {}}
         for pass_, fn in (("forward", fwd), ("backward", bwd)):
             timer = KernelTimer(device)

@@ -32,7 +32,8 @@ from .tiles import by_waves, dx_tiles, forward_tiles, gpu_class
 from .utils import block_r
 
 # SASS instructions per dropout-mask element (Philox-4x32-10, eight 16-bit lanes per call, compare, select), as
-# bench/compile_check.py measures them in the mask probe on sm_90; tests/test_compile_tier.py checks it still holds.
+# bench/compile_check.py measures them in the mask probe on sm_90; tests/bench/test_compile_tier.py checks it still
+# holds.
 RNG_INSTR = 12.5
 
 

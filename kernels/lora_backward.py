@@ -260,13 +260,13 @@ def _lora_dx_kernel(
 # ---------------------------------------------------------------- launcher
 
 
-def lora_backward(
+def launch_lora_backward(
     g: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    h: torch.Tensor,
+    h_s: torch.Tensor,
     scaling: float,
     dropout_p: float = 0.0,
     key: torch.Tensor | None = None,
@@ -285,7 +285,7 @@ def lora_backward(
     """Return ``(dx, dA, dB, dbias)``, each None when not asked for: dx (M, K) in x's dtype, dA (R, K) and dB (N, R)
     in A's and B's dtypes, dbias (N,) in ``bias_dtype`` (default: g's dtype).
 
-    ``g (M, N)`` and ``x (M, K)`` are 2-D with any strides; ``h`` is the forward's ``h_s (M, R)`` fp32. Dtypes
+    ``g (M, N)`` and ``x (M, K)`` are 2-D with any strides; ``h_s (M, R)`` fp32 is the forward's. Dtypes
     default to x's (base) and lora_A's (LoRA); ``design`` is ``"auto"``, ``"fused"`` or ``"split"``. ``dx_out`` is
     an optional preallocated dx (tests poison it). Launches: 2 fused, 3 split, nothing but allocations in between.
 
@@ -309,19 +309,19 @@ def lora_backward(
         return dx, dA, dB, dbias
     if not (need_dx or need_dA or need_dB or need_dbias):
         return dx, dA, dB, dbias
-    # Columns of g (dx, u, dB), B and A's rows index in int32 (rows of g, x, h, u and dx in int64); W's rows in the
+    # Columns of g (dx, u, dB), B and A's rows index in int32 (rows of g, x, h_s, u and dx in int64); W's rows in the
     # dx GEMM, x's columns in the split reduction.
     check_int32_offsets("g", g, 1)
     check_int32_offsets("lora_B", lora_B, 0, 1)
     check_int32_offsets("lora_A", lora_A, 0)
-    check_int32_offsets("h", h, 1)
+    check_int32_offsets("h_s", h_s, 1)
     if need_dx:
         check_int32_offsets("weight", weight, 0)
     if need_dA:
         check_int32_offsets("x", x, 1)
     info = device_info(dev)
     threshold = dropout_threshold(dropout_p)
-    key = check_key(key, threshold, h)
+    key = check_key(key, threshold, h_s)
     scale = scaling * keep_scale(threshold)
     BLOCK_R = block_r(R)
     n_groups = dropout_groups(K)
@@ -342,7 +342,7 @@ def lora_backward(
         rows = min(c["BLOCK_M"] for c in tiles)
         fused = triton.cdiv(M, rows) <= max_partials(N, K, R, needs)
     # Placeholders for pointers a launch does not use (its constexpr switches never touch them).
-    spare = h
+    spare = h_s
     outputs = (dA if need_dA else spare, dB if need_dB else spare, dbias if need_dbias else spare)
     n_fin = finalize_blocks(N, K, need_dA, need_dB or need_dbias, finalize_configs()[0]["BLOCK_C"])
     constexprs = dict(
@@ -368,8 +368,8 @@ def lora_backward(
         if fused:  # the partials of each row block of this tile shape
             box[:] = [Partials.allocate(triton.cdiv(M, c["BLOCK_M"]), N, K, R, needs, spare)]
         parts = box[0]
-        pointers = (g, weight, lora_A, lora_B, x, h, u, dx, parts.a, parts.b, parts.bias, *outputs, key)
-        strides = (*g.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *x.stride(), *h.stride())
+        pointers = (g, weight, lora_A, lora_B, x, h_s, u, dx, parts.a, parts.b, parts.bias, *outputs, key)
+        strides = (*g.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *x.stride(), *h_s.stride())
         strides += (*u.stride(), *dx.stride())
         return (*pointers, M, N, K, R, parts.S, *strides, float(scale), threshold, n_groups)
 
@@ -378,7 +378,7 @@ def lora_backward(
     if fused:
         # ---- 1: dx with u, and the dA/dB/dbias partials of each row block; 2: the split-sum
         grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),)
-        launch(_lora_dx_kernel, grid, lambda c: dx_args(c, h), constexprs, candidates, info, shape)
+        launch(_lora_dx_kernel, grid, lambda c: dx_args(c, h_s), constexprs, candidates, info, shape)
         if n_fin:
             lora_finalize(box[0], outputs, N, K, R, needs, info)
         return dx, dA, dB, dbias
@@ -389,7 +389,7 @@ def lora_backward(
         lora_skinny(g, lora_B, u, scale, 0, spare, lora_dtype, input_precision, info)
     # ---- 2: the dA/dB/dbias partials over row splits (x and g read once more, the mask drawn once)
     if n_fin:
-        box[:] = [lora_reduce(x, u, g, h, needs, key, threshold, lora_dtype, input_precision, info, spare)]
+        box[:] = [lora_reduce(x, u, g, h_s, needs, key, threshold, lora_dtype, input_precision, info, spare)]
     else:
         box[:] = [Partials(0, spare, spare, spare)]
     # ---- 3: dx = g W + keep ⊙ (u_s A), with the split-sum in extra programs; or the split-sum alone

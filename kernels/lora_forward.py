@@ -182,7 +182,7 @@ def _lora_forward_kernel(
 # ---------------------------------------------------------------- launcher
 
 
-def lora_forward(
+def launch_lora_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -197,16 +197,16 @@ def lora_forward(
     design: str = "auto",
     input_precision: str = "tf32",
     out: torch.Tensor | None = None,
-    h_out: torch.Tensor | None = None,
+    h_s_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(y (M, N), h_s (M, R) fp32)`` for 2-D ``x (M, K)`` and ``weight (N, K)`` (any strides), where
-    ``h_s = scaling · drop(x) Aᵀ`` is what :func:`kernels.lora_backward` takes.
+    ``h_s = scaling · drop(x) Aᵀ`` is what :func:`kernels.lora_backward.launch_lora_backward` takes.
 
     ``base_dtype``/``lora_dtype`` default to x's and lora_A's dtypes; ``y`` is in ``base_dtype``. ``design`` is
     ``"auto"`` (:mod:`kernels.designs`), ``"fused"``, ``"split"`` or ``"hybrid"``. ``key``: the dropout key
-    (:func:`kernels.dropout.dropout_key`), needed when ``dropout_p > 0``. ``out``/``h_out`` are optional
+    (:func:`kernels.dropout.dropout_key`), needed when ``dropout_p > 0``. ``out``/``h_s_out`` are optional
     preallocated outputs (tests poison them to catch unwritten elements). Inputs are assumed checked by the caller
-    (:func:`lora_fast.triton_backend.triton_lora_linear` does), except that a ValueError names the tensor where an
+    (:func:`lora_fast.lora_linear` does), except that a ValueError names the tensor where an
     offset the kernels form in int32 would pass it. Launches: 1 fused, 2 split, 3 hybrid (the third cuBLAS's).
     """
     M, K = x.shape
@@ -214,17 +214,17 @@ def lora_forward(
     base_dtype = base_dtype or x.dtype
     lora_dtype = lora_dtype or lora_A.dtype
     y = out if out is not None else torch.empty((M, N), dtype=base_dtype, device=x.device)
-    h = h_out if h_out is not None else torch.empty((M, R), dtype=torch.float32, device=x.device)
+    h_s = h_s_out if h_s_out is not None else torch.empty((M, R), dtype=torch.float32, device=x.device)
     if M == 0:
-        return y, h
-    # Columns of x and W, both dims of A and B's rank index in int32 (rows of x, y and h and W's N in int64).
+        return y, h_s
+    # Columns of x and W, both dims of A and B's rank index in int32 (rows of x, y and h_s and W's N in int64).
     check_int32_offsets("x", x, 1)
     check_int32_offsets("weight", weight, 1)
     check_int32_offsets("lora_A", lora_A, 0, 1)
     check_int32_offsets("lora_B", lora_B, 1)
     info = device_info(x.device)
     threshold = dropout_threshold(dropout_p)
-    key = check_key(key, threshold, h)
+    key = check_key(key, threshold, h_s)
     scale = scaling * keep_scale(threshold)
     BLOCK_R = block_r(R)
     hybrid_ok = hybrid_supported(base_dtype, x.dtype, weight.dtype, y.dtype)
@@ -233,16 +233,16 @@ def lora_forward(
     )  # fmt: skip
     fused = chosen == "fused"  # kernels.designs: never with dropout
     if not fused:
-        lora_skinny(x, lora_A.t(), h, scale, threshold, key, lora_dtype, input_precision, info)
+        lora_skinny(x, lora_A.t(), h_s, scale, threshold, key, lora_dtype, input_precision, info)
     if chosen == "hybrid":
         # y = bias + h_s Bᵀ by Triton, then y += x Wᵀ by cuBLAS (Bᵀ and Wᵀ are views: B's and W's strides).
-        lora_rank_out(h, lora_B.t(), bias, y, key, 0, base_dtype, lora_dtype, input_precision, info)
+        lora_rank_out(h_s, lora_B.t(), bias, y, key, 0, base_dtype, lora_dtype, input_precision, info)
         with no_autocast(x.device):  # the operands are in base_dtype already
             y.addmm_(x, weight.t())
-        return y, h
-    pointers = (x, weight, bias if bias is not None else y, lora_A, lora_B, h, y)
+        return y, h_s
+    pointers = (x, weight, bias if bias is not None else y, lora_A, lora_B, h_s, y)
     sizes = (M, N, K, R)
-    strides = (*x.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *h.stride(), *y.stride())
+    strides = (*x.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *h_s.stride(), *y.stride())
     scalars = (float(scale),)
     constexprs = dict(
         BASE_DTYPE=TL_DTYPES[base_dtype],
@@ -258,4 +258,4 @@ def lora_forward(
     candidates = forward_configs(base_dtype, lora_dtype, input_precision, fused, BLOCK_R, info, M, N)
     args = (*pointers, *sizes, *strides, *scalars)
     launch(_lora_forward_kernel, grid, args, constexprs, candidates, info, f"M={M} N={N} K={K} R={R}")
-    return y, h
+    return y, h_s

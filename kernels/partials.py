@@ -292,10 +292,10 @@ class Partials:
         )
 
 
-def lora_reduce(x, u, g, h, needs, key, threshold, lora_dtype, input_precision, info, spare) -> Partials:
+def lora_reduce(x, u, g, h_s, needs, key, threshold, lora_dtype, input_precision, info, spare) -> Partials:
     """Split backward, launch 2: the dA/dB/dbias partials over row splits (``needs`` = (dA, dB, dbias))."""
     M, K = x.shape
-    N, R = g.shape[1], h.shape[1]
+    N, R = g.shape[1], h_s.shape[1]
     BLOCK_R = block_r(R)
     parts: list[Partials] = []
 
@@ -307,8 +307,8 @@ def lora_reduce(x, u, g, h, needs, key, threshold, lora_dtype, input_precision, 
         n_split = max(1, min(triton.cdiv(M, c["BLOCK_M"]), 4 * info.num_sms // n_blocks, most))
         rows = triton.cdiv(triton.cdiv(M, n_split), c["BLOCK_M"]) * c["BLOCK_M"]
         parts[:] = [Partials.allocate(triton.cdiv(M, rows), N, K, R, needs, spare)]
-        pointers = (x, u, g, h, parts[0].a, parts[0].b, parts[0].bias, key)
-        strides = (*x.stride(), *u.stride(), *g.stride(), *h.stride())
+        pointers = (x, u, g, h_s, parts[0].a, parts[0].b, parts[0].bias, key)
+        strides = (*x.stride(), *u.stride(), *g.stride(), *h_s.stride())
         return (*pointers, M, N, K, R, rows, *strides, threshold, dropout_groups(K))
 
     grid = lambda c: (finalize_blocks(N, K, needs[0], needs[1] or needs[2], c["BLOCK_C"]), parts[0].S)

@@ -11,7 +11,14 @@ import torch
 from lora_fast.gguf.packed import PackedWeight
 from lora_fast.reference import dropout_threshold
 
-__all__ = ["check_lora_inputs", "compute_dtypes"]
+__all__ = [
+    "check_dropout_p",
+    "check_lora_inputs",
+    "check_lora_tensors",
+    "check_scaling",
+    "check_seed",
+    "compute_dtypes",
+]
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -26,17 +33,62 @@ def check_lora_inputs(
     lora_B: torch.Tensor,
     scaling: float,
     dropout_p: float,
+    seed: int | None = None,
 ) -> None:
-    """Raise a clear error naming the tensor and the expected/actual value when the inputs do not fit together.
+    """Raise a clear error naming the tensor or number and the expected/actual value when the inputs of
+    :func:`lora_fast.lora_linear` do not fit together: :func:`check_lora_tensors`, then :func:`check_scaling`,
+    :func:`check_dropout_p` and :func:`check_seed`."""
+    check_lora_tensors(x, weight, bias, lora_A, lora_B)
+    check_scaling(scaling)
+    check_dropout_p(dropout_p)
+    check_seed(seed)
 
-    Expected: ``x (..., K)``, ``weight (N, K)``, ``bias (N,)`` or None, ``lora_A (R, K)`` with R ≥ 1,
-    ``lora_B (N, R)``; all on one device; ``x``, ``weight`` and ``bias`` of one floating dtype (``lora_A``/``lora_B``
-    may differ: fp32 masters beside bf16 activations are the usual mixed-precision set-up); ``scaling`` a finite
-    non-zero real number and ``dropout_p`` a real number in [0, 1), neither a bool, that the dropout mask can draw (p
-    has a resolution of 1/65536: a nonzero p that rounds to 0 or 1 is refused,
-    :func:`lora_fast.reference.dropout_threshold`). A GGUF-packed ``weight`` (:class:`lora_fast.gguf.PackedWeight`) has
-    no dtype to match: it is dequantised to the base GEMM's dtype.
-    """
+
+def check_scaling(scaling: float) -> float:
+    """``scaling`` as a float; refuses (naming it) anything but a finite non-zero real number (a bool included: True as
+    a scale is a mistake, not 1)."""
+    _check_real("scaling", scaling)
+    if not math.isfinite(scaling) or scaling == 0:
+        raise ValueError(f"scaling must be finite and non-zero (at 0 the LoRA weights get no gradient), got {scaling}")
+    return float(scaling)
+
+
+def check_dropout_p(dropout_p: float, name: str = "dropout_p") -> float:
+    """``dropout_p`` as a float; refuses (naming ``name``) anything but a real number in [0, 1) that the dropout mask
+    can draw: p has a resolution of 1/65536, and a nonzero p that rounds to 0 or 1 is refused
+    (:func:`lora_fast.reference.dropout_threshold`)."""
+    _check_real(name, dropout_p)
+    try:
+        dropout_threshold(float(dropout_p))
+    except ValueError as e:
+        raise ValueError(str(e).replace("dropout_p", name)) from None
+    return float(dropout_p)
+
+
+def check_seed(seed: int | None) -> None:
+    """Refuses a dropout seed that is not None (drawn from torch's generator) or an integer in [0, 2**63)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be None (drawn from torch's generator) or an integer in [0, 2**63), got {seed!r}")
+
+
+def _check_real(name: str, value) -> None:
+    # bool is an int to Python, but True as a scale or a probability is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (int or float, not bool), got {type(value).__name__} {value!r}")
+
+
+def check_lora_tensors(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+) -> None:
+    """Raise a clear error naming the tensor and the expected/actual shape, dtype or device unless: ``x (..., K)``,
+    ``weight (N, K)``, ``bias (N,)`` or None, ``lora_A (R, K)`` with R ≥ 1, ``lora_B (N, R)``; all on one device;
+    ``x``, ``weight`` and ``bias`` of one floating dtype (``lora_A``/``lora_B`` may differ: fp32 masters beside bf16
+    activations are the usual mixed-precision set-up). A GGUF-packed ``weight`` (:class:`lora_fast.gguf.PackedWeight`)
+    has no dtype to match: it is dequantised to the base GEMM's dtype."""
     packed = isinstance(weight, PackedWeight)
     tensors = {"x": x} if packed else {"x": x, "weight": weight}
     tensors.update(lora_A=lora_A, lora_B=lora_B)
@@ -77,15 +129,6 @@ def check_lora_inputs(
             )
     if lora_A.dtype != lora_B.dtype:
         raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype")
-    for name, value in (("scaling", scaling), ("dropout_p", dropout_p)):
-        # bool is an int to Python, but True as a scale or a probability is a mistake, not 1.
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(
-                f"{name} must be a real number (int or float, not bool), got {type(value).__name__} {value!r}"
-            )
-    if not math.isfinite(scaling) or scaling == 0:
-        raise ValueError(f"scaling must be finite and non-zero (at 0 the LoRA weights get no gradient), got {scaling}")
-    dropout_threshold(float(dropout_p))  # [0, 1), and not a p the mask's 1/65536 resolution rounds to 0 or 1
 
 
 def compute_dtypes(x: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from lora_fast import reference
+from lora_fast import reference, torch_backend
 from lora_fast.checks import check_lora_inputs, compute_dtypes
 from lora_fast.gguf.packed import PackedWeight
-from lora_fast.torch_backend import draw_seed, seeded_dropout_mask, seeded_keep_mask, torch_lora_linear
+from lora_fast.torch_backend import draw_seed, seeded_dropout_mask, seeded_keep_mask
 
 __all__ = [
     "BACKENDS",
@@ -76,9 +76,31 @@ def lora_linear(
     captured in a CUDA graph draws a new mask at each replay. Either way ``torch.manual_seed`` makes runs repeatable
     and ``torch.utils.checkpoint`` recomputes the same mask. A GGUF-packed
     ``weight`` gives the values of its dequantised float weight (dequantised per call, never kept).
+
+    The inputs are checked here, once (:func:`lora_fast.checks.check_lora_inputs`, and for ``triton`` what the kernels
+    need on top, :func:`lora_fast.triton_backend.check_supported`); the backends behind it check nothing again.
     """
-    check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    p = float(dropout_p) if training else 0.0
+    check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    check_backend(backend)
+    return _apply(
+        x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p) if training else 0.0, seed, backend
+    )  # fmt: skip
+
+
+def _apply(
+    x: torch.Tensor,
+    weight: torch.Tensor | PackedWeight,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    s: float,
+    p: float,
+    seed: int | None,
+    backend: str,
+) -> torch.Tensor:
+    """:func:`lora_linear` on checked inputs: ``s`` and ``p`` floats, ``p`` 0 outside training, ``backend`` one of
+    ``BACKENDS``. Resolves ``auto`` and runs the backend (``LoRALinear`` calls this after checking its input
+    tensors; its numbers were checked when it was built)."""
     which = resolve_backend(backend, x.device)
     if p > 0.0 and seed is None and which != "triton":  # triton draws its key on the device itself
         seed = draw_seed()
@@ -87,15 +109,16 @@ def lora_linear(
         _, lora_dt = compute_dtypes(x, lora_A)
         if isinstance(weight, PackedWeight):
             weight = weight.dequantize(x.dtype)
-        y, _ = reference.lora_forward(x, weight, bias, lora_A, lora_B, scaling, mask, lora_dtype=lora_dt)
+        y, _ = reference.lora_forward(x, weight, bias, lora_A, lora_B, s, mask, lora_dtype=lora_dt)
         return y
     if which == "torch":
-        return torch_lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
+        return torch_backend._lora_linear(x, weight, bias, lora_A, lora_B, s, p, seed)
     # Imported here: Triton is optional (no wheels outside Linux), and only this backend needs it.
+    from lora_fast import triton_backend
+
+    triton_backend.check_supported(x, weight, bias, lora_A, lora_B)
     if isinstance(weight, PackedWeight):
-        from lora_fast.gguf.triton_op import triton_packed_lora_linear
+        from lora_fast.gguf import triton_op
 
-        return triton_packed_lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
-    from lora_fast.triton_backend import triton_lora_linear
-
-    return triton_lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), p, seed, check=False)
+        return triton_op._packed_lora_linear(x, weight, bias, lora_A, lora_B, s, p, seed)
+    return triton_backend._lora_linear(x, weight, bias, lora_A, lora_B, s, p, seed)

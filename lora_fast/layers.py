@@ -20,7 +20,9 @@ import math
 import torch
 from torch import nn
 
-from lora_fast.functional import check_backend, lora_linear
+from lora_fast import functional
+from lora_fast.checks import check_dropout_p, check_lora_tensors, check_scaling
+from lora_fast.functional import check_backend
 from lora_fast.gguf.packed import PackedLinear
 
 __all__ = ["LoRALinear", "in_out_features", "is_conv1d", "is_linear_layer", "lora_dtype", "lora_scaling"]
@@ -62,7 +64,9 @@ def lora_dtype(base_dtype: torch.dtype) -> torch.dtype:
 
 def check_lora_hyperparameters(r, alpha, dropout, use_rslora=False) -> None:
     """Raise naming the argument unless ``r`` is an int >= 1, ``alpha`` a finite non-zero number, ``dropout`` a number
-    in [0, 1) and ``use_rslora`` a bool (``bool`` is refused where a number is meant: ``r=True`` is a mistake)."""
+    in [0, 1) the dropout mask can draw (:func:`lora_fast.checks.check_dropout_p`) and ``use_rslora`` a bool (``bool``
+    is refused where a number is meant: ``r=True`` is a mistake). :class:`LoRALinear` runs it once, when it is built;
+    its forward checks only the input tensors."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r} ({type(r).__name__})")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
@@ -70,8 +74,7 @@ def check_lora_hyperparameters(r, alpha, dropout, use_rslora=False) -> None:
             f"LoRA alpha must be a finite non-zero real number (alpha 0 makes the scaling 0: the LoRA weights would "
             f"get no gradient and train nothing), got {alpha!r} ({type(alpha).__name__})"
         )
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRA dropout must be a real number in [0, 1), got {dropout!r} ({type(dropout).__name__})")
+    check_dropout_p(dropout, "LoRA dropout")
     if not isinstance(use_rslora, bool):
         raise ValueError(f"use_rslora must be a bool, got {use_rslora!r} ({type(use_rslora).__name__})")
 
@@ -109,13 +112,12 @@ class LoRALinear(nn.Module):
                 f"LoRALinear wraps nn.Linear, transformers Conv1D or PackedLinear, got {type(base).__name__}"
             )
         check_lora_hyperparameters(r, alpha, dropout, use_rslora)
-        check_backend(backend)
         self.base = base
         w = base.weight
         self.in_features, self.out_features = in_out_features(base)
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = lora_scaling(r, alpha, use_rslora)
-        self.dropout = float(dropout)
+        self.scaling = check_scaling(lora_scaling(r, alpha, use_rslora))  # alpha/r can underflow to 0
+        self._dropout = float(dropout)  # checked above; the property checks a value set later
         self.backend = backend
         self.merged = False
         self.disabled = False
@@ -129,6 +131,25 @@ class LoRALinear(nn.Module):
         self.register_state_dict_post_hook(_state_dict_base_keys)
         self.register_load_state_dict_pre_hook(_load_state_dict_base_keys)
         self.train(base.training)  # a model in eval mode gets LoRA layers in eval mode (no dropout)
+
+    @property
+    def dropout(self) -> float:
+        """The LoRA dropout probability; setting it checks the new value (:func:`lora_fast.checks.check_dropout_p`)."""
+        return self._dropout
+
+    @dropout.setter
+    def dropout(self, p: float) -> None:
+        self._dropout = check_dropout_p(p, "LoRA dropout")
+
+    @property
+    def backend(self) -> str:
+        """The backend of :func:`lora_fast.lora_linear` this layer runs; setting it checks the name."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        check_backend(name)
+        self._backend = name
 
     @property
     def packed(self) -> bool:
@@ -148,17 +169,11 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base(x)
-        return lora_linear(
-            x,
-            self.weight,
-            self.base.bias,
-            self.lora_A,
-            self.lora_B,
-            self.scaling,
-            dropout_p=self.dropout,
-            training=self.training,
-            backend=self.backend,
-        )
+        # The numbers were checked when set; the tensors are checked at every call (x is new, a weight may be swapped).
+        weight, bias = self.weight, self.base.bias
+        check_lora_tensors(x, weight, bias, self.lora_A, self.lora_B)
+        p = self._dropout if self.training else 0.0
+        return functional._apply(x, weight, bias, self.lora_A, self.lora_B, self.scaling, p, None, self._backend)
 
     def delta_weight(self) -> torch.Tensor:
         """``s · B A`` in fp32 (fp64 for an fp64 base weight), shaped like the stored base weight (``(K, N)`` for

@@ -24,7 +24,7 @@ from torch import nn
 from lora_fast.functional import check_backend
 from lora_fast.gguf.convert import dequantize_model, packed_modules
 from lora_fast.gguf.packed import PackedWeight
-from lora_fast.layers import LoRALinear, check_lora_hyperparameters, is_linear_layer
+from lora_fast.layers import LoRALinear, is_linear_layer
 
 __all__ = [
     "LoRAConfig",
@@ -185,10 +185,10 @@ def apply_lora(
     """
     if any(True for _ in lora_modules(model)):
         raise ValueError(f"{type(model).__name__} already has LoRA layers; apply_lora once per model")
-    check_lora_hyperparameters(r, alpha, dropout, use_rslora)
     names = find_targets(model, targets)
     check_untied(model, names)
-    # Build every wrapper before replacing any child, so a bad argument leaves the model untouched.
+    # Build every wrapper before replacing any child, so a bad argument (LoRALinear checks them) leaves the model
+    # untouched.
     wrapped = {n: LoRALinear(model.get_submodule(n), r, alpha, dropout, use_rslora, backend) for n in names}
     for param in model.parameters():
         param.requires_grad_(False)
@@ -262,7 +262,7 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
     name raises before any layer changes."""
     check_backend(backend)
     for layer in _layers(model):
-        layer.backend = backend
+        layer._backend = backend  # checked once above, for every layer
     return model
 
 

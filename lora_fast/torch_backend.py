@@ -16,7 +16,7 @@ from lora_fast import reference
 from lora_fast.checks import compute_dtypes
 from lora_fast.gguf.packed import PackedWeight
 
-__all__ = ["draw_seed", "seeded_dropout_mask", "seeded_keep_mask", "torch_lora_linear"]
+__all__ = ["draw_seed", "seeded_dropout_mask", "seeded_keep_mask"]
 
 
 # ---------------------------------------------------------------- dropout from a seed
@@ -103,7 +103,7 @@ class _TorchLoRAFunction(torch.autograd.Function):
         x, weight, lora_A, lora_B, h = _saved(ctx)
         base_dt, lora_dt = ctx.dtypes
         s, p = ctx.scaling, ctx.dropout_p
-        s_drop = s / reference.keep_probability(p)  # s times the dropout multiplier's kept value
+        scale = s / reference.keep_probability(p)  # s/keep, as the kernels name it
         need_x, need_W, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
         dx = dW = d_bias = dA = dB = None
         with torch.autocast(x.device.type, enabled=False):
@@ -121,7 +121,7 @@ class _TorchLoRAFunction(torch.autograd.Function):
                 u = gl @ lora_B.to(lora_dt)
             if need_A:
                 xl = x2.to(lora_dt) if keep is None else x2.to(lora_dt) * keep
-                dA = (u.t() @ xl).mul_(s_drop).to(lora_A.dtype)
+                dA = (u.t() @ xl).mul_(scale).to(lora_A.dtype)
             if need_x:
                 dx = g2.to(base_dt) @ _dense(weight, base_dt)
                 a = lora_A.to(lora_dt)
@@ -131,7 +131,7 @@ class _TorchLoRAFunction(torch.autograd.Function):
                     lora_term = u @ a
                     if keep is not None:
                         lora_term.mul_(keep)
-                    dx.add_(lora_term.to(dx.dtype), alpha=s_drop)
+                    dx.add_(lora_term.to(dx.dtype), alpha=scale)
                 dx = dx.reshape(x.shape).to(x.dtype)
             if need_W:
                 # A base weight the caller made trainable: dW = gᵀ x in W's (N, K) layout; autograd routes it
@@ -189,7 +189,7 @@ def _h(x2: torch.Tensor, lora_A: torch.Tensor, lora_dt: torch.dtype, p: float, s
     return h.mul_(1.0 / reference.keep_probability(p)) if p > 0.0 else h
 
 
-def torch_lora_linear(
+def _lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -199,6 +199,8 @@ def torch_lora_linear(
     dropout_p: float,
     seed: int | None,
 ) -> torch.Tensor:
-    """``y = x Wᵀ + bias + scaling · (drop(x) Aᵀ) Bᵀ`` with the explicit backward (inputs checked by the caller)."""
+    """``y = x Wᵀ + bias + scaling · (drop(x) Aᵀ) Bᵀ`` with the explicit backward; :func:`lora_fast.lora_linear`'s
+    ``torch`` backend, on inputs it has checked (``scaling`` and ``dropout_p`` floats, an integer ``seed`` when
+    ``dropout_p > 0``)."""
     fn = _TorchLoRAFunction if torch.compiler.is_compiling() else _TorchLoRAFunctionJVP
-    return fn.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)[0]
+    return fn.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]

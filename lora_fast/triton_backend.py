@@ -9,7 +9,8 @@ Three layers, thinnest first (Triton 06's ``attention = _attention.apply``):
 - :class:`_TritonLoRAFunction`, the autograd Function calling them; it saves ``x``, ``W``, ``A``, ``B``, the small
   ``h_s = s · drop(x) Aᵀ (M, R)`` fp32 and the dropout key, never a dropout mask (the kernels regenerate it from the
   key);
-- :func:`triton_lora_linear`, which checks the inputs, fixes the compute dtypes and calls the Function.
+- :func:`_lora_linear`, which fixes the compute dtypes, draws the dropout key and calls the Function; the inputs are
+  checked before it, once, by :func:`lora_fast.lora_linear` (with :func:`check_supported` for what the kernels need).
 
 Compute dtypes follow :func:`lora_fast.checks.compute_dtypes`: under autocast both the base GEMM and the LoRA
 branch run in the autocast dtype; otherwise the base in x's dtype and the LoRA branch in A's. ``y`` comes back in the
@@ -33,11 +34,11 @@ import os
 
 import torch
 
-from lora_fast.checks import check_lora_inputs, compute_dtypes
+from lora_fast.checks import compute_dtypes
 from lora_fast.kernels.designs import CHOICES
-from lora_fast.kernels.dropout import dropout_key, dropout_threshold
-from lora_fast.kernels.lora_backward import lora_backward
-from lora_fast.kernels.lora_forward import lora_forward
+from lora_fast.kernels.dropout import dropout_key
+from lora_fast.kernels.lora_backward import launch_lora_backward
+from lora_fast.kernels.lora_forward import launch_lora_forward
 from lora_fast.kernels.utils import INPUT_PRECISIONS, TL_DTYPES, interpreting
 
 __all__ = [
@@ -47,8 +48,7 @@ __all__ = [
     "config",
     "fp32_precision",
     "torch_fp32_precision",
-    "triton_lora_linear",
-    "check_triton_inputs",
+    "check_supported",
 ]
 
 DESIGNS = CHOICES  # "auto", "fused", "split", "hybrid"
@@ -83,21 +83,19 @@ def fp32_precision() -> str:
     return torch_fp32_precision() if config.fp32_precision == "auto" else config.fp32_precision
 
 
-# ---------------------------------------------------------------- input checks beyond check_lora_inputs
+# ---------------------------------------------------------------- what the kernels need beyond check_lora_inputs
 
 
-def check_triton_inputs(
+def check_supported(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight,
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    dropout_p: float,
-    seed: int | None,
 ) -> None:
-    """What the kernels need on top of :func:`lora_fast.checks.check_lora_inputs`: a device they run on, dtypes
-    ``tl.dot`` takes, an integer seed or None (a key drawn on the device) for dropout, a p the 16-bit mask can
-    represent, known settings. Raises before any launch, naming the tensor or setting."""
+    """What the kernels need on top of :func:`lora_fast.checks.check_lora_inputs` (which :func:`lora_fast.lora_linear`
+    has run): a device they run on, dtypes ``tl.dot`` takes (a GGUF-packed weight is dequantised to the base dtype,
+    one it takes), known settings. Raises before any launch, naming the tensor or setting."""
     dev = x.device
     if dev.type == "cpu" and not interpreting():
         raise RuntimeError(
@@ -107,7 +105,9 @@ def check_triton_inputs(
         )
     if dev.type not in ("cpu", "cuda"):
         raise RuntimeError(f"the triton backend runs on CUDA (or CPU under TRITON_INTERPRET=1), got x on {dev}")
-    names = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    names = {"x": x, "lora_A": lora_A, "lora_B": lora_B}
+    if isinstance(weight, torch.Tensor):  # not a PackedWeight
+        names["weight"] = weight
     if bias is not None:
         names["bias"] = bias
     for name, t in names.items():
@@ -121,10 +121,6 @@ def check_triton_inputs(
             f"autocast dtype {torch.get_autocast_dtype(dev.type)} is not one the triton backend takes "
             f"({list(TL_DTYPES)})"
         )
-    if dropout_p > 0.0:
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise ValueError(f"seed must be None (a key drawn on the device) or an integer in [0, 2**63), got {seed!r}")
-        dropout_threshold(dropout_p)  # refuses a p that rounds to 0 or 1 at the mask's 2^-16 resolution
     if config.fp32_precision not in FP32_PRECISIONS:
         raise ValueError(
             f"lora_fast.triton_backend.config.fp32_precision must be one of {FP32_PRECISIONS}, "
@@ -163,11 +159,11 @@ def _forward_op(
     # stride (e.g. a permuted 3-D x), never for a plain non-contiguous 2-D view.
     x2 = x.reshape(-1, x.shape[-1])
     with _on_device(x.device):
-        y, h = lora_forward(
+        y, h_s = launch_lora_forward(
             x2, weight, bias, lora_A, lora_B, scaling, dropout_p, key,
             base_dtype=base_dtype, lora_dtype=lora_dtype, design=design, input_precision=input_precision,
         )  # fmt: skip
-    return y.reshape(*x.shape[:-1], weight.shape[0]), h
+    return y.reshape(*x.shape[:-1], weight.shape[0]), h_s
 
 
 @_forward_op.register_fake
@@ -184,7 +180,7 @@ def _backward_op(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    h: torch.Tensor,
+    h_s: torch.Tensor,
     scaling: float,
     dropout_p: float,
     key: torch.Tensor | None,
@@ -203,8 +199,8 @@ def _backward_op(
     x2 = x.reshape(-1, x.shape[-1])
     g2 = grad_y.reshape(-1, grad_y.shape[-1])
     with _on_device(x.device):
-        dx, dA, dB, dbias = lora_backward(
-            g2, x2, weight, lora_A, lora_B, h, scaling, dropout_p, key,
+        dx, dA, dB, dbias = launch_lora_backward(
+            g2, x2, weight, lora_A, lora_B, h_s, scaling, dropout_p, key,
             need_dx=need_dx, need_dA=need_dA, need_dB=need_dB, need_dbias=need_dbias, bias_dtype=bias_dtype,
             base_dtype=base_dtype, lora_dtype=lora_dtype, design=design, input_precision=input_precision,
         )  # fmt: skip
@@ -217,7 +213,7 @@ def _backward_op(
 
 
 @_backward_op.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, key, base_dtype, lora_dtype, bias_dtype, design,
+def _(grad_y, x, weight, lora_A, lora_B, h_s, scaling, dropout_p, key, base_dtype, lora_dtype, bias_dtype, design,
       input_precision, need_dx, need_dA, need_dB, need_dbias):  # fmt: skip
     return (
         torch.empty_like(x) if need_dx else x.new_empty(0),
@@ -235,10 +231,10 @@ class _TritonLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, key, base_dtype, lora_dtype, design, prec):
-        y, h = torch.ops.lora_fast.triton_lora_forward(
+        y, h_s = torch.ops.lora_fast.triton_lora_forward(
             x, weight, bias, lora_A, lora_B, scaling, dropout_p, key, base_dtype, lora_dtype, design, prec
         )
-        ctx.save_for_backward(x, weight, lora_A, lora_B, h, key)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, h_s, key)
         ctx.args = (scaling, dropout_p)
         ctx.dtypes = (base_dtype, lora_dtype)
         ctx.bias_dtype = base_dtype if bias is None else bias.dtype
@@ -247,12 +243,12 @@ class _TritonLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, h, key = ctx.saved_tensors
+        x, weight, lora_A, lora_B, h_s, key = ctx.saved_tensors
         need_dx, need_dW, need_dbias, need_dA, need_dB = ctx.needs_input_grad[:5]
         dx = dW = dbias = dA = dB = None
         if need_dx or need_dA or need_dB or need_dbias:
             dx, dA, dB, dbias = torch.ops.lora_fast.triton_lora_backward(
-                grad_y, x, weight, lora_A, lora_B, h, *ctx.args, key, *ctx.dtypes, ctx.bias_dtype, *ctx.options,
+                grad_y, x, weight, lora_A, lora_B, h_s, *ctx.args, key, *ctx.dtypes, ctx.bias_dtype, *ctx.options,
                 need_dx, need_dA, need_dB, need_dbias,
             )  # fmt: skip
             dx, dA, dB = (dx if need_dx else None), (dA if need_dA else None), (dB if need_dB else None)
@@ -269,7 +265,7 @@ class _TritonLoRAFunction(torch.autograd.Function):
 # ---------------------------------------------------------------- entry point
 
 
-def triton_lora_linear(
+def _lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -278,24 +274,16 @@ def triton_lora_linear(
     scaling: float,
     dropout_p: float,
     seed: int | None,
-    *,
-    check: bool = True,
 ) -> torch.Tensor:
-    """``y = x Wᵀ + bias + scaling · (drop(x) Aᵀ) Bᵀ`` by the fused kernels; ``weight (N, K)`` with any strides.
+    """``y = x Wᵀ + bias + scaling · (drop(x) Aᵀ) Bᵀ`` by the fused kernels, ``weight (N, K)`` with any strides:
+    :func:`lora_fast.lora_linear`'s ``triton`` backend, on inputs it has checked.
 
     With ``dropout_p > 0`` the mask's key is drawn on x's device from torch's generator when ``seed`` is None (a new
-    mask per call and per CUDA-graph replay; :func:`lora_fast.kernels.dropout.dropout_key`), else fixed by the
-    integer ``seed``. Raises a clear error before any launch on bad inputs; ``check``
-    False skips :func:`lora_fast.checks.check_lora_inputs` (:func:`lora_fast.lora_linear` has run it), never
-    :func:`check_triton_inputs`.
+    mask per call and per CUDA-graph replay; :func:`lora_fast.kernels.dropout.dropout_key`), else fixed by ``seed``.
     """
-    if check:
-        check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    check_triton_inputs(x, weight, bias, lora_A, lora_B, float(dropout_p), seed)
     base_dtype, lora_dtype = compute_dtypes(x, lora_A)
-    p = float(dropout_p)
-    key = dropout_key(x.device, seed) if p > 0 else None
+    key = dropout_key(x.device, seed) if dropout_p > 0 else None
     return _TritonLoRAFunction.apply(
-        x, weight, bias, lora_A, lora_B, float(scaling), p, key, base_dtype, lora_dtype, config.design,
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, key, base_dtype, lora_dtype, config.design,
         fp32_precision(),
     )  # fmt: skip

@@ -1,6 +1,9 @@
 """lora_fast.io under real kills and real concurrency: an adapter folder saved again and again survives ``kill -9`` at
-any moment as one whole adapter (the previous or the new one), and two processes saving into one folder take turns."""
+any moment as one whole adapter (the previous or the new one), and two processes saving into one folder take turns;
+a save leaves the folder's other files alone, and a crash between its renames, or its stale temporaries, are put right
+by the next save or load."""
 
+import json
 import os
 import random
 import signal
@@ -12,8 +15,10 @@ import pytest
 import torch
 
 import lora_fast
+from lora_fast import AdapterError, apply_lora, load_adapter, save_adapter
 from lora_fast.io import atomic_write_text
-from tests.helpers import ROOT
+from tests.helpers import ROOT, kill_at_rename
+from tests.peft_models import logits_on_ids, randomise_lora, small_gpt2
 
 # Two adapters of one small model, A (alpha 4) and B (alpha 16): their files differ in weights and in config.
 MAKE = textwrap.dedent(
@@ -102,3 +107,122 @@ def test_a_write_inside_a_write_of_the_same_folder_does_not_wait_for_itself(tmp_
         atomic_write_text(tmp_path / "notes.txt", "written while the folder is being written")
         (tmp / "config.json").write_text("{}")
     assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "notes.txt").is_file()
+
+
+# ---------------------------------------------------------------- saving beside other files, crashes
+
+
+def _tuned(seed, alpha=8):
+    model = apply_lora(small_gpt2(), ["c_attn", "c_proj"], r=4, alpha=alpha)
+    randomise_lora(model, seed)
+    return model
+
+
+def test_save_adapter_leaves_other_files_alone_and_refuses_a_file(tmp_path):
+    folder = tmp_path / "run"
+    (folder / "plots").mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text('{"step": 1}\n')
+    (folder / "README.md").write_text("notes")
+    (folder / "plots" / "loss.png").write_bytes(b"png")
+    model = _tuned(1)
+    save_adapter(model, folder)
+    save_adapter(_tuned(2), folder)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "metrics.jsonl",
+        "plots",
+    ]
+    assert (folder / "metrics.jsonl").read_text() == '{"step": 1}\n' and (folder / "plots" / "loss.png").is_file()
+    target = tmp_path / "a_file"
+    target.write_text("keep me")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        save_adapter(model, target)
+    assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("crash_at", [1, 2], ids=["old_folder_aside", "new_folder_in"])
+def test_a_crash_during_save_leaves_the_previous_adapter_whole(tmp_path, monkeypatch, crash_at):
+    """The pair is swapped in as one folder: a kill at either rename leaves the previous adapter (put back from its
+    hidden holder by the loader), with its own config (alpha 8, not the new save's 32), for us and for PEFT."""
+    path = tmp_path / "adapter"
+    old, new = _tuned(1, alpha=8), _tuned(2, alpha=32)
+    save_adapter(old, path)
+    kill_at_rename(monkeypatch, crash_at)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(new, path)
+    monkeypatch.undo()
+    assert torch.equal(logits_on_ids(load_adapter(small_gpt2(), path)), logits_on_ids(old))
+    assert json.loads((path / "adapter_config.json").read_text())["lora_alpha"] == 8
+
+
+def test_weights_from_another_save_than_the_config_are_refused_not_misread(tmp_path):
+    """Two files of different saves (copied by hand, or written by an older version one at a time) are refused."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    save_adapter(_tuned(1, alpha=8), one)
+    save_adapter(_tuned(2, alpha=32), two)
+    (two / "adapter_config.json").write_bytes((one / "adapter_config.json").read_bytes())
+    with pytest.raises(AdapterError, match="come from different saves .*lora_alpha=8 in the config but 32"):
+        load_adapter(small_gpt2(), two)
+
+
+def test_stale_temporaries_are_removed_by_the_next_save(tmp_path):
+    path = tmp_path / "adapter"
+    save_adapter(_tuned(1), path)
+    # What killed saves leave: per-file temporaries inside, former whole-folder temporaries beside.
+    stale = [path / ".adapter_model.safetensors.k2j4h1x9.tmp", path / ".adapter_config.json.a0b1c2d3.tmp"]
+    for f in stale:
+        f.write_bytes(b"partial")
+    (tmp_path / ".adapter.q1w2e3r4.old" / "adapter").mkdir(parents=True)
+    (tmp_path / ".adapter.z9y8x7w6.tmp").mkdir()
+    keep = [path / ".adapter_model.safetensors.tmp", tmp_path / ".adapter.notours"]  # not our naming
+    for f in keep:
+        f.write_bytes(b"user file")
+    save_adapter(_tuned(2), path)
+    assert not any(f.exists() for f in stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.notours", "adapter"]
+    assert all(f.read_bytes() == b"user file" for f in keep)
+
+
+def test_a_kill_between_a_folder_swaps_renames_is_put_back(tmp_path, monkeypatch):
+    from lora_fast.io import atomic_directory, recover_directory
+
+    path = tmp_path / "best"
+    with atomic_directory(path) as tmp:
+        (tmp / "weights.bin").write_bytes(b"old")
+    kill_at_rename(monkeypatch, 2)  # 1: the old folder into its hidden holder, 2: the new one into place
+    with pytest.raises(KeyboardInterrupt), atomic_directory(path) as tmp:
+        (tmp / "weights.bin").write_bytes(b"new")
+    monkeypatch.undo()
+    holders = [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
+    assert not path.exists() and len(holders) == 1 and (holders[0] / "best" / "weights.bin").read_bytes() == b"old"
+    (tmp_path / ".best.not-ours.old" / "best").mkdir(parents=True)  # not our naming: "-" is never drawn
+    assert recover_directory(path) is True
+    assert (path / "weights.bin").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".best.not-ours.old", "best"]  # its holder is gone
+    assert recover_directory(path) is False  # there already: nothing to do
+    assert recover_directory(tmp_path / "never") is False and not (tmp_path / "never").exists()
+
+
+def test_a_folder_write_after_a_kill_starts_from_the_old_folder(tmp_path):
+    from lora_fast.io import atomic_directory
+
+    path = tmp_path / "best"
+    (tmp_path / ".best.a1b2c3d4.old" / "best").mkdir(parents=True)
+    (tmp_path / ".best.a1b2c3d4.old" / "best" / "weights.bin").write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="failed"), atomic_directory(path):
+        raise RuntimeError("the write failed")
+    assert (path / "weights.bin").read_bytes() == b"old"  # a failed write keeps the old folder, put back first
+    with atomic_directory(path) as tmp:
+        (tmp / "weights.bin").write_bytes(b"new")
+    assert (path / "weights.bin").read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_a_lora_adapter_left_aside_by_a_kill_loads(tmp_path):
+    model = _tuned(1)
+    save_adapter(model, tmp_path / "stash")
+    (tmp_path / ".adapter.k2j4h1x9.old").mkdir()
+    (tmp_path / "stash").rename(tmp_path / ".adapter.k2j4h1x9.old" / "adapter")
+    assert torch.equal(logits_on_ids(load_adapter(small_gpt2(), tmp_path / "adapter")), logits_on_ids(model))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

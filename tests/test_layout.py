@@ -102,3 +102,33 @@ def test_every_test_file_the_docs_and_comments_name_exists():
     named = {m for path in texts for m in re.findall(r"\btests/[\w/]*test_\w+\.py", path.read_text(encoding="utf-8"))}
     assert len(named) >= 5  # the pattern finds the references it guards
     assert sorted(name for name in named if not (ROOT / name).is_file()) == []
+
+
+# Test files about the project as a whole, not one module: its layout, its packaging, its requirements files.
+PROJECT_TESTS = {"test_layout.py", "test_packaging.py", "test_requirements.py"}
+# Each sub-package's tests live in the folder of that name; tests of bench/ only in tests/bench/.
+MIRRORS = {"kernels": ROOT / "kernels", "gguf": ROOT / "lora_fast" / "gguf", "study": ROOT / "lora_fast" / "study"}
+MIRRORS |= {"bench": ROOT / "bench", "real": None}  # tests/real: the real-model tier, across modules
+
+
+def test_tests_mirror_the_modules_they_test():
+    """``tests/test_<module>[_<aspect>].py`` for ``lora_fast/<module>.py``; a folder per sub-package; no two test
+    files share a name (pytest imports them by their base name)."""
+    modules = {p.stem for p in (ROOT / "lora_fast").glob("*.py") if p.stem != "__init__"}
+    tests = ROOT / "tests"
+    strays = [
+        p.name
+        for p in tests.glob("test_*.py")
+        if p.name not in PROJECT_TESTS
+        and not any(p.stem == f"test_{m}" or p.stem.startswith(f"test_{m}_") for m in modules)
+    ]
+    assert strays == [], f"test files that name no lora_fast module: {strays}"
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+    assert folders == set(MIRRORS), folders
+    assert all(path is None or path.is_dir() for path in MIRRORS.values())
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    bench_tests = [str(p.relative_to(ROOT)) for p in tests.rglob("test_*.py") if p.parent.name != "bench"]
+    assert [
+        p for p in bench_tests if re.search(r"^\s*(from bench\b|import bench\b)", (ROOT / p).read_text(), re.M)
+    ] == []

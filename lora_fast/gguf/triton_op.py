@@ -18,9 +18,9 @@ from lora_fast.checks import compute_dtypes
 from lora_fast.gguf.packed import PackedWeight
 from lora_fast.kernels.dropout import dropout_key
 from lora_fast.kernels.gguf_dequant import gguf_dequantize
-from lora_fast.triton_backend import check_triton_inputs, config, fp32_precision
+from lora_fast.triton_backend import config, fp32_precision
 
-__all__ = ["triton_dequantize", "triton_packed_lora_linear"]
+__all__ = ["triton_dequantize"]
 
 
 @torch.library.custom_op("lora_fast::gguf_dequantize", mutates_args=())
@@ -49,10 +49,10 @@ class _TritonPackedLoRAFunction(torch.autograd.Function):
     def forward(ctx, x, data, bias, lora_A, lora_B, scaling, dropout_p, key, meta, base_dtype, lora_dtype, options):
         qtype, shape, dtype = meta
         w = triton_dequantize(PackedWeight(data, qtype, shape, dtype), base_dtype)
-        y, h = torch.ops.lora_fast.triton_lora_forward(
+        y, h_s = torch.ops.lora_fast.triton_lora_forward(
             x, w, bias, lora_A, lora_B, scaling, dropout_p, key, base_dtype, lora_dtype, *options
         )
-        ctx.save_for_backward(x, data, lora_A, lora_B, h, key)
+        ctx.save_for_backward(x, data, lora_A, lora_B, h_s, key)
         ctx.args = (scaling, dropout_p)
         ctx.dtypes = (base_dtype, lora_dtype)
         ctx.meta, ctx.options = meta, options
@@ -61,13 +61,13 @@ class _TritonPackedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, data, lora_A, lora_B, h, key = ctx.saved_tensors
+        x, data, lora_A, lora_B, h_s, key = ctx.saved_tensors
         need_dx, _, need_dbias, need_dA, need_dB = ctx.needs_input_grad[:5]
         if not (need_dx or need_dA or need_dB or need_dbias):
             return (None,) * 12
         w = triton_dequantize(PackedWeight(data, *ctx.meta), ctx.dtypes[0])
         dx, dA, dB, dbias = torch.ops.lora_fast.triton_lora_backward(
-            grad_y, x, w, lora_A, lora_B, h, *ctx.args, key, *ctx.dtypes, ctx.bias_dtype, *ctx.options,
+            grad_y, x, w, lora_A, lora_B, h_s, *ctx.args, key, *ctx.dtypes, ctx.bias_dtype, *ctx.options,
             need_dx, need_dA, need_dB, need_dbias,
         )  # fmt: skip
         return (
@@ -76,7 +76,7 @@ class _TritonPackedLoRAFunction(torch.autograd.Function):
         )  # fmt: skip
 
 
-def triton_packed_lora_linear(
+def _packed_lora_linear(
     x: torch.Tensor,
     weight: PackedWeight,
     bias: torch.Tensor | None,
@@ -86,15 +86,12 @@ def triton_packed_lora_linear(
     dropout_p: float,
     seed: int | None,
 ) -> torch.Tensor:
-    """``y = x Wᵀ + bias + scaling · (drop(x) Aᵀ) Bᵀ`` for a packed ``W`` (inputs checked by ``lora_linear``); the
-    dropout key as :func:`lora_fast.triton_backend.triton_lora_linear` draws it."""
+    """``y = x Wᵀ + bias + scaling · (drop(x) Aᵀ) Bᵀ`` for a packed ``W``: :func:`lora_fast.lora_linear`'s ``triton``
+    backend on a GGUF-packed weight, on inputs it has checked; the dropout key drawn as
+    :func:`lora_fast.triton_backend._lora_linear` draws it."""
     base_dtype, lora_dtype = compute_dtypes(x, lora_A)
-    # The kernels' own checks, with a stand-in for W in the dtype it is dequantised to (one element, expanded).
-    stand_in = torch.empty((), dtype=base_dtype, device=x.device).expand(*weight.shape)
-    check_triton_inputs(x, stand_in, bias, lora_A, lora_B, float(dropout_p), seed)
-    p = float(dropout_p)
-    key = dropout_key(x.device, seed) if p > 0 else None
+    key = dropout_key(x.device, seed) if dropout_p > 0 else None
     return _TritonPackedLoRAFunction.apply(
-        x, weight.data, bias, lora_A, lora_B, float(scaling), p, key,
+        x, weight.data, bias, lora_A, lora_B, scaling, dropout_p, key,
         (weight.qtype, weight.shape, weight.dtype), base_dtype, lora_dtype, (config.design, fp32_precision()),
     )  # fmt: skip

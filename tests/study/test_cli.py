@@ -6,7 +6,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -19,7 +18,7 @@ from lora_fast.study.cli import dataclass_parser
 from lora_fast.study.errors import UsageError
 from lora_fast.study.precision import choose_precision
 from lora_fast.study.training import make_scheduler
-from tests.helpers import ROOT, error_lines, requires_cuda, run_script
+from tests.helpers import error_lines, requires_cuda, run_script
 
 SHORT = ["--max-steps", 2, "--max-val", 8, "--max-test", 8, "--no-generation"]
 SHORT += ["--no-zero-shot", "--batch-size", 4, "--eval-batch-size", 8, "--eval-every", 1]
@@ -379,19 +378,6 @@ def test_help_names_each_default_once(script):
     assert len(blocks) >= len(helps) and all(b.count("(default") <= 1 for b in blocks)
     if script is train_dpo:
         assert "required, no default" in helps["--scorer"] and "(default: None)" not in helps["--scorer"]
-
-
-def test_bench_outputs_default_to_an_ignored_folder(capsys):
-    from bench import run as bench_run
-
-    with pytest.raises(SystemExit):
-        bench_run.main(["--help"])
-    help_text = " ".join(capsys.readouterr().out.split())
-    for default in ("bench/out/results.json", "bench/out/results.md", "bench/out/plots"):
-        assert f"(default: {default})" in help_text
-    paths = ["bench/out/results.json", "bench/out/results.md", "bench/out/plots/model_step.png"]
-    ignored = subprocess.run(["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True)
-    assert ignored.stdout.split() == paths, ignored
 
 
 def test_warmup_is_linear_from_zero_then_constant():

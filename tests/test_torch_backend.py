@@ -122,7 +122,8 @@ def test_dropout_p_the_mask_cannot_draw_is_refused(backend, p, message):
     for training in (True, False):
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
             lora_linear(x, weight, b, lora_A, lora_B, 1.0, dropout_p=p, training=training, seed=1, backend=backend)
-    if backend != "triton":  # the triton backend runs on CPU only under its interpreter (tests/test_triton_kernels)
+    # The triton backend runs on CPU only under its interpreter (tests/kernels/test_triton_kernels.py).
+    if backend != "triton":
         for ok in (0.0, 2**-16, 65535 / 65536):
             lora_linear(x, weight, b, lora_A, lora_B, 1.0, dropout_p=ok, seed=1, backend=backend)
 

@@ -17,8 +17,8 @@ import torch
 from lora_fast import lora_linear, reference
 from lora_fast.kernels import configs
 from lora_fast.kernels.dropout import dropout_key, dropout_threshold, lora_dropout_mask
-from lora_fast.kernels.lora_backward import lora_backward
-from lora_fast.kernels.lora_forward import lora_forward
+from lora_fast.kernels.lora_backward import launch_lora_backward
+from lora_fast.kernels.lora_forward import launch_lora_forward
 from lora_fast.kernels.utils import interpreting
 from lora_fast.triton_backend import config
 from tests.helpers import requires_cuda
@@ -168,14 +168,14 @@ def test_no_kernel_takes_a_host_seed():
     key = torch.empty(2, device="meta", dtype=torch.int64)
     with configs.capture_launches(hook, configs.DeviceInfo(132, (9, 0))):
         for design in ("fused", "split"):
-            _, h = lora_forward(x, weight, None, A, B, 0.5, 0.1, key, design=design)
-            lora_backward(g, x, weight, A, B, h, 0.5, 0.1, key, design=design)
+            _, h = launch_lora_forward(x, weight, None, A, B, 0.5, 0.1, key, design=design)
+            launch_lora_backward(g, x, weight, A, B, h, 0.5, 0.1, key, design=design)
     drawing = [(k.__name__, args) for k, args, cx in launches if cx.get("HAS_DROPOUT")]
     assert {name for name, _ in drawing} == {"_lora_skinny_kernel", "_lora_dx_kernel", "_lora_reduce_kernel"}
     for name, args in drawing:
         assert args["key_ptr"] is key, name
     with pytest.raises(ValueError, match=r"dropout needs key, an int64 tensor \(seed, offset\) of shape \(2,\)"):
-        lora_forward(x, weight, None, A, B, 0.5, 0.1, None)
+        launch_lora_forward(x, weight, None, A, B, 0.5, 0.1, None)
 
 
 # ---------------------------------------------------------------- CUDA tier: graphs
@@ -197,8 +197,8 @@ def test_cuda_graph_replays_draw_new_masks_cuda():
 
     def step():
         key = dropout_key(dev)
-        y, h = lora_forward(x, weight, None, A, B, s, p, key)
-        dx, dA, dB, _ = lora_backward(g, x, weight, A, B, h, s, p, key)
+        y, h = launch_lora_forward(x, weight, None, A, B, s, p, key)
+        dx, dA, dB, _ = launch_lora_backward(g, x, weight, A, B, h, s, p, key)
         return key, y, dx, dA, dB
 
     side = torch.cuda.Stream()

@@ -1,5 +1,5 @@
-"""bf16 autocast on a CPU: the ``reference`` and ``torch`` backends and ``patch_peft`` against fp64, and the
-detection behind ``--dtype auto`` (``lora_fast.precision``).
+"""bf16 autocast on a CPU: the ``reference`` and ``torch`` backends and ``patch_peft`` against fp64 (the compute
+dtypes of ``lora_fast.checks.compute_dtypes``; the detection behind ``--dtype auto`` is tests/test_precision_cpu.py).
 
 Tolerances. bf16 keeps 8 significant bits: unit roundoff u = 2⁻⁸ ≈ 3.9e-3. Under autocast every matmul rounds its
 operands to bf16 once, accumulates in fp32 and rounds its result once, so a product's normwise relative error is a
@@ -23,7 +23,6 @@ import torch
 import lora_fast
 from lora_fast import lora_linear, patch_peft, reference
 from lora_fast import peft_patch as pp
-from lora_fast import precision as lp
 from lora_fast.functional import seeded_keep_mask
 from tests.helpers import tiny_gpt2_config, tiny_llama_config
 
@@ -173,59 +172,3 @@ def test_patch_peft_under_cpu_autocast_matches_fp64(family, dropout, monkeypatch
     assert _rel(*flat) <= GRADS_REL
     for name, g in grads.items():
         assert _rel(g, ref_grads[name]) <= ONE_GRAD_REL, name
-
-
-# ---------------------------------------------------------------- the detection behind --dtype auto
-
-
-@pytest.fixture
-def cpu_flags(monkeypatch):
-    """Set the CPU's bf16 flags as torch reports them: ``cpu_flags(amx=..., avx512_bf16=...)``."""
-
-    def set_flags(amx: bool, avx512_bf16: bool):
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-        lp.cpu_bf16_support.cache_clear()
-
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
-    yield set_flags
-    lp.cpu_bf16_support.cache_clear()
-
-
-@pytest.mark.parametrize(
-    "amx, avx512_bf16, native, words",
-    [
-        (True, True, True, "AMX tiles"),
-        (False, True, True, "avx512_bf16"),
-        (False, False, False, "neither AMX tiles nor avx512_bf16"),
-    ],
-)
-def test_cpu_bf16_support_reads_the_flags(cpu_flags, amx, avx512_bf16, native, words):
-    cpu_flags(amx, avx512_bf16)
-    support = lp.bf16_support("cpu")
-    assert support.native is native and words in support.reason
-    assert (support.amx_tile, support.avx512_bf16) == (amx, avx512_bf16)
-    assert support.isa == torch.backends.cpu.get_cpu_capability()
-
-
-@pytest.mark.parametrize("var", ["ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"])
-@pytest.mark.parametrize(
-    "cap, native",
-    [("AVX512_CORE", False), ("avx2", False), ("TYPO", False), ("AVX512_CORE_BF16", True),
-     ("avx512_core_amx", True), ("ALL", True)],
-)  # fmt: skip
-def test_a_onednn_isa_cap_below_bf16_is_not_native(cpu_flags, monkeypatch, var, cap, native):
-    """oneDNN capped below its bf16 instructions emulates bf16 (docs/TRAINING.md has the measurement)."""
-    cpu_flags(False, True)
-    monkeypatch.setenv(var, cap)
-    support = lp.cpu_bf16_support()
-    assert support.native is native
-    assert native or f"{var}={cap} keeps oneDNN off" in support.reason
-
-
-def test_torch_without_onednn_is_not_native(cpu_flags, monkeypatch):
-    cpu_flags(True, True)
-    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    support = lp.cpu_bf16_support()
-    assert not support.native and "built without oneDNN" in support.reason

@@ -1,15 +1,18 @@
-"""LoRALinear and the model-level API on small random HF models."""
+"""LoRALinear and the model-level API (``lora_fast.model``) on small random HF models: targets, tied weights, merging,
+state_dict keys and save_pretrained."""
 
 import copy
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import GPT2LMHeadModel
 
 import lora_fast
-from lora_fast import LoRALinear, apply_lora, disable_lora, merge_lora, unmerge_lora
-from tests.helpers import tiny_gpt2_config, tiny_llama_config
+from lora_fast import AdapterError, LoRALinear, apply_lora, disable_lora, load_adapter, merge_lora, unmerge_lora
+from tests.helpers import model_snapshot, tiny_gpt2_config, tiny_llama_config, unchanged_since
+from tests.peft_models import logits_on_ids, peft_adapter, randomise_lora, small_gpt2
 
 
 @pytest.fixture
@@ -219,3 +222,86 @@ def test_lora_layers_follow_the_models_mode(gpt2):
     assert torch.equal(gpt2(ids).logits, gpt2(ids).logits)  # eval: no dropout
     gpt2.train()
     assert not torch.equal(gpt2(ids).logits, gpt2(ids).logits)
+
+
+# ---------------------------------------------------------------- tied weights
+
+
+def test_lora_on_a_tied_weight_is_refused(tmp_path):
+    model = small_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    snap = model_snapshot(model)
+    with pytest.raises(ValueError, match=r"lm_head.weight is tied to \['transformer.wte.weight'\]"):
+        apply_lora(model, ["c_attn", "lm_head"], r=4, alpha=8)
+    assert unchanged_since(model, snap) and all(p.requires_grad for p in model.parameters())
+    # A PEFT adapter on lm_head of a tied model: refused at load as well.
+    peft_adapter(tmp_path / "adapter", "gpt2", target_modules=["lm_head"])
+    with pytest.raises(AdapterError, match="tied"):
+        load_adapter(small_gpt2(), tmp_path / "adapter")
+    # Untied, lm_head takes LoRA, and merging it leaves the embedding alone.
+    untied = apply_lora(small_gpt2(tie_word_embeddings=False), ["lm_head"], r=4, alpha=8)
+    randomise_lora(untied)
+    wte = untied.transformer.wte.weight.clone()
+    lora_fast.merge_lora(untied)
+    assert torch.equal(untied.transformer.wte.weight, wte)
+
+
+# ---------------------------------------------------------------- merge_and_unload, save_pretrained
+
+
+def test_merge_and_unload_saves_and_reloads_as_a_plain_model(tmp_path):
+    model = apply_lora(small_gpt2(), ["c_attn", "c_proj"], r=4, alpha=8)
+    randomise_lora(model)
+    tuned = logits_on_ids(model)
+    plain = lora_fast.merge_and_unload(model)
+    assert not any(isinstance(m, LoRALinear) for m in plain.modules()) and not hasattr(plain, "lora_config")
+    assert set(plain.state_dict()) == set(small_gpt2().state_dict())
+    torch.testing.assert_close(logits_on_ids(plain), tuned, rtol=1e-5, atol=1e-5)
+    plain.save_pretrained(tmp_path / "merged")
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    assert torch.equal(logits_on_ids(reloaded), logits_on_ids(plain))
+
+
+def test_wrapped_model_state_dict_keeps_the_original_keys(tmp_path):
+    model = apply_lora(small_gpt2(), ["c_attn"], r=4, alpha=8)
+    randomise_lora(model)
+    keys = set(model.state_dict())
+    assert keys == set(small_gpt2().state_dict()) | {
+        f"transformer.h.{i}.attn.c_attn.lora_{ab}" for i in (0, 1) for ab in "AB"
+    }
+    # state_dict -> load_state_dict into another wrapped model: the same model.
+    other = apply_lora(small_gpt2(seed=5), ["c_attn"], r=4, alpha=8)
+    other.load_state_dict(model.state_dict())
+    assert torch.equal(logits_on_ids(other), logits_on_ids(model))
+    # A merged model saved with save_pretrained reloads (plain) as the merged model: its weights, original keys.
+    lora_fast.merge_lora(model)
+    model.save_pretrained(tmp_path / "wrapped")
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "wrapped").eval()
+    assert torch.equal(logits_on_ids(reloaded), logits_on_ids(model))
+    # ... but a merged state_dict never goes under LoRA again (the update would count twice), neither from memory nor
+    # from the safetensors file save_pretrained wrote (which keeps no state_dict metadata: the flag is a key).
+    with pytest.raises(RuntimeError, match="saved from a merged LoRA layer"):
+        apply_lora(small_gpt2(), ["c_attn"], r=4, alpha=8).load_state_dict(model.state_dict())
+    from_file = load_file(str(tmp_path / "wrapped" / "model.safetensors"))
+    assert all(bool(from_file[f"transformer.h.{i}.attn.c_attn.lora_merged"]) for i in (0, 1))
+    with pytest.raises(RuntimeError, match="saved from a merged LoRA layer"):
+        apply_lora(small_gpt2(), ["c_attn"], r=4, alpha=8).load_state_dict(from_file, strict=False)
+    with pytest.raises(RuntimeError, match="unmerge_lora before load_state_dict"):
+        model.load_state_dict(other.state_dict())
+    lora_fast.unmerge_lora(model)
+    assert set(model.state_dict()) == keys  # unmerged: no flag key
+
+
+# ---------------------------------------------------------------- partial targets
+
+
+def test_apply_lora_follows_peft_on_partly_matching_targets():
+    model = small_gpt2()
+    with pytest.warns(UserWarning, match=r"target 'q_proj' matches no module of GPT2LMHeadModel"):
+        apply_lora(model, ["c_attn", "q_proj"], r=4, alpha=8)
+    assert [n for n, _ in lora_fast.lora_modules(model)] == [
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.1.attn.c_attn",
+    ]
+    with pytest.raises(ValueError, match=r"'q_proj' matches no module.*'v_proj' matches no module"):
+        apply_lora(small_gpt2(), ["q_proj", "v_proj"], r=4, alpha=8)

@@ -1,8 +1,9 @@
 """Model level: a tiny random GPT-2 with LoRA on the triton backend against the reference backend.
 
-On CPU the kernels run under the interpreter (bf16 dot and cast quirks aside, see test_triton_kernels.py); dropout
-is 0 here because the two backends draw their masks differently (torch's generator vs Philox), and the per-layer
-tests already check triton's dropout against the spec with its own mask.
+On CPU the kernels run under the interpreter (bf16 dot and cast quirks aside, see
+tests/kernels/test_triton_kernels.py); dropout is 0 here because the two backends draw their masks differently
+(torch's generator vs Philox), and the per-layer tests already check triton's dropout against the spec with its own
+mask.
 """
 
 import copy

@@ -19,8 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lora_fast.kernels import configs, cost, designs, tiles
 from lora_fast.kernels.designs import backward_design, forward_design
 from lora_fast.kernels.dropout import dropout_key
-from lora_fast.kernels.lora_backward import lora_backward
-from lora_fast.kernels.lora_forward import lora_forward
+from lora_fast.kernels.lora_backward import launch_lora_backward
+from lora_fast.kernels.lora_forward import launch_lora_forward
 from lora_fast.kernels.utils import interpreting
 from tests.helpers import ROOT
 
@@ -91,12 +91,12 @@ def test_launch_counts_and_nothing_but_allocations_between(design, dtype, forwar
         forward_launches = 2  # the fused forward does not draw the mask: it runs split (kernels.designs)
     allowed = ALLOWED_OPS | ({"aten.addmm_.default"} if design == "hybrid" else set())
     with count_launches() as (launches, ops):
-        _, h = lora_forward(x, weight, bias, A, B, 0.5, p, KEY, design=design, input_precision="ieee")
+        _, h = launch_lora_forward(x, weight, bias, A, B, 0.5, p, KEY, design=design, input_precision="ieee")
     assert len(launches) == forward_launches, launches
     assert set(ops) <= allowed, sorted(set(ops) - allowed)
     assert ops.count("aten.addmm_.default") == (design == "hybrid")
     with count_launches() as (launches, ops):
-        lora_backward(g, x, weight, A, B, h, 0.5, p, KEY, need_dbias=True, design=design, input_precision="ieee")
+        launch_lora_backward(g, x, weight, A, B, h, 0.5, p, KEY, need_dbias=True, design=design, input_precision="ieee")
     assert len(launches) == backward_launches, launches
     assert set(ops) <= allowed, sorted(set(ops) - allowed)
     assert ops.count("aten.addmm_.default") == (design == "hybrid")
@@ -106,9 +106,11 @@ def test_launch_counts_and_nothing_but_allocations_between(design, dtype, forwar
 def test_backward_without_dx_launches_at_most_three():
     """x frozen (the first LoRA layer of a model): u, the partials and the split-sum, nothing else."""
     x, weight, bias, A, B, g = _inputs()
-    _, h = lora_forward(x, weight, bias, A, B, 0.5, 0.1, KEY, input_precision="ieee")
+    _, h = launch_lora_forward(x, weight, bias, A, B, 0.5, 0.1, KEY, input_precision="ieee")
     with count_launches() as (launches, ops):
-        dx, dA, dB, dbias = lora_backward(g, x, weight, A, B, h, 0.5, 0.1, KEY, need_dx=False, input_precision="ieee")
+        dx, dA, dB, dbias = launch_lora_backward(
+            g, x, weight, A, B, h, 0.5, 0.1, KEY, need_dx=False, input_precision="ieee"
+        )
     assert dx is None and dA is not None and dB is not None and dbias is None
     assert len(launches) <= 3, launches
     assert set(ops) <= ALLOWED_OPS, sorted(set(ops) - ALLOWED_OPS)
@@ -292,7 +294,7 @@ def _meta_backward(M, N, K, R, design="fused", layout="conv1d"):
     A, B = torch.empty(R, K, **meta), torch.empty(N, R, **meta)
     h = torch.empty(M, R, device="meta", dtype=torch.float32)
     key = torch.empty(2, device="meta", dtype=torch.int64)
-    return lambda: lora_backward(g, x, weight, A, B, h, 0.5, 0.1, key, need_dbias=True, design=design)
+    return lambda: launch_lora_backward(g, x, weight, A, B, h, 0.5, 0.1, key, need_dbias=True, design=design)
 
 
 def _largest_partial(launches) -> int:
@@ -319,7 +321,7 @@ def test_operands_past_int32_offsets_are_refused_by_name():
     x, weight = torch.empty(64, 16384, **meta), torch.empty(16384, 262144, **meta).t()
     A, B = torch.empty(16, 16384, **meta), torch.empty(262144, 16, **meta)
     with pytest.raises(ValueError, match=r"weight of shape \(262144, 16384\) and strides \(1, 262144\)"):
-        _captured(lambda: lora_forward(x, weight, None, A, B, 0.5))
+        _captured(lambda: launch_lora_forward(x, weight, None, A, B, 0.5))
 
 
 @cpu_tier

@@ -15,10 +15,10 @@ import torch
 from lora_fast import lora_linear, reference
 from lora_fast.kernels import configs
 from lora_fast.kernels.dropout import dropout_key, lora_dropout_mask
-from lora_fast.kernels.lora_backward import lora_backward
-from lora_fast.kernels.lora_forward import lora_forward
+from lora_fast.kernels.lora_backward import launch_lora_backward
+from lora_fast.kernels.lora_forward import launch_lora_forward
 from lora_fast.kernels.utils import interpreting
-from lora_fast.triton_backend import config, triton_lora_linear
+from lora_fast.triton_backend import config
 from tests.helpers import requires_cuda
 
 # Relative error by norm, ‖got − ref‖ / ‖ref‖, per compute dtype. fp32 with "ieee" dots is exact up to summation
@@ -157,13 +157,13 @@ def test_launchers_write_every_element(design, dtype):
     y = torch.full((M, N), float("nan"), dtype=dtype)
     h = torch.full((M, R), float("nan"))
     key = dropout_key("cpu", 99)
-    lora_forward(x, weight, b, A, B, s, 0.2, key, design=design, input_precision="ieee", out=y, h_out=h)
+    launch_lora_forward(x, weight, b, A, B, s, 0.2, key, design=design, input_precision="ieee", out=y, h_s_out=h)
     mask = lora_dropout_mask(M, K, 0.2, key).double()
     d = lambda t: t.double()  # noqa: E731
     y_ref, h_ref = reference.lora_forward(d(x), d(weight), d(b), d(A), d(B), s, mask)
     g = torch.randn(M, N).to(dtype)
     dx = torch.full((M, K), float("nan"), dtype=dtype)
-    _, dA, dB, dbias = lora_backward(
+    _, dA, dB, dbias = launch_lora_backward(
         g, x, weight, A, B, h, s, 0.2, key, need_dbias=True, design=design, input_precision="ieee", dx_out=dx
     )
     dx_ref, dA_ref, dB_ref = reference.lora_backward(d(g), d(x), d(weight), d(A), d(B), s, mask)
@@ -270,6 +270,11 @@ def test_backward_is_bitwise_deterministic(design, dtype):
     config.design = design
     x, weight, b, A, B = _make(40, 48, 40, 16, dtype, True, "conv1d", True, "cpu")
     g = torch.randn(40, 40).to(dtype)
+    _assert_two_runs_bitwise_equal(x, weight, b, A, B, g)
+
+
+def _assert_two_runs_bitwise_equal(x, weight, b, A, B, g):
+    """Two backwards of one seeded call give the same dx, dA and dB bit for bit (fixed-order sums, no atomics)."""
     grads = []
     for _ in range(2):
         lora_linear(x, weight, b, A, B, 0.5, dropout_p=0.1, seed=3, backend="triton").backward(g)
@@ -286,22 +291,22 @@ def test_backward_is_bitwise_deterministic(design, dtype):
 def test_clear_errors_before_launch(monkeypatch):
     x, weight, b, A, B = _make(4, 48, 40, 8, torch.float32, True, "linear", True, "cpu")
     with pytest.raises(ValueError, match="conv1d.weight.t"):
-        triton_lora_linear(x, weight.t(), b, A, B, 0.5, 0.0, None)  # Conv1D weight passed without .t()
+        lora_linear(x, weight.t(), b, A, B, 0.5, 0.0, seed=None, backend="triton")  # Conv1D weight passed without .t()
     with pytest.raises(ValueError, match="rank r must be >= 1"):
-        triton_lora_linear(x, weight, b, A[:0], B[:, :0], 0.5, 0.0, None)
+        lora_linear(x, weight, b, A[:0], B[:, :0], 0.5, 0.0, seed=None, backend="triton")
     with pytest.raises(ValueError, match="lora_B must be"):
-        triton_lora_linear(x, weight, b, A, B[:, :4], 0.5, 0.0, None)
+        lora_linear(x, weight, b, A, B[:, :4], 0.5, 0.0, seed=None, backend="triton")
     with pytest.raises(TypeError, match="x has dtype torch.float64"):
-        triton_lora_linear(x.double(), weight.double(), b.double(), A, B, 0.5, 0.0, None)
-    with pytest.raises(ValueError, match=r"seed must be None \(a key drawn on the device\) or an integer.*got 1.5"):
-        triton_lora_linear(x, weight, b, A, B, 0.5, 0.1, 1.5)
+        lora_linear(x.double(), weight.double(), b.double(), A, B, 0.5, 0.0, seed=None, backend="triton")
+    with pytest.raises(ValueError, match=r"seed must be None \(drawn from torch's generator\) or an integer.*got 1.5"):
+        lora_linear(x, weight, b, A, B, 0.5, 0.1, seed=1.5, backend="triton")
     monkeypatch.setattr(config, "fp32_precision", "tf64")
     with pytest.raises(ValueError, match="fp32_precision"):
-        triton_lora_linear(x, weight, b, A, B, 0.5, 0.0, None)
+        lora_linear(x, weight, b, A, B, 0.5, 0.0, seed=None, backend="triton")
     monkeypatch.setattr(config, "fp32_precision", "ieee")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        triton_lora_linear(x, weight, b, A, B, 0.5, 0.0, None)
+        lora_linear(x, weight, b, A, B, 0.5, 0.0, seed=None, backend="triton")
 
 
 @cpu_tier
@@ -318,15 +323,15 @@ def test_fp32_precision_follows_torch(monkeypatch):
     try:
         for setting, want in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32"), ("highest", "ieee")):
             torch.set_float32_matmul_precision(setting)
-            triton_lora_linear(x, weight, b, A, B, 0.5, 0.0, None)
+            lora_linear(x, weight, b, A, B, 0.5, 0.0, seed=None, backend="triton")
             assert seen[-1] == want, setting
         torch.backends.cuda.matmul.fp32_precision = "tf32"  # torch.get_float32_matmul_precision() raises now
-        triton_lora_linear(x, weight, b, A, B, 0.5, 0.0, None)
+        lora_linear(x, weight, b, A, B, 0.5, 0.0, seed=None, backend="triton")
         assert seen[-1] == "tf32"
         torch.backends.cuda.matmul.fp32_precision = "ieee"
         for forced in ("tf32", "ieee"):
             monkeypatch.setattr(config, "fp32_precision", forced)
-            triton_lora_linear(x, weight, b, A, B, 0.5, 0.0, None)
+            lora_linear(x, weight, b, A, B, 0.5, 0.0, seed=None, backend="triton")
             assert seen[-1] == forced
     finally:
         torch.set_float32_matmul_precision(saved[0])
@@ -336,8 +341,9 @@ def test_fp32_precision_follows_torch(monkeypatch):
 
 @cpu_tier
 def test_inputs_checked_once_per_call(monkeypatch):
-    """lora_linear checks the shared conditions once and the triton ones once; triton_lora_linear alone does both."""
-    from lora_fast import functional, triton_backend
+    """lora_linear checks the shared conditions once and the triton ones once, then runs the backend unchecked; a
+    LoRALinear checks its input tensors once per call and its numbers only when they are set."""
+    from lora_fast import checks, functional, layers, triton_backend
 
     x, weight, b, A, B = _make(4, 48, 40, 8, torch.float32, True, "linear", True, "cpu")
     calls = []
@@ -346,14 +352,22 @@ def test_inputs_checked_once_per_call(monkeypatch):
         return lambda *args: (calls.append(name), check(*args))[1]
 
     monkeypatch.setattr(functional, "check_lora_inputs", counted("lora", functional.check_lora_inputs))
-    monkeypatch.setattr(triton_backend, "check_lora_inputs", counted("lora", triton_backend.check_lora_inputs))
-    monkeypatch.setattr(triton_backend, "check_triton_inputs", counted("triton", triton_backend.check_triton_inputs))
+    monkeypatch.setattr(triton_backend, "check_supported", counted("triton", triton_backend.check_supported))
+    monkeypatch.setattr(checks, "dropout_threshold", counted("p", checks.dropout_threshold))
     monkeypatch.setattr(triton_backend._TritonLoRAFunction, "apply", lambda *args: None)
     lora_linear(x, weight, b, A, B, 0.5, dropout_p=0.1, seed=3, backend="triton")
-    assert sorted(calls) == ["lora", "triton"]
+    assert sorted(calls) == ["lora", "p", "triton"]
     calls.clear()
-    triton_lora_linear(x, weight, b, A, B, 0.5, 0.1, 3)
-    assert sorted(calls) == ["lora", "triton"]
+    monkeypatch.setattr(layers, "check_lora_tensors", counted("tensors", layers.check_lora_tensors))
+    layer = layers.LoRALinear(torch.nn.Linear(48, 40), r=8, alpha=16, dropout=0.1, backend="triton")
+    assert calls == ["p"]  # the dropout probability, checked once when the layer is built
+    calls.clear()
+    layer(x)
+    layer(x)
+    assert calls == ["tensors", "triton", "tensors", "triton"]
+    with pytest.raises(ValueError, match="LoRA dropout must be in"):
+        layer.dropout = 1.5  # a new value is checked when set
+    assert layer.dropout == 0.1
 
 
 @cpu_tier
@@ -444,13 +458,7 @@ def test_mixed_precision_and_determinism_cuda():
     )
     x, weight, b, A, B = _make(8192, 768, 768, 16, torch.bfloat16, True, "conv1d", True, "cuda")
     g = torch.randn(8192, 768, device="cuda", dtype=torch.bfloat16)
-    grads = []
-    for _ in range(2):
-        lora_linear(x, weight, b, A, B, 0.5, dropout_p=0.1, seed=3, backend="triton").backward(g)
-        grads.append((x.grad.clone(), A.grad.clone(), B.grad.clone()))
-        x.grad = A.grad = B.grad = b.grad = None
-    for a, b_ in zip(*grads, strict=True):
-        assert torch.equal(a, b_)
+    _assert_two_runs_bitwise_equal(x, weight, b, A, B, g)
 
 
 @pytest.mark.cuda
@@ -472,7 +480,7 @@ def test_int64_offsets_cuda():
     A = torch.randn(R, K, device="cuda", dtype=torch.bfloat16) / 32
     B = torch.randn(N, R, device="cuda", dtype=torch.bfloat16)
     key = dropout_key("cuda", 9)
-    y, _ = lora_forward(x, weight, None, A, B, 0.5, 0.1, key)
+    y, _ = launch_lora_forward(x, weight, None, A, B, 0.5, 0.1, key)
     tail = slice(M - 128, M)
     mask = lora_dropout_mask(M, K, 0.1, key)[tail].double()
     y_ref, _ = reference.lora_forward(x[tail].double(), weight.double(), None, A.double(), B.double(), 0.5, mask)
