@@ -16,6 +16,7 @@ choice is a pure function of the shape (and the table), the same in every proces
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -129,7 +130,8 @@ def predicted(pass_: str, s: Shape, hybrid: bool = True, machine: Machine = H100
     return min(options, key=lambda d: (total_seconds(plan(s, d, machine), machine), d))
 
 
-def forward_design(
+def pass_design(
+    pass_: str,
     design: str,
     M: int,
     N: int,
@@ -142,25 +144,12 @@ def forward_design(
     hybrid: bool = True,
     device: str | None = None,
 ) -> str:
-    """The forward's design for this shape (see :func:`choose`)."""
-    return choose("forward", design, Shape(M, N, K, R, p, dtype, lora_dtype, input_precision), hybrid, device)
+    """The design of pass ``pass_`` ("forward" or "backward") for this shape (see :func:`choose`)."""
+    return choose(pass_, design, Shape(M, N, K, R, p, dtype, lora_dtype, input_precision), hybrid, device)
 
 
-def backward_design(
-    design: str,
-    M: int,
-    N: int,
-    K: int,
-    R: int,
-    p: float,
-    dtype: torch.dtype,
-    input_precision: str,
-    lora_dtype: torch.dtype | None = None,
-    hybrid: bool = True,
-    device: str | None = None,
-) -> str:
-    """The backward's design for this shape (see :func:`choose`)."""
-    return choose("backward", design, Shape(M, N, K, R, p, dtype, lora_dtype, input_precision), hybrid, device)
+forward_design = functools.partial(pass_design, "forward")
+backward_design = functools.partial(pass_design, "backward")
 
 
 # ---------------------------------------------------------------- the estimate table (docs/KERNELS.md)

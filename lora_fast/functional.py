@@ -117,8 +117,4 @@ def _apply(
     from lora_fast import triton_backend
 
     triton_backend.check_supported(x, weight, bias, lora_A, lora_B)
-    if isinstance(weight, PackedWeight):
-        from lora_fast.gguf import triton_op
-
-        return triton_op._packed_lora_linear(x, weight, bias, lora_A, lora_B, s, p, seed)
     return triton_backend._lora_linear(x, weight, bias, lora_A, lora_B, s, p, seed)

@@ -35,6 +35,8 @@ import os
 import torch
 
 from lora_fast.checks import compute_dtypes
+from lora_fast.gguf.packed import PackedWeight
+from lora_fast.gguf.triton_op import triton_dequantize
 from lora_fast.kernels.designs import CHOICES
 from lora_fast.kernels.dropout import dropout_key
 from lora_fast.kernels.lora_backward import launch_lora_backward
@@ -226,15 +228,27 @@ def _(grad_y, x, weight, lora_A, lora_B, h_s, scaling, dropout_p, key, base_dtyp
 # ---------------------------------------------------------------- autograd
 
 
+def _dense(weight: torch.Tensor, packed: tuple | None, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight the kernels read: ``weight`` itself, or, for a GGUF-packed base (``packed`` = its qtype, shape
+    and dtype; ``weight`` its bytes), a fresh buffer dequantised to ``dtype`` by the Triton kernel (freed after use)."""
+    if packed is None:
+        return weight
+    return triton_dequantize(PackedWeight(weight, *packed), dtype)
+
+
 class _TritonLoRAFunction(torch.autograd.Function):
-    """Saved for backward: x, W, A, B, h_s (M, R) fp32 and the dropout key; the mask is regenerated from the key."""
+    """Saved for backward: x, W (a packed base: its bytes only), A, B, h_s (M, R) fp32 and the dropout key; the mask
+    is regenerated from the key, a packed W dequantised again."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, key, base_dtype, lora_dtype, design, prec):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, key, base_dtype, lora_dtype, design, prec,
+                packed):  # fmt: skip
         y, h_s = torch.ops.lora_fast.triton_lora_forward(
-            x, weight, bias, lora_A, lora_B, scaling, dropout_p, key, base_dtype, lora_dtype, design, prec
-        )
+            x, _dense(weight, packed, base_dtype), bias, lora_A, lora_B, scaling, dropout_p, key, base_dtype,
+            lora_dtype, design, prec,
+        )  # fmt: skip
         ctx.save_for_backward(x, weight, lora_A, lora_B, h_s, key)
+        ctx.packed = packed
         ctx.args = (scaling, dropout_p)
         ctx.dtypes = (base_dtype, lora_dtype)
         ctx.bias_dtype = base_dtype if bias is None else bias.dtype
@@ -244,12 +258,12 @@ class _TritonLoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, h_s, key = ctx.saved_tensors
-        need_dx, need_dW, need_dbias, need_dA, need_dB = ctx.needs_input_grad[:5]
+        need_dx, need_dW, need_dbias, need_dA, need_dB = ctx.needs_input_grad[:5]  # packed bytes: never need_dW
         dx = dW = dbias = dA = dB = None
         if need_dx or need_dA or need_dB or need_dbias:
             dx, dA, dB, dbias = torch.ops.lora_fast.triton_lora_backward(
-                grad_y, x, weight, lora_A, lora_B, h_s, *ctx.args, key, *ctx.dtypes, ctx.bias_dtype, *ctx.options,
-                need_dx, need_dA, need_dB, need_dbias,
+                grad_y, x, _dense(weight, ctx.packed, ctx.dtypes[0]), lora_A, lora_B, h_s, *ctx.args, key,
+                *ctx.dtypes, ctx.bias_dtype, *ctx.options, need_dx, need_dA, need_dB, need_dbias,
             )  # fmt: skip
             dx, dA, dB = (dx if need_dx else None), (dA if need_dA else None), (dB if need_dB else None)
             dbias = dbias if need_dbias else None
@@ -259,7 +273,7 @@ class _TritonLoRAFunction(torch.autograd.Function):
             base_dtype = ctx.dtypes[0]
             g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(base_dtype)
             dW = (g2.t() @ x.reshape(-1, x.shape[-1]).to(base_dtype)).to(weight.dtype)
-        return dx, dW, dbias, dA, dB, None, None, None, None, None, None, None
+        return dx, dW, dbias, dA, dB, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------- entry point
@@ -267,7 +281,7 @@ class _TritonLoRAFunction(torch.autograd.Function):
 
 def _lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | PackedWeight,
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -275,7 +289,8 @@ def _lora_linear(
     dropout_p: float,
     seed: int | None,
 ) -> torch.Tensor:
-    """``y = x Wᵀ + bias + scaling · (drop(x) Aᵀ) Bᵀ`` by the fused kernels, ``weight (N, K)`` with any strides:
+    """``y = x Wᵀ + bias + scaling · (drop(x) Aᵀ) Bᵀ`` by the fused kernels, ``weight (N, K)`` with any strides or
+    GGUF-packed (dequantised per pass into a fresh buffer, :mod:`lora_fast.gguf.triton_op`; only its bytes are saved):
     :func:`lora_fast.lora_linear`'s ``triton`` backend, on inputs it has checked.
 
     With ``dropout_p > 0`` the mask's key is drawn on x's device from torch's generator when ``seed`` is None (a new
@@ -283,7 +298,10 @@ def _lora_linear(
     """
     base_dtype, lora_dtype = compute_dtypes(x, lora_A)
     key = dropout_key(x.device, seed) if dropout_p > 0 else None
+    packed = None
+    if isinstance(weight, PackedWeight):
+        weight, packed = weight.data, (weight.qtype, weight.shape, weight.dtype)
     return _TritonLoRAFunction.apply(
         x, weight, bias, lora_A, lora_B, scaling, dropout_p, key, base_dtype, lora_dtype, config.design,
-        fp32_precision(),
+        fp32_precision(), packed,
     )  # fmt: skip

@@ -169,19 +169,23 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _read(path: Path) -> dict[str, Any]:
-    """The checkpoint at ``path`` read with ``weights_only=True``: tensors and plain Python values only."""
+def read_plain(path: Path, holder: str, broken: str) -> Any:
+    """``path`` read with ``weights_only=True`` (tensors and plain Python values only); a file holding anything else is
+    refused as one that ``holder`` never writes, an unreadable one as ``broken`` (both a CheckpointError)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{path} was refused: it holds Python objects other than tensors and plain values, which a checkpoint of "
-            f"train_sentiment.py never holds and which could run code when loaded ({first_line(exc, 160)})"
+            f"{path} was refused: it holds Python objects other than tensors and plain values, which {holder} never "
+            f"holds and which could run code when loaded ({first_line(exc, 160)})"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(
-            f"{path} cannot be read ({first_line(exc, 160)}); the file is corrupt or truncated"
-        ) from None
+        raise CheckpointError(f"{path} cannot be read ({first_line(exc, 160)}); {broken}") from None
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path``, its fields checked."""
+    state = read_plain(path, "a checkpoint of train_sentiment.py", "the file is corrupt or truncated")
     keys = ("step", "trainable", "optimizer", "scheduler", "scaler", "rng", "extra")
     if not isinstance(state, dict) or any(k not in state for k in keys):
         raise CheckpointError(f"{path} is not a checkpoint of train_sentiment.py (expected the fields {keys})")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from torch.distributed.tensor import DTensor
 
 from lora_fast.io import atomic_directory, recover_directory
-from lora_fast.study.checkpoint import nonfinite_entries, rng_state, set_rng_state
+from lora_fast.study.checkpoint import nonfinite_entries, read_plain, rng_state, set_rng_state
 from lora_fast.study.distributed import all_sum, rank_and_world
 from lora_fast.study.errors import CheckpointError, NonFiniteError, first_line
 from lora_fast.study.fsdp import reshard
@@ -145,17 +144,7 @@ def save_sharded_checkpoint(
 
 def _read_meta(path: Path) -> dict[str, Any]:
     meta_path = path / META_NAME
-    try:
-        meta = torch.load(meta_path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{meta_path} was refused: it holds Python objects other than tensors and plain values, which a "
-            f"checkpoint never holds and which could run code when loaded ({first_line(exc, 160)})"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(
-            f"{meta_path} cannot be read ({first_line(exc, 160)}); the checkpoint is incomplete"
-        ) from None
+    meta = read_plain(meta_path, "a checkpoint", "the checkpoint is incomplete")
     if not isinstance(meta, dict) or any(k not in meta for k in _META_KEYS):
         raise CheckpointError(
             f"{path} is not a sharded checkpoint of this study (expected {meta_path} with {_META_KEYS})"

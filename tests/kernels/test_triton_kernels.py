@@ -317,7 +317,9 @@ def test_fp32_precision_follows_torch(monkeypatch):
 
     x, weight, b, A, B = _make(4, 48, 40, 8, torch.float32, True, "linear", True, "cpu")
     seen = []
-    monkeypatch.setattr(triton_backend._TritonLoRAFunction, "apply", lambda *args: seen.append(args[-1]))
+    monkeypatch.setattr(
+        triton_backend._TritonLoRAFunction, "apply", lambda *args: seen.append(args[-2])
+    )  # (..., prec, packed)
     monkeypatch.setattr(config, "fp32_precision", "auto")
     saved = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision
     try:
