@@ -112,8 +112,7 @@ MIRRORS |= {"bench": ROOT / "bench", "real": None}  # tests/real: the real-model
 
 
 def test_tests_mirror_the_modules_they_test():
-    """``tests/test_<module>[_<aspect>].py`` for ``lora_fast/<module>.py``; a folder per sub-package; no two test
-    files share a name (pytest imports them by their base name)."""
+    """``tests/test_<module>[_<aspect>].py`` for ``lora_fast/<module>.py``; a folder per sub-package."""
     modules = {p.stem for p in (ROOT / "lora_fast").glob("*.py") if p.stem != "__init__"}
     tests = ROOT / "tests"
     strays = [
@@ -126,9 +125,19 @@ def test_tests_mirror_the_modules_they_test():
     folders = {p.name for p in tests.iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
     assert folders == set(MIRRORS), folders
     assert all(path is None or path.is_dir() for path in MIRRORS.values())
-    names = [p.name for p in tests.rglob("test_*.py")]
-    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
     bench_tests = [str(p.relative_to(ROOT)) for p in tests.rglob("test_*.py") if p.parent.name != "bench"]
     assert [
         p for p in bench_tests if re.search(r"^\s*(from bench\b|import bench\b)", (ROOT / p).read_text(), re.M)
     ] == []
+
+
+def test_no_test_folder_shadows_an_installed_module():
+    """pytest imports test files by path (``--import-mode=importlib``) and puts no test folder on ``sys.path``: else,
+    without the optional ``gguf`` package, ``import gguf`` would find ``tests/gguf/`` and the tests that should skip
+    for want of it would fail instead."""
+    import importlib.util
+
+    for folder in (p for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name.isidentifier()):
+        spec = importlib.util.find_spec(folder.name)
+        places = [] if spec is None else [*(spec.submodule_search_locations or []), spec.origin or ""]
+        assert not [p for p in places if str(p).startswith(str(folder))], (folder.name, places)
