@@ -58,10 +58,7 @@ def check_dropout_p(dropout_p: float, name: str = "dropout_p") -> float:
     can draw: p has a resolution of 1/65536, and a nonzero p that rounds to 0 or 1 is refused
     (:func:`lora_fast.reference.dropout_threshold`)."""
     _check_real(name, dropout_p)
-    try:
-        dropout_threshold(float(dropout_p))
-    except ValueError as e:
-        raise ValueError(str(e).replace("dropout_p", name)) from None
+    dropout_threshold(float(dropout_p), name)
     return float(dropout_p)
 
 

@@ -262,7 +262,7 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
     name raises before any layer changes."""
     check_backend(backend)
     for layer in _layers(model):
-        layer._backend = backend  # checked once above, for every layer
+        layer.backend = backend
     return model
 
 

@@ -41,22 +41,22 @@ __all__ = [
 DROPOUT_LANES = 65536
 
 
-def dropout_threshold(p: float) -> int:
-    """``round(p · 2¹⁶)``: 16 random bits below it drop an element. Refuses (ValueError naming dropout_p and the
+def dropout_threshold(p: float, name: str = "dropout_p") -> int:
+    """``round(p · 2¹⁶)``: 16 random bits below it drop an element. Refuses (ValueError naming ``name`` and the
     value) a p outside [0, 1), and one that rounds to "keep all" (0, unless p is exactly 0) or "drop all" (2¹⁶): the
     mask cannot draw them, and scaling by 1/(1-p) would then be wrong."""
     if not 0.0 <= p < 1.0:  # NaN fails both comparisons
-        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+        raise ValueError(f"{name} must be in [0, 1), got {p}")
     threshold = round(p * DROPOUT_LANES)
     if threshold >= DROPOUT_LANES:
         raise ValueError(
-            f"dropout_p = {p} rounds to 1 at the dropout mask's resolution of 1/{DROPOUT_LANES}, which would drop "
-            f"every element; use dropout_p <= {(DROPOUT_LANES - 1) / DROPOUT_LANES}"
+            f"{name} = {p} rounds to 1 at the dropout mask's resolution of 1/{DROPOUT_LANES}, which would drop "
+            f"every element; use {name} <= {(DROPOUT_LANES - 1) / DROPOUT_LANES}"
         )
     if threshold == 0 and p != 0.0:
         raise ValueError(
-            f"dropout_p = {p} rounds to 0 at the dropout mask's resolution of 1/{DROPOUT_LANES}, which would drop "
-            f"nothing; use dropout_p = 0 or dropout_p >= {1 / DROPOUT_LANES}"
+            f"{name} = {p} rounds to 0 at the dropout mask's resolution of 1/{DROPOUT_LANES}, which would drop "
+            f"nothing; use {name} = 0 or {name} >= {1 / DROPOUT_LANES}"
         )
     return threshold
 

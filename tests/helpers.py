@@ -111,6 +111,17 @@ def run_script(
     )
 
 
+def run_compile_tier(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` (a compile tier of bench/) in a fresh process at the repository root, with
+    Triton's interpreter off (the kernels are compiled for real GPU targets, never run) and one thread per math
+    library; output captured, 10 minutes at most."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
 def error_lines(stderr: str) -> list[str]:
     """The lines of ``stderr`` that report an error (``error: ...``), after a carriage return where a progress bar
     shares the line."""

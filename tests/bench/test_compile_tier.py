@@ -7,26 +7,14 @@ into interpreted functions, which cannot be compiled for a GPU. The schedule tes
 """
 
 import json
-import os
-import subprocess
-import sys
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_compile_tier
 
 RESULTS = ROOT / "bench" / "results" / "compile_tier.json"
 
 
 def test_compile_tier_verifies():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.compile_check", "--verify"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_compile_tier("bench.compile_check", "--verify")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "compile tier verified" in proc.stdout
 
