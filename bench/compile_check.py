@@ -22,8 +22,9 @@ Recorded per compile (:mod:`bench.sass`): shared memory, registers, spills, SASS
 tcgen05 (sm_100) and mma.sync instructions, and per main loop its MMAs and wgmma waits (``wgmma_waits_per_iter``).
 Checked (exit status 1 on failure, :mod:`bench.compile_report`): every candidate of every table fits its target (so
 no launch falls back there), none spills for R <= 64, the 16-bit GEMMs issue wgmma on sm_90 and tcgen05 on sm_100,
-every main loop of the bf16/fp16 kernels on sm_90 waits at most once per iteration, each list's fallback fits 99 KB
-with the largest operands, the mask's instructions per element are at most a quarter of the previous design's.
+every main loop of the bf16/fp16 (and autocast) kernels on sm_90 waits at most once per iteration up to R = 128,
+each list's fallback fits 99 KB with the largest operands, the mask's instructions per element are at most a quarter
+of the previous design's.
 Results: ``bench/results/compile_tier.json`` and a markdown table; a compile is reused from that file while its
 kernel's source (Triton's hash) and Triton are unchanged.
 """

@@ -12,9 +12,9 @@ from lora_fast.kernels import cost, designs
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "KERNELS.md"
 GEMMS = ("_lora_forward_kernel", "_lora_dx_kernel")
 SIXTEEN = {name for name, (base, *_) in DTYPES.items() if base.itemsize == 2}  # a 16-bit base product
-# The bf16/fp16 main loops must keep their wgmmas in flight (at most one wait per iteration), at the ranks that are a
-# multiple of 16 up to 128 (at R = 4 and 8, and at R = 256 in the fused kernels, they do not: docs/KERNELS.md).
-WAITS_DTYPES, WAITS_RANKS = ("bf16", "fp16"), (16, 32, 64, 128)
+# The 16-bit main loops (bf16, fp16, and bf16 autocast over fp32 LoRA weights) must keep their wgmmas in flight (at
+# most one wait per iteration) at every rank up to 128 (at R = 256 the fused kernels do not: docs/KERNELS.md).
+WAITS_DTYPES, WAITS_RANKS = ("bf16", "fp16", "bf16+fp32-autocast"), (4, 8, 16, 32, 64, 128)
 # fp32 rank work on the FMA units holds fp32 copies of the 16-bit tiles in registers: the fused kernels (which auto
 # does not run with it) are recorded, not checked, for spills; the launches auto makes are.
 FMA_RANK_WORK = ("bf16+fp32", "bf16+fp32-tf32", "fp16+fp32")
@@ -207,8 +207,9 @@ def _replace_block(text: str, name: str, body: str) -> str:
 
 
 def write_docs(table: str) -> None:
-    """Refresh the generated blocks of docs/KERNELS.md: the compile table, the estimate and the wave tables."""
+    """Refresh the generated blocks of docs/KERNELS.md: the compile table, the estimate, target and wave tables."""
     text = _replace_block(DOCS.read_text(), "compile-table", table)
     text = _replace_block(text, "estimate", designs.estimate_markdown())
+    text = _replace_block(text, "targets", designs.targets_markdown())
     text = _replace_block(text, "waves", designs.waves_markdown())
     DOCS.write_text(text)

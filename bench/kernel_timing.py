@@ -18,8 +18,15 @@ weights without autocast (PEFT's default set-up). Per row, GPU time (``triton.te
   forward + backward through autograd, as a user runs it;
 - ``predicted``: the cost model's estimate (H100) for the floor and each design.
 
-``kernel_timing.json`` and ``designs.json`` (per row, the measured fastest design of each pass, stamped with the GPU)
-are rewritten atomically after every row, so a run cut short keeps what it measured; ``kernel_timing.md`` at the end.
+The calibration: every timed launch is paired with its launch in the cost model's plan (the floor's cuBLAS
+products, and each design's Triton kernels in plan order, matched by kernel name; a pass whose launches differ
+from the plan's, or one that fell back from the table's tile, is listed in ``unpaired`` and left out), and
+:func:`lora_fast.kernels.cost.fit` solves the model for its ``cublas``, ``triton`` and ``hbm`` figures over all
+rows with one dtype (a mixed row's fp32 rank work is not what those figures price).
+
+``kernel_timing.json`` and ``designs.json`` (per row, the measured fastest design of each pass, stamped with the GPU,
+and the calibration) are rewritten atomically after every row, so a run cut short keeps what it measured;
+``kernel_timing.md`` at the end.
 """
 
 from __future__ import annotations
@@ -169,21 +176,63 @@ def time_row(M: int, K: int, N: int, R: int, p: float, lora_dtype: torch.dtype, 
     return row
 
 
+def launch_pairs(row: dict, machine: cost.Machine) -> tuple[list[tuple[cost.Launch, float]], list[str]]:
+    """The row's timed launches paired with the cost model's (Launch, seconds), and the passes left unpaired."""
+    dt = {"bf16": bf16, "fp32": f32}[row["dtype"]]
+    lora_dtype = getattr(torch, row["lora_dtype"])
+    precision = "ieee" if lora_dtype == f32 else "tf32"
+    shape = cost.Shape(row["M"], row["N"], row["K"], row["R"], row["p"], dt, lora_dtype, precision)
+    floor = cost.floor_plan(shape)
+    pairs = [(floor[pass_][0], row["floor"][pass_] / 1e3) for pass_ in ("forward", "backward")]
+    unpaired = []
+    plans = {"forward": cost.forward_plan, "backward": cost.backward_plan}
+    for design in designs.DESIGNS:
+        for pass_, plan in plans.items():
+            ran = designs.choose(pass_, design, shape, designs.hybrid_supported(dt, dt))
+            launches = [la for la in plan(shape, ran, machine) if la.impl in ("triton", "memory")]
+            timed = row["designs"][design]["kernels"][pass_]
+            names = [cost.TRITON_KERNELS.get(la.kernel) for la in launches]
+            if names != [k["kernel"] for k in timed] or any(k["candidate"] for k in timed):
+                unpaired.append(f"{row['K']}→{row['N']} p={row['p']} {design} {pass_}: plan {names}, ran "
+                                f"{[(k['kernel'], k['candidate']) for k in timed]}")  # fmt: skip
+                continue
+            pairs += [(la, k["ms"] / 1e3) for la, k in zip(launches, timed, strict=True)]
+    return pairs, unpaired
+
+
+def calibration(meta: dict, rows: list[dict], machine: cost.Machine) -> dict:
+    """The cost model's figures fitted to the rows with one dtype (:func:`lora_fast.kernels.cost.fit`), as the
+    record designs.json carries, with the passes left unpaired."""
+    pairs, unpaired = [], []
+    for row in rows:
+        if row["dtypes"] == row["dtype"]:
+            more, missed = launch_pairs(row, machine)
+            pairs += more
+            unpaired += missed
+    record = cost.calibration_record(machine, cost.fit(pairs, machine), meta["device"])
+    return dict(record, unpaired=unpaired)
+
+
 def _write(path: pathlib.Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(path)
 
 
-def design_table(meta: dict, rows: list[dict]) -> dict:
+def design_table(meta: dict, rows: list[dict], calibrated: dict) -> dict:
     """The measured design table :func:`lora_fast.kernels.designs.load_table` reads: per row the fastest design of
-    each pass (a mixed row's dtypes are named ``bf16+fp32``, so it does not stand in for plain bf16)."""
+    each pass (a mixed row's dtypes are named ``bf16+fp32``, so it does not stand in for plain bf16), and the
+    calibration that prices the shapes it does not hold."""
     out = [dict(K=r["K"], N=r["N"], R=r["R"], p=r["p"], M=r["M"], dtype=r["dtypes"], **r["fastest"]) for r in rows]
-    return {"device": meta["device"], "triton": meta["triton"], "date": meta["date"], "rows": out}
+    return {"device": meta["device"], "triton": meta["triton"], "date": meta["date"], "rows": out,
+            "calibration": calibrated}  # fmt: skip
 
 
-def markdown(meta: dict, rows: list[dict]) -> str:
+def markdown(meta: dict, rows: list[dict], calibrated: dict) -> str:
     lines = [f"# LoRA layer passes, {meta['device']}, M = {meta['M']} (median ms: {meta['timing']})", ""]
+    figures = ", ".join(f"{k} = {calibrated[k]:.4g} ({calibrated['samples'][k]} launches)" for k in cost.CALIBRATED)
+    lines += [f"Calibrated cost model ({calibrated['base']} data sheet): {figures}; "
+              f"{len(calibrated['unpaired'])} passes unpaired.", ""]  # fmt: skip
     lines += ["| K→N | R | p | LoRA | pass | floor | fused | split | hybrid | fastest | auto picks | predicted best |"]
     lines += ["|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -237,15 +286,18 @@ def main(argv: list[str] | None = None) -> int:
         "M": M,
         "timing": "do_bench_cudagraph" if args.device == "cuda" else "wall clock, Triton interpreter",
     }
+    info = configs.device_info(torch.device(args.device))
+    machine = cost.base_machine(info.capability, info.num_sms)
     rows: list[dict] = []
     for K, N, R, p, lora_dtype in TINY if args.device == "cpu" else ROWS:
         rows.append(time_row(M, K, N, R, p, lora_dtype, args.device))
-        _write(out / "kernel_timing.json", {"meta": meta, "rows": rows})
-        _write(out / "designs.json", design_table(meta, rows))
+        calibrated = calibration(meta, rows, machine)
+        _write(out / "kernel_timing.json", {"meta": dict(meta, calibration=calibrated), "rows": rows})
+        _write(out / "designs.json", design_table(meta, rows, calibrated))
         print(
             json.dumps({k: rows[-1][k] for k in ("K", "N", "p", "lora_dtype", "floor", "fastest", "auto")}), flush=True
         )
-    table = markdown(meta, rows)
+    table = markdown(meta, rows, calibrated)
     (out / "kernel_timing.md").write_text(table)
     print(table)
     return 0

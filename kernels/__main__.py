@@ -1,10 +1,28 @@
-"""``python -m lora_fast.kernels`` prints the cost model's H100 estimate (:func:`kernels.designs.estimate_markdown`).
+"""``python -m lora_fast.kernels [--table designs.json]`` prints the cost model's estimate
+(:func:`kernels.designs.estimate_markdown`) and what the targets need (:func:`kernels.designs.targets_markdown`),
+on the data-sheet H100 or, with ``--table``, on the machine a device run's design table calibrated.
 
 The entry point is the package's, not ``kernels.designs``'s: the package imports that module (its launchers choose
 their design with it), so ``python -m lora_fast.kernels.designs`` would run a second copy of it, which runpy warns
 about.
 """
 
-from .designs import estimate_markdown
+import argparse
 
-print(estimate_markdown())
+from .cost import CALIBRATED, H100
+from .designs import estimate_markdown, load_table, targets_markdown
+
+parser = argparse.ArgumentParser(prog="python -m lora_fast.kernels", description=__doc__.split("\n\n")[0])
+parser.add_argument("--table", help="a device run's designs.json: its calibrated figures instead of the data sheet's")
+args = parser.parse_args()
+machine = H100
+if args.table:
+    try:
+        machine = load_table(args.table)["machine"]
+    except ValueError as e:
+        parser.error(str(e))
+    if machine is None:
+        parser.error(f"{args.table}: this design table holds no calibration (written before calibration existed)")
+    print(", ".join(f"{k} = {getattr(machine, k):.4g}" for k in CALIBRATED), f"({machine.name})\n")
+print(estimate_markdown(machine=machine))
+print(targets_markdown(machine=machine))

@@ -150,11 +150,14 @@ def skinny_configs(M: int, block_r: int, elem_bytes: int, info: DeviceInfo) -> l
     ]
 
 
-def reduce_configs(block_r: int, dtype: torch.dtype, input_precision: str) -> list[KernelConfig]:
+def reduce_configs(
+    block_r: int, dtype: torch.dtype, input_precision: str, interpret: bool | None = None
+) -> list[KernelConfig]:
     """Candidates for the split reduction over M (programs own BLOCK_C columns × the rank, loop over rows in 32-row
     steps); fp32 "ieee" and ranks from 32 take 32-column blocks, 8 warps hold the rank (no spill on sm_80,
-    bench/compile_check.py)."""
-    if interpreting():
+    bench/compile_check.py). ``interpret``: the interpreter's candidate (default: whether it runs); the cost model
+    asks for a GPU's."""
+    if interpreting() if interpret is None else interpret:
         return [cfg(BLOCK_M=16, BLOCK_C=32, num_warps=4, num_stages=1)]
     cls = dtype_class(dtype, input_precision)
     narrow = block_r >= 32 or cls == "ieee"

@@ -1,5 +1,5 @@
-"""The calibrated cost model: per launch of each design, of the frozen-layer floor and of PEFT's eager path, the
-tensor-core FLOPs, the HBM bytes, the L2 re-reads, the dropout mask draws and the CTAs, and the time they predict.
+"""The cost model: per launch of each design, of the frozen-layer floor and of PEFT's eager path, the tensor-core
+FLOPs, the HBM bytes, the L2 re-reads, the dropout mask draws and the CTAs, and the time they predict.
 
 Predicted time of a launch on a :class:`Machine`:
 
@@ -15,15 +15,19 @@ Predicted time of a launch on a :class:`Machine`:
 - ``draws``: dropout mask elements, ~12.5 SASS integer instructions each (measured in the compile tier), competing
   with the MMAs for issue slots.
 
-The constants are public figures and assumptions, stated in :data:`H100` and :data:`A100`; nothing here is measured
-on a GPU. ``bench/device_check.sh`` measures each kernel against its cuBLAS counterpart and writes a design table
-that :func:`kernels.designs.choose` loads (``LORA_FAST_DESIGNS=file.json``) in place of these predictions.
+The constants of :data:`H100` and :data:`A100` are public figures and assumptions; nothing in them is measured on a
+GPU. Calibration replaces the three that decide most predictions: ``bench/device_check.sh`` times each kernel alone
+beside its cuBLAS counterpart, :func:`fit` solves the model for ``cublas``, ``triton`` and ``hbm`` from those
+timings, and the record goes into the run's design table, which :func:`kernels.designs.choose` loads
+(``LORA_FAST_DESIGNS=file.json``: the measured design for the shapes it holds, the calibrated model for the rest)
+and ``python -m lora_fast.kernels --table file.json`` prints the estimate with.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 
 import torch
 
@@ -52,6 +56,7 @@ class Machine:
     launch: float = 2e-6  # s between dependent launches in one stream
     cublas: float = 0.70
     triton: float = 0.88
+    full_waves: bool = False  # True: every Triton grid fills its last wave (what-if rows of the target table)
 
 
 # H100 SXM (data sheet: 3.35 TB/s, 989 / 494 / 67 TFLOP/s dense, 132 SMs at 1.755 GHz boost); L2 at 64 B per SM and
@@ -66,8 +71,9 @@ A100 = Machine("A100 SXM", 108, (8, 0), 2.04e12, 108 * 64 * 1.41e9, {"16": 312e1
 
 @dataclasses.dataclass
 class Launch:
-    """One kernel launch: what it must compute and move. ``impl``: "triton", "cublas" or "memory" (an elementwise or
-    skinny pass: bandwidth-bound, its FLOPs at the tensor cores' rate). ``ctas``: the GEMM grid, for the wave fill."""
+    """One kernel launch: what it must compute and move. ``impl``: "triton" (a Triton GEMM), "cublas", "memory" (an
+    elementwise or skinny pass: bandwidth-bound, its FLOPs at the tensor cores' rate) or "torch" (a torch op the
+    launchers run, priced as "memory"). ``ctas``: the GEMM grid, for the wave fill."""
 
     kernel: str
     flops: float
@@ -83,10 +89,25 @@ class Launch:
     def seconds(self, machine: Machine = H100) -> float:
         loop = machine.cublas
         if self.impl == "triton" and self.ctas:
-            loop *= machine.triton * wave_fill(self.ctas, machine.sms)
+            loop *= machine.triton * (1.0 if machine.full_waves else wave_fill(self.ctas, machine.sms))
         compute = self.flops / (machine.mma[self.mma] * loop) + self.lora_flops / (machine.mma[self.lora_mma] * loop)
         compute += self.draws * RNG_INSTR / machine.int_rate
         return max(self.bytes / machine.hbm, self.l2_bytes / machine.l2, compute) + machine.launch
+
+
+# The Triton kernel behind each launch of the designs' plans (a device run pairs its timings with the plans by it).
+TRITON_KERNELS = {
+    "forward, h fused": "_lora_forward_kernel",
+    "forward, h_s read": "_lora_forward_kernel",
+    "skinny h_s": "_lora_skinny_kernel",
+    "skinny u_s": "_lora_skinny_kernel",
+    "C = bias + h_s Bᵀ": "_lora_rank_out_kernel",
+    "C = keep ⊙ u_s A; split-sum": "_lora_rank_out_kernel",
+    "dx, u fused, partials": "_lora_dx_kernel",
+    "dx, u_s read; split-sum": "_lora_dx_kernel",
+    "partials over splits": "_lora_reduce_kernel",
+    "split-sum": "_lora_finalize_kernel",
+}
 
 
 def wave_fill(ctas: int, sms: int) -> float:
@@ -226,7 +247,7 @@ def _partials(s: Shape, S: int) -> float:
 
 
 def _splits(s: Shape, machine: Machine = H100) -> int:
-    block_c = reduce_configs(s.rp, s.lora_dtype or s.dtype, s.precision)[0]["BLOCK_C"] if s.M else 64
+    block_c = reduce_configs(s.rp, s.lora_dtype or s.dtype, s.precision, interpret=False)[0]["BLOCK_C"]
     return max(1, min(math.ceil(s.M / 64), 4 * machine.sms // (math.ceil(s.K / block_c) + math.ceil(s.N / block_c))))
 
 
@@ -243,7 +264,10 @@ def backward_plan(s: Shape, design: str, machine: Machine = H100) -> list[Launch
         rank = col_tiles * 2 * 2 * M * N * rp + 2 * M * rp * K + 2 * M * K * rp
         fused = _gemm("dx, u fused, partials", s, 2 * M * N * K, dx_bytes + e * M * K + 4 * M * R + parts, tile,
                       "BLOCK_K", draws=s.draws, lora_flops=rank)  # fmt: skip
-        return [fused, Launch("split-sum", 0, parts + el * (K + N) * R + e * N, impl="memory")]
+        plan = [fused, Launch("split-sum", 0, parts + el * (K + N) * R + e * N, impl="memory")]
+        if R != rp:  # the fused loop reads B in whole padded rows: a copy padded with zeros (kernels.lora_backward)
+            plan.insert(0, Launch("B padded to the padded rank", 0, el * N * (R + rp), impl="torch"))
+        return plan
     S = _splits(s, machine)
     parts = _partials(s, S)
     skinny = Launch("skinny u_s", 2 * M * N * rp, e * M * N + el * N * R + 4 * M * R, 0, s.lora_mma, "memory")
@@ -260,3 +284,86 @@ def backward_plan(s: Shape, design: str, machine: Machine = H100) -> list[Launch
                  s.lora_mma, "memory")  # fmt: skip
     base = Launch("cuBLAS C += g W", 2 * M * N * K, e * (M * N + N * K + 2 * M * K), mma=s.mma, impl="cublas")
     return [skinny, reduce, out, base]
+
+
+# ---------------------------------------------------------------- calibration by a device run
+
+CALIBRATED = ("cublas", "triton", "hbm")
+
+
+def base_machine(capability: tuple[int, int], sms: int) -> Machine:
+    """The data-sheet machine a GPU of this capability is calibrated from (the A100's for sm_8x, else the H100's),
+    with its own SM count."""
+    machine = A100 if capability[0] == 8 else H100
+    return dataclasses.replace(machine, sms=sms, capability=tuple(capability))
+
+
+def fit(pairs: list[tuple[Launch, float]], machine: Machine = H100) -> dict:
+    """The model's three efficiency figures from measured launches (``pairs`` of a plan's :class:`Launch` and its
+    measured seconds, each launch timed alone), each the median over the launches that show it:
+
+    - ``cublas``: cuBLAS launches, ``FLOPs / (peak · (t - launch))``;
+    - ``hbm``: memory passes the model puts at their bytes, ``bytes / (t - launch)`` (achieved bytes/s);
+    - ``triton``: Triton GEMMs that ran longer than their byte bounds, the compute term solved for the loop
+      efficiency relative to the fitted ``cublas``, with the model's wave fill and mask cost taken as they are.
+
+    Launches within 1.5 launch gaps of nothing are left out (too short to show a rate). A figure no launch shows
+    keeps ``machine``'s value; ``samples`` says how many launches gave each."""
+    gap = machine.launch
+    timed = [(launch, t - gap) for launch, t in pairs if t > 1.5 * gap]
+    cublas = [la.flops / (machine.mma[la.mma] * t) for la, t in timed if la.impl == "cublas" and la.flops]
+    hbm = []
+    for la, t in timed:
+        compute = la.flops / (machine.mma[la.mma] * machine.cublas) + la.draws * RNG_INSTR / machine.int_rate
+        if la.impl == "memory" and la.bytes / machine.hbm >= compute:
+            hbm.append(la.bytes / t)
+    figures = {"cublas": _median(cublas, machine.cublas), "hbm": _median(hbm, machine.hbm)}
+    triton = []
+    for la, t in timed:
+        if la.impl != "triton" or not la.ctas:
+            continue
+        fill = 1.0 if machine.full_waves else wave_fill(la.ctas, machine.sms)
+        work = la.flops / machine.mma[la.mma] + la.lora_flops / machine.mma[la.lora_mma]
+        busy = t - la.draws * RNG_INSTR / machine.int_rate
+        if busy > max(la.bytes / figures["hbm"], la.l2_bytes / machine.l2):
+            triton.append(work / (figures["cublas"] * fill * busy))
+    figures["triton"] = _median(triton, machine.triton)
+    figures["samples"] = {"cublas": len(cublas), "triton": len(triton), "hbm": len(hbm)}
+    return figures
+
+
+def _median(values: list[float], default: float) -> float:
+    return float(statistics.median(values)) if values else default
+
+
+def calibrated(machine: Machine, figures: dict, device: str) -> Machine:
+    """``machine`` with the fitted figures of :func:`fit` (named for the device they were measured on)."""
+    return dataclasses.replace(machine, name=f"{device} (calibrated)", **{k: float(figures[k]) for k in CALIBRATED})
+
+
+def calibration_record(machine: Machine, figures: dict, device: str) -> dict:
+    """The JSON record of a calibration (kept in a device run's designs.json): the base machine, the GPU, the
+    figures and how many launches gave each."""
+    return {"device": device, "base": machine.name.removesuffix(" (calibrated)"), "sms": machine.sms,
+            "capability": list(machine.capability), **{k: figures[k] for k in CALIBRATED},
+            "samples": figures["samples"]}  # fmt: skip
+
+
+def machine_from_record(record: dict, source: str) -> Machine:
+    """The calibrated :class:`Machine` of a record of :func:`calibration_record`; ValueError naming ``source`` when
+    it is not one."""
+    try:
+        bases = {m.name: m for m in (H100, A100)}
+        if record["base"] not in bases:
+            raise ValueError(f"base machine {record['base']!r} is none of {sorted(bases)}")
+        figures = {k: float(record[k]) for k in CALIBRATED}
+        bad = {k: v for k, v in figures.items() if not (math.isfinite(v) and v > 0)}
+        if bad:
+            raise ValueError(f"figures must be finite and > 0, got {bad}")
+        sms, capability = int(record["sms"]), tuple(int(c) for c in record["capability"])
+        if sms <= 0 or len(capability) != 2:
+            raise ValueError(f"sms {sms} and capability {capability} are not a GPU's")
+        machine = dataclasses.replace(bases[record["base"]], sms=sms, capability=capability)
+        return calibrated(machine, figures, str(record["device"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{source}: not a calibration of bench/kernel_timing.py ({e})") from e

@@ -10,12 +10,15 @@ asking for it runs ``split``.
 A measured table (``LORA_FAST_DESIGNS=path.json``, written by ``bench/device_check.sh``) replaces the prediction for
 the shapes it holds, on the GPU it was measured on (a table from another GPU, or a corrupt one, is refused with a
 ValueError naming the file): rows ``{"K", "N", "R", "p", "dtype", "M", "forward", "backward"}``, matched on K, N,
-the padded rank, dropout on or off and the dtypes (:func:`dtype_key`: "bf16", "bf16+fp32"), then the nearest M. The
-choice is a pure function of the shape (and the table), the same in every process.
+the padded rank, dropout on or off and the dtypes (:func:`dtype_key`: "bf16", "bf16+fp32"), then the nearest M. Its
+``calibration`` (:func:`kernels.cost.calibration_record`, the model's efficiency figures fitted to the same run)
+prices the shapes it does not hold. The choice is a pure function of the shape (and the table), the same in every
+process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -33,6 +36,7 @@ from .cost import (
     floor_plan,
     forward_plan,
     gemm_tile,
+    machine_from_record,
     peft_plan,
     total_seconds,
 )
@@ -64,8 +68,9 @@ _TABLES: dict[tuple[str, float], dict] = {}
 
 
 def load_table(path: str | os.PathLike) -> dict:
-    """The design table at ``path``: ``{"device": name, "rows": {key: [(M, forward, backward), ...]}}``. Raises
-    ValueError naming the file and the problem where it is not a table this version wrote."""
+    """The design table at ``path``: ``{"device": name, "rows": {key: [(M, forward, backward), ...]}, "machine":
+    the calibrated Machine or None}``. Raises ValueError naming the file and the problem where it is not a table
+    this version wrote."""
     path = pathlib.Path(path)
     try:
         stamp = path.stat().st_mtime
@@ -83,21 +88,31 @@ def load_table(path: str | os.PathLike) -> dict:
                     raise ValueError(f"{pass_} design {row[pass_]!r} is none of {DESIGNS}")
             key = (int(row["K"]), int(row["N"]), block_r(int(row["R"])), float(row["p"]) > 0, str(row["dtype"]))
             rows.setdefault(key, []).append((int(row["M"]), row["forward"], row["backward"]))
-        table = {"device": str(data["device"]), "rows": rows}
+        device, record = str(data["device"]), data.get("calibration")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{TABLE_ENV}={path}: not a design table of bench/device_check.sh ({e!r})") from e
+    machine = None if record is None else machine_from_record(record, f"{TABLE_ENV}={path}")
+    table = {"device": device, "rows": rows, "machine": machine}
     _TABLES[(str(path), stamp)] = table
     return table
 
 
-def measured(pass_: str, s: Shape, device: str | None) -> str | None:
-    """The design the table of ``LORA_FAST_DESIGNS`` names for this pass and shape (None without a table or a row)."""
+def device_table(device: str | None) -> dict | None:
+    """The table of ``LORA_FAST_DESIGNS`` for this GPU (None without one); one measured on another GPU is refused."""
     path = os.environ.get(TABLE_ENV)
     if not path or device is None:
         return None
     table = load_table(path)
     if table["device"] != device:
         raise ValueError(f"{TABLE_ENV}={path} was measured on {table['device']}, but this GPU is {device}")
+    return table
+
+
+def measured(pass_: str, s: Shape, device: str | None) -> str | None:
+    """The design the table of ``LORA_FAST_DESIGNS`` names for this pass and shape (None without a table or a row)."""
+    table = device_table(device)
+    if table is None:
+        return None
     rows = table["rows"].get((s.K, s.N, s.rp, s.p > 0, dtype_key(s.dtype, s.lora_dtype)))
     if not rows:
         return None
@@ -110,12 +125,14 @@ def measured(pass_: str, s: Shape, device: str | None) -> str | None:
 
 def choose(pass_: str, design: str, s: Shape, hybrid: bool = True, device: str | None = None) -> str:
     """The design one pass runs: ``design`` itself unless "auto" (then the measured table's, else the lowest
-    prediction); "hybrid" becomes "split" where ``hybrid`` (:func:`hybrid_supported`) is False, and so does a
-    "fused" forward with dropout."""
+    prediction, by the table's calibrated model where it has one); "hybrid" becomes "split" where ``hybrid``
+    (:func:`hybrid_supported`) is False, and so does a "fused" forward with dropout."""
     if design not in CHOICES:
         raise ValueError(f"design must be one of {CHOICES}, got {design!r}")
     if design == "auto":
-        design = measured(pass_, s, device) or predicted(pass_, s, hybrid)
+        table = device_table(device)
+        machine = (table or {}).get("machine") or H100
+        design = measured(pass_, s, device) or predicted(pass_, s, hybrid, machine)
     if pass_ == "forward" and design == "fused" and s.p > 0:
         return "split"  # the fused forward would draw the mask once per column tile (kernels.lora_forward)
     return "split" if design == "hybrid" and not hybrid else design
@@ -211,6 +228,44 @@ def estimate_markdown(M: int = 8192, shapes=HEADLINE, machine: Machine = H100) -
                     f"| {launch.ctas or '–'} | {launch.draws / 1e6:.2f} | {1e6 * launch.seconds(machine):.1f} |"
                 )
     return "\n".join(lines) + "\n\nPer launch of `auto`:\n\n" + "\n".join(detail) + "\n"
+
+
+# ---------------------------------------------------------------- what the targets need (docs/KERNELS.md)
+
+# The kernels' targets, auto / floor at bf16, M = 8192, R = 16: (K, N, p) -> the most auto may take.
+TARGETS = {(768, 2304, 0.0): 1.25, (3072, 768, 0.0): 1.25, (768, 2304, 0.1): 1.35, (3072, 768, 0.1): 1.35}
+TARGETS[(4096, 4096, 0.0)] = 1.12
+
+
+def auto_ratio(s: Shape, machine: Machine) -> float:
+    """``auto``'s predicted forward + backward time over the floor's, each pass its best design on ``machine``."""
+    floor = sum(total_seconds(plan, machine) for plan in floor_plan(s).values())
+    plans = {"forward": forward_plan, "backward": backward_plan}
+    return sum(total_seconds(plans[p](s, predicted(p, s, True, machine), machine), machine) for p in plans) / floor
+
+
+def targets_markdown(M: int = 8192, machine: Machine = H100) -> str:
+    """Per target shape, ``auto`` / floor by the model as it stands; with every Triton GEMM loop at cuBLAS's pace
+    (``triton`` = 1); with that and every grid filling its last wave; and with all that and the dropout mask free:
+    how far the loop efficiency, the waves and the mask could each take the designs there are."""
+    at_cublas = dataclasses.replace(machine, triton=1.0)
+    full = dataclasses.replace(at_cublas, full_waves=True)
+    free_mask = dataclasses.replace(full, int_rate=math.inf)
+    lines = [
+        f"{machine.name}, bf16, M = {M}, R = 16, `auto` / floor (cost model, not measured; ✓ within the target):",
+        "",
+        f"| K→N | p | target | model (Triton loop {machine.triton:.2f} of cuBLAS) | Triton loop = cuBLAS "
+        "| and every wave full | and the mask free |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (K, N, p), target in TARGETS.items():
+        s = Shape(M, N, K, 16, p)
+        cells = []
+        for m in (machine, at_cublas, full, free_mask):
+            ratio = auto_ratio(s, m)
+            cells.append(f"{ratio:.2f} {'✓' if ratio <= target else '✗'}")
+        lines.append(f"| {K}→{N} | {p} | ≤ {target} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- the wave table (docs/KERNELS.md)

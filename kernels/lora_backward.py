@@ -185,9 +185,12 @@ def _lora_dx_kernel(
             )
             acc = _dot(g, w, acc, BASE_DTYPE, INPUT_PRECISION, INTERPRET)
             if FUSE_U:
+                # B's rows hold BLOCK_R columns, zeros from R on, in LORA_DTYPE (the launcher makes a copy so where
+                # they do not): a mask on the rank (R = 4 or 8), rows not 16-element aligned, or fp32 tiles cast in
+                # registers (autocast) each cost the loop a second wgmma wait.
                 b = tl.load(
                     b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                    mask=mask_n[:, None] & mask_r[None, :],
+                    mask=mask_n[:, None],
                     other=0.0,
                 )
                 u = _dot(g, b, u, LORA_DTYPE, INPUT_PRECISION, INTERPRET)
@@ -363,13 +366,22 @@ def launch_lora_backward(
         BLOCK_F=finalize_configs()[0]["BLOCK_C"],
     )
     box: list[Partials] = []
+    # The fused loop reads B in whole rows of BLOCK_R, 16-element aligned (see its load), and on wgmma GPUs (sm_90)
+    # in the LoRA compute dtype: where B is not so (R not BLOCK_R, other strides, fp32 weights under autocast) a copy
+    # is, once per backward (N·BLOCK_R elements; the cast rounds as the kernel's per-tile cast does, to nearest
+    # even). On mma.sync GPUs the per-tile cast costs no wait, and a 16-bit B tipped sm_80's R = 64 tile into spills.
+    cast_b = lora_B.dtype != lora_dtype and info.capability[0] == 9
+    rows_b = lora_B
+    if fused and (R < BLOCK_R or lora_B.stride(1) != 1 or lora_B.stride(0) % 16 or cast_b):
+        rows_b = lora_B.to(lora_dtype) if cast_b else lora_B
+        rows_b = (torch.nn.functional.pad(rows_b, (0, BLOCK_R - R)) if R < BLOCK_R else rows_b).contiguous()
 
     def dx_args(c, u):
         if fused:  # the partials of each row block of this tile shape
             box[:] = [Partials.allocate(triton.cdiv(M, c["BLOCK_M"]), N, K, R, needs, spare)]
         parts = box[0]
-        pointers = (g, weight, lora_A, lora_B, x, h_s, u, dx, parts.a, parts.b, parts.bias, *outputs, key)
-        strides = (*g.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *x.stride(), *h_s.stride())
+        pointers = (g, weight, lora_A, rows_b, x, h_s, u, dx, parts.a, parts.b, parts.bias, *outputs, key)
+        strides = (*g.stride(), *weight.stride(), *lora_A.stride(), *rows_b.stride(), *x.stride(), *h_s.stride())
         strides += (*u.stride(), *dx.stride())
         return (*pointers, M, N, K, R, parts.S, *strides, float(scale), threshold, n_groups)
 
@@ -384,7 +396,10 @@ def launch_lora_backward(
         return dx, dA, dB, dbias
 
     # ---- split: 1: u_s = scale · g B (when dx or dA needs it)
-    u = torch.empty((M, R), dtype=torch.float32, device=dev) if (need_dx or need_dA) else spare
+    # u_s's rows padded to the padded rank (64-byte aligned whatever R is): at R = 4 or 8 rows of R made the split
+    # dx's main loop wait after every wgmma (bench/results/compile_tier.json).
+    u = torch.empty((M, BLOCK_R), dtype=torch.float32, device=dev) if (need_dx or need_dA) else spare
+    u = u[:, :R] if (need_dx or need_dA) and R < BLOCK_R else u
     if need_dx or need_dA:
         lora_skinny(g, lora_B, u, scale, 0, spare, lora_dtype, input_precision, info)
     # ---- 2: the dA/dB/dbias partials over row splits (x and g read once more, the mask drawn once)

@@ -21,8 +21,8 @@ A base weight the caller made trainable gets ``dW = gᵀ x`` (a plain matmul bes
 Settings (:data:`config`): ``fp32_precision`` ("auto" by default: fp32 operands round as torch's own fp32 matmuls do
 under the user's setting, see :func:`torch_fp32_precision`; "tf32" or "ieee", exact fp32, force one; env
 ``LORA_FAST_FP32_PRECISION``) and ``design`` ("auto" by default: fused, split or hybrid per pass and shape by the
-calibrated cost model of :mod:`lora_fast.kernels.cost`, or by a measured table, ``LORA_FAST_DESIGNS=file.json``;
-"fused", "split" or "hybrid" force one; env ``LORA_FAST_DESIGN``).
+cost model of :mod:`lora_fast.kernels.cost`, or by a measured table, ``LORA_FAST_DESIGNS=file.json``, and the
+model it calibrates; "fused", "split" or "hybrid" force one; env ``LORA_FAST_DESIGN``).
 """
 
 from __future__ import annotations

@@ -44,6 +44,12 @@ def test_dry_run_runs_every_step(real_data_dir, tmp_path):
 
     table = designs.load_table(out / "designs.json")
     assert table["device"] == timing["meta"]["device"] and sum(map(len, table["rows"].values())) == 2
+    # Every timed pass paired with its launches in the cost model's plans, and the model fitted to them (under the
+    # interpreter the Triton GEMMs are slower than any byte bound only by chance: no count asked of them here).
+    calibration = timing["meta"]["calibration"]
+    assert calibration["unpaired"] == [], calibration["unpaired"]
+    assert calibration["samples"]["cublas"] == 4 and calibration["samples"]["hbm"] > 0, calibration
+    assert table["machine"].name == f"{table['device']} (calibrated)"
     suite = ET.parse(out / "pytest_cuda.xml").getroot().find("testsuite")
     assert int(suite.get("tests")) > 0 and int(suite.get("skipped")) == int(suite.get("tests"))  # collected, skipped
     assert json.loads((out / "train_summary.json").read_text())

@@ -174,6 +174,30 @@ def test_launchers_write_every_element(design, dtype):
 
 
 @cpu_tier
+@pytest.mark.parametrize("R", [5, 16])
+def test_fused_backward_reads_any_layout_of_B(R):
+    """The fused dx reads B in whole padded rows: a B of R columns (padded to 16 in a copy) or a transposed view
+    (made contiguous) gives the bits a contiguous B gives, right against the reference, and B is left as it was."""
+    x, weight, _, A, B = (
+        t if t is None else t.detach() for t in _make(33, 48, 40, R, torch.float32, False, "linear", True, "cpu")
+    )
+    key, p = dropout_key("cpu", 11), 0.1
+    _, h = launch_lora_forward(x, weight, None, A, B, 0.5, p, key, design="split", input_precision="ieee")
+    g = torch.randn(33, 40, generator=torch.Generator().manual_seed(3))
+    run = lambda b: launch_lora_backward(g, x, weight, A, b, h, 0.5, p, key, design="fused", input_precision="ieee")  # noqa: E731
+    want = run(B.contiguous())
+    transposed = B.t().contiguous().t()  # (N, R) with strides (1, N)
+    kept = transposed.clone()
+    for got, ref in zip(run(transposed), want, strict=True):
+        assert (got is None and ref is None) or torch.equal(got, ref)
+    assert torch.equal(transposed, kept) and transposed.stride() == (1, 40)
+    mask = lora_dropout_mask(33, 48, p, key).double()
+    refs = reference.lora_backward(g.double(), x.double(), weight.double(), A.double(), B.double(), 0.5, mask)
+    for got, ref in zip(want[:3], refs, strict=True):
+        assert _rel(got, ref) <= TOL[torch.float32]
+
+
+@cpu_tier
 def test_partial_gradients_skip_work_but_stay_right():
     """Only dA asked for (x and B frozen): u must still come from the skinny kernel; dx/dB stay None."""
     x, weight, _, A, B = _make(17, 48, 40, 8, torch.float32, False, "linear", True, "cpu")
