@@ -6,8 +6,9 @@ table that ``auto`` loads (``LORA_FAST_DESIGNS=designs.json``).
     python3 bench/kernel_timing.py --out OUT --device cpu    # plumbing only: tiny shapes, Triton's interpreter
 
 Rows: K→N, M = 8192 tokens, Conv1D-layout weight, R = 16: 768→2304 and 3072→768 at p ∈ {0, 0.1}, 4096→4096 at
-p ∈ {0, 0.1}, all bf16; and one mixed row, 768→2304 at p = 0.1 with bf16 activations and weights and fp32 LoRA
-weights without autocast (PEFT's default set-up). Per row, GPU time (``triton.testing.do_bench_cudagraph``, median):
+p ∈ {0, 0.1}, all bf16; one mixed row, 768→2304 at p = 0.1 with bf16 activations and weights and fp32 LoRA weights
+without autocast (PEFT's default set-up); last, 768→2304 at R = 8 (PEFT's default rank: the fused dx reads a padded
+copy of B there), p = 0, bf16. Per row, GPU time (``triton.testing.do_bench_cudagraph``, median):
 
 - ``floor``: ``x Wᵀ + bias`` and ``g W`` by cuBLAS, each alone;
 - per design (fused, split, hybrid): the forward launcher and the backward launcher (dx, dA, dB), each alone, and
@@ -58,6 +59,7 @@ bf16, f32 = torch.bfloat16, torch.float32
 # (K, N, R, p, LoRA weights' dtype), most wanted first: a run cut short by its time limit keeps the rows it finished.
 ROWS = [(768, 2304, 16, 0.0, bf16), (768, 2304, 16, 0.1, bf16), (768, 2304, 16, 0.1, f32), (3072, 768, 16, 0.0, bf16)]
 ROWS += [(3072, 768, 16, 0.1, bf16), (4096, 4096, 16, 0.0, bf16), (4096, 4096, 16, 0.1, bf16)]
+ROWS += [(768, 2304, 8, 0.0, bf16)]
 TINY = [(48, 40, 8, 0.0, f32), (48, 40, 8, 0.1, f32)]  # --device cpu
 
 
