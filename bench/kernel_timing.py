@@ -69,6 +69,12 @@ def _eager(x, weight, bias, A, B, s, p):
     return torch.nn.functional.linear(x, weight, bias) + (s * ((drop @ A.t()) @ B.t())).to(x.dtype)
 
 
+def _precision(lora_dtype: torch.dtype) -> str:
+    """The fp32 precision of a row's rank work: torch's default ("ieee") for fp32 LoRA weights, as the backend's
+    "auto" takes it; "tf32" (unused by 16-bit dots) otherwise."""
+    return "ieee" if lora_dtype == f32 else "tf32"
+
+
 def _time(fn, device: str) -> float:
     """Median ms: GPU time from CUDA-graph replays (CUDA, eager events where capture fails); a plain timer on CPU."""
     if device == "cpu":
@@ -122,7 +128,7 @@ def time_row(M: int, K: int, N: int, R: int, p: float, lora_dtype: torch.dtype, 
     A, B = rnd(R, K, dtype=lora_dtype) / K**0.5, rnd(N, R, dtype=lora_dtype)
     g = rnd(M, N)
     key = dropout_key(device, 1) if p > 0 else None
-    precision = "ieee" if lora_dtype == f32 else "tf32"  # torch's default fp32 precision, as the backend's "auto"
+    precision = _precision(lora_dtype)
     info = configs.device_info(x.device)
     row = {"K": K, "N": N, "R": R, "p": p, "M": M, "dtype": "bf16" if dt == bf16 else "fp32"}
     row["lora_dtype"] = str(lora_dtype).removeprefix("torch.")
@@ -182,8 +188,7 @@ def launch_pairs(row: dict, machine: cost.Machine) -> tuple[list[tuple[cost.Laun
     """The row's timed launches paired with the cost model's (Launch, seconds), and the passes left unpaired."""
     dt = {"bf16": bf16, "fp32": f32}[row["dtype"]]
     lora_dtype = getattr(torch, row["lora_dtype"])
-    precision = "ieee" if lora_dtype == f32 else "tf32"
-    shape = cost.Shape(row["M"], row["N"], row["K"], row["R"], row["p"], dt, lora_dtype, precision)
+    shape = cost.Shape(row["M"], row["N"], row["K"], row["R"], row["p"], dt, lora_dtype, _precision(lora_dtype))
     floor = cost.floor_plan(shape)
     pairs = [(floor[pass_][0], row["floor"][pass_] / 1e3) for pass_ in ("forward", "backward")]
     unpaired = []

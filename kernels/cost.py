@@ -312,11 +312,12 @@ def fit(pairs: list[tuple[Launch, float]], machine: Machine = H100) -> dict:
     gap = machine.launch
     timed = [(launch, t - gap) for launch, t in pairs if t > 1.5 * gap]
     cublas = [la.flops / (machine.mma[la.mma] * t) for la, t in timed if la.impl == "cublas" and la.flops]
-    hbm = []
-    for la, t in timed:
+
+    def at_its_bytes(la: Launch) -> bool:
         compute = la.flops / (machine.mma[la.mma] * machine.cublas) + la.draws * RNG_INSTR / machine.int_rate
-        if la.impl == "memory" and la.bytes / machine.hbm >= compute:
-            hbm.append(la.bytes / t)
+        return la.bytes / machine.hbm >= compute
+
+    hbm = [la.bytes / t for la, t in timed if la.impl == "memory" and at_its_bytes(la)]
     figures = {"cublas": _median(cublas, machine.cublas), "hbm": _median(hbm, machine.hbm)}
     triton = []
     for la, t in timed:
@@ -344,7 +345,7 @@ def calibrated(machine: Machine, figures: dict, device: str) -> Machine:
 def calibration_record(machine: Machine, figures: dict, device: str) -> dict:
     """The JSON record of a calibration (kept in a device run's designs.json): the base machine, the GPU, the
     figures and how many launches gave each."""
-    return {"device": device, "base": machine.name.removesuffix(" (calibrated)"), "sms": machine.sms,
+    return {"device": device, "base": machine.name, "sms": machine.sms,
             "capability": list(machine.capability), **{k: figures[k] for k in CALIBRATED},
             "samples": figures["samples"]}  # fmt: skip
 

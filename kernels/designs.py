@@ -108,9 +108,8 @@ def device_table(device: str | None) -> dict | None:
     return table
 
 
-def measured(pass_: str, s: Shape, device: str | None) -> str | None:
-    """The design the table of ``LORA_FAST_DESIGNS`` names for this pass and shape (None without a table or a row)."""
-    table = device_table(device)
+def measured(pass_: str, s: Shape, table: dict | None) -> str | None:
+    """The design ``table`` (:func:`device_table`) names for this pass and shape (None without a table or a row)."""
     if table is None:
         return None
     rows = table["rows"].get((s.K, s.N, s.rp, s.p > 0, dtype_key(s.dtype, s.lora_dtype)))
@@ -132,7 +131,7 @@ def choose(pass_: str, design: str, s: Shape, hybrid: bool = True, device: str |
     if design == "auto":
         table = device_table(device)
         machine = (table or {}).get("machine") or H100
-        design = measured(pass_, s, device) or predicted(pass_, s, hybrid, machine)
+        design = measured(pass_, s, table) or predicted(pass_, s, hybrid, machine)
     if pass_ == "forward" and design == "fused" and s.p > 0:
         return "split"  # the fused forward would draw the mask once per column tile (kernels.lora_forward)
     return "split" if design == "hybrid" and not hybrid else design
@@ -233,8 +232,13 @@ def estimate_markdown(M: int = 8192, shapes=HEADLINE, machine: Machine = H100) -
 # ---------------------------------------------------------------- what the targets need (docs/KERNELS.md)
 
 # The kernels' targets, auto / floor at bf16, M = 8192, R = 16: (K, N, p) -> the most auto may take.
-TARGETS = {(768, 2304, 0.0): 1.25, (3072, 768, 0.0): 1.25, (768, 2304, 0.1): 1.35, (3072, 768, 0.1): 1.35}
-TARGETS[(4096, 4096, 0.0)] = 1.12
+TARGETS = {
+    (768, 2304, 0.0): 1.25,
+    (3072, 768, 0.0): 1.25,
+    (768, 2304, 0.1): 1.35,
+    (3072, 768, 0.1): 1.35,
+    (4096, 4096, 0.0): 1.12,
+}
 
 
 def auto_ratio(s: Shape, machine: Machine) -> float:

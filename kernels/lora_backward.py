@@ -396,11 +396,12 @@ def launch_lora_backward(
         return dx, dA, dB, dbias
 
     # ---- split: 1: u_s = scale · g B (when dx or dA needs it)
-    # u_s's rows padded to the padded rank (64-byte aligned whatever R is): at R = 4 or 8 rows of R made the split
-    # dx's main loop wait after every wgmma (bench/results/compile_tier.json).
-    u = torch.empty((M, BLOCK_R), dtype=torch.float32, device=dev) if (need_dx or need_dA) else spare
-    u = u[:, :R] if (need_dx or need_dA) and R < BLOCK_R else u
+    u = spare
     if need_dx or need_dA:
+        # u_s's rows padded to the padded rank (64-byte aligned whatever R is): at R = 4 or 8 rows of R made the
+        # split dx's main loop wait after every wgmma (bench/results/compile_tier.json).
+        u = torch.empty((M, BLOCK_R), dtype=torch.float32, device=dev)
+        u = u[:, :R] if R < BLOCK_R else u
         lora_skinny(g, lora_B, u, scale, 0, spare, lora_dtype, input_precision, info)
     # ---- 2: the dA/dB/dbias partials over row splits (x and g read once more, the mask drawn once)
     if n_fin:
