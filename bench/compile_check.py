@@ -24,7 +24,8 @@ Checked (exit status 1 on failure, :mod:`bench.compile_report`): every candidate
 no launch falls back there), none spills for R <= 64, the 16-bit GEMMs issue wgmma on sm_90 and tcgen05 on sm_100,
 every main loop of the bf16/fp16 (and autocast) kernels on sm_90 waits at most once per iteration up to R = 128,
 each list's fallback fits 99 KB with the largest operands, the mask's instructions per element are at most a quarter
-of the previous design's.
+of the previous design's. Probes also measure the instructions per element of a dropout mask stored one bit per
+element (packing it beside the draw, and reading it back): the cost model prices that design with them.
 Results: ``bench/results/compile_tier.json`` and a markdown table; a compile is reused from that file while its
 kernel's source (Triton's hash) and Triton are unchanged.
 """
@@ -177,6 +178,43 @@ def _probe_keep_mask(
 
 
 @triton.jit
+def _probe_stored_mask(
+    x_ptr, out_ptr, bits_ptr, key_ptr, threshold, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr
+):
+    """The dropout mask stored one bit per element, a design the cost model prices but the kernels do not run: MODE 0
+    loads and stores x; 1 draws the mask from Philox words as ``_keep_mask`` does and selects; 2 also packs it from
+    the same words, bit j of byte c for column 8c + j, and stores the bytes (the forward's extra work: 2 - 1); 3 reads
+    the bytes back, unpacks them and selects (the backward's: 3 - 0)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, BLOCK_K // 8)
+    bit_ptrs = bits_ptr + offs_m[:, None] * (K // 8) + offs_g[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :])
+    if MODE == 1 or MODE == 2:
+        c0 = (offs_m[:, None] * (K // 8) + offs_g[None, :]).to(tl.uint32)
+        _0 = c0 * 0
+        r0, r1, r2, r3 = tl.philox(tl.load(key_ptr), c0, _0, _0 + tl.load(key_ptr + 1).to(tl.uint32), _0)
+        limit = threshold.to(tl.uint32) << 16
+        words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_K // 2))
+        x = tl.where(tl.reshape(tl.join(words << 16, words), (BLOCK_M, BLOCK_K)) >= limit, x, 0.0)
+        if MODE == 2:  # word w holds columns 2w (low 16 bits) and 2w + 1 (high)
+            byte = ((r0 << 16) >= limit).to(tl.int32) | ((r0 >= limit).to(tl.int32) << 1)
+            byte |= (((r1 << 16) >= limit).to(tl.int32) << 2) | ((r1 >= limit).to(tl.int32) << 3)
+            byte |= (((r2 << 16) >= limit).to(tl.int32) << 4) | ((r2 >= limit).to(tl.int32) << 5)
+            byte |= (((r3 << 16) >= limit).to(tl.int32) << 6) | ((r3 >= limit).to(tl.int32) << 7)
+            tl.store(bit_ptrs, byte.to(tl.uint8))
+    if MODE == 3:
+        byte = tl.load(bit_ptrs, mask=(offs_m < M)[:, None], other=0).to(tl.int32)
+        # three joins, each adding a trailing dim of 2: copy 4a + 2b + c of byte g lands in column 8g + 4a + 2b + c,
+        # shifted right by 4a + 2b + c
+        byte = tl.join(byte, byte >> 4)
+        byte = tl.join(byte, byte >> 2)
+        byte = tl.join(byte, byte >> 1)
+        x = tl.where((tl.reshape(byte, (BLOCK_M, BLOCK_K)) & 1) != 0, x, 0.0)
+    tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], x)
+
+
+@triton.jit
 def _probe_rand(x_ptr, out_ptr, seed, p, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DROP: tl.constexpr):
     """The first design's draw: one ``tl.rand`` (one Philox call) per element, compared with p."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -189,7 +227,8 @@ def _probe_rand(x_ptr, out_ptr, seed, p, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.c
 
 
 def probe_mask(arch: int, cache: dict, used: set | None = None) -> dict:
-    """SASS instructions per mask element: (instructions with the mask − without) × threads / tile elements."""
+    """SASS instructions per mask element: (instructions with the mask − without) × threads / tile elements; for the
+    stored mask, of packing it beside the draw and of reading it back."""
     bm, bk, warps = 64, 64, 4
     x = torch.empty(M, K, device="meta", dtype=torch.bfloat16)
     key = torch.empty(2, device="meta", dtype=torch.int64)
@@ -205,6 +244,20 @@ def probe_mask(arch: int, cache: dict, used: set | None = None) -> dict:
                 used.add(cache_key)
             counts[drop] = cache[cache_key]["sass"]
         out[name] = round((counts[True] - counts[False]) * warps * 32 / (bm * bk), 2)
+    # The stored mask: packing beside the draw (mode 2 - 1), and reading it back (3 - 0).
+    bits = torch.empty(M, K // 8, device="meta", dtype=torch.uint8)
+    counts = {}
+    for mode in range(4):
+        config = configs.cfg(BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=1)
+        cache_key = json.dumps(["probe", "stored_mask", kernel_key(_probe_stored_mask), arch, mode])
+        if cache_key not in cache:
+            args = (x, x, bits, key, 6554, M, K)
+            cache[cache_key] = compile_one(_probe_stored_mask, args, {"MODE": mode}, config, arch)
+        if used is not None:
+            used.add(cache_key)
+        counts[mode] = cache[cache_key]["sass"]
+    out["pack_bits"] = round((counts[2] - counts[1]) * warps * 32 / (bm * bk), 2)
+    out["read_bits"] = round((counts[3] - counts[0]) * warps * 32 / (bm * bk), 2)
     return out
 
 
@@ -272,6 +325,9 @@ def verify(log=print) -> list[str]:
         failures.append(
             f"mask costs {probe['keep_mask']} instructions per element, the cost model assumes {cost.RNG_INSTR}"
         )
+    for name, model in (("pack_bits", cost.PACK_INSTR), ("read_bits", cost.BITS_INSTR)):
+        if abs(probe[name] - model) > 0.05 * model:
+            failures.append(f"stored mask: {name} costs {probe[name]} instructions per element, the model {model}")
     if probe["keep_mask"] > probe["tl.rand"] / 4:
         failures.append(f"mask {probe['keep_mask']} > 1/4 of tl.rand's {probe['tl.rand']} per element")
     log(f"live: {len(cache)} compiles, mask probe {probe}")

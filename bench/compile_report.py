@@ -13,8 +13,10 @@ DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "KERNELS.md"
 GEMMS = ("_lora_forward_kernel", "_lora_dx_kernel")
 SIXTEEN = {name for name, (base, *_) in DTYPES.items() if base.itemsize == 2}  # a 16-bit base product
 # The 16-bit main loops (bf16, fp16, and bf16 autocast over fp32 LoRA weights) must keep their wgmmas in flight (at
-# most one wait per iteration) at every rank up to 128 (at R = 256 the fused kernels do not: docs/KERNELS.md).
-WAITS_DTYPES, WAITS_RANKS = ("bf16", "fp16", "bf16+fp32-autocast"), (4, 8, 16, 32, 64, 128)
+# most one wait per iteration) at every rank up to 128 (at R = 256 the fused kernels do not: docs/KERNELS.md), and
+# with a trainable bias up to R = 32 (from 64 its column sums take a second product, and a second wait).
+_TO_128 = (4, 8, 16, 32, 64, 128)
+WAITS = {"bf16": _TO_128, "fp16": _TO_128, "bf16+fp32-autocast": _TO_128, "bf16-dbias": (4, 8, 16, 32)}
 # fp32 rank work on the FMA units holds fp32 copies of the 16-bit tiles in registers: the fused kernels (which auto
 # does not run with it) are recorded, not checked, for spills; the launches auto makes are.
 FMA_RANK_WORK = ("bf16+fp32", "bf16+fp32-tf32", "fp16+fp32")
@@ -67,7 +69,7 @@ def check(cases: list[dict], probes: dict, fallbacks: list[dict] = ()) -> list[s
                         failures.append(f"{where}: no wgmma on sm_90")
                     if case["arch"] == 100 and not tried.get("tcgen05"):
                         failures.append(f"{where}: no tcgen05 MMA on sm_100")
-                if case["arch"] == 90 and case["dtype"] in WAITS_DTYPES and case["R"] in WAITS_RANKS:
+                if case["arch"] == 90 and case["R"] in WAITS.get(case["dtype"], ()):
                     waits = max((w for _, w in main_loops(launch["kernel"], launch["switches"], tried["mma_loops"])),
                                 default=0)  # fmt: skip
                     if waits > 1:
@@ -185,11 +187,13 @@ def markdown(cases: list[dict], probes: dict, meta: dict, fallbacks: list[dict])
         "",
         "SASS instructions per dropout-mask element (probe, 64×64 tile, 4 warps):",
         "",
-        "| target | `_keep_mask` (8 lanes per Philox call) | `tl.rand` per element (first design) |",
-        "|---|---|---|",
+        "| target | `_keep_mask` (8 lanes per Philox call) | `tl.rand` per element (first design) "
+        "| stored mask, not built: packing it beside the draw | reading it back |",
+        "|---|---|---|---|---|",
     ]
     for arch, probe in probes.items():
-        lines.append(f"| sm_{arch} | {probe['keep_mask']} | {probe['tl.rand']} |")
+        cells = [probe[k] for k in ("keep_mask", "tl.rand", "pack_bits", "read_bits")]
+        lines.append(f"| sm_{arch} | {' | '.join(str(c) for c in cells)} |")
     lines += ["", "Mask instructions per element of x, forward + backward, 768→2304, R = 16, p = 0.1:", ""]
     lines += ["| target | now | first design | ratio |", "|---|---|---|---|"]
     for arch, probe in probes.items():
@@ -207,9 +211,11 @@ def _replace_block(text: str, name: str, body: str) -> str:
 
 
 def write_docs(table: str) -> None:
-    """Refresh the generated blocks of docs/KERNELS.md: the compile table, the estimate, target and wave tables."""
+    """Refresh the generated blocks of docs/KERNELS.md: the compile table, the estimate, target, stored-mask and wave
+    tables."""
     text = _replace_block(DOCS.read_text(), "compile-table", table)
     text = _replace_block(text, "estimate", designs.estimate_markdown())
     text = _replace_block(text, "targets", designs.targets_markdown())
+    text = _replace_block(text, "stored-mask", designs.stored_mask_markdown())
     text = _replace_block(text, "waves", designs.waves_markdown())
     DOCS.write_text(text)

@@ -3,7 +3,9 @@ FLOPs, the HBM bytes, the L2 re-reads, the dropout mask draws and the CTAs, and 
 
 Predicted time of a launch on a :class:`Machine`:
 
-    max(bytes / HBM, l2_bytes / L2, FLOPs / (peak · efficiency · wave_fill) + draws · RNG_INSTR / INT) + LAUNCH
+    max(bytes / HBM, l2_bytes / L2, FLOPs / (peak · efficiency · wave_fill) + mask) + LAUNCH
+
+    mask = (draws · RNG_INSTR + bit_writes · PACK_INSTR + bit_reads · BITS_INSTR) / INT
 
 - ``bytes``: the fewest HBM bytes the launch must move (each operand read once, outputs written once);
 - ``l2_bytes`` (Triton GEMMs): the operand tiles each CTA streams, ``e · Kdim · (rows · col_tiles + cols ·
@@ -13,7 +15,12 @@ Predicted time of a launch on a :class:`Machine`:
 - ``wave_fill`` (Triton GEMMs, one CTA per SM): ``waves / ceil(waves)``; cuBLAS is taken to choose its tiles (and
   stream-K) so that it loses nothing to the last wave;
 - ``draws``: dropout mask elements, ~12.5 SASS integer instructions each (measured in the compile tier), competing
-  with the MMAs for issue slots.
+  with the MMAs for issue slots. Each pass that needs the mask draws it (the forward's pass over x; one or two
+  passes of the backward).
+- A design the kernels do not run, priced for comparison (:attr:`Shape.stored_mask`): the forward stores the mask
+  one bit per element (``bit_writes``, ~4.5 instructions each beside the draw, and M·⌈K/8⌉ bytes) and the backward
+  reads it back (``bit_reads``, ~4.7 each, and those bytes per pass) instead of drawing it (both costs measured by
+  the compile tier's probes).
 
 The constants of :data:`H100` and :data:`A100` are public figures and assumptions; nothing in them is measured on a
 GPU. Calibration replaces the three that decide most predictions: ``bench/device_check.sh`` times each kernel alone
@@ -39,6 +46,11 @@ from .utils import block_r
 # bench/compile_check.py measures them in the mask probe on sm_90; tests/bench/test_compile_tier.py checks it still
 # holds.
 RNG_INSTR = 12.5
+# The stored-mask alternative (Shape.stored_mask), per element, as the same tier's probes measure them on sm_90
+# (4.6 and 4.75; 2.9 and 5.0 on sm_80): packing the drawn mask one bit per element from the Philox words and storing
+# it (beside the draw), and reading it back (a byte per eight elements, unpacked, select).
+PACK_INSTR = 4.5
+BITS_INSTR = 4.7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,13 +97,20 @@ class Launch:
     l2_bytes: float = 0.0
     lora_flops: float = 0.0  # rank work inside a GEMM launch, at its own dtype's rate (fp32 FMA beside bf16 MMAs)
     lora_mma: str = "16"
+    bit_writes: float = 0.0  # mask elements also stored packed (stored_mask)
+    bit_reads: float = 0.0  # mask elements read from packed bits instead of drawn (stored_mask)
+
+    def mask_seconds(self, machine: Machine = H100) -> float:
+        """The integer work of the dropout mask: its draws, their packing and the reads of the packed bits."""
+        work = self.draws * RNG_INSTR + self.bit_writes * PACK_INSTR + self.bit_reads * BITS_INSTR
+        return work / machine.int_rate
 
     def seconds(self, machine: Machine = H100) -> float:
         loop = machine.cublas
         if self.impl == "triton" and self.ctas:
             loop *= machine.triton * (1.0 if machine.full_waves else wave_fill(self.ctas, machine.sms))
         compute = self.flops / (machine.mma[self.mma] * loop) + self.lora_flops / (machine.mma[self.lora_mma] * loop)
-        compute += self.draws * RNG_INSTR / machine.int_rate
+        compute += self.mask_seconds(machine)
         return max(self.bytes / machine.hbm, self.l2_bytes / machine.l2, compute) + machine.launch
 
 
@@ -135,6 +154,7 @@ class Shape:
     dtype: torch.dtype = torch.bfloat16
     lora_dtype: torch.dtype | None = None
     precision: str = "tf32"
+    stored_mask: bool = False  # price the design that stores the mask packed (not run by the kernels)
 
     @property
     def e(self) -> int:
@@ -159,6 +179,17 @@ class Shape:
     @property
     def draws(self) -> int:
         return self.M * self.K if self.p > 0 else 0
+
+    @property
+    def mask_bytes(self) -> int:
+        """The stored mask (stored_mask): one byte per eight columns of x."""
+        return self.M * math.ceil(self.K / 8) if self.p > 0 and self.stored_mask else 0
+
+    def mask(self, forward: bool) -> dict:
+        """A pass's mask work over x: drawn, or with stored_mask drawn and stored (forward) or read back."""
+        if not self.stored_mask:
+            return {"draws": self.draws}
+        return {"draws": self.draws, "bit_writes": self.draws} if forward else {"bit_reads": self.draws}
 
 
 def gemm_tile(kind: str, s: Shape, fused: bool, machine: Machine = H100) -> KernelConfig:
@@ -227,7 +258,8 @@ def forward_plan(s: Shape, design: str, machine: Machine = H100) -> list[Launch]
     M, N, K, R, rp, e, el = s.M, s.N, s.K, s.R, s.rp, s.e, s.el
     small = el * (R * K + N * R)  # A and B
     gemm_bytes = e * (M * K + N * K + M * N + N) + small + 4 * M * R  # h_s written or read
-    skinny = Launch("skinny h_s", 2 * M * K * rp, e * M * K + el * R * K + 4 * M * R, s.draws, s.lora_mma, "memory")
+    skinny_bytes = e * M * K + el * R * K + 4 * M * R + s.mask_bytes
+    skinny = Launch("skinny h_s", 2 * M * K * rp, skinny_bytes, mma=s.lora_mma, impl="memory", **s.mask(True))
     if design == "fused" and s.p == 0:  # with dropout "fused" runs split (kernels.lora_forward)
         tile = gemm_tile("forward", s, True, machine)
         col_tiles = math.ceil(N / tile["BLOCK_N"])
@@ -256,14 +288,15 @@ def backward_plan(s: Shape, design: str, machine: Machine = H100) -> list[Launch
     M, N, K, R, rp, e, el = s.M, s.N, s.K, s.R, s.rp, s.e, s.el
     small = el * (R * K + N * R)
     dx_bytes = e * (M * N + N * K + M * K) + small
+    bits = s.mask(False)
     if design == "fused":
         tile = gemm_tile("dx", s, True, machine)
         S, col_tiles = math.ceil(M / tile["BLOCK_M"]), math.ceil(K / tile["BLOCK_K"])
         parts = _partials(s, S)
         # g W; u = g B and the branch-free dB product per column tile, u A, dA
         rank = col_tiles * 2 * 2 * M * N * rp + 2 * M * rp * K + 2 * M * K * rp
-        fused = _gemm("dx, u fused, partials", s, 2 * M * N * K, dx_bytes + e * M * K + 4 * M * R + parts, tile,
-                      "BLOCK_K", draws=s.draws, lora_flops=rank)  # fmt: skip
+        fused_bytes = dx_bytes + e * M * K + 4 * M * R + parts + s.mask_bytes
+        fused = _gemm("dx, u fused, partials", s, 2 * M * N * K, fused_bytes, tile, "BLOCK_K", lora_flops=rank, **bits)
         plan = [fused, Launch("split-sum", 0, parts + el * (K + N) * R + e * N, impl="memory")]
         if R != rp:  # the fused loop reads B in whole padded rows: a copy padded with zeros (kernels.lora_backward)
             plan.insert(0, Launch("B padded to the padded rank", 0, el * N * (R + rp), impl="torch"))
@@ -271,17 +304,15 @@ def backward_plan(s: Shape, design: str, machine: Machine = H100) -> list[Launch
     S = _splits(s, machine)
     parts = _partials(s, S)
     skinny = Launch("skinny u_s", 2 * M * N * rp, e * M * N + el * N * R + 4 * M * R, 0, s.lora_mma, "memory")
+    reduce_bytes = e * (M * K + M * N) + 8 * M * R + parts + s.mask_bytes
+    reduce = Launch("partials over splits", 2 * M * (K + N) * rp, reduce_bytes, mma=s.lora_mma, impl="memory", **bits)
     if design == "split":
         tile = gemm_tile("dx", s, False, machine)
-        reduce = Launch("partials over splits", 2 * M * (K + N) * rp, e * (M * K + M * N) + 8 * M * R + parts,
-                        s.draws, s.lora_mma, "memory")  # fmt: skip
-        dx = _gemm("dx, u_s read; split-sum", s, 2 * M * N * K, dx_bytes + 4 * M * R + parts, tile, "BLOCK_K",
-                   draws=s.draws, lora_flops=2 * M * rp * K)  # fmt: skip
+        dx = _gemm("dx, u_s read; split-sum", s, 2 * M * N * K, dx_bytes + 4 * M * R + parts + s.mask_bytes, tile,
+                   "BLOCK_K", lora_flops=2 * M * rp * K, **bits)  # fmt: skip
         return [skinny, reduce, dx]
-    reduce = Launch("partials over splits", 2 * M * (K + N) * rp, e * (M * K + M * N) + 8 * M * R + parts, s.draws,
-                    s.lora_mma, "memory")  # fmt: skip
-    out = Launch("C = keep ⊙ u_s A; split-sum", 2 * M * rp * K, 4 * M * R + el * R * K + e * M * K + parts, s.draws,
-                 s.lora_mma, "memory")  # fmt: skip
+    out_bytes = 4 * M * R + el * R * K + e * M * K + parts + s.mask_bytes
+    out = Launch("C = keep ⊙ u_s A; split-sum", 2 * M * rp * K, out_bytes, mma=s.lora_mma, impl="memory", **bits)
     base = Launch("cuBLAS C += g W", 2 * M * N * K, e * (M * N + N * K + 2 * M * K), mma=s.mma, impl="cublas")
     return [skinny, reduce, out, base]
 
@@ -314,7 +345,7 @@ def fit(pairs: list[tuple[Launch, float]], machine: Machine = H100) -> dict:
     cublas = [la.flops / (machine.mma[la.mma] * t) for la, t in timed if la.impl == "cublas" and la.flops]
 
     def at_its_bytes(la: Launch) -> bool:
-        compute = la.flops / (machine.mma[la.mma] * machine.cublas) + la.draws * RNG_INSTR / machine.int_rate
+        compute = la.flops / (machine.mma[la.mma] * machine.cublas) + la.mask_seconds(machine)
         return la.bytes / machine.hbm >= compute
 
     hbm = [la.bytes / t for la, t in timed if la.impl == "memory" and at_its_bytes(la)]
@@ -325,7 +356,7 @@ def fit(pairs: list[tuple[Launch, float]], machine: Machine = H100) -> dict:
             continue
         fill = 1.0 if machine.full_waves else wave_fill(la.ctas, machine.sms)
         work = la.flops / machine.mma[la.mma] + la.lora_flops / machine.mma[la.lora_mma]
-        busy = t - la.draws * RNG_INSTR / machine.int_rate
+        busy = t - la.mask_seconds(machine)
         if busy > max(la.bytes / figures["hbm"], la.l2_bytes / machine.l2):
             triton.append(work / (figures["cublas"] * fill * busy))
     figures["triton"] = _median(triton, machine.triton)

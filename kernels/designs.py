@@ -272,6 +272,28 @@ def targets_markdown(M: int = 8192, machine: Machine = H100) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stored_mask_markdown(M: int = 8192, machine: Machine = H100) -> str:
+    """With dropout (p = 0.1), ``auto`` / floor as built (each pass draws the mask it needs) against the design the
+    kernels do not run: the forward stores the mask one bit per element and the backward reads it back
+    (:attr:`kernels.cost.Shape.stored_mask`), each pass again its best design; on ``machine``, and with every Triton
+    loop at cuBLAS's pace and every wave full."""
+    ideal = dataclasses.replace(machine, triton=1.0, full_waves=True)
+    lines = [
+        f"{machine.name}, bf16, M = {M}, p = 0.1, `auto` / floor (cost model, not measured), the mask drawn by each "
+        "pass that needs it (as built) or stored by the forward, one bit per element, and read back by the backward:",
+        "",
+        "| K→N | R | drawn | stored | drawn, Triton = cuBLAS, waves full | stored, same | bits kept per layer |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for K, N, R, p in HEADLINE:
+        if p == 0:
+            continue
+        drawn, stored = Shape(M, N, K, R, p), Shape(M, N, K, R, p, stored_mask=True)
+        cells = [f"{auto_ratio(s, m):.2f}" for m in (machine, ideal) for s in (drawn, stored)]
+        lines.append(f"| {K}→{N} | {R} | {' | '.join(cells)} | {stored.mask_bytes / 2**20:.2f} MiB |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- the wave table (docs/KERNELS.md)
 
 WAVE_SHAPES = [

@@ -329,10 +329,10 @@ def launch_lora_backward(
     BLOCK_R = block_r(R)
     n_groups = dropout_groups(K)
     needs = (need_dA, need_dB, need_dbias)
-    # dbias from a ones column of the dB product where R + 1 columns fit the padded rank or 32 (R <= 31, or R not a
-    # power of two): one product and one wait per iteration of the fused loop; else (a wider product spills at
+    # dbias from a ones column of the dB product where R + 1 columns fit the padded rank or 64 (R <= 32, or R not a
+    # power of two): one product and one wait per iteration of the fused loop; else (a 128-wide product spills at
     # R = 64 on sm_90) a second, 16-wide product and a second wait.
-    bias_in_h = need_dbias and block_r(R + 1) <= max(BLOCK_R, 32)
+    bias_in_h = need_dbias and block_r(R + 1) <= max(BLOCK_R, 64)
     hybrid_ok = need_dx and hybrid_supported(base_dtype, x.dtype, weight.dtype, g.dtype)
     chosen = backward_design(
         design, M, N, K, R, dropout_p, base_dtype, input_precision, lora_dtype, hybrid_ok, info.name

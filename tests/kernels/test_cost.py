@@ -129,6 +129,33 @@ def test_target_table_columns_only_ever_help():
     assert text.count("\n| ") == 1 + len(designs.TARGETS) and "Triton loop 0.88 of cuBLAS" in text
 
 
+@pytest.mark.parametrize("K, N", [(768, 2304), (3072, 768)])
+@pytest.mark.parametrize("design", designs.DESIGNS)
+def test_stored_mask_prices_bits_in_place_of_the_backward_draws(design, K, N):
+    """The stored-mask design (priced, not run): the forward's pass over x still draws the mask and also packs it
+    (bit_writes, M·⌈K/8⌉ bytes more); every backward pass that drew it reads it back instead (bit_reads, those bytes
+    more), and no other launch changes; without dropout nothing changes."""
+    drawn = cost.Shape(8192, N, K, 16, 0.1)
+    stored = dataclasses.replace(drawn, stored_mask=True)
+    assert stored.mask_bytes == 8192 * K // 8 and drawn.mask_bytes == 0
+    for plan in (cost.forward_plan, cost.backward_plan):
+        before, after = plan(drawn, design), plan(stored, design)
+        assert [la.kernel for la in before] == [la.kernel for la in after]
+        for la, lb in zip(before, after, strict=True):
+            if not la.draws:
+                assert lb == la
+            elif plan is cost.forward_plan:
+                assert (lb.draws, lb.bit_writes, lb.bit_reads) == (la.draws, la.draws, 0)
+                assert lb.bytes - la.bytes == stored.mask_bytes
+            else:
+                assert (lb.draws, lb.bit_writes, lb.bit_reads) == (0, 0, la.draws)
+                assert lb.bytes - la.bytes == stored.mask_bytes
+    plain = cost.Shape(8192, N, K, 16, 0.0)
+    flagged = dataclasses.replace(plain, stored_mask=True)
+    for plan in (cost.forward_plan, cost.backward_plan):
+        assert plan(plain, design) == plan(flagged, design)
+
+
 def test_cli_prints_a_design_tables_calibration(tmp_path):
     """``python -m lora_fast.kernels --table designs.json`` prints the estimate on the calibrated machine; a table
     without a calibration is refused with a usage error."""
@@ -153,5 +180,7 @@ def test_docs_quote_the_tables_the_model_prints_today():
     """docs/KERNELS.md's estimate and target blocks are what ``python -m lora_fast.kernels`` prints now (refreshed by
     ``python -m bench.compile_check --write-docs``), so a change to the model cannot leave old numbers there."""
     text = (ROOT / "docs" / "KERNELS.md").read_text()
-    for name, body in (("estimate", designs.estimate_markdown()), ("targets", designs.targets_markdown())):
+    blocks = [("estimate", designs.estimate_markdown()), ("targets", designs.targets_markdown())]
+    blocks.append(("stored-mask", designs.stored_mask_markdown()))
+    for name, body in blocks:
         assert f"<!-- {name}:begin -->\n{body}<!-- {name}:end -->" in text, name

@@ -85,6 +85,23 @@ def test_seed_and_offset_each_change_the_mask():
             assert (masks[a] != masks[b]).double().mean().item() > 0.25  # independent masks: about half differ
 
 
+def test_kernels_round_and_refuse_p_as_the_specification_does():
+    """kernels/ imports torch and triton only (tests/test_layout.py), so it keeps its own copy of the rule for p
+    (round(p · 2¹⁶), refusing what rounds to "keep all" or "drop all"): it gives the specification's threshold for
+    every p, and refuses the same p with the same message."""
+    lanes = reference.DROPOUT_LANES
+    ps = [0.0, 0.05, 0.1, 0.5, 0.999, 1 / lanes, 0.5 / lanes, 0.49 / lanes, 0.51 / lanes, 1 - 0.5 / lanes]
+    ps += [1 - 0.51 / lanes, 1 - 1 / lanes, 1.0, -0.0, -1e-9, 1.5, float("nan"), float("inf")]
+    for p in ps:
+        outcomes = []
+        for rule in (dropout_threshold, reference.dropout_threshold):
+            try:
+                outcomes.append(rule(p))
+            except ValueError as e:
+                outcomes.append(str(e))
+        assert outcomes[0] == outcomes[1], p
+
+
 # ---------------------------------------------------------------- the key comes from torch's generator
 
 
