@@ -230,34 +230,29 @@ def probe_mask(arch: int, cache: dict, used: set | None = None) -> dict:
     """SASS instructions per mask element: (instructions with the mask − without) × threads / tile elements; for the
     stored mask, of packing it beside the draw and of reading it back."""
     bm, bk, warps = 64, 64, 4
+    config = configs.cfg(BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=1)
     x = torch.empty(M, K, device="meta", dtype=torch.bfloat16)
     key = torch.empty(2, device="meta", dtype=torch.int64)
-    out = {}
-    for name, fn, first in (("keep_mask", _probe_keep_mask, (key, 6554)), ("tl.rand", _probe_rand, (1234, 0.1))):
-        counts = {}
-        for drop in (False, True):
-            config = configs.cfg(BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=1)
-            cache_key = json.dumps(["probe", name, kernel_key(fn), arch, drop])
-            if cache_key not in cache:
-                cache[cache_key] = compile_one(fn, (x, x, *first, K), {"DROP": drop}, config, arch)
-            if used is not None:
-                used.add(cache_key)
-            counts[drop] = cache[cache_key]["sass"]
-        out[name] = round((counts[True] - counts[False]) * warps * 32 / (bm * bk), 2)
-    # The stored mask: packing beside the draw (mode 2 - 1), and reading it back (3 - 0).
     bits = torch.empty(M, K // 8, device="meta", dtype=torch.uint8)
-    counts = {}
-    for mode in range(4):
-        config = configs.cfg(BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=1)
-        cache_key = json.dumps(["probe", "stored_mask", kernel_key(_probe_stored_mask), arch, mode])
+
+    def sass(name: str, fn, args: tuple, switch: str, value) -> int:
+        """SASS instructions of probe ``fn`` compiled with ``switch = value`` (cached, and marked used)."""
+        cache_key = json.dumps(["probe", name, kernel_key(fn), arch, value])
         if cache_key not in cache:
-            args = (x, x, bits, key, 6554, M, K)
-            cache[cache_key] = compile_one(_probe_stored_mask, args, {"MODE": mode}, config, arch)
+            cache[cache_key] = compile_one(fn, args, {switch: value}, config, arch)
         if used is not None:
             used.add(cache_key)
-        counts[mode] = cache[cache_key]["sass"]
-    out["pack_bits"] = round((counts[2] - counts[1]) * warps * 32 / (bm * bk), 2)
-    out["read_bits"] = round((counts[3] - counts[0]) * warps * 32 / (bm * bk), 2)
+        return cache[cache_key]["sass"]
+
+    per_element = lambda more, fewer: round((more - fewer) * warps * 32 / (bm * bk), 2)  # noqa: E731
+    out = {}
+    for name, fn, first in (("keep_mask", _probe_keep_mask, (key, 6554)), ("tl.rand", _probe_rand, (1234, 0.1))):
+        counts = [sass(name, fn, (x, x, *first, K), "DROP", drop) for drop in (False, True)]
+        out[name] = per_element(counts[1], counts[0])
+    # The stored mask: packing beside the draw (mode 2 - 1), and reading it back (3 - 0).
+    counts = [sass("stored_mask", _probe_stored_mask, (x, x, bits, key, 6554, M, K), "MODE", m) for m in range(4)]
+    out["pack_bits"] = per_element(counts[2], counts[1])
+    out["read_bits"] = per_element(counts[3], counts[0])
     return out
 
 

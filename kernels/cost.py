@@ -288,7 +288,7 @@ def backward_plan(s: Shape, design: str, machine: Machine = H100) -> list[Launch
     M, N, K, R, rp, e, el = s.M, s.N, s.K, s.R, s.rp, s.e, s.el
     small = el * (R * K + N * R)
     dx_bytes = e * (M * N + N * K + M * K) + small
-    bits = s.mask(False)
+    mask = s.mask(False)  # drawn again, or read from the stored bits
     if design == "fused":
         tile = gemm_tile("dx", s, True, machine)
         S, col_tiles = math.ceil(M / tile["BLOCK_M"]), math.ceil(K / tile["BLOCK_K"])
@@ -296,7 +296,7 @@ def backward_plan(s: Shape, design: str, machine: Machine = H100) -> list[Launch
         # g W; u = g B and the branch-free dB product per column tile, u A, dA
         rank = col_tiles * 2 * 2 * M * N * rp + 2 * M * rp * K + 2 * M * K * rp
         fused_bytes = dx_bytes + e * M * K + 4 * M * R + parts + s.mask_bytes
-        fused = _gemm("dx, u fused, partials", s, 2 * M * N * K, fused_bytes, tile, "BLOCK_K", lora_flops=rank, **bits)
+        fused = _gemm("dx, u fused, partials", s, 2 * M * N * K, fused_bytes, tile, "BLOCK_K", lora_flops=rank, **mask)
         plan = [fused, Launch("split-sum", 0, parts + el * (K + N) * R + e * N, impl="memory")]
         if R != rp:  # the fused loop reads B in whole padded rows: a copy padded with zeros (kernels.lora_backward)
             plan.insert(0, Launch("B padded to the padded rank", 0, el * N * (R + rp), impl="torch"))
@@ -305,14 +305,14 @@ def backward_plan(s: Shape, design: str, machine: Machine = H100) -> list[Launch
     parts = _partials(s, S)
     skinny = Launch("skinny u_s", 2 * M * N * rp, e * M * N + el * N * R + 4 * M * R, 0, s.lora_mma, "memory")
     reduce_bytes = e * (M * K + M * N) + 8 * M * R + parts + s.mask_bytes
-    reduce = Launch("partials over splits", 2 * M * (K + N) * rp, reduce_bytes, mma=s.lora_mma, impl="memory", **bits)
+    reduce = Launch("partials over splits", 2 * M * (K + N) * rp, reduce_bytes, mma=s.lora_mma, impl="memory", **mask)
     if design == "split":
         tile = gemm_tile("dx", s, False, machine)
         dx = _gemm("dx, u_s read; split-sum", s, 2 * M * N * K, dx_bytes + 4 * M * R + parts + s.mask_bytes, tile,
-                   "BLOCK_K", lora_flops=2 * M * rp * K, **bits)  # fmt: skip
+                   "BLOCK_K", lora_flops=2 * M * rp * K, **mask)  # fmt: skip
         return [skinny, reduce, dx]
     out_bytes = 4 * M * R + el * R * K + e * M * K + parts + s.mask_bytes
-    out = Launch("C = keep ⊙ u_s A; split-sum", 2 * M * rp * K, out_bytes, mma=s.lora_mma, impl="memory", **bits)
+    out = Launch("C = keep ⊙ u_s A; split-sum", 2 * M * rp * K, out_bytes, mma=s.lora_mma, impl="memory", **mask)
     base = Launch("cuBLAS C += g W", 2 * M * N * K, e * (M * N + N * K + 2 * M * K), mma=s.mma, impl="cublas")
     return [skinny, reduce, out, base]
 
