@@ -108,7 +108,7 @@ def forward_configs(
         return [_INTERPRET_GEMM]
     info = info or H100
     base, lora = dtype_class(base_dtype, input_precision), dtype_class(lora_dtype, input_precision)
-    tiles = forward_tiles(info.gpu_class, base, lora, fused, block_r >= 64)
+    tiles = forward_tiles(info.gpu_class, base, lora, fused, block_r)
     # The fused forward repeats h = x Aᵀ per column tile: R_padded/BLOCK_N of the tile's work.
     return [*by_waves(tiles, M, N, "BLOCK_N", info.num_sms, float(block_r) if fused else 0.0), _FALLBACK_GEMM]
 

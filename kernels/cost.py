@@ -196,7 +196,7 @@ def gemm_tile(kind: str, s: Shape, fused: bool, machine: Machine = H100) -> Kern
     """The tile the launchers choose on ``machine`` for the forward ("forward") or dx ("dx") GEMM."""
     gpu = gpu_class(machine.capability)
     if kind == "forward":
-        tiles = forward_tiles(gpu, s.mma, s.lora_mma, fused, s.rp >= 64)
+        tiles = forward_tiles(gpu, s.mma, s.lora_mma, fused, s.rp)
         return by_waves(tiles, s.M, s.N, "BLOCK_N", machine.sms, float(s.rp) if fused else 0.0)[0]
     tiles = dx_tiles(gpu, s.mma, s.lora_mma, fused, s.p > 0, s.rp > 16)
     return by_waves(tiles, s.M, s.K, "BLOCK_K", machine.sms, 2.0 * s.rp if fused else 0.0)[0]

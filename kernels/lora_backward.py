@@ -153,7 +153,8 @@ def _lora_dx_kernel(
             u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             # The dB product's right operand: h_s in columns [0, R) and, for dbias with BIAS_IN_H, ones in column R:
             # the column sums of g come out of the same product (one store, one wait per iteration). Where R + 1
-            # columns would double a wide padded rank, dbias is a second, 16-wide product with ones.
+            # columns would double a wide padded rank, dbias sums the g tile's columns on the CUDA cores instead (a
+            # second, ones product would add a second wgmma wait per iteration).
             offs_rb = tl.arange(0, BLOCK_RB)
             if HAS_DB or BIAS_IN_H:
                 h = tl.zeros((BLOCK_M, BLOCK_RB), dtype=tl.float32)
@@ -165,9 +166,6 @@ def _lora_dx_kernel(
                     )
                 if BIAS_IN_H:
                     h = tl.where((offs_rb == R)[None, :], 1.0, h)
-            if HAS_DBIAS and not BIAS_IN_H:
-                offs_1 = tl.arange(0, 16)
-                ones = tl.full((BLOCK_M, 16), 1.0, dtype=tl.float32)
         # ---- main loop over N: acc += g W; fused also u = g B, and this program's share of the dB/dbias partials
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -214,12 +212,9 @@ def _lora_dx_kernel(
                     cols = ((offs_rb < R) & HAS_DB) | ((offs_rb == R) & BIAS_IN_H)
                     tl.store(part_ptrs, part, mask=mine[:, None] & cols[None, :])
                 if HAS_DBIAS and not BIAS_IN_H:
-                    sums = _dot(
-                        tl.trans(g), ones, tl.zeros((BLOCK_N, 16), dtype=tl.float32),
-                        LORA_DTYPE, INPUT_PRECISION, INTERPRET,
-                    )  # fmt: skip
-                    sum_ptrs = part_bias_ptr + pid_m * N + offs_n[:, None] + offs_1[None, :]
-                    tl.store(sum_ptrs, sums, mask=mine[:, None] & (offs_1 == 0)[None, :])
+                    # Rows past M load as 0; g cast to the LoRA compute dtype as a product operand is, summed in fp32.
+                    sums = tl.sum(_to(g, LORA_DTYPE, INTERPRET).to(tl.float32), axis=0)
+                    tl.store(part_bias_ptr + pid_m * N + offs_n, sums, mask=mine)
 
         # ---- fused epilogue: + keep ⊙ (u_s A) (the mask on the LoRA term only)
         if FUSE_U:
@@ -331,7 +326,7 @@ def launch_lora_backward(
     needs = (need_dA, need_dB, need_dbias)
     # dbias from a ones column of the dB product where R + 1 columns fit the padded rank or 64 (R <= 32, or R not a
     # power of two): one product and one wait per iteration of the fused loop; else (a 128-wide product spills at
-    # R = 64 on sm_90) a second, 16-wide product and a second wait.
+    # R = 64 on sm_90) the g tile's column sums on the CUDA cores, which keep the one wait.
     bias_in_h = need_dbias and block_r(R + 1) <= max(BLOCK_R, 64)
     hybrid_ok = need_dx and hybrid_supported(base_dtype, x.dtype, weight.dtype, g.dtype)
     chosen = backward_design(

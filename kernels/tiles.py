@@ -76,9 +76,10 @@ def _gemm(m: int, n: int, k: int, warps: int = 8, stages: int = 3) -> KernelConf
 # ---------------------------------------------------------------- forward: tile (BLOCK_M, BLOCK_N) of y, loop over K
 
 
-def forward_tiles(gpu: str, base: str, lora: str, fused: bool, wide_rank: bool = False) -> list[KernelConfig]:
+def forward_tiles(gpu: str, base: str, lora: str, fused: bool, block_r: int = 16) -> list[KernelConfig]:
     """Tiles for the forward GEMM. ``base``/``lora``: dtype classes ("16", "tf32", "ieee") of the base product and of
-    the rank work (fused: in the loop; split: in the epilogue); ``wide_rank``: a padded rank of 64 or more."""
+    the rank work (fused: in the loop; split: in the epilogue); ``block_r``: the padded rank."""
+    wide_rank = block_r >= 64
     if base == "ieee":  # fp32 on the FMA units, operands in registers: small tiles
         return [_gemm(64, 64, 16, 8, 2)] if fused else [_gemm(64, 64, 32, 4, 2)]
     if base == "tf32":
@@ -87,7 +88,20 @@ def forward_tiles(gpu: str, base: str, lora: str, fused: bool, wide_rank: bool =
         return [_gemm(128, 128, 32)]
     # 16-bit base product
     if lora in ("ieee", "tf32"):  # fp32 rank work inside a 16-bit tile (no autocast): fp32 tiles, narrower
-        return [_gemm(64, 64, 64, 4, 3)] if gpu in ("sm86", "sm80") else [_gemm(128, 64 if lora == "ieee" else 128, 64)]
+        if not fused:  # the rank work in the epilogue, R_CHUNK ranks at a time
+            if gpu in ("sm86", "sm80"):
+                return [_gemm(64, 64, 64, 4, 3)]
+            return [_gemm(128, 64 if lora == "ieee" else 128, 64)]
+        # The fused h = x Aᵀ holds fp32 operand tiles in registers: where the wide tile spills (sm_80 from R = 32,
+        # "ieee" from R = 64) a 32-deep K step and 8 warps. On sm_100 every 8-warp tcgen05 tile of it spills from
+        # R = 32: 16 warps there, on mma.sync (the FMA work bounds the kernel, not the base product's instruction).
+        if gpu in ("sm86", "sm80"):
+            return [_gemm(64, 64, 32, 8, 3)]
+        if gpu == "sm100" and block_r >= 32:
+            return [_gemm(64, 32, 32, 16, 3)]
+        if lora == "ieee" and block_r >= 64:
+            return [_gemm(64, 64, 32, 8, 3)]
+        return [_gemm(128, 64 if lora == "ieee" else 128, 64)]
     if gpu in ("sm86", "sm80"):  # mma.sync keeps operand fragments in registers: 128×256 spills
         return [_gemm(128, 128, 64), _gemm(128, 64, 64)]
     if wide_rank:  # h and B tiles of 64 ranks and more beside a 128×256 accumulator spill (fp32 weights, autocast)
@@ -116,8 +130,12 @@ def dx_tiles(gpu: str, base: str, lora: str, fused: bool, dropout: bool, wide_ra
             return [_gemm(128, 32, 64 if (dropout or wide_rank) else 128)]
         return [_gemm(64 if wide_rank else 128, 32, 64)]
     if lora in ("ieee", "tf32"):  # fp32 rank work: u and dB hold fp32 copies of the g tile
-        if fused:
-            return [_gemm(64, 32, 64, 4, 3)] if wide_rank or not hopper else [_gemm(64, 32, 64, 8, 3)]
+        if fused:  # operands in registers: from R = 32 (and on sm_120 at R = 16) a 32-deep step and 8 warps
+            if gpu == "sm86":
+                return [_gemm(32, 32, 32, 8, 3)]
+            if gpu == "sm100" and wide_rank:  # as the forward: tcgen05 with 8 warps spills, 16 warps on mma.sync
+                return [_gemm(64, 32, 32, 16, 3)]
+            return [_gemm(64, 32, 32, 8, 3)] if wide_rank else [_gemm(64, 32, 64, 8 if hopper else 4, 3)]
         return [_gemm(128, 64, 64)] if hopper else [_gemm(128, 32, 64)]
     if not fused:
         if hopper:

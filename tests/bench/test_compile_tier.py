@@ -23,17 +23,19 @@ def test_bf16_fp16_main_loops_keep_their_wgmmas_in_flight():
     """Every compiled configuration records its MMA loops and wgmma waits per iteration (from the SASS); on sm_90
     every main loop (over the reduction dimension, bench.compile_report.main_loops) of every bf16/fp16 kernel (and
     bf16 autocast over fp32 LoRA weights), bias frozen as LoRA trains, at R = 4 … 128, and with a trainable bias at
-    R = 4 … 32, waits at most once per iteration, and the fused dx's loop issues its 16 HGMMAs (g W, u = g B, the dB
-    product) with that one wait (it waited after each before it was branch-free, and twice at R = 4 and 8 and under
-    autocast before B was read in whole rows of its compute dtype)."""
+    every rank compiled (4 … 64), waits at most once per iteration, and the fused dx's loop issues its 16 HGMMAs
+    (g W, u = g B, the dB product) with that one wait (it waited after each before it was branch-free, twice at R = 4
+    and 8 and under autocast before B was read in whole rows of its compute dtype, and twice with a trainable bias at
+    R = 32 and 64 while its column sums were a second product)."""
     from bench.compile_report import WAITS, main_loops
 
     data = json.loads(RESULTS.read_text())
     assert all("wgmma_waits_per_iter" in stats and "mma_loops" in stats for stats in data["cache"].values())
-    loops, fused_dx = 0, []
+    loops, fused_dx, checked = 0, [], set()
     for case in data["cases"]:
         if case["arch"] != 90 or case["R"] not in WAITS.get(case["dtype"], ()):
             continue
+        checked.add((case["dtype"], case["R"]))
         for launch in case["launches"]:
             for tried in launch["tried"]:
                 for mma, waits in main_loops(launch["kernel"], launch["switches"], tried["mma_loops"]):
@@ -42,4 +44,5 @@ def test_bf16_fp16_main_loops_keep_their_wgmmas_in_flight():
                     if launch["kernel"] == "_lora_dx_kernel" and launch["switches"]["FUSE_U"] == "True":
                         fused_dx.append([mma, waits])
     assert loops > 100  # the check saw the loops (not an empty file)
+    assert {("bf16-dbias", 64), ("bf16", 128), ("fp16", 4), ("bf16+fp32-autocast", 64)} <= checked
     assert [16, 1] in fused_dx

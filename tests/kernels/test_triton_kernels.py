@@ -105,6 +105,8 @@ CASES = [
     (33, 130, 130, 33, torch.float32, True, "conv1d", True, 0.3, "split"),
     (7, 48, 48, 128, torch.float32, False, "conv1d", True, 0.0, "fused"),  # square: orientation must be right
     (33, 130, 48, 32, torch.float32, True, "linear", True, 0.1, "fused"),  # dbias beside dB in one 64-wide product
+    (33, 48, 130, 64, torch.bfloat16, True, "linear", True, 0.1, "fused"),  # dbias: the g tile's column sums
+    (7, 130, 48, 128, torch.float32, True, "conv1d", True, 0.0, "fused"),  # the same past the 64-wide product
     (33, 48, 130, 16, torch.bfloat16, True, "linear", True, 0.1, "fused"),
     (7, 130, 48, 8, torch.bfloat16, False, "conv1d", False, 0.0, "split"),
     (33, 130, 5, 33, torch.float16, True, "linear", False, 0.2, "fused"),
