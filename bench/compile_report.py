@@ -7,7 +7,8 @@ import pathlib
 import triton
 
 from bench.compile_cases import DTYPES, FALLBACK_SHARED, MAIN_TARGETS, MIXED, PLAIN, RANKS, TARGETS, K, M, N
-from lora_fast.kernels import cost, designs
+from lora_fast.kernels import cost, designs, tiles
+from lora_fast.kernels.utils import block_r
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "KERNELS.md"
 GEMMS = ("_lora_forward_kernel", "_lora_dx_kernel")
@@ -17,14 +18,16 @@ SIXTEEN = {name for name, (base, *_) in DTYPES.items() if base.itemsize == 2}  #
 # a trainable bias too.
 _TO_128 = (4, 8, 16, 32, 64, 128)
 WAITS = {"bf16": _TO_128, "fp16": _TO_128, "bf16+fp32-autocast": _TO_128, "bf16-dbias": _TO_128}
-# fp32 rank work without autocast: on sm_100 the fused kernels take 16 warps and mma.sync from R = 32 (every 8-warp
-# tcgen05 tile of them spills; the FMA work bounds them), so they are not held to tcgen05 there.
+# fp32 rank work without autocast: on sm_100 the fused kernels take 16 warps and mma.sync from a padded rank of
+# tiles.SM100_FMA_FUSED_MMA_SYNC_RANK (kernels/tiles.py), so they are not held to tcgen05 there.
 FMA_RANK_WORK = ("bf16+fp32", "bf16+fp32-tf32", "fp16+fp32")
 
 
 def _fma_fused_wide(case: dict) -> bool:
-    """A fused design with fp32 rank work without autocast from R = 32: on sm_100 16 warps and mma.sync."""
-    return case["dtype"] in FMA_RANK_WORK and case["design"] == "fused" and case["R"] >= 32
+    """A fused design with fp32 rank work without autocast at a rank whose sm_100 tiles run mma.sync (the table's
+    bound, read from kernels/tiles.py)."""
+    wide = block_r(case["R"]) >= tiles.SM100_FMA_FUSED_MMA_SYNC_RANK
+    return case["dtype"] in FMA_RANK_WORK and case["design"] == "fused" and wide
 
 
 def main_loops(kernel: str, switches: dict, loops: list) -> list:

@@ -52,6 +52,11 @@ def cfg(num_warps: int = 4, num_stages: int = 2, **meta: int) -> KernelConfig:
 # Shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), by GPU class.
 GPU_SHARED = {"sm80": 166912, "sm86": 101376, "sm90": 232448, "sm100": 232448}
 
+# The padded rank from which the fused kernels with fp32 rank work (16-bit activations, fp32 LoRA weights, no
+# autocast) take 16 warps and mma.sync on sm_100: every 8-warp tcgen05 tile of them spills there (the FMA work bounds
+# them, not the base product's instruction). The dx table's ``wide_rank`` (a padded rank above 16) is the same bound.
+SM100_FMA_FUSED_MMA_SYNC_RANK = 32
+
 # Throughput of one CTA's main loop relative to a 128×256 tile, by tile area (rows × columns of the output tile):
 # assumed, as a wide tile loads fewer operand bytes per MMA.
 TILE_EFFICIENCY = {128 * 256: 1.0, 128 * 128: 0.9, 128 * 64: 0.8, 64 * 64: 0.65}
@@ -93,11 +98,10 @@ def forward_tiles(gpu: str, base: str, lora: str, fused: bool, block_r: int = 16
                 return [_gemm(64, 64, 64, 4, 3)]
             return [_gemm(128, 64 if lora == "ieee" else 128, 64)]
         # The fused h = x Aᵀ holds fp32 operand tiles in registers: where the wide tile spills (sm_80 from R = 32,
-        # "ieee" from R = 64) a 32-deep K step and 8 warps. On sm_100 every 8-warp tcgen05 tile of it spills from
-        # R = 32: 16 warps there, on mma.sync (the FMA work bounds the kernel, not the base product's instruction).
+        # "ieee" from R = 64) a 32-deep K step and 8 warps; on sm_100 16 warps (SM100_FMA_FUSED_MMA_SYNC_RANK).
         if gpu in ("sm86", "sm80"):
             return [_gemm(64, 64, 32, 8, 3)]
-        if gpu == "sm100" and block_r >= 32:
+        if gpu == "sm100" and block_r >= SM100_FMA_FUSED_MMA_SYNC_RANK:
             return [_gemm(64, 32, 32, 16, 3)]
         if lora == "ieee" and block_r >= 64:
             return [_gemm(64, 64, 32, 8, 3)]
@@ -133,7 +137,7 @@ def dx_tiles(gpu: str, base: str, lora: str, fused: bool, dropout: bool, wide_ra
         if fused:  # operands in registers: from R = 32 (and on sm_120 at R = 16) a 32-deep step and 8 warps
             if gpu == "sm86":
                 return [_gemm(32, 32, 32, 8, 3)]
-            if gpu == "sm100" and wide_rank:  # as the forward: tcgen05 with 8 warps spills, 16 warps on mma.sync
+            if gpu == "sm100" and wide_rank:  # SM100_FMA_FUSED_MMA_SYNC_RANK: 16 warps on mma.sync
                 return [_gemm(64, 32, 32, 16, 3)]
             return [_gemm(64, 32, 32, 8, 3)] if wide_rank else [_gemm(64, 32, 64, 8 if hopper else 4, 3)]
         return [_gemm(128, 64, 64)] if hopper else [_gemm(128, 32, 64)]
